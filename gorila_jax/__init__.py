@@ -1,0 +1,1 @@
+"""gorila_jax: Gorila DQN with a parameter server, in functional JAX."""
