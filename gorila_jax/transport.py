@@ -1,0 +1,728 @@
+"""Wire format between the parameter server (zmq ROUTER) and the bundles (zmq DEALER).
+
+This module only encodes, decodes and validates messages, and wraps the few socket calls
+both ends need; the server and bundle logic live elsewhere and build on it.
+
+Message layout
+--------------
+A message is a list of frames. Frame 0 is a msgpack-encoded header (a map with str keys,
+at most ``MAX_HEADER_BYTES``). Then comes one frame per array: the array's raw
+little-endian, C-ordered bytes, in canonical tree order (the order of
+``jax.tree_util.tree_flatten_with_path``). Shapes and dtypes never travel: the receiver
+takes them from its own ``TreeLayout`` through the ``layout_for`` callback of ``decode``,
+so a sender cannot make the receiver allocate or interpret anything it did not expect.
+
+Header fields carried by every message
+--------------------------------------
+============  =====  ===================================================================
+field         type   meaning
+============  =====  ===================================================================
+kind          str    one of ``REQUEST_KINDS`` or ``REPLY_KINDS``
+protocol      int    ``PROTOCOL_VERSION`` (``encode`` fills it)
+token         str    run token from ``new_run_token``; a reply echoes the request's
+worker        int    worker id, >= 0; a reply echoes the request's
+seq           int    per-worker sequence number, >= 0, strictly increasing (the server
+                     enforces the ordering); a reply echoes the request's
+version       int    parameter version, >= ``NO_VERSION`` (-1, "no parameters yet").
+                     pull: the version the worker holds; push: the version the
+                     gradients were computed on; replies: the server's version
+fingerprint   str    ``tree_fingerprint`` of the model's parameter tree
+arrays        int    number of array frames that follow (``encode`` fills it)
+============  =====  ===================================================================
+
+Kind-specific fields (all listed fields are required; no other field is accepted)
+---------------------------------------------------------------------------------
+============  ================  =========================================================
+kind          field: type       meaning / array frames
+============  ================  =========================================================
+hello         -                 worker -> server, first contact; no arrays
+welcome       config: dict      server -> worker; run settings the worker needs (e.g.
+                                shard count); arrays: whatever the server's layout says
+pull          -                 worker -> server, asks for parameters newer than version
+params        -                 server -> worker; arrays: every parameter leaf
+not_modified  -                 server -> worker, the worker's version is current
+push          loss: float       mean absolute TD error of the batch (outlier filter)
+              shard: int|None   which gradient shard the arrays cover (None: all
+                                leaves); the server resolves what a shard index means
+              frames: int       environment frames the worker has done, >= 0
+                                arrays: the gradient leaves (or shard)
+ack           accepted: bool    whether the push was applied
+              reason: str|None  why not, a reason code (None when accepted)
+error         reason: str       a reason code (see below)
+              message: str      human-readable detail
+stats         -                 any client -> server, asks for statistics
+stop          -                 controller -> server, asks it to shut down (reply: ack)
+stats_reply   stats: dict       server -> client, a msgpack-able dict
+============  ================  =========================================================
+
+Reason codes
+------------
+``ProtocolError.reason`` and the ``reason`` of error/ack replies are short str codes.
+``decode`` raises: "malformed" (header is not msgpack / not a map / a field is missing,
+unknown or mistyped / unknown kind), "bad_protocol" (protocol version differs),
+"bad_token", "bad_fingerprint", "bad_frames" (array frame count or byte length wrong),
+"oversized" (message over ``max_bytes`` or header over ``MAX_HEADER_BYTES``). A
+``layout_for`` callback raises "bad_shard" for a shard it cannot resolve. The server
+adds "stale", "non_finite" and "outlier" for pushes it refuses. All are in ``REASONS``;
+other short codes are allowed in replies.
+
+Gradient shards
+---------------
+Two schemes, the server picks one and tells workers in ``welcome.config``:
+
+* by leaves: ``TreeLayout.shard_leaf_indices(n)`` partitions leaf indices into ``n``
+  byte-balanced groups; a shard's frames are those leaves, ``layout.subset(indices)``
+  gives their specs;
+* by elements: ``TreeLayout.flat_shard_indices(n, seed)`` splits a fixed random
+  permutation of all parameter elements; a shard is sent as one float32 frame,
+  ``vector_spec(len(indices))``, holding ``layout.to_flat_vector(grads)[indices]``.
+
+Sockets
+-------
+``make_server_socket`` / ``make_client_socket`` set ``zmq.MAXMSGSIZE`` so zmq itself
+drops peers that send an over-large frame (libzmq checks each frame, not the sum, so
+``decode`` also checks the total against ``max_bytes``; inproc transports skip the
+check). ``send`` is zero-copy by default: the arrays behind the frames must not be
+changed until zmq has sent them. ``recv`` returns zero-copy ``zmq.Frame`` objects, and
+the arrays ``decode`` returns are read-only views into them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import msgpack
+import numpy as np
+import zmq
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+NO_VERSION = -1
+
+REQUEST_KINDS = frozenset({"hello", "pull", "push", "stats", "stop"})
+REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error", "stats_reply"})
+KINDS = REQUEST_KINDS | REPLY_KINDS
+
+REASONS = frozenset(
+    {
+        "malformed",
+        "bad_protocol",
+        "bad_token",
+        "bad_fingerprint",
+        "bad_frames",
+        "bad_shard",
+        "oversized",
+        "stale",
+        "non_finite",
+        "outlier",
+    }
+)
+
+FLOAT32 = np.dtype("<f4")
+
+_MSGPACK_LIMITS = {
+    "max_str_len": MAX_HEADER_BYTES,
+    "max_bin_len": MAX_HEADER_BYTES,
+    "max_array_len": 4096,
+    "max_map_len": 1024,
+    "max_ext_len": 0,
+}
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the wire format.
+
+    ``reason`` is a short code (see ``REASONS``), ``message`` a readable detail and
+    ``header`` the decoded header when decoding got that far (unverified: use it only to
+    address an error reply, see ``reply_header``).
+    """
+
+    def __init__(self, reason: str, message: str, header: dict | None = None):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.header = header
+
+
+# --------------------------------------------------------------------------------------
+# Array specs and tree layouts
+# --------------------------------------------------------------------------------------
+
+
+class ArraySpec(NamedTuple):
+    """Shape and dtype of one array frame."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+def vector_spec(length: int) -> ArraySpec:
+    """Spec of a 1-D float32 frame of ``length`` elements (an element-shard frame)."""
+    return ArraySpec((int(length),), FLOAT32)
+
+
+def _wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian form of ``dtype``, as it travels on the wire."""
+    dtype = np.dtype(dtype)
+    big = dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big")
+    return dtype.newbyteorder("<") if big else dtype
+
+
+def _check_array_dtype(dtype: np.dtype, where: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"{where}: dtype {dtype} cannot travel as raw bytes")
+    if dtype.itemsize == 0:
+        raise ValueError(f"{where}: dtype {dtype} has no fixed size")
+    return dtype
+
+
+def _spec_of(leaf: Any, where: str) -> ArraySpec:
+    if isinstance(leaf, ArraySpec) or (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+        shape, dtype = leaf.shape, leaf.dtype
+    else:
+        array = np.asarray(leaf)
+        shape, dtype = array.shape, array.dtype
+    return ArraySpec(tuple(int(d) for d in shape), _check_array_dtype(dtype, where))
+
+
+def _is_spec_leaf(node: Any) -> bool:
+    return isinstance(node, ArraySpec)
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """The flat structure of a pytree of arrays: built once, shared by both ends.
+
+    ``paths[i]`` and ``specs[i]`` describe leaf ``i`` in canonical order;
+    ``offsets[i]`` is where leaf ``i`` starts in the flat element vector.
+    """
+
+    treedef: Any
+    paths: tuple[str, ...]
+    specs: tuple[ArraySpec, ...]
+    offsets: tuple[int, ...]
+    fingerprint: str
+    size: int
+    nbytes: int
+
+    @classmethod
+    def from_tree(cls, tree: Any) -> TreeLayout:
+        """Layout of ``tree``, whose leaves are arrays (numpy or jax),
+        ``jax.ShapeDtypeStruct`` or ``ArraySpec``."""
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
+        paths = tuple(jax.tree_util.keystr(path) for path, _ in with_paths)
+        specs = tuple(
+            _spec_of(leaf, path) for path, (_, leaf) in zip(paths, with_paths, strict=True)
+        )
+        offsets, total = [], 0
+        for spec in specs:
+            offsets.append(total)
+            total += spec.size
+        return cls(
+            treedef=treedef,
+            paths=paths,
+            specs=specs,
+            offsets=tuple(offsets),
+            fingerprint=_fingerprint(paths, specs),
+            size=total,
+            nbytes=sum(spec.nbytes for spec in specs),
+        )
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self.specs)
+
+    def flatten(self, tree: Any) -> list[np.ndarray]:
+        """Leaves of ``tree`` as numpy arrays, checked against this layout."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if treedef != self.treedef:
+            raise ValueError(f"tree structure {treedef} differs from layout {self.treedef}")
+        arrays = [np.asarray(leaf) for leaf in jax.device_get(leaves)]
+        self._check_arrays(arrays)
+        return arrays
+
+    def unflatten(self, arrays: Sequence[np.ndarray]) -> Any:
+        """The pytree whose leaves are ``arrays`` (canonical order), checked first."""
+        arrays = list(arrays)
+        self._check_arrays(arrays)
+        return jax.tree_util.tree_unflatten(self.treedef, arrays)
+
+    def _check_arrays(self, arrays: Sequence[np.ndarray]) -> None:
+        if len(arrays) != len(self.specs):
+            raise ValueError(f"{len(arrays)} arrays for a layout of {len(self.specs)} leaves")
+        for path, spec, array in zip(self.paths, self.specs, arrays, strict=True):
+            if tuple(array.shape) != spec.shape or np.dtype(array.dtype) != spec.dtype:
+                raise ValueError(
+                    f"leaf {path}: got {array.dtype}{list(array.shape)}, "
+                    f"expected {spec.dtype}{list(spec.shape)}"
+                )
+
+    # -- gradient shards by leaves ------------------------------------------------------
+
+    def subset(self, leaf_indices: Sequence[int]) -> tuple[ArraySpec, ...]:
+        """Specs of the given leaves, in the given order (the frames of a leaf shard)."""
+        indices = [int(i) for i in leaf_indices]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"repeated leaf index in {indices}")
+        for index in indices:
+            if not 0 <= index < len(self.specs):
+                raise ValueError(f"leaf index {index} outside 0..{len(self.specs) - 1}")
+        return tuple(self.specs[i] for i in indices)
+
+    def shard_leaf_indices(self, num_shards: int) -> tuple[tuple[int, ...], ...]:
+        """Deterministic partition of leaf indices into ``num_shards`` byte-balanced,
+        non-empty groups, each sorted (largest leaf first into the lightest group)."""
+        if not 1 <= num_shards <= len(self.specs):
+            raise ValueError(f"num_shards must be in 1..{len(self.specs)}, got {num_shards}")
+        order = sorted(range(len(self.specs)), key=lambda i: (-self.specs[i].nbytes, i))
+        groups: list[list[int]] = [[] for _ in range(num_shards)]
+        loads = [0] * num_shards
+        for index in order:
+            lightest = min(range(num_shards), key=lambda g: (loads[g], len(groups[g]), g))
+            groups[lightest].append(index)
+            loads[lightest] += self.specs[index].nbytes
+        return tuple(tuple(sorted(group)) for group in groups)
+
+    # -- gradient shards by elements -----------------------------------------------------
+
+    def to_flat_vector(self, tree: Any) -> np.ndarray:
+        """All elements of ``tree`` concatenated in canonical order, cast to float32."""
+        arrays = self.flatten(tree)
+        if not arrays:
+            return np.zeros(0, FLOAT32)
+        return np.concatenate([array.astype(FLOAT32, copy=False).ravel() for array in arrays])
+
+    def from_flat_vector(self, vector: np.ndarray) -> Any:
+        """Inverse of ``to_flat_vector``: a tree of numpy arrays with this layout's dtypes."""
+        vector = np.asarray(vector)
+        if vector.shape != (self.size,):
+            raise ValueError(f"flat vector of shape {vector.shape}, expected ({self.size},)")
+        arrays = [
+            vector[offset : offset + spec.size].reshape(spec.shape).astype(spec.dtype)
+            for offset, spec in zip(self.offsets, self.specs, strict=True)
+        ]
+        return jax.tree_util.tree_unflatten(self.treedef, arrays)
+
+    def flat_shard_indices(self, num_shards: int, seed: int) -> tuple[np.ndarray, ...]:
+        """Split a fixed random permutation of element indices (from ``seed``) into
+        ``num_shards`` near-equal parts, each sorted; both ends must use the same seed."""
+        if not 1 <= num_shards <= max(self.size, 1):
+            raise ValueError(f"num_shards must be in 1..{self.size}, got {num_shards}")
+        permutation = np.random.default_rng(seed).permutation(self.size)
+        return tuple(np.sort(part) for part in np.array_split(permutation, num_shards))
+
+
+def _fingerprint(paths: Sequence[str], specs: Sequence[ArraySpec]) -> str:
+    description = [
+        [path, list(spec.shape), np.dtype(spec.dtype).name]
+        for path, spec in zip(paths, specs, strict=True)
+    ]
+    text = json.dumps(description, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """Hash of a tree's leaf paths, shapes and dtypes (not values, not byte order).
+
+    ``tree`` is a ``TreeLayout`` or a pytree of arrays / ``ShapeDtypeStruct`` /
+    ``ArraySpec``; numpy and jax leaves of the same spec give the same fingerprint.
+    """
+    if isinstance(tree, TreeLayout):
+        return tree.fingerprint
+    return TreeLayout.from_tree(tree).fingerprint
+
+
+# --------------------------------------------------------------------------------------
+# Header schema
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _version_int(value: Any) -> bool:
+    return _is_int(value) and value >= NO_VERSION
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, float) or _is_int(value)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _optional_shard(value: Any) -> bool:
+    return value is None or _non_negative_int(value)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+_COMMON_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "kind": (_is_str, "str"),
+    "protocol": (_is_int, "int"),
+    "token": (_is_str, "str"),
+    "worker": (_non_negative_int, "int >= 0"),
+    "seq": (_non_negative_int, "int >= 0"),
+    "version": (_version_int, f"int >= {NO_VERSION}"),
+    "fingerprint": (_is_str, "str"),
+    "arrays": (_non_negative_int, "int >= 0"),
+}
+
+_KIND_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "hello": {},
+    "welcome": {"config": (_is_dict, "dict")},
+    "pull": {},
+    "params": {},
+    "not_modified": {},
+    "push": {
+        "loss": (_number, "float"),
+        "shard": (_optional_shard, "int >= 0 or None"),
+        "frames": (_non_negative_int, "int >= 0"),
+    },
+    "ack": {"accepted": (_is_bool, "bool"), "reason": (_optional_str, "str or None")},
+    "error": {"reason": (_is_str, "str"), "message": (_is_str, "str")},
+    "stats": {},
+    "stop": {},
+    "stats_reply": {"stats": (_is_dict, "dict")},
+}
+assert set(_KIND_FIELDS) == KINDS
+
+
+def _check_protocol(header: dict) -> None:
+    protocol = header.get("protocol")
+    if not _is_int(protocol):
+        raise ProtocolError("malformed", "field 'protocol' missing or not an int", header)
+    if protocol != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_protocol", f"protocol {protocol}, expected {PROTOCOL_VERSION}", header
+        )
+
+
+def _validate_header(header: dict) -> None:
+    """Check field names and types (not token or fingerprint values)."""
+    for key in header:
+        if not isinstance(key, str):
+            raise ProtocolError("malformed", f"header key {key!r} is not a str", header)
+    kind = header.get("kind")
+    if kind not in _KIND_FIELDS:
+        raise ProtocolError("malformed", f"unknown kind {kind!r}", header)
+    fields = {**_COMMON_FIELDS, **_KIND_FIELDS[kind]}
+    for name, (is_valid, expected) in fields.items():
+        if name not in header:
+            raise ProtocolError("malformed", f"{kind}: field {name!r} missing", header)
+        if not is_valid(header[name]):
+            raise ProtocolError("malformed", f"{kind}: field {name!r} must be {expected}", header)
+    unknown = sorted(set(header) - set(fields))
+    if unknown:
+        raise ProtocolError("malformed", f"{kind}: unknown fields {unknown}", header)
+
+
+def make_header(
+    kind: str, *, token: str, worker: int, seq: int, version: int, fingerprint: str, **fields
+) -> dict:
+    """A header dict for ``encode`` (which adds ``protocol`` and ``arrays``)."""
+    return {
+        "kind": kind,
+        "token": token,
+        "worker": worker,
+        "seq": seq,
+        "version": version,
+        "fingerprint": fingerprint,
+        **fields,
+    }
+
+
+def reply_header(
+    request: Mapping | None, kind: str, *, version: int, fingerprint: str, **fields
+) -> dict:
+    """A reply header echoing ``token``, ``worker`` and ``seq`` of ``request``.
+
+    ``request`` may be a partial header (``ProtocolError.header``) or None; fields it
+    lacks or has mistyped become "" / 0 / 0, a reply the client will refuse, so a
+    server may as well drop such requests. The echo never reveals the server's token
+    to a sender that did not present it.
+    """
+    request = request if isinstance(request, Mapping) else {}
+    token = request.get("token")
+    worker = request.get("worker")
+    seq = request.get("seq")
+    return make_header(
+        kind,
+        token=token if _is_str(token) else "",
+        worker=worker if _non_negative_int(worker) else 0,
+        seq=seq if _non_negative_int(seq) else 0,
+        version=version,
+        fingerprint=fingerprint,
+        **fields,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Encoding and decoding
+# --------------------------------------------------------------------------------------
+
+
+class Message(NamedTuple):
+    """A validated message: its header and its arrays (read-only views)."""
+
+    header: dict
+    arrays: list[np.ndarray]
+
+
+def _array_frame(array: Any, index: int) -> memoryview:
+    array = np.asarray(array)
+    _check_array_dtype(array.dtype, f"array {index}")
+    wire = _wire_dtype(array.dtype)
+    if wire != array.dtype:
+        array = array.astype(wire)
+    array = np.ascontiguousarray(array)
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def encode(header: Mapping, arrays: Sequence[Any] = ()) -> list[bytes | memoryview]:
+    """Frames of a message: the packed header then one little-endian frame per array.
+
+    Fills ``protocol`` and ``arrays``, validates the header (``ProtocolError`` on a bad
+    one) and avoids copying arrays that are already contiguous and little-endian.
+    """
+    header = dict(header)
+    header["protocol"] = PROTOCOL_VERSION
+    header["arrays"] = len(arrays)
+    _validate_header(header)
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ProtocolError("malformed", f"header not msgpack-able: {error}", header) from None
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ProtocolError("oversized", f"header of {len(packed)} bytes", header)
+    return [packed, *(_array_frame(array, i) for i, array in enumerate(arrays))]
+
+
+def _as_byte_view(frame: Any) -> memoryview:
+    view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} not allowed")
+
+
+def _unpack_header(view: memoryview) -> dict:
+    try:
+        header = msgpack.unpackb(
+            view, raw=False, strict_map_key=True, ext_hook=_refuse_ext, **_MSGPACK_LIMITS
+        )
+    except Exception as error:  # msgpack raises many types for bad input
+        raise ProtocolError("malformed", f"header is not msgpack: {error!r}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("malformed", f"header is a {type(header).__name__}, not a map")
+    return header
+
+
+def decode(
+    frames: Sequence[Any],
+    *,
+    expected_token: str,
+    expected_fingerprint: str | None,
+    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
+    max_bytes: int,
+) -> Message:
+    """Validate and decode a message, or raise ``ProtocolError``.
+
+    ``frames``: bytes, memoryviews or ``zmq.Frame`` (no routing id). Checks, in order:
+    total size <= ``max_bytes`` and header size; header is a msgpack map; protocol;
+    token (constant time); field names and types; fingerprint (skipped when
+    ``expected_fingerprint`` is None); array frame count; then ``layout_for(header)``
+    (called only on a valid header; None means no arrays; it may raise
+    ``ProtocolError("bad_shard", ...)``) gives the specs each frame's byte length must
+    match. Arrays are zero-copy, read-only views of the frames.
+    """
+    if not frames:
+        raise ProtocolError("malformed", "empty message")
+    views = [_as_byte_view(frame) for frame in frames]
+    total = sum(view.nbytes for view in views)
+    if total > max_bytes:
+        raise ProtocolError("oversized", f"message of {total} bytes exceeds {max_bytes}")
+    if views[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("oversized", f"header of {views[0].nbytes} bytes")
+
+    header = _unpack_header(views[0])
+    _check_protocol(header)
+    token = header.get("token")
+    if not isinstance(token, str):
+        raise ProtocolError("malformed", "field 'token' missing or not a str", header)
+    if not hmac.compare_digest(token.encode("utf-8"), expected_token.encode("utf-8")):
+        raise ProtocolError("bad_token", "wrong run token", header)
+    _validate_header(header)
+    if expected_fingerprint is not None and header["fingerprint"] != expected_fingerprint:
+        raise ProtocolError(
+            "bad_fingerprint",
+            f"fingerprint {header['fingerprint']!r}, expected {expected_fingerprint!r}",
+            header,
+        )
+
+    array_views = views[1:]
+    if header["arrays"] != len(array_views):
+        raise ProtocolError(
+            "bad_frames", f"header says {header['arrays']} arrays, got {len(array_views)}", header
+        )
+    specs = layout_for(header)
+    specs = () if specs is None else tuple(specs)
+    if len(specs) != len(array_views):
+        raise ProtocolError(
+            "bad_frames",
+            f"{header['kind']}: expected {len(specs)} arrays, got {len(array_views)}",
+            header,
+        )
+    arrays = []
+    for index, (spec, view) in enumerate(zip(specs, array_views, strict=True)):
+        if view.nbytes != spec.nbytes:
+            raise ProtocolError(
+                "bad_frames",
+                f"array {index}: {view.nbytes} bytes, expected {spec.nbytes}",
+                header,
+            )
+        array = np.frombuffer(view, dtype=_wire_dtype(spec.dtype)).reshape(spec.shape)
+        array.flags.writeable = False
+        arrays.append(array)
+    if "loss" in header:
+        header["loss"] = float(header["loss"])
+    return Message(header, arrays)
+
+
+def all_finite(arrays: Sequence[np.ndarray]) -> bool:
+    """True when no array holds a NaN or an infinity (stops at the first that does)."""
+    for array in arrays:
+        array = np.asarray(array)
+        if array.dtype.kind in "biu" or array.size == 0:
+            continue
+        if not np.isfinite(array).all():
+            return False
+    return True
+
+
+def new_run_token() -> str:
+    """A fresh run token: 32 random bytes as hex."""
+    return secrets.token_hex(32)
+
+
+# --------------------------------------------------------------------------------------
+# Sockets
+# --------------------------------------------------------------------------------------
+
+
+def make_server_socket(
+    context: zmq.Context, bind_address: str, max_message_bytes: int
+) -> tuple[zmq.Socket, str]:
+    """A bound ROUTER socket and the endpoint it actually bound.
+
+    A port of 0 or ``*`` (``tcp://127.0.0.1:0``) binds a random free port. Sets
+    ``MAXMSGSIZE`` (zmq disconnects a tcp/ipc peer that sends a larger frame),
+    ``LINGER`` 0 and ``ROUTER_HANDOVER`` (a restarted worker reusing its identity takes
+    over the old connection).
+    """
+    socket = context.socket(zmq.ROUTER)
+    try:
+        socket.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        address = bind_address
+        if address.startswith("tcp://") and address.endswith(":0"):
+            address = address[:-2] + ":*"
+        socket.bind(address)
+        endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    except BaseException:
+        socket.close(linger=0)
+        raise
+    return socket, endpoint
+
+
+def make_client_socket(
+    context: zmq.Context,
+    endpoint: str,
+    identity: bytes,
+    max_message_bytes: int,
+    *,
+    receive_timeout_ms: int | None = None,
+) -> zmq.Socket:
+    """A DEALER connected to ``endpoint`` with routing id ``identity``.
+
+    Sets ``MAXMSGSIZE``, ``LINGER`` 0 and, when given, ``RCVTIMEO`` (``recv`` then
+    raises ``zmq.Again`` on timeout; a late reply can still arrive afterwards, so
+    match replies to requests by ``seq``).
+    """
+    if not 1 <= len(identity) <= 255 or identity.startswith(b"\0"):
+        raise ValueError("identity must be 1..255 bytes and not start with a zero byte")
+    socket = context.socket(zmq.DEALER)
+    try:
+        socket.setsockopt(zmq.IDENTITY, identity)
+        socket.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
+        socket.setsockopt(zmq.LINGER, 0)
+        if receive_timeout_ms is not None:
+            socket.setsockopt(zmq.RCVTIMEO, int(receive_timeout_ms))
+        socket.connect(endpoint)
+    except BaseException:
+        socket.close(linger=0)
+        raise
+    return socket
+
+
+def send(
+    socket: zmq.Socket,
+    frames: Sequence[Any],
+    routing_id: bytes | None = None,
+    *,
+    copy: bool = False,
+) -> None:
+    """Send ``frames`` (from ``encode``); a ROUTER needs the peer's ``routing_id``.
+
+    With ``copy=False`` (default) large frames are sent without copying, so their
+    arrays must stay unchanged until zmq has sent them.
+    """
+    parts = list(frames) if routing_id is None else [routing_id, *frames]
+    socket.send_multipart(parts, copy=copy)
+
+
+def recv(socket: zmq.Socket, flags: int = 0) -> tuple[bytes | None, list[zmq.Frame]]:
+    """Receive one message: ``(routing_id, frames)`` from a ROUTER, ``(None, frames)``
+    from a DEALER. Frames are zero-copy ``zmq.Frame``; ``frame.buffer`` is a memoryview.
+    """
+    parts = socket.recv_multipart(flags=flags, copy=False)
+    if socket.getsockopt(zmq.TYPE) == zmq.ROUTER:
+        return parts[0].bytes, parts[1:]
+    return None, parts
