@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: timing medians, the matmul-rate floor, result lines."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of `fn()` (which must block until its work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(size: int = 1024, repeats: int = 20) -> float:
+    """Measured float32 matmul rate of this machine through XLA (FLOP/s)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats=repeats)
+    return 2.0 * size**3 / seconds
+
+
+def compiled_flops(jitted: Callable, *args) -> float:
+    """FLOPs of one call of a jitted function, from XLA's cost analysis."""
+    analysis = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def result_line(name: str, value: float, floor: float) -> str:
+    """The closing line every benchmark prints: figure, floor and their ratio."""
+    return f"RESULT {name} value={value:.6g} floor={floor:.6g} ratio={value / floor:.4g}"

@@ -1,0 +1,68 @@
+"""Benchmark: one learner step (loss + gradients) of the Nature CNN at batch 32.
+
+Floor: the step's FLOPs (XLA cost analysis of the compiled step) divided by the float32
+matmul rate measured in the same run, i.e. the time the step would take if every FLOP ran at
+matmul speed. Prints `RESULT learner_step value=<ms> floor=<ms> ratio=<value/floor>` last.
+
+    python benchmarks/learner_step.py [--repeats 30] [--dqn]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+from common import compiled_flops, matmul_flops_per_second, median_seconds, result_line
+
+from gorila_jax.learner import local_mesh, make_grad_step
+from gorila_jax.networks import NatureCNN
+from gorila_jax.replay import Transition
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dqn", action="store_true", help="plain DQN target instead of Double DQN")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    batch_size = args.batch_size
+    frames = lambda: rng.integers(0, 256, (batch_size, 4, 84, 84), dtype=np.uint8)  # noqa: E731
+    batch = Transition(
+        obs_tm1=frames(),
+        action_tm1=rng.integers(0, 6, batch_size).astype(np.int32),
+        rewards=rng.normal(size=(batch_size, 1)).astype(np.float32),
+        discounts=np.full((batch_size, 1), 0.99, np.float32),
+        obs_t=frames(),
+    )
+    weights = np.ones(batch_size, np.float32)
+    network = NatureCNN(num_actions=6)
+    params = network.init(jax.random.key(0), batch.obs_tm1)
+    target_params = network.init(jax.random.key(1), batch.obs_tm1)
+    mesh = local_mesh()
+    step = make_grad_step(network, double_dqn=not args.dqn, huber_delta=1.0, mesh=mesh)
+    batch = jax.device_put(batch)
+
+    def run():
+        grads, metrics = step(params, target_params, batch, weights)
+        jax.block_until_ready((grads, metrics))
+
+    flops = compiled_flops(step, params, target_params, batch, weights)
+    step_seconds = median_seconds(run, repeats=args.repeats)
+    rate = matmul_flops_per_second()
+    floor_seconds = flops / rate
+    print(f"devices: {jax.local_device_count()} ({jax.devices()[0].platform})")
+    print(
+        f"step: {'DQN' if args.dqn else 'Double DQN'} batch {batch_size}, {flops / 1e9:.3f} GFLOP"
+    )
+    print(
+        f"matmul rate: {rate / 1e9:.1f} GFLOP/s; "
+        f"step rate: {flops / step_seconds / 1e9:.1f} GFLOP/s"
+    )
+    print(result_line("learner_step", step_seconds * 1e3, floor_seconds * 1e3))
+
+
+if __name__ == "__main__":
+    main()

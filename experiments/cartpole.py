@@ -1,0 +1,17 @@
+"""Gorila DQN on gymnasium's CartPole-v1: the same flags as pong.py, for fast runs and tests.
+
+python experiments/cartpole.py                   # a server and 2 bundles on 127.0.0.1
+python experiments/cartpole.py --single-process  # one process
+srun -n 3 python experiments/cartpole.py         # under SLURM
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gorila_jax.config import cartpole_defaults
+from gorila_jax.launch import main
+
+if __name__ == "__main__":
+    sys.exit(main(cartpole_defaults(), description=__doc__))

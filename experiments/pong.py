@@ -1,0 +1,19 @@
+"""Gorila DQN on Atari Pong (any envpool Atari game through --env-id).
+
+    srun -n 4 python experiments/pong.py ...      # SLURM: process 0 is the server, others bundles
+    python experiments/pong.py ...                # local: a server and --workers bundles
+    python experiments/pong.py --single-process   # one process, no parameter server
+
+Every flag is listed by --help; --config FILE.yaml sets a base that flags override.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gorila_jax.config import Config
+from gorila_jax.launch import main
+
+if __name__ == "__main__":
+    sys.exit(main(Config(), description=__doc__))

@@ -1,0 +1,378 @@
+"""The one typed configuration of a run, its validation, YAML loading and CLI parsing.
+
+Every setting of a run lives in :class:`Config`; each field is documented where it is
+declared, and tyro turns those docstrings into ``--help``. A YAML file (``--config FILE``)
+gives a base that command-line flags override. :func:`validate` refuses a bad value with a
+one-line :class:`ConfigError` naming the field and the rule, before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import tyro
+import yaml
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
+CARTPOLE_IDS = ("CartPole-v1", "CartPole-v0")
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message is one line naming the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Gorila DQN: a parameter server and actor-learner bundles (or one process)."""
+
+    # --- run -------------------------------------------------------------------------
+    env_id: str = "Pong-v5"
+    """Environment: an envpool Atari id (e.g. Pong-v5, Breakout-v5) or CartPole-v1."""
+    total_frames: int = 10_000_000
+    """Environment frames to train for, summed over all envs of all bundles (Atari: 4 per
+    agent step because of frame skip)."""
+    run_dir: str = "runs/pong"
+    """Directory for the resolved config, logs, metrics and saved params."""
+    seed: int = 0
+    """Seed of everything; bundle i uses seed + i."""
+    single_process: bool = False
+    """Train in this one process (actors, replay and learner together, no parameter
+    server) instead of the distributed Gorila layout."""
+    workers: int = 2
+    """Local runs without SLURM: number of bundle processes started beside the server."""
+
+    # --- environment -----------------------------------------------------------------
+    num_envs: int = 8
+    """Environments stepped together by each bundle's actor (envpool batch size)."""
+    noop_max: int = 30
+    """Atari: up to this many no-op actions at the start of each episode."""
+    episodic_life: bool = True
+    """Atari training: a lost life ends the episode for bootstrapping (not for logging)."""
+    reward_clip: bool = True
+    """Atari training: clip rewards to their sign."""
+    sticky_action_prob: float = 0.0
+    """Atari: probability of repeating the previous action (0 = no sticky actions)."""
+    max_episode_frames: int = 108_000
+    """Atari: truncate an episode after this many frames (27,000 agent steps)."""
+
+    # --- network ---------------------------------------------------------------------
+    dueling: bool = False
+    """Use a dueling head (value + advantage streams)."""
+    mlp_hidden: tuple[int, ...] = (128, 128)
+    """Hidden layer widths of the MLP used for vector observations (CartPole)."""
+
+    # --- learning --------------------------------------------------------------------
+    double_dqn: bool = True
+    """Double DQN targets (online net picks the next action, target net evaluates it)."""
+    n_step: int = 1
+    """Steps of reward summed before bootstrapping (1 = the classic DQN target)."""
+    gamma: float = 0.99
+    """Discount factor per agent step."""
+    batch_size: int = 32
+    """Transitions per learner step; split across the process's local devices."""
+    optimizer: Literal["adam", "rmsprop", "sgd", "adagrad"] = "adam"
+    """Optimizer (applied by the parameter server, or locally in single-process mode)."""
+    learning_rate: float = 1e-4
+    """Optimizer step size."""
+    optimizer_eps: float = 1.5e-4
+    """Epsilon of adam / rmsprop / adagrad."""
+    max_grad_norm: float = 10.0
+    """Clip gradients to this global norm (0 disables clipping)."""
+    huber_delta: float = 1.0
+    """Huber loss threshold on the TD error."""
+    train_every: int = 4
+    """Agent steps (summed over all envs of a bundle) per learner step."""
+    learning_starts: int = 80_000
+    """Frames collected by a bundle before its learner starts."""
+    target_period: int = 1_000
+    """Refresh the target network every this many updates (server updates when
+    distributed, as in the Gorila paper)."""
+
+    # --- replay ----------------------------------------------------------------------
+    replay_capacity: int = 100_000
+    """Transitions held by each bundle's replay memory."""
+    prioritized: bool = False
+    """Proportional prioritized replay instead of uniform sampling."""
+    priority_alpha: float = 0.6
+    """Prioritized replay: priority exponent."""
+    priority_beta_start: float = 0.4
+    """Prioritized replay: importance-weight exponent at the start, annealed to 1."""
+    priority_eps: float = 1e-6
+    """Prioritized replay: added to |TD error| so no transition gets priority 0."""
+
+    # --- exploration -----------------------------------------------------------------
+    epsilon_start: float = 1.0
+    """Epsilon-greedy: exploration rate at frame 0."""
+    epsilon_end: float = 0.01
+    """Epsilon-greedy: exploration rate after the decay."""
+    epsilon_decay_frames: int = 1_000_000
+    """Epsilon-greedy: frames over which epsilon falls linearly from start to end."""
+
+    # --- parameter server (distributed runs) --------------------------------------------
+    sync_every: int = 8
+    """Bundles pull fresh params from the server every this many learner steps."""
+    max_staleness: int = 64
+    """The server rejects gradients computed on params more than this many versions old."""
+    outlier_k: float = 6.0
+    """The server drops a push whose mean |TD error| exceeds the running mean plus this many
+    standard deviations (0 disables the filter)."""
+    outlier_warmup: int = 50
+    """Pushes seen before the outlier filter starts judging."""
+    shard_factor: str = "all"
+    """Gradient sharding: "all" (each bundle pushes the whole gradient), "default" (each of
+    W bundles owns 1/W of the parameters, picked by a fixed random permutation) or a
+    fraction in (0, 1] of the parameters per bundle."""
+    dc_asgd: Literal["off", "constant", "adaptive"] = "off"
+    """Delay compensation (DC-ASGD, Zheng et al. 2017) chained before the server's optimizer."""
+    dc_asgd_lambda: float = -1.0
+    """DC-ASGD lambda; negative picks the paper's default (0.04 constant, 2.0 adaptive)."""
+    max_message_mb: int = 256
+    """Largest message the server's socket accepts, in MiB."""
+    stats_every_seconds: float = 2.0
+    """Seconds between writes of RUN_DIR/ps.json by the server."""
+    server_timeout_seconds: float = 60.0
+    """How long a bundle waits for a reply from the server before giving up."""
+
+    # --- logging ---------------------------------------------------------------------
+    log_every_seconds: float = 10.0
+    """Seconds between progress lines."""
+
+
+def cartpole_defaults() -> Config:
+    """Settings that solve CartPole-v1 in a couple of minutes on 2 cores."""
+    return Config(
+        env_id="CartPole-v1",
+        total_frames=60_000,
+        run_dir="runs/cartpole",
+        num_envs=4,
+        double_dqn=True,
+        n_step=3,
+        gamma=0.99,
+        batch_size=64,
+        learning_rate=1e-3,
+        optimizer_eps=1e-8,
+        train_every=4,
+        learning_starts=1_000,
+        target_period=250,
+        replay_capacity=50_000,
+        epsilon_start=1.0,
+        epsilon_end=0.02,
+        epsilon_decay_frames=15_000,
+        log_every_seconds=5.0,
+    )
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether the id names an Atari game (run through envpool) rather than CartPole."""
+    return env_id not in CARTPOLE_IDS
+
+
+def _fail(field: str, rule: str, value: object) -> None:
+    raise ConfigError(f"config.{field}: {rule}, got {value!r}")
+
+
+def validate(config: Config, *, local_device_count: int | None = None) -> Config:
+    """Check every rule a run relies on; raise one-line ConfigError naming the field."""
+    positive = (
+        "total_frames",
+        "num_envs",
+        "batch_size",
+        "n_step",
+        "train_every",
+        "target_period",
+        "replay_capacity",
+        "epsilon_decay_frames",
+        "max_episode_frames",
+        "workers",
+        "sync_every",
+        "max_staleness",
+        "outlier_warmup",
+        "max_message_mb",
+    )
+    for name in positive:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            _fail(name, "must be a positive integer", value)
+    for name in ("learning_starts", "noop_max"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 0:
+            _fail(name, "must be a non-negative integer", value)
+    for name in ("epsilon_start", "epsilon_end", "sticky_action_prob", "priority_alpha"):
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            _fail(name, "must be in [0, 1]", value)
+    if not 0.0 <= config.priority_beta_start <= 1.0:
+        _fail("priority_beta_start", "must be in [0, 1]", config.priority_beta_start)
+    if not 0.0 < config.gamma <= 1.0:
+        _fail("gamma", "must be in (0, 1]", config.gamma)
+    for name in ("learning_rate", "optimizer_eps", "huber_delta", "priority_eps"):
+        value = getattr(config, name)
+        if not value > 0:
+            _fail(name, "must be > 0", value)
+    if config.max_grad_norm < 0:
+        _fail("max_grad_norm", "must be >= 0 (0 disables clipping)", config.max_grad_norm)
+    for name in ("stats_every_seconds", "server_timeout_seconds"):
+        if getattr(config, name) <= 0:
+            _fail(name, "must be > 0", getattr(config, name))
+    if config.outlier_k < 0:
+        _fail("outlier_k", "must be >= 0 (0 disables the filter)", config.outlier_k)
+    if config.dc_asgd not in ("off", "constant", "adaptive"):
+        _fail("dc_asgd", "must be one of off, constant, adaptive", config.dc_asgd)
+    parse_shard_factor(config.shard_factor)
+    if config.log_every_seconds <= 0:
+        _fail("log_every_seconds", "must be > 0", config.log_every_seconds)
+    if config.optimizer not in OPTIMIZERS:
+        _fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}", config.optimizer)
+    if any(not isinstance(w, int) or w <= 0 for w in config.mlp_hidden) or not config.mlp_hidden:
+        _fail("mlp_hidden", "must be one or more positive integers", config.mlp_hidden)
+    if local_device_count is not None and config.batch_size % local_device_count:
+        _fail(
+            "batch_size",
+            f"must be divisible by the local device count ({local_device_count})",
+            config.batch_size,
+        )
+    min_capacity = config.num_envs * (4 + config.n_step + 2)
+    if config.replay_capacity < min_capacity:
+        _fail(
+            "replay_capacity",
+            f"must hold at least num_envs * (stack + n_step + 2) = {min_capacity} transitions",
+            config.replay_capacity,
+        )
+    if config.replay_capacity < config.batch_size:
+        _fail(
+            "replay_capacity",
+            f"must be >= batch_size ({config.batch_size})",
+            config.replay_capacity,
+        )
+    validate_env_id(config.env_id)
+    return config
+
+
+def parse_shard_factor(value: str) -> float | str:
+    """ "all", "default", or a fraction in (0, 1]; anything else is a ConfigError."""
+    if value in ("all", "default"):
+        return value
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not 0.0 < fraction <= 1.0:
+        _fail("shard_factor", 'must be "all", "default" or a fraction in (0, 1]', value)
+    return fraction
+
+
+def dc_asgd_lambda(config: Config) -> float | None:
+    """The DC-ASGD lambda in force (None when delay compensation is off)."""
+    if config.dc_asgd == "off":
+        return None
+    if config.dc_asgd_lambda >= 0:
+        return config.dc_asgd_lambda
+    return 2.0 if config.dc_asgd == "adaptive" else 0.04
+
+
+def validate_env_id(env_id: str) -> None:
+    """Refuse an id that is neither CartPole nor an envpool Atari game, saying how to list them."""
+    if env_id in CARTPOLE_IDS:
+        return
+    from gorila_jax.envs import atari_env_ids
+
+    if env_id not in atari_env_ids():
+        _fail(
+            "env_id",
+            "unknown environment; list valid ids with `python -m gorila_jax.envs`",
+            env_id,
+        )
+
+
+def fingerprint(config: Config) -> str:
+    """A short hash of the settings that shape the network and its training state."""
+    shape = {k: getattr(config, k) for k in ("env_id", "dueling", "mlp_hidden", "optimizer")}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain YAML/JSON-able values."""
+    out = dataclasses.asdict(config)
+    out["mlp_hidden"] = list(config.mlp_hidden)
+    return out
+
+
+def from_dict(values: dict, base: Config) -> Config:
+    """Override `base` with a mapping (from YAML); unknown keys are refused by name."""
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file: must hold a mapping of field: value, got {type(values).__name__}"
+        )
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"config file: unknown field(s) {', '.join(unknown)}")
+    converted = dict(values)
+    if "mlp_hidden" in converted:
+        converted["mlp_hidden"] = tuple(converted["mlp_hidden"])
+    if "shard_factor" in converted:
+        converted["shard_factor"] = str(converted["shard_factor"])
+    for name, value in converted.items():
+        default = getattr(base, name)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"config.{name}: must be true or false, got {value!r}")
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"config.{name}: must be a number, got {value!r}")
+            if isinstance(default, int) and not isinstance(default, bool):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ConfigError(f"config.{name}: must be an integer, got {value!r}")
+                converted[name] = int(value)
+    return dataclasses.replace(base, **converted)
+
+
+def load_yaml(path: str | Path, base: Config) -> Config:
+    """Read a YAML mapping of field: value over `base`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file: {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"config file: {path} is not valid YAML ({first_line})") from None
+    return from_dict(values, base)
+
+
+def write_resolved(config: Config, run_dir: Path) -> Path:
+    """Write the config the run actually uses into its run directory (config.yaml)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def parse_cli(
+    default: Config, args: Sequence[str] | None = None, description: str | None = None
+) -> Config:
+    """Build the config from `--config FILE` (optional) and flags, then validate it.
+
+    A bad value exits with status 2 and one line naming the field and the rule.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    try:
+        base = default
+        if "--config" in args:
+            at = args.index("--config")
+            if at + 1 >= len(args):
+                raise ConfigError("--config: needs a path to a YAML file")
+            base = load_yaml(args[at + 1], default)
+            del args[at : at + 2]
+        config = tyro.cli(Config, default=base, args=args, description=description)
+        return validate(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

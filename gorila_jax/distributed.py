@@ -1,0 +1,92 @@
+"""Process roles and rendezvous: jax.distributed initialisation and its key-value store.
+
+Every process of a run calls `initialize()` once, before any other JAX call:
+- under SLURM (`srun`), `jax.distributed.initialize()` reads the job's variables itself;
+- under the local launcher, the parent passes the coordinator address, the process count
+  and the index through GORILA_* environment variables;
+- otherwise the process is alone (single-process training).
+
+Process 0 is the parameter server, every other process a bundle. The server publishes its
+address and the run token through jax.distributed's key-value store; this module is the
+only place that touches that (private) JAX API.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+ENV_COORDINATOR = "GORILA_COORDINATOR"
+ENV_NUM_PROCESSES = "GORILA_NUM_PROCESSES"
+ENV_PROCESS_ID = "GORILA_PROCESS_ID"
+KEY_ENDPOINT = "gorila/server_endpoint"
+KEY_TOKEN = "gorila/run_token"
+
+
+class ProcessInfo(NamedTuple):
+    """This process's place in the run."""
+
+    index: int
+    count: int
+    launcher: str  # "slurm", "local" or "none"
+
+    @property
+    def is_server(self) -> bool:
+        """Process 0 hosts the parameter server."""
+        return self.index == 0
+
+
+def detect_launcher(environ: dict | None = None) -> str:
+    """Who started this process: the local launcher, SLURM (srun with tasks), or nobody."""
+    environ = os.environ if environ is None else environ
+    if ENV_COORDINATOR in environ:
+        return "local"
+    if "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+        return "slurm"
+    return "none"
+
+
+def initialize(timeout_seconds: int = 120) -> ProcessInfo:
+    """Join the run's jax.distributed group (or stay alone) and say who this process is."""
+    import jax
+
+    launcher = detect_launcher()
+    if launcher == "none":
+        return ProcessInfo(0, 1, "none")
+    if launcher == "local":
+        jax.distributed.initialize(
+            coordinator_address=os.environ[ENV_COORDINATOR],
+            num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+            process_id=int(os.environ[ENV_PROCESS_ID]),
+            initialization_timeout=timeout_seconds,
+        )
+    else:
+        jax.distributed.initialize(initialization_timeout=timeout_seconds)
+    return ProcessInfo(jax.process_index(), jax.process_count(), launcher)
+
+
+class KeyValueStore:
+    """String keys and values shared by all processes through the jax.distributed service."""
+
+    def __init__(self):
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        if client is None:
+            raise RuntimeError("jax.distributed is not initialised: call initialize() first")
+        self._client = client
+
+    def set(self, key: str, value: str) -> None:
+        """Publish `value` under `key`."""
+        self._client.key_value_set(key, value)
+
+    def get(self, key: str, timeout_seconds: float) -> str:
+        """Wait up to `timeout_seconds` for `key` to be published and return its value."""
+        return self._client.blocking_key_value_get(key, int(timeout_seconds * 1000))
+
+
+def shutdown() -> None:
+    """Leave the jax.distributed group (a barrier: processes leave together)."""
+    import jax
+
+    jax.distributed.shutdown()

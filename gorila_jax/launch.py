@@ -1,0 +1,341 @@
+"""Entry point of every run: single-process, a role under SLURM, or the local launcher.
+
+`main` parses the config, then:
+- `--single-process`: trains here (`gorila_jax.single_process`);
+- started by srun or by the local launcher: joins jax.distributed and plays its role,
+  process 0 the parameter server, every other process a bundle;
+- started by hand without SLURM: becomes the local launcher, which starts a server and
+  `--workers` bundles on 127.0.0.1 (the same script, with GORILA_* variables), prefixes and
+  forwards their output, stops all of them on Ctrl-C or SIGTERM, and when one dies
+  unexpectedly stops the others and exits non-zero naming the process and its last error.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gorila_jax import distributed
+from gorila_jax.config import Config, parse_cli, validate, write_resolved
+
+STOP_GRACE_SECONDS = 30.0
+KEY_VALUE_TIMEOUT_SECONDS = 120.0
+
+
+def main(default: Config, *, description: str | None = None, args: list[str] | None = None) -> int:
+    """Run the program described by the command line; returns the exit status."""
+    argv = sys.argv[1:] if args is None else list(args)
+    config = parse_cli(default, argv, description=description)
+    if config.single_process:
+        from gorila_jax.single_process import train
+
+        train(config)
+        return 0
+    if distributed.detect_launcher() == "none":
+        return launch_local(config, argv)
+    return run_role(config)
+
+
+# ---- roles --------------------------------------------------------------------------------
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM / SIGINT set the returned event, so loops end cleanly."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def run_role(config: Config) -> int:
+    """Join the run and be its parameter server (process 0) or one of its bundles."""
+    import jax
+
+    stop = _stop_on_signals()
+    info = distributed.initialize()
+    if info.count < 2:
+        print(
+            "error: a Gorila run needs at least 2 processes (a server and a bundle); "
+            "use srun -n 3 or more, or --single-process",
+            file=sys.stderr,
+        )
+        return 2
+    validate(config, local_device_count=jax.local_device_count())
+    try:
+        if info.is_server:
+            run_server(config, info, stop)
+        else:
+            run_bundle(config, info, stop)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def _probe_env(config: Config, seed: int):
+    """Action count and one observation batch, from a one-env instance."""
+    from gorila_jax.envs import make_env
+
+    env = make_env(config, seed=seed, training=True, num_envs=1)
+    try:
+        return env.num_actions, env.reset().obs
+    finally:
+        env.close()
+
+
+def _server_host(info: distributed.ProcessInfo) -> str:
+    if info.launcher == "local":
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Event) -> None:
+    """Process 0: hold the params, apply pushes, publish the address, answer until done."""
+    import zmq
+
+    from gorila_jax import transport
+    from gorila_jax.networks import make_network
+    from gorila_jax.parameter_server import ParameterServer
+    from gorila_jax.single_process import init_params, save_params
+
+    run_dir = Path(config.run_dir)
+    write_resolved(config, run_dir)
+    num_actions, example_obs = _probe_env(config, config.seed)
+    network = make_network(config, num_actions)
+    params = init_params(network, example_obs, config.seed)
+    token = transport.new_run_token()
+    server = ParameterServer(
+        config, params, num_workers=info.count - 1, token=token, run_dir=run_dir
+    )
+    sock, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), f"tcp://{_server_host(info)}:0", server.max_bytes
+    )
+    try:
+        store = distributed.KeyValueStore()
+        store.set(distributed.KEY_ENDPOINT, endpoint)
+        store.set(distributed.KEY_TOKEN, token)
+        print(
+            f"[server] {config.env_id}: {server.num_params:,} params, {server.num_workers} "
+            f"bundle(s), optimizer {config.optimizer}, dc_asgd {config.dc_asgd}, "
+            f"shard_factor {config.shard_factor}, listening on {endpoint}",
+            flush=True,
+        )
+        server.serve(sock, endpoint, stop.is_set)
+    finally:
+        sock.close(linger=0)
+    save_params(server.params_tree(), run_dir / "params.msgpack")
+    stats = server.stats()
+    print(
+        f"[server] done: {stats['updates']:,} updates, rejections {stats['rejections'] or 'none'}",
+        flush=True,
+    )
+
+
+def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Event) -> None:
+    """Process i > 0: actors, replay and learner, pushing gradients to the server."""
+    from jax.flatten_util import ravel_pytree
+
+    from gorila_jax import transport
+    from gorila_jax.bundle import make_replay, run_actor_learner
+    from gorila_jax.envs import make_env
+    from gorila_jax.networks import make_network
+    from gorila_jax.ps_client import RemoteLearner, ServerConnection
+    from gorila_jax.single_process import init_params
+
+    num_workers = info.count - 1
+    worker = info.index - 1
+    seed = config.seed + info.index
+    store = distributed.KeyValueStore()
+    endpoint = store.get(distributed.KEY_ENDPOINT, KEY_VALUE_TIMEOUT_SECONDS)
+    token = store.get(distributed.KEY_TOKEN, KEY_VALUE_TIMEOUT_SECONDS)
+    env = make_env(config, seed=seed, training=True)
+    try:
+        replay = make_replay(config, env, seed=seed)
+        network = make_network(config, env.num_actions)
+        template = init_params(network, env.reset().obs, seed)
+        connection = ServerConnection(
+            endpoint,
+            token=token,
+            worker=worker,
+            fingerprint=transport.tree_fingerprint(template),
+            num_params=int(ravel_pytree(template)[0].size),
+            max_bytes=config.max_message_mb * 1024 * 1024,
+            timeout_seconds=config.server_timeout_seconds,
+        )
+        learner = RemoteLearner(
+            config, network, template, connection, num_workers=num_workers, replay=replay
+        )
+        budget = config.total_frames // num_workers
+        try:
+            result = run_actor_learner(
+                config,
+                learner,
+                env,
+                replay,
+                seed=seed,
+                run_dir=Path(config.run_dir) / f"bundle{info.index}",
+                bundle=info.index,
+                frame_budget=budget,
+                epsilon_frame_scale=num_workers,
+                stop_event=stop,
+            )
+        finally:
+            learner.close()
+        print(
+            f"[bundle {info.index}] done: {result.frames:,} frames, {result.updates:,} pushes "
+            f"({learner.accepted:,} accepted, rejected {learner.rejected or 'none'}), "
+            f"mean return of the last 20: {result.mean_recent_return:.2f}",
+            flush=True,
+        )
+    finally:
+        env.close()
+
+
+# ---- local launcher -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM if the launcher dies, so no process is left behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Child:
+    """One started process: its name, its output forwarded with a prefix, its last lines."""
+
+    def __init__(self, name: str, command: list[str], environ: dict):
+        self.name = name
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=30)
+        self.process = subprocess.Popen(
+            command,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._forward, daemon=True)
+        self._reader.start()
+
+    def _forward(self) -> None:
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            if line.strip():
+                self.last_lines.append(line)
+            tag = f"[{self.name}]"
+            print(line if line.startswith(tag) else f"{tag} {line}", flush=True)
+
+    def last_error(self) -> str:
+        """The most telling recent line: the last one that names an error, else the last."""
+        for line in reversed(self.last_lines):
+            lowered = line.lower()
+            if "error" in lowered or "exception" in lowered or "killed" in lowered:
+                return line.strip()
+        return self.last_lines[-1].strip() if self.last_lines else "(no output)"
+
+    def finish_output(self) -> None:
+        """Wait for the output reader to drain."""
+        self._reader.join(timeout=5)
+
+
+def stop_children(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM every live child, wait up to `grace` seconds, then SIGKILL what is left."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            child.process.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+    for child in children:
+        child.finish_output()
+
+
+def launch_local(config: Config, argv: list[str]) -> int:
+    """Start a server and `config.workers` bundles here and supervise them."""
+    count = config.workers + 1
+    environ = dict(os.environ)
+    environ[distributed.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
+    environ[distributed.ENV_NUM_PROCESSES] = str(count)
+    environ["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
+    print(
+        f"local run: 1 parameter server + {config.workers} bundle(s) on 127.0.0.1, "
+        f"run dir {config.run_dir}",
+        flush=True,
+    )
+    interrupted = threading.Event()
+
+    def on_signal(signum, frame):
+        interrupted.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    children: list[Child] = []
+    try:
+        for index in range(count):
+            name = "server" if index == 0 else f"bundle {index}"
+            children.append(
+                Child(name, command, {**environ, distributed.ENV_PROCESS_ID: str(index)})
+            )
+        while not interrupted.is_set():
+            codes = [child.process.poll() for child in children]
+            failed = [c for c, code in zip(children, codes, strict=True) if code not in (None, 0)]
+            if failed:
+                child = failed[0]
+                stop_children(children)
+                print(
+                    f"error: {child.name} (pid {child.process.pid}) exited with status "
+                    f"{child.process.returncode}: {child.last_error()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+            if all(code == 0 for code in codes):
+                for child in children:
+                    child.finish_output()
+                return 0
+            interrupted.wait(0.2)
+        print("stopping: signal received, stopping every process", file=sys.stderr, flush=True)
+        stop_children(children)
+        return 130
+    finally:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.kill()
+                child.process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+__all__ = ["Child", "free_port", "launch_local", "main", "run_role", "stop_children"]

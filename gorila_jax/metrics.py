@@ -1,0 +1,127 @@
+"""Run logs: finished episodes to CSV, learner windows to JSONL, and the progress line."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gorila_jax.envs import Episode
+
+EPISODE_FIELDS = ("time", "frames", "bundle", "env", "return", "length")
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a short h/m/s string (e.g. 1h02m, 3m05s, 12s)."""
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class RunLogger:
+    """Appends episodes to `episodes.csv` and learner metrics to `learner.jsonl` in the run dir.
+
+    Files are opened in append mode, so a resumed run keeps its history.
+    """
+
+    def __init__(self, run_dir: Path, *, bundle: int = 0, recent: int = 20):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self.bundle = bundle
+        self.start = time.time()
+        episodes_path = run_dir / "episodes.csv"
+        new_file = not episodes_path.exists() or episodes_path.stat().st_size == 0
+        self._episodes_file = episodes_path.open("a", newline="")
+        self._episodes = csv.writer(self._episodes_file)
+        if new_file:
+            self._episodes.writerow(EPISODE_FIELDS)
+        self._learner_file = (run_dir / "learner.jsonl").open("a")
+        self.recent_returns: collections.deque[float] = collections.deque(maxlen=recent)
+        self.episode_count = 0
+
+    def episodes(self, finished: list[Episode], frames: int) -> None:
+        """Record episodes that ended at `frames`."""
+        now = round(time.time() - self.start, 3)
+        for episode in finished:
+            self._episodes.writerow(
+                (
+                    now,
+                    frames,
+                    self.bundle,
+                    episode.env_index,
+                    episode.episode_return,
+                    episode.length,
+                )
+            )
+            self.recent_returns.append(episode.episode_return)
+            self.episode_count += 1
+        if finished:
+            self._episodes_file.flush()
+
+    def learner(self, record: dict) -> None:
+        """Record one window of learner statistics."""
+        record = {"time": round(time.time() - self.start, 3), **record}
+        self._learner_file.write(json.dumps(record) + "\n")
+        self._learner_file.flush()
+
+    def mean_recent_return(self) -> float:
+        """Mean return of the last `recent` episodes (nan before the first one)."""
+        return float(np.mean(self.recent_returns)) if self.recent_returns else float("nan")
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        self._episodes_file.close()
+        self._learner_file.close()
+
+
+class Progress:
+    """Prints one status line every `every` seconds: frames, SPS, epsilon, return, ETA."""
+
+    def __init__(self, total_frames: int, every: float, *, prefix: str = "", stream=None):
+        self.total_frames = total_frames
+        self.every = every
+        self.prefix = prefix
+        self.stream = stream or sys.stdout
+        self.start = time.time()
+        self._last_time = self.start
+        self._last_frames = 0
+        self._last_steps = 0
+
+    def maybe_print(
+        self,
+        *,
+        frames: int,
+        agent_steps: int,
+        epsilon: float,
+        mean_return: float,
+        updates: int,
+        force: bool = False,
+    ) -> bool:
+        """Print when `every` seconds have passed (or `force`); return whether it printed."""
+        now = time.time()
+        if not force and now - self._last_time < self.every:
+            return False
+        window = max(now - self._last_time, 1e-9)
+        steps_per_second = (agent_steps - self._last_steps) / window
+        frames_per_second = (frames - self._last_frames) / window
+        eta = (self.total_frames - frames) / frames_per_second if frames_per_second > 0 else np.inf
+        line = (
+            f"{self.prefix}frames {frames:,}/{self.total_frames:,} | sps {steps_per_second:,.0f}"
+            f" | eps {epsilon:.3f} | return(recent) {mean_return:.2f} | updates {updates:,}"
+            f" | elapsed {format_duration(now - self.start)} | eta {format_duration(eta)}"
+        )
+        print(line, file=self.stream, flush=True)
+        self._last_time, self._last_frames, self._last_steps = now, frames, agent_steps
+        return True

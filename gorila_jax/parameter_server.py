@@ -1,0 +1,376 @@
+"""The parameter server: holds the Q-network, applies pushed gradients, answers pulls.
+
+State: the parameters as one flat float32 vector (`ravel_pytree` order), the optax state of
+the optimizer the config names (DC-ASGD chained in front when configured), and `version`,
+the number of updates applied. Each accepted push is applied by one jitted function; a
+partial push (gradient sharding) updates only the owned elements of the parameters and of
+every element-wise optimizer statistic.
+
+The paper's safeguards, each counted in the statistics:
+- "stale": the gradient was computed on params more than `max_staleness` versions old;
+- "non_finite": the gradient holds a NaN or an infinity;
+- "outlier": the push's mean |TD error| is over the running mean + k standard deviations.
+
+Every message is validated by `gorila_jax.transport.decode` before anything is used; a bad
+one gets an error reply and a counter, and never changes the parameters. Statistics are
+written to RUN_DIR/ps.json every few seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import zmq
+from jax.flatten_util import ravel_pytree
+
+from gorila_jax import transport
+from gorila_jax.config import Config, dc_asgd_lambda
+from gorila_jax.gradient_shards import shard_indices
+from gorila_jax.optim import make_optimizer
+
+STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+OUTLIER_DECAY = 0.99
+
+
+def staleness_bin(staleness: int) -> str:
+    """Histogram label of a staleness value: "0", "1", "2-3", "4-7", ..., "256+"."""
+    for low, high in itertools.pairwise(STALENESS_BINS):
+        if staleness < high:
+            return str(low) if high - low == 1 else f"{low}-{high - 1}"
+    return f"{STALENESS_BINS[-1]}+"
+
+
+class OutlierFilter:
+    """Running mean and variance (exponential, so they follow training) of push losses."""
+
+    def __init__(self, k: float, warmup: int):
+        self.k = k
+        self.warmup = warmup
+        self.count = 0
+        self.mean = 0.0
+        self.variance = 0.0
+
+    def is_outlier(self, loss: float) -> bool:
+        """Judge `loss` against the statistics so far, then fold it in."""
+        judged = self.k > 0 and self.count >= self.warmup
+        outlier = judged and loss > self.mean + self.k * math.sqrt(self.variance)
+        self.count += 1
+        if self.count == 1:
+            self.mean = loss
+        else:
+            weight = max(1.0 - OUTLIER_DECAY, 1.0 / self.count)
+            delta = loss - self.mean
+            self.mean += weight * delta
+            self.variance = (1.0 - weight) * (self.variance + weight * delta * delta)
+        return outlier
+
+
+def make_server_optimizer(config: Config) -> optax.GradientTransformationExtraArgs:
+    """The server's optax chain: clipping, DC-ASGD when configured, then the optimizer."""
+    return make_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        eps=config.optimizer_eps,
+        max_grad_norm=config.max_grad_norm or None,
+        dc_asgd_lambda=dc_asgd_lambda(config),
+        dc_asgd_adaptive=config.dc_asgd == "adaptive",
+    )
+
+
+def make_apply_fns(tx: optax.GradientTransformationExtraArgs, num_params: int):
+    """Jitted full and partial applies over the flat parameter vector.
+
+    apply_full(params, opt_state, grads, stale) -> (params, opt_state)
+    apply_part(params, opt_state, indices, grads_part, stale) -> (params, opt_state)
+    `stale` is the full vector the gradient was computed on (DC-ASGD); the partial apply
+    gathers the owned elements of params, stale and every (num_params,) optimizer leaf,
+    updates them and scatters them back. Scalar leaves (e.g. adam's count) advance.
+    """
+
+    def is_elementwise(leaf) -> bool:
+        return getattr(leaf, "shape", None) == (num_params,)
+
+    def apply_full(params, opt_state, grads, stale):
+        updates, opt_state = tx.update(grads, opt_state, params, stale_params=stale)
+        return optax.apply_updates(params, updates), opt_state
+
+    def apply_part(params, opt_state, indices, grads_part, stale):
+        owned = params[indices]
+        owned_state = jax.tree.map(lambda x: x[indices] if is_elementwise(x) else x, opt_state)
+        updates, new_owned_state = tx.update(
+            grads_part, owned_state, owned, stale_params=stale[indices]
+        )
+        params = params.at[indices].set(owned + updates)
+        opt_state = jax.tree.map(
+            lambda full, new: full.at[indices].set(new) if is_elementwise(full) else new,
+            opt_state,
+            new_owned_state,
+        )
+        return params, opt_state
+
+    return jax.jit(apply_full), jax.jit(apply_part)
+
+
+class ParameterServer:
+    """Server state and message handling (sockets are in `serve`), testable without a network."""
+
+    def __init__(
+        self,
+        config: Config,
+        params_tree: Any,
+        *,
+        num_workers: int,
+        token: str,
+        run_dir: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.num_workers = num_workers
+        self.token = token
+        self.run_dir = run_dir
+        self.clock = clock
+        flat, self.unravel = ravel_pytree(params_tree)
+        self.num_params = int(flat.size)
+        self.fingerprint = transport.tree_fingerprint(params_tree)
+        self.params = jnp.asarray(flat, jnp.float32)
+        self.tx = make_server_optimizer(config)
+        self.opt_state = self.tx.init(self.params)
+        self.version = 0
+        self._apply_full, self._apply_part = make_apply_fns(self.tx, self.num_params)
+        self.shards = {
+            w: shard_indices(self.num_params, num_workers, w, config.shard_factor, config.seed)
+            for w in range(num_workers)
+        }
+        self._device_shards = {
+            w: (None if idx is None else jnp.asarray(idx)) for w, idx in self.shards.items()
+        }
+        self.uses_dc_asgd = config.dc_asgd != "off"
+        self.pulled: dict[int, jnp.ndarray] = {}
+        self._host_params: tuple[int, np.ndarray] | None = None
+        self.outliers = OutlierFilter(config.outlier_k, config.outlier_warmup)
+        self.max_bytes = config.max_message_mb * 1024 * 1024
+        self.started = clock()
+        self.rejections: Counter[str] = Counter()
+        self.staleness: Counter[str] = Counter()
+        self.workers: dict[int, Counter[str]] = defaultdict(Counter)
+        self.last_seq: dict[int, int] = {}
+        self.stopped_workers: set[int] = set()
+        self.frames: dict[int, int] = {}
+        self._rate_window: tuple[float, int] = (self.started, 0)
+        self.updates_per_second = 0.0
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def params_tree(self) -> Any:
+        """The current params as the network's pytree."""
+        return self.unravel(self.params)
+
+    def host_params(self) -> np.ndarray:
+        """A host copy of the current flat params, made once per version for every pull."""
+        if self._host_params is None or self._host_params[0] != self.version:
+            self._host_params = (self.version, np.array(self.params, dtype=np.float32))
+        return self._host_params[1]
+
+    # ---- messages ------------------------------------------------------------------------
+
+    def _specs_for(self, header: dict):
+        if header["kind"] != "push":
+            return None
+        worker = header["worker"]
+        if worker >= self.num_workers:
+            raise transport.ProtocolError("bad_shard", f"unknown worker {worker}", header)
+        indices = self.shards[worker]
+        expected_shard = None if indices is None else worker
+        if header["shard"] != expected_shard:
+            raise transport.ProtocolError(
+                "bad_shard", f"worker {worker} owns shard {expected_shard}", header
+            )
+        size = self.num_params if indices is None else len(indices)
+        return (transport.vector_spec(size),)
+
+    def reject(self, reason: str, request: dict | None, message: str) -> list:
+        """Count a refused message and build its error reply."""
+        self.rejections[reason] += 1
+        if request and isinstance(request.get("worker"), int):
+            self.workers[request["worker"]]["rejected"] += 1
+        header = transport.reply_header(
+            request,
+            "error",
+            version=self.version,
+            fingerprint=self.fingerprint,
+            reason=reason,
+            message=message,
+        )
+        return transport.encode(header)
+
+    def handle(self, frames: list) -> list:
+        """Validate one request and return the frames of its reply (never raises on input)."""
+        try:
+            message = transport.decode(
+                frames,
+                expected_token=self.token,
+                expected_fingerprint=self.fingerprint,
+                layout_for=self._specs_for,
+                max_bytes=self.max_bytes,
+            )
+        except transport.ProtocolError as error:
+            return self.reject(error.reason, error.header, error.message)
+        header = message.header
+        worker = header["worker"]
+        if header["kind"] in ("hello", "pull", "push", "stop") and worker >= self.num_workers:
+            return self.reject("bad_worker", header, f"worker {worker} >= {self.num_workers}")
+        if header["kind"] == "hello":
+            self.last_seq[worker] = header["seq"]
+        elif worker in self.last_seq and header["seq"] <= self.last_seq[worker]:
+            return self.reject("replayed", header, f"seq {header['seq']} already seen")
+        else:
+            self.last_seq[worker] = header["seq"]
+        handler = getattr(self, f"_on_{header['kind']}", None)
+        if handler is None:
+            return self.reject("malformed", header, f"{header['kind']} is not a request")
+        return handler(header, message.arrays)
+
+    def _reply(self, request: dict, kind: str, arrays=(), **fields) -> list:
+        header = transport.reply_header(
+            request, kind, version=self.version, fingerprint=self.fingerprint, **fields
+        )
+        return transport.encode(header, arrays)
+
+    def _send_params(self, request: dict, kind: str, **fields) -> list:
+        worker = request["worker"]
+        self.workers[worker]["pulls"] += 1
+        if self.uses_dc_asgd:
+            self.pulled[worker] = self.params  # a reference: jax arrays are immutable
+        self.workers[worker]["last_version_pulled"] = self.version
+        return self._reply(request, kind, [self.host_params()], **fields)
+
+    def _on_hello(self, header: dict, arrays) -> list:
+        worker = header["worker"]
+        self.workers[worker]["hellos"] += 1
+        self.stopped_workers.discard(worker)
+        indices = self.shards[worker]
+        info = {
+            "num_params": self.num_params,
+            "num_workers": self.num_workers,
+            "shard": None if indices is None else worker,
+            "shard_size": self.num_params if indices is None else len(indices),
+        }
+        return self._send_params(header, "welcome", config=info)
+
+    def _on_pull(self, header: dict, arrays) -> list:
+        if header["version"] == self.version:
+            return self._reply(header, "not_modified")
+        return self._send_params(header, "params")
+
+    def _on_stats(self, header: dict, arrays) -> list:
+        return self._reply(header, "stats_reply", stats=self.stats())
+
+    def _on_stop(self, header: dict, arrays) -> list:
+        self.stopped_workers.add(header["worker"])
+        return self._reply(header, "ack", accepted=True, reason=None)
+
+    def _on_push(self, header: dict, arrays) -> list:
+        worker = header["worker"]
+        self.frames[worker] = header["frames"]
+        staleness = self.version - header["version"]
+        if header["version"] < 0 or staleness < 0:
+            return self._refuse_push(header, "stale", "version from the future")
+        if staleness > self.config.max_staleness:
+            return self._refuse_push(header, "stale", f"{staleness} versions old")
+        (grads,) = arrays
+        if not transport.all_finite(arrays) or not math.isfinite(header["loss"]):
+            return self._refuse_push(header, "non_finite", "gradient or loss not finite")
+        if self.outliers.is_outlier(abs(header["loss"])):
+            return self._refuse_push(header, "outlier", f"loss {header['loss']:.4g}")
+        self.apply(worker, grads)
+        self.staleness[staleness_bin(staleness)] += 1
+        self.workers[worker]["accepted"] += 1
+        return self._reply(header, "ack", accepted=True, reason=None)
+
+    def _refuse_push(self, header: dict, reason: str, message: str) -> list:
+        self.rejections[reason] += 1
+        self.workers[header["worker"]]["rejected"] += 1
+        return self._reply(header, "ack", accepted=False, reason=reason)
+
+    def apply(self, worker: int, grads: np.ndarray) -> None:
+        """Apply one accepted gradient (whole or the worker's shard) and bump the version."""
+        stale = self.pulled.get(worker, self.params) if self.uses_dc_asgd else self.params
+        indices = self._device_shards[worker]
+        grads = jnp.asarray(grads)
+        if indices is None:
+            self.params, self.opt_state = self._apply_full(
+                self.params, self.opt_state, grads, stale
+            )
+        else:
+            self.params, self.opt_state = self._apply_part(
+                self.params, self.opt_state, indices, grads, stale
+            )
+        self.version += 1
+
+    # ---- statistics ----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters for ps.json and the stats reply (plain msgpack/JSON values)."""
+        now = self.clock()
+        since, at_version = self._rate_window
+        if now - since >= 1.0:
+            self.updates_per_second = (self.version - at_version) / (now - since)
+            self._rate_window = (now, self.version)
+        return {
+            "version": self.version,
+            "updates": self.version,
+            "updates_per_second": round(self.updates_per_second, 3),
+            "uptime_seconds": round(now - self.started, 3),
+            "staleness_histogram": dict(self.staleness),
+            "rejections": dict(self.rejections),
+            "workers": {str(w): dict(c) for w, c in sorted(self.workers.items())},
+            "frames": sum(self.frames.values()),
+            "num_workers": self.num_workers,
+            "num_params": self.num_params,
+            "shard_factor": self.config.shard_factor,
+            "dc_asgd": self.config.dc_asgd,
+        }
+
+    def write_stats(self, address: str) -> None:
+        """Write ps.json (address, version, counters) atomically into the run dir."""
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "ps.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"address": address, **self.stats()}, indent=1))
+        tmp.replace(path)
+
+    def all_workers_stopped(self) -> bool:
+        """Every bundle has said it is done."""
+        return len(self.stopped_workers) >= self.num_workers
+
+    # ---- serving -------------------------------------------------------------------------
+
+    def serve(self, socket: zmq.Socket, address: str, should_stop: Callable[[], bool]) -> None:
+        """Answer requests until every bundle has stopped or `should_stop()` is true."""
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        next_stats = 0.0
+        while not should_stop() and not self.all_workers_stopped():
+            if poller.poll(timeout=100):
+                while True:
+                    try:
+                        routing_id, frames = transport.recv(socket, zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    transport.send(socket, self.handle(frames), routing_id, copy=False)
+            if self.clock() >= next_stats:
+                self.write_stats(address)
+                next_stats = self.clock() + self.config.stats_every_seconds
+        self.write_stats(address)

@@ -1,0 +1,291 @@
+"""A bundle's side of the parameter server: the connection and the remote learner.
+
+`ServerConnection` speaks the wire protocol over one DEALER socket (one request, one reply,
+replies matched by sequence number). `RemoteLearner` is the bundle's `Updater`: its jitted
+step computes the gradient (flattened, and cut to the bundle's shard inside XLA) and hands
+it to a communication thread, which pushes it, pulls params every `sync_every` learner
+steps, and refreshes the target network every `target_period` server updates. The actors
+never wait for the network unless more than `PUSH_QUEUE` gradients are already in flight.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import zmq
+from jax.flatten_util import ravel_pytree
+
+from gorila_jax import transport
+from gorila_jax.config import Config
+from gorila_jax.gradient_shards import shard_indices
+from gorila_jax.learner import local_mesh, make_loss_fn, shardings
+from gorila_jax.replay import Sample
+
+PUSH_QUEUE = 2
+
+
+class ServerError(RuntimeError):
+    """The server refused a request, or did not answer in time."""
+
+
+class ServerConnection:
+    """Request/reply with the parameter server for one worker."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        token: str,
+        worker: int,
+        fingerprint: str,
+        num_params: int,
+        max_bytes: int,
+        timeout_seconds: float,
+    ):
+        self.token = token
+        self.worker = worker
+        self.fingerprint = fingerprint
+        self.num_params = num_params
+        self.max_bytes = max_bytes
+        self.timeout_seconds = timeout_seconds
+        self.seq = 0
+        self._socket = transport.make_client_socket(
+            zmq.Context.instance(), endpoint, f"bundle-{worker}".encode(), max_bytes
+        )
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+
+    def _specs(self, header: dict):
+        if header["kind"] in ("welcome", "params"):
+            return (transport.vector_spec(self.num_params),)
+        return None
+
+    def request(self, kind: str, arrays=(), *, version: int = transport.NO_VERSION, **fields):
+        """Send one request and wait for its reply; ServerError on an error reply or timeout."""
+        self.seq += 1
+        header = transport.make_header(
+            kind,
+            token=self.token,
+            worker=self.worker,
+            seq=self.seq,
+            version=version,
+            fingerprint=self.fingerprint,
+            **fields,
+        )
+        transport.send(self._socket, transport.encode(header, arrays), copy=False)
+        deadline = time.monotonic() + self.timeout_seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._poller.poll(timeout=remaining * 1000):
+                raise ServerError(f"no reply to {kind} within {self.timeout_seconds:.0f}s")
+            _, frames = transport.recv(self._socket)
+            try:
+                reply = transport.decode(
+                    frames,
+                    expected_token=self.token,
+                    expected_fingerprint=self.fingerprint,
+                    layout_for=self._specs,
+                    max_bytes=self.max_bytes,
+                )
+            except transport.ProtocolError as error:
+                raise ServerError(f"bad reply to {kind}: {error}") from None
+            if reply.header["seq"] != self.seq:
+                continue  # a late reply to an earlier, timed-out request
+            if reply.header["kind"] == "error":
+                raise ServerError(
+                    f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
+                )
+            return reply
+
+    def hello(self) -> tuple[np.ndarray, int, dict]:
+        """Register; returns (flat params, version, the server's info for this worker)."""
+        reply = self.request("hello")
+        return reply.arrays[0], reply.header["version"], reply.header["config"]
+
+    def pull(self, have_version: int) -> tuple[np.ndarray | None, int]:
+        """Params newer than `have_version` (None if not modified) and the server's version."""
+        reply = self.request("pull", version=have_version)
+        params = reply.arrays[0] if reply.header["kind"] == "params" else None
+        return params, reply.header["version"]
+
+    def push(
+        self, grads: np.ndarray, *, base_version: int, loss: float, frames: int, shard: int | None
+    ) -> tuple[bool, str | None, int]:
+        """Push a gradient; returns (accepted, reason if not, server version)."""
+        reply = self.request(
+            "push", [grads], version=base_version, loss=float(loss), shard=shard, frames=frames
+        )
+        return reply.header["accepted"], reply.header["reason"], reply.header["version"]
+
+    def stats(self) -> dict:
+        """The server's statistics."""
+        return self.request("stats").header["stats"]
+
+    def stop(self) -> None:
+        """Tell the server this worker is done."""
+        self.request("stop")
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._socket.close(linger=0)
+
+
+def make_flat_grad_step(network, config: Config, mesh, indices: np.ndarray | None):
+    """Jitted step -> (flat gradient of this bundle's shard, metrics), over the local mesh."""
+    loss_fn = make_loss_fn(network, double_dqn=config.double_dqn, huber_delta=config.huber_delta)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    owned = None if indices is None else jnp.asarray(indices)
+
+    def flat_grad_step(params, target_params, batch, weights):
+        grads, metrics = grad_fn(params, target_params, batch, weights)
+        flat, _ = ravel_pytree(grads)
+        return (flat if owned is None else flat[owned]), metrics
+
+    where = shardings(mesh)
+    return jax.jit(
+        flat_grad_step,
+        in_shardings=(where.replicated, where.replicated, where.batch, where.batch),
+        out_shardings=where.replicated,
+    )
+
+
+class RemoteLearner:
+    """The Updater of a Gorila bundle: gradients go to the server, params come back."""
+
+    def __init__(
+        self,
+        config: Config,
+        network,
+        params_template: Any,
+        connection: ServerConnection,
+        *,
+        num_workers: int,
+        replay=None,
+    ):
+        self.config = config
+        self.connection = connection
+        self.replay = replay
+        _, self._unravel = ravel_pytree(params_template)
+        mesh = local_mesh()
+        self._where = shardings(mesh)
+        flat, version, info = connection.hello()
+        self._indices = shard_indices(
+            connection.num_params, num_workers, connection.worker, config.shard_factor, config.seed
+        )
+        self._shard = None if self._indices is None else connection.worker
+        if info["shard_size"] != (
+            connection.num_params if self._indices is None else len(self._indices)
+        ):
+            raise ServerError(
+                "the server's gradient shard differs from this bundle's; same config?"
+            )
+        self._grad_step = make_flat_grad_step(network, config, mesh, self._indices)
+        self.params = self._to_device(flat)
+        self.target_params = self.params
+        self.params_version = version
+        self._target_epoch = version // config.target_period
+        self.updates = 0
+        self.frames = 0
+        self.server_version = version
+        self.accepted = 0
+        self.rejected: dict[str, int] = {}
+        self._outbox: queue.Queue = queue.Queue(maxsize=PUSH_QUEUE)
+        self._pull_wanted = threading.Event()
+        self._incoming: tuple[Any, int, bool] | None = None
+        self._closing = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._communicate, name="ps-client", daemon=True)
+        self._thread.start()
+
+    def _to_device(self, flat: np.ndarray) -> Any:
+        return jax.device_put(self._unravel(jnp.asarray(flat)), self._where.replicated)
+
+    def _take_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            self.params, self.params_version, refresh_target = incoming
+            if refresh_target:
+                self.target_params = self.params
+
+    def acting_params(self) -> Any:
+        """The newest params pulled from the server."""
+        self._take_incoming()
+        return self.params
+
+    def learn(self, sample: Sample, frames: int = 0):
+        """Compute this bundle's gradient and queue it for pushing."""
+        self._take_incoming()
+        self.frames = frames
+        batch = jax.device_put(sample.transition, self._where.batch)
+        weights = jax.device_put(sample.weights, self._where.batch)
+        grads, metrics = self._grad_step(self.params, self.target_params, batch, weights)
+        item = (grads, metrics.mean_abs_td, self.params_version)
+        while not self._closing.is_set():
+            try:
+                self._outbox.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.updates += 1
+        if self.updates % self.config.sync_every == 0:
+            self._pull_wanted.set()
+        if self.replay is not None and self.config.prioritized:
+            self.replay.update_priorities(sample.indices, np.asarray(metrics.td_errors))
+        return metrics
+
+    def should_stop(self) -> bool:
+        """Stop when the communication thread has failed."""
+        return self.error is not None
+
+    def _communicate(self) -> None:
+        try:
+            while not (self._closing.is_set() and self._outbox.empty()):
+                try:
+                    grads, loss, base_version = self._outbox.get(timeout=0.05)
+                except queue.Empty:
+                    grads = None
+                if grads is not None:
+                    accepted, reason, self.server_version = self.connection.push(
+                        np.asarray(grads),
+                        base_version=base_version,
+                        loss=float(loss),
+                        frames=self.frames,
+                        shard=self._shard,
+                    )
+                    if accepted:
+                        self.accepted += 1
+                    else:
+                        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+                refresh = self.server_version // self.config.target_period > self._target_epoch
+                if refresh or self._pull_wanted.is_set():
+                    self._pull_wanted.clear()
+                    self._pull(refresh)
+        except BaseException as error:  # surfaced to the main thread through should_stop
+            self.error = error
+
+    def _pull(self, refresh_target: bool) -> None:
+        have = -1 if refresh_target else self.params_version
+        flat, version = self.connection.pull(have)
+        self.server_version = version
+        if flat is not None:
+            if refresh_target:
+                self._target_epoch = version // self.config.target_period
+            self._incoming = (self._to_device(flat), version, refresh_target)
+
+    def close(self) -> None:
+        """Push what is queued, tell the server this bundle is done, close the socket."""
+        self._closing.set()
+        self._thread.join(timeout=self.config.server_timeout_seconds + 5)
+        try:
+            if self.error is None:
+                self.connection.stop()
+        finally:
+            self.connection.close()
+        if self.error is not None:
+            raise ServerError(f"bundle lost the server: {self.error}") from self.error

@@ -1,0 +1,126 @@
+"""Single-process DQN: one bundle whose learner applies its own updates (no parameter server).
+
+The same loop, networks and learner step as a Gorila bundle; only the updater differs. Useful
+on a laptop, for debugging, and as the baseline that the distributed runs are compared with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+
+from gorila_jax.bundle import LoopResult, make_replay, run_actor_learner
+from gorila_jax.config import Config, validate, write_resolved
+from gorila_jax.envs import make_env
+from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
+from gorila_jax.networks import make_network
+from gorila_jax.optim import make_optimizer
+from gorila_jax.replay import Sample
+
+
+def make_config_optimizer(config: Config):
+    """The optax optimizer the config names, with gradient clipping when configured."""
+    return make_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        eps=config.optimizer_eps,
+        max_grad_norm=config.max_grad_norm or None,
+    )
+
+
+def init_params(network, example_obs: np.ndarray, seed: int) -> Any:
+    """Initialise the network's params from one batch of observations."""
+    return network.init(jax.random.key(seed), example_obs)
+
+
+class LocalLearner:
+    """Thin stateful shell over the fused jitted train step: params, target, optimizer state."""
+
+    def __init__(self, config: Config, network, params: Any, *, seed: int):
+        self.config = config
+        mesh = local_mesh()
+        self._where = shardings(mesh)
+        optimizer = make_config_optimizer(config)
+        self.params = jax.device_put(params, self._where.replicated)
+        self.target_params = copy_params(self.params)
+        self.opt_state = jax.device_put(optimizer.init(self.params), self._where.replicated)
+        self._train_step = make_train_step(
+            network,
+            optimizer,
+            double_dqn=config.double_dqn,
+            huber_delta=config.huber_delta,
+            mesh=mesh,
+        )
+        self.updates = 0
+        self._prioritized = config.prioritized
+        self._replay = None
+
+    def attach_replay(self, replay) -> None:
+        """Priorities of sampled transitions are written back to this replay."""
+        self._replay = replay
+
+    def acting_params(self) -> Any:
+        """The online params (always current: no server)."""
+        return self.params
+
+    def learn(self, sample: Sample, frames: int = 0):
+        """One fused gradient + optimizer step; refresh the target every target_period."""
+        batch = jax.device_put(sample.transition, self._where.batch)
+        weights = jax.device_put(sample.weights, self._where.batch)
+        self.params, self.opt_state, metrics = self._train_step(
+            self.params, self.target_params, self.opt_state, batch, weights
+        )
+        self.updates += 1
+        if self.updates % self.config.target_period == 0:
+            self.target_params = copy_params(self.params)
+        if self._prioritized and self._replay is not None:
+            self._replay.update_priorities(sample.indices, np.asarray(metrics.td_errors))
+        return metrics
+
+    def should_stop(self) -> bool:
+        """Single-process runs stop only on their frame budget."""
+        return False
+
+
+def save_params(params: Any, path: Path) -> Path:
+    """Write params as flax msgpack (plain arrays, no pickle), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
+    tmp.replace(path)
+    return path
+
+
+def train(config: Config) -> LoopResult:
+    """Train in this process until `config.total_frames`; save the final params."""
+    validate(config, local_device_count=jax.local_device_count())
+    run_dir = Path(config.run_dir)
+    env = make_env(config, seed=config.seed, training=True)
+    try:
+        replay = make_replay(config, env, seed=config.seed)
+        write_resolved(config, run_dir)
+        network = make_network(config, env.num_actions)
+        first = env.reset()
+        learner = LocalLearner(
+            config, network, init_params(network, first.obs, config.seed), seed=config.seed
+        )
+        learner.attach_replay(replay)
+        print(
+            f"single-process DQN on {config.env_id}: {env.num_envs} envs, "
+            f"{jax.local_device_count()} local device(s), run dir {run_dir}",
+            flush=True,
+        )
+        result = run_actor_learner(config, learner, env, replay, seed=config.seed, run_dir=run_dir)
+        save_params(learner.params, run_dir / "params.msgpack")
+        print(
+            f"done: {result.frames:,} frames, {result.updates:,} updates, "
+            f"{result.episodes} episodes, mean return of the last 20: {result.mean_recent_return:.2f}",
+            flush=True,
+        )
+        return result
+    finally:
+        env.close()
