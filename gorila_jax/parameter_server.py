@@ -156,7 +156,10 @@ class ParameterServer:
             w: (None if idx is None else jnp.asarray(idx)) for w, idx in self.shards.items()
         }
         self.uses_dc_asgd = config.dc_asgd != "off"
-        self.pulled: dict[int, jnp.ndarray] = {}
+        # DC-ASGD: worker -> {version: the params it was sent at that version}. Gradients a
+        # bundle queued before a pull arrive after it, so the stale params are looked up by
+        # the push's base version, not taken from the latest pull.
+        self.pulled: dict[int, dict[int, jnp.ndarray]] = {}
         self._host_params: tuple[int, np.ndarray] | None = None
         self.outliers = OutlierFilter(config.outlier_k, config.outlier_warmup)
         self.max_bytes = config.max_message_mb * 1024 * 1024
@@ -189,7 +192,9 @@ class ParameterServer:
             return None
         worker = header["worker"]
         if worker >= self.num_workers:
-            raise transport.ProtocolError("bad_shard", f"unknown worker {worker}", header)
+            raise transport.ProtocolError(
+                "bad_worker", f"worker {worker} >= {self.num_workers}", header
+            )
         indices = self.shards[worker]
         expected_shard = None if indices is None else worker
         if header["shard"] != expected_shard:
@@ -202,8 +207,10 @@ class ParameterServer:
     def reject(self, reason: str, request: dict | None, message: str) -> list:
         """Count a refused message and build its error reply."""
         self.rejections[reason] += 1
-        if request and isinstance(request.get("worker"), int):
-            self.workers[request["worker"]]["rejected"] += 1
+        worker = request.get("worker") if request else None
+        if isinstance(worker, int) and 0 <= worker < self.num_workers:
+            # Only known workers: the header may be unauthenticated (e.g. a wrong token).
+            self.workers[worker]["rejected"] += 1
         header = transport.reply_header(
             request,
             "error",
@@ -251,7 +258,11 @@ class ParameterServer:
         worker = request["worker"]
         self.workers[worker]["pulls"] += 1
         if self.uses_dc_asgd:
-            self.pulled[worker] = self.params  # a reference: jax arrays are immutable
+            held = self.pulled.setdefault(worker, {})
+            held[self.version] = self.params  # a reference: jax arrays are immutable
+            too_old = self.version - self.config.max_staleness  # pushes on these are refused
+            for version in [v for v in held if v < too_old]:
+                del held[version]
         self.workers[worker]["last_version_pulled"] = self.version
         return self._reply(request, kind, [self.host_params()], **fields)
 
@@ -293,7 +304,7 @@ class ParameterServer:
             return self._refuse_push(header, "non_finite", "gradient or loss not finite")
         if self.outliers.is_outlier(abs(header["loss"])):
             return self._refuse_push(header, "outlier", f"loss {header['loss']:.4g}")
-        self.apply(worker, grads)
+        self.apply(worker, grads, header["version"])
         self.staleness[staleness_bin(staleness)] += 1
         self.workers[worker]["accepted"] += 1
         return self._reply(header, "ack", accepted=True, reason=None)
@@ -303,9 +314,21 @@ class ParameterServer:
         self.workers[header["worker"]]["rejected"] += 1
         return self._reply(header, "ack", accepted=False, reason=reason)
 
-    def apply(self, worker: int, grads: np.ndarray) -> None:
-        """Apply one accepted gradient (whole or the worker's shard) and bump the version."""
-        stale = self.pulled.get(worker, self.params) if self.uses_dc_asgd else self.params
+    def apply(self, worker: int, grads: np.ndarray, base_version: int | None = None) -> None:
+        """Apply one accepted gradient (whole or the worker's shard) and bump the version.
+
+        With DC-ASGD the stale params are those `worker` was sent at `base_version` (None:
+        its latest pull); without a record of them the gradient is not compensated.
+        """
+        stale = self.params
+        held = self.pulled.get(worker) if self.uses_dc_asgd else None
+        if held:
+            if base_version is None:
+                base_version = max(held)
+            stale = held.get(base_version, self.params)
+            # A bundle's base versions never decrease: older records are no longer needed.
+            for version in [v for v in held if v < base_version]:
+                del held[version]
         indices = self._device_shards[worker]
         grads = jnp.asarray(grads)
         if indices is None:
