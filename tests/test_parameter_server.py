@@ -1,0 +1,784 @@
+"""Tests for gorila_jax.parameter_server: message handling, safeguards, sharding, DC-ASGD.
+
+`ParameterServer.handle` holds all of the message logic, so most tests feed it encoded frames
+directly; one test runs `serve` on a real socket against `ps_client.ServerConnection`.
+"""
+
+import dataclasses
+import json
+import threading
+
+import chex
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+import optax
+import pytest
+import zmq
+from jax.flatten_util import ravel_pytree
+
+from gorila_jax import transport
+from gorila_jax.config import Config
+from gorila_jax.gradient_shards import shard_indices
+from gorila_jax.optim import make_optimizer
+from gorila_jax.parameter_server import OutlierFilter, ParameterServer, staleness_bin
+from gorila_jax.ps_client import ServerConnection
+
+TOKEN = transport.new_run_token()
+OTHER_TOKEN = transport.new_run_token()
+
+
+def params_tree() -> dict:
+    rng = np.random.default_rng(42)
+    return {
+        "dense": {
+            "kernel": rng.standard_normal((4, 3)).astype(np.float32),
+            "bias": rng.standard_normal(3).astype(np.float32),
+        },
+        "head": rng.standard_normal(5).astype(np.float32),
+    }
+
+
+INITIAL_FLAT = np.asarray(ravel_pytree(params_tree())[0])
+NUM_PARAMS = INITIAL_FLAT.size  # 20
+
+
+def make_config(**overrides) -> Config:
+    settings = {
+        "env_id": "CartPole-v1",
+        "optimizer": "sgd",
+        "learning_rate": 0.1,
+        "max_grad_norm": 0.0,
+        "outlier_k": 0.0,
+        "seed": 3,
+    }
+    return dataclasses.replace(Config(), **(settings | overrides))
+
+
+def make_server(num_workers: int = 2, **overrides) -> ParameterServer:
+    return ParameterServer(
+        make_config(**overrides), params_tree(), num_workers=num_workers, token=TOKEN
+    )
+
+
+def raw_header(frames) -> dict:
+    """The reply header without any validation (error replies may carry an empty token)."""
+    return msgpack.unpackb(bytes(frames[0]), raw=False)
+
+
+def current(server: ParameterServer) -> np.ndarray:
+    return np.array(server.params)
+
+
+def random_grad(seed: int, size: int = NUM_PARAMS) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+
+
+class Worker:
+    """The bundle side of the protocol, speaking to `server.handle` without sockets."""
+
+    def __init__(self, server: ParameterServer, worker: int, token: str = TOKEN):
+        self.server = server
+        self.worker = worker
+        self.token = token
+        self.seq = 0
+
+    def frames(self, kind: str, arrays=(), *, version=-1, seq=None, **fields) -> list:
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        header = transport.make_header(
+            kind,
+            token=self.token,
+            worker=self.worker,
+            seq=seq,
+            version=version,
+            fingerprint=fields.pop("fingerprint", self.server.fingerprint),
+            **fields,
+        )
+        return transport.encode(header, arrays)
+
+    def send(self, frames: list) -> transport.Message:
+        """Hand frames to the server and decode its reply as a client would."""
+        reply = self.server.handle(frames)
+        return transport.decode(
+            reply,
+            expected_token=self.token,
+            expected_fingerprint=self.server.fingerprint,
+            layout_for=self._reply_specs,
+            max_bytes=1 << 20,
+        )
+
+    def _reply_specs(self, header: dict):
+        if header["kind"] in ("welcome", "params"):
+            return (transport.vector_spec(self.server.num_params),)
+        return None
+
+    def request(self, kind: str, arrays=(), **kwargs) -> transport.Message:
+        return self.send(self.frames(kind, arrays, **kwargs))
+
+    def hello(self) -> transport.Message:
+        return self.request("hello")
+
+    def pull(self, version: int) -> transport.Message:
+        return self.request("pull", version=version)
+
+    def push(self, grads, base_version: int, loss: float = 1.0, shard=None) -> transport.Message:
+        return self.request(
+            "push",
+            [np.asarray(grads, np.float32)],
+            version=base_version,
+            loss=loss,
+            shard=shard,
+            frames=100,
+        )
+
+
+def expect_ack(reply: transport.Message, accepted: bool, reason=None) -> None:
+    assert reply.header["kind"] == "ack"
+    assert reply.header["accepted"] is accepted
+    assert reply.header["reason"] == reason
+
+
+# ---- protocol round trips ------------------------------------------------------------------
+
+
+def test_hello_pull_stats_stop_round_trip():
+    server = make_server(num_workers=2)
+    w0, w1 = Worker(server, 0), Worker(server, 1)
+
+    welcome = w0.hello()
+    assert welcome.header["kind"] == "welcome"
+    assert welcome.header["version"] == 0
+    assert welcome.header["seq"] == w0.seq and welcome.header["worker"] == 0
+    np.testing.assert_array_equal(welcome.arrays[0], INITIAL_FLAT)
+    assert welcome.header["config"] == {
+        "num_params": NUM_PARAMS,
+        "num_workers": 2,
+        "shard": None,
+        "shard_size": NUM_PARAMS,
+    }
+    chex.assert_trees_all_equal(server.params_tree(), params_tree())
+
+    assert w0.pull(version=0).header["kind"] == "not_modified"
+    full = w0.pull(version=-1)
+    assert full.header["kind"] == "params" and full.header["version"] == 0
+    np.testing.assert_array_equal(full.arrays[0], INITIAL_FLAT)
+
+    expect_ack(w0.push(random_grad(0), base_version=0), accepted=True)
+    assert w0.pull(version=1).header["kind"] == "not_modified"
+    newer = w0.pull(version=0)
+    assert newer.header["kind"] == "params" and newer.header["version"] == 1
+    np.testing.assert_array_equal(newer.arrays[0], current(server))
+    assert not np.array_equal(newer.arrays[0], INITIAL_FLAT)
+
+    stats = w1.request("stats").header
+    assert stats["kind"] == "stats_reply"
+    assert stats["stats"]["version"] == 1 and stats["stats"]["updates"] == 1
+    assert stats["stats"]["workers"]["0"]["hellos"] == 1
+    assert stats["stats"]["workers"]["0"]["pulls"] == 3  # the hello and two params replies
+    assert stats["stats"]["workers"]["0"]["accepted"] == 1
+    assert stats["stats"]["staleness_histogram"] == {"0": 1}
+    assert stats["stats"]["frames"] == 100
+    assert stats["stats"]["rejections"] == {}
+
+    expect_ack(w0.request("stop"), accepted=True)
+    assert not server.all_workers_stopped()
+    w1.hello()
+    expect_ack(w1.request("stop"), accepted=True)
+    assert server.all_workers_stopped()
+    # A worker that says hello again is running again.
+    w0.hello()
+    assert not server.all_workers_stopped()
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "max_grad_norm"), [("sgd", 0.0), ("adam", 0.0), ("adam", 1.0), ("rmsprop", 0.0)]
+)
+def test_push_applies_the_same_update_as_optax(optimizer, max_grad_norm):
+    config = make_config(optimizer=optimizer, learning_rate=0.05, max_grad_norm=max_grad_norm)
+    server = ParameterServer(config, params_tree(), num_workers=1, token=TOKEN)
+    tx = make_optimizer(
+        optimizer, 0.05, eps=config.optimizer_eps, max_grad_norm=max_grad_norm or None
+    )
+    params = jnp.asarray(INITIAL_FLAT)
+    state = tx.init(params)
+    worker = Worker(server, 0)
+    worker.hello()
+    for step in range(4):
+        grads = 3.0 * random_grad(step)  # norm ~13: clipped when max_grad_norm is 1
+        reply = worker.push(grads, base_version=step)
+        expect_ack(reply, accepted=True)
+        assert reply.header["version"] == step + 1 == server.version
+        updates, state = tx.update(jnp.asarray(grads), state, params)
+        params = optax.apply_updates(params, updates)
+        chex.assert_trees_all_close(server.params, params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        server.params_tree(), ravel_pytree(params_tree())[1](params), rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(current(server), INITIAL_FLAT)
+
+
+# ---- rejections ------------------------------------------------------------------------------
+
+
+def push_frames(worker: Worker, grads=None, **fields) -> list:
+    grads = random_grad(7) if grads is None else grads
+    settings = {"version": worker.server.version, "loss": 1.0, "shard": None, "frames": 0}
+    return worker.frames("push", [grads], **(settings | fields))
+
+
+def replace_header(frames: list, **fields) -> list:
+    header = raw_header(frames) | fields
+    return [msgpack.packb(header, use_bin_type=True), *frames[1:]]
+
+
+REJECTIONS = {
+    "bad_token": lambda w: push_frames(Worker(w.server, 0, token=OTHER_TOKEN)),
+    "bad_fingerprint": lambda w: push_frames(w, fingerprint="0" * 32),
+    "bad_protocol": lambda w: replace_header(push_frames(w), protocol=99),
+    "missing_array": lambda w: push_frames(w)[:1],
+    "array_count_lies": lambda w: replace_header(push_frames(w)[:1], arrays=0),
+    "extra_frame": lambda w: [*push_frames(w), np.zeros(4, np.float32).tobytes()],
+    "short_array": lambda w: push_frames(w, grads=random_grad(1, NUM_PARAMS - 1)),
+    "long_array": lambda w: push_frames(w, grads=random_grad(1, NUM_PARAMS + 1)),
+    "float64_array": lambda w: push_frames(w, grads=random_grad(1).astype(np.float64)),
+    "garbage_header": lambda w: [b"\xc1\xff not msgpack", *push_frames(w)[1:]],
+    "header_not_a_map": lambda w: [msgpack.packb([1, 2, 3]), *push_frames(w)[1:]],
+    "unknown_field": lambda w: replace_header(push_frames(w), surprise=1),
+    "reply_kind": lambda w: w.frames("ack", accepted=True, reason=None),
+    "bad_shard": lambda w: push_frames(w, shard=0),
+}
+EXPECTED_REASONS = {
+    "bad_token": "bad_token",
+    "bad_fingerprint": "bad_fingerprint",
+    "bad_protocol": "bad_protocol",
+    "missing_array": "bad_frames",
+    "array_count_lies": "bad_frames",
+    "extra_frame": "bad_frames",
+    "short_array": "bad_frames",
+    "long_array": "bad_frames",
+    "float64_array": "bad_frames",
+    "garbage_header": "malformed",
+    "header_not_a_map": "malformed",
+    "unknown_field": "malformed",
+    "reply_kind": "malformed",
+    "bad_shard": "bad_shard",
+}
+
+
+def primed_server(**overrides) -> tuple[ParameterServer, Worker]:
+    """A server that has applied one push, so its params differ from the initial ones."""
+    server = make_server(num_workers=2, **overrides)
+    worker = Worker(server, 0)
+    worker.hello()
+    expect_ack(worker.push(random_grad(0), base_version=0), accepted=True)
+    return server, worker
+
+
+def assert_unchanged(server: ParameterServer, params: np.ndarray, version: int) -> None:
+    assert server.version == version
+    assert np.array_equal(current(server), params)  # bit-identical
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_bad_message_gets_an_error_and_changes_nothing(case):
+    server, worker = primed_server()
+    before, version = current(server), server.version
+    reply = server.handle(REJECTIONS[case](worker))
+    header = raw_header(reply)
+    assert header["kind"] == "error"
+    assert header["reason"] == EXPECTED_REASONS[case]
+    assert header["version"] == version
+    assert server.stats()["rejections"] == {EXPECTED_REASONS[case]: 1}
+    assert_unchanged(server, before, version)
+    # The server still works afterwards.
+    expect_ack(worker.push(random_grad(9), base_version=version), accepted=True)
+
+
+def test_error_reply_never_reveals_the_token():
+    server, _ = primed_server()
+    intruder = Worker(server, 0, token=OTHER_TOKEN)
+    header = raw_header(server.handle(push_frames(intruder)))
+    assert header["reason"] == "bad_token"
+    assert header["token"] == OTHER_TOKEN
+    garbage = raw_header(server.handle([b"\xc1"]))
+    assert garbage["reason"] == "malformed" and garbage["token"] == ""
+    assert TOKEN not in json.dumps(server.stats())
+
+
+def test_oversized_message_is_refused():
+    server, worker = primed_server()
+    before, version = current(server), server.version
+    push = push_frames(worker)
+    push_bytes = sum(len(memoryview(frame).cast("B")) for frame in push)
+    server.max_bytes = push_bytes - 1
+    header = raw_header(server.handle(push))
+    assert (header["kind"], header["reason"]) == ("error", "oversized")
+    assert server.rejections["oversized"] == 1
+    assert_unchanged(server, before, version)
+    # A smaller request still fits, and so does the same push at the limit.
+    assert worker.pull(version=-1).header["kind"] == "params"
+    server.max_bytes = push_bytes + 1
+    expect_ack(worker.push(random_grad(7), base_version=version), accepted=True)
+
+
+def test_empty_message_is_refused():
+    server, _ = primed_server()
+    assert raw_header(server.handle([]))["reason"] == "malformed"
+    assert server.rejections["malformed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("grads", "loss"),
+    [
+        (np.where(np.arange(NUM_PARAMS) == 3, np.nan, 1.0).astype(np.float32), 1.0),
+        (np.where(np.arange(NUM_PARAMS) == 5, -np.inf, 1.0).astype(np.float32), 1.0),
+        (np.ones(NUM_PARAMS, np.float32), float("nan")),
+        (np.ones(NUM_PARAMS, np.float32), float("inf")),
+    ],
+)
+def test_non_finite_push_is_refused(grads, loss):
+    server, worker = primed_server()
+    before, version = current(server), server.version
+    reply = worker.send(push_frames(worker, grads=grads, loss=loss))
+    expect_ack(reply, accepted=False, reason="non_finite")
+    assert server.stats()["rejections"] == {"non_finite": 1}
+    assert server.stats()["workers"]["0"]["rejected"] == 1
+    assert_unchanged(server, before, version)
+
+
+def test_stale_push_is_refused():
+    server = make_server(num_workers=2, max_staleness=2)
+    worker = Worker(server, 0)
+    worker.hello()
+    for version in range(3):
+        expect_ack(worker.push(random_grad(version), base_version=version), accepted=True)
+    # Version 3 now: a gradient on version 1 is 2 old (allowed), one on version 0 is 3 old.
+    expect_ack(worker.push(random_grad(5), base_version=1), accepted=True)
+    before, version = current(server), server.version
+    expect_ack(worker.push(random_grad(6), base_version=0), accepted=False, reason="stale")
+    expect_ack(worker.push(random_grad(6), base_version=1), accepted=False, reason="stale")
+    # A version from the future is refused as well.
+    expect_ack(worker.push(random_grad(6), base_version=10), accepted=False, reason="stale")
+    assert server.stats()["rejections"] == {"stale": 3}
+    assert_unchanged(server, before, version)
+    assert server.stats()["staleness_histogram"] == {"0": 3, "2-3": 1}
+
+
+def test_replayed_and_out_of_order_seq_are_refused():
+    server, worker = primed_server()
+    before, version = current(server), server.version
+    replay = push_frames(worker, seq=worker.seq)  # the seq of the push already applied
+    assert raw_header(server.handle(replay))["reason"] == "replayed"
+    older = push_frames(worker, seq=worker.seq - 1)
+    assert raw_header(server.handle(older))["reason"] == "replayed"
+    assert server.rejections["replayed"] == 2
+    assert_unchanged(server, before, version)
+    # Another worker's sequence numbers are its own.
+    other = Worker(server, 1)
+    other.hello()
+    expect_ack(other.push(random_grad(1), base_version=version), accepted=True)
+
+
+@pytest.mark.parametrize("kind", ["hello", "pull", "push", "stop"])
+def test_unknown_worker_is_refused(kind):
+    server, _ = primed_server()
+    before, version = current(server), server.version
+    stranger = Worker(server, 2)  # num_workers is 2
+    frames = push_frames(stranger) if kind == "push" else stranger.frames(kind)
+    header = raw_header(server.handle(frames))
+    assert (header["kind"], header["reason"]) == ("error", "bad_worker")
+    assert server.stats()["rejections"] == {"bad_worker": 1}
+    assert "2" not in server.stats()["workers"]
+    assert not server.all_workers_stopped()
+    assert_unchanged(server, before, version)
+
+
+def test_unauthenticated_senders_do_not_grow_the_worker_table():
+    server, _ = primed_server()
+    for worker in (5, 10**6, 2**40):
+        header = raw_header(server.handle(push_frames(Worker(server, worker, OTHER_TOKEN))))
+        assert header["reason"] == "bad_token"
+    assert set(server.stats()["workers"]) == {"0"}
+    assert server.rejections["bad_token"] == 3
+
+
+@pytest.mark.parametrize("loss", [50.0, -50.0])  # the filter looks at |loss|
+def test_outlier_push_is_refused_after_warmup(loss):
+    server = make_server(num_workers=1, outlier_k=3.0, outlier_warmup=6)
+    worker = Worker(server, 0)
+    worker.hello()
+    for step, typical in enumerate([1.0, 1.2, 0.8, 1.1, 0.9, 1.0]):
+        expect_ack(worker.push(random_grad(step), base_version=step, loss=typical), accepted=True)
+    before, version = current(server), server.version
+    reply = worker.push(random_grad(9), base_version=version, loss=loss)
+    expect_ack(reply, accepted=False, reason="outlier")
+    assert server.stats()["rejections"] == {"outlier": 1}
+    assert server.stats()["workers"]["0"] == {
+        "hellos": 1,
+        "pulls": 1,
+        "last_version_pulled": 0,
+        "accepted": 6,
+        "rejected": 1,
+    }
+    assert_unchanged(server, before, version)
+    expect_ack(worker.push(random_grad(10), base_version=version, loss=1.05), accepted=True)
+
+
+def test_outlier_filter_waits_for_warmup_and_can_be_disabled():
+    warming = OutlierFilter(k=3.0, warmup=3)
+    assert [warming.is_outlier(x) for x in (1.0, 1.0, 100.0)] == [False, False, False]
+    disabled = OutlierFilter(k=0.0, warmup=0)
+    assert not any(disabled.is_outlier(x) for x in (1.0, 1.0, 1.0, 1e9))
+    judging = OutlierFilter(k=2.0, warmup=2)
+    assert not judging.is_outlier(1.0) and not judging.is_outlier(1.2)
+    assert judging.is_outlier(10.0)
+
+
+def test_staleness_bins():
+    labels = [staleness_bin(s) for s in (0, 1, 2, 3, 4, 7, 8, 255, 256, 10_000)]
+    assert labels == ["0", "1", "2-3", "2-3", "4-7", "4-7", "8-15", "128-255", "256+", "256+"]
+
+
+# ---- gradient sharding -------------------------------------------------------------------
+
+
+def test_default_shards_partition_the_params():
+    for num_params, num_workers in [(NUM_PARAMS, 2), (NUM_PARAMS, 3), (NUM_PARAMS, 4), (7, 7)]:
+        parts = [
+            shard_indices(num_params, num_workers, w, "default", seed=3) for w in range(num_workers)
+        ]
+        for part in parts:
+            assert part.dtype == np.int32
+            assert np.all(np.diff(part) > 0)  # sorted, no repeats
+        together = np.concatenate(parts)
+        assert len(together) == num_params
+        np.testing.assert_array_equal(np.sort(together), np.arange(num_params))
+        assert max(map(len, parts)) - min(map(len, parts)) < num_workers
+    a = shard_indices(NUM_PARAMS, 2, 0, "default", seed=3)
+    b = shard_indices(NUM_PARAMS, 2, 0, "default", seed=4)
+    assert not np.array_equal(a, b)  # the permutation follows the seed
+    assert shard_indices(NUM_PARAMS, 2, 0, "all", seed=3) is None
+    assert shard_indices(NUM_PARAMS, 2, 0, "1.0", seed=3) is None
+    with pytest.raises(ValueError, match="outside"):
+        shard_indices(NUM_PARAMS, 2, 2, "default", seed=3)
+
+
+@pytest.mark.parametrize(("factor", "size"), [("0.75", 15), ("0.3", 6), ("0.5", 10)])
+def test_fractional_shards_have_the_right_size_and_cover_everything(factor, size):
+    parts = [shard_indices(NUM_PARAMS, 2, w, factor, seed=3) for w in range(2)]
+    for part in parts:
+        assert len(part) == size
+        assert len(np.unique(part)) == size
+        assert part.min() >= 0 and part.max() < NUM_PARAMS
+    overlap = np.intersect1d(*parts)
+    assert len(overlap) == max(0, 2 * size - NUM_PARAMS)
+    if 2 * size >= NUM_PARAMS:
+        np.testing.assert_array_equal(np.union1d(*parts), np.arange(NUM_PARAMS))
+    if factor == "0.5":  # 1/W is the default split
+        for w in range(2):
+            default = shard_indices(NUM_PARAMS, 2, w, "default", seed=3)
+            np.testing.assert_array_equal(parts[w], default)
+
+
+def test_sharded_pushes_update_only_their_shard_and_reassemble_the_full_step():
+    server = make_server(num_workers=2, shard_factor="default")
+    workers = [Worker(server, w) for w in range(2)]
+    for w, worker in enumerate(workers):
+        info = worker.hello().header["config"]
+        assert info["shard"] == w and info["shard_size"] == NUM_PARAMS // 2
+    owned = [server.shards[w] for w in range(2)]
+    np.testing.assert_array_equal(owned[0], shard_indices(NUM_PARAMS, 2, 0, "default", 3))
+
+    full = random_grad(11)
+    before = current(server)
+    expect_ack(workers[0].push(full[owned[0]], base_version=0, shard=0), accepted=True)
+    after_first = current(server)
+    assert np.array_equal(after_first[owned[1]], before[owned[1]])
+    assert not np.any(after_first[owned[0]] == before[owned[0]])
+    expect_ack(workers[1].push(full[owned[1]], base_version=0, shard=1), accepted=True)
+    after_second = current(server)
+    assert np.array_equal(after_second[owned[0]], after_first[owned[0]])
+    assert server.version == 2
+
+    one_step = make_server(num_workers=1)  # unsharded, same config otherwise
+    alone = Worker(one_step, 0)
+    alone.hello()
+    expect_ack(alone.push(full, base_version=0), accepted=True)
+    chex.assert_trees_all_close(server.params, one_step.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(
+        server.params, jnp.asarray(INITIAL_FLAT - 0.1 * full), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_sharded_adam_keeps_per_element_state():
+    server = make_server(num_workers=2, shard_factor="default", optimizer="adam")
+    worker = Worker(server, 0)
+    worker.hello()
+    owned = server.shards[0]
+    others = server.shards[1]
+    tx = make_optimizer("adam", 0.1, eps=server.config.optimizer_eps)
+    params = jnp.asarray(INITIAL_FLAT[owned])
+    state = tx.init(params)
+    for step in range(3):
+        grads = random_grad(step, len(owned))
+        expect_ack(worker.push(grads, base_version=step, shard=0), accepted=True)
+        updates, state = tx.update(jnp.asarray(grads), state, params)
+        params = optax.apply_updates(params, updates)
+        chex.assert_trees_all_close(server.params[owned], params, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(current(server)[others], INITIAL_FLAT[others])
+
+
+@pytest.mark.parametrize(
+    ("shard_factor", "worker", "shard", "size"),
+    [
+        ("all", 0, 0, NUM_PARAMS),  # no sharding: shard must be None
+        ("default", 0, None, NUM_PARAMS),  # sharded: the whole gradient is refused
+        ("default", 0, 1, NUM_PARAMS // 2),  # another worker's shard
+        ("0.75", 1, 0, 15),
+    ],
+)
+def test_wrong_shard_field_is_refused(shard_factor, worker, shard, size):
+    server = make_server(num_workers=2, shard_factor=shard_factor)
+    client = Worker(server, worker)
+    client.hello()
+    before = current(server)
+    header = raw_header(server.handle(push_frames(client, random_grad(0, size), shard=shard)))
+    assert (header["kind"], header["reason"]) == ("error", "bad_shard")
+    assert server.stats()["rejections"] == {"bad_shard": 1}
+    assert_unchanged(server, before, 0)
+
+
+def test_overlapping_shards_apply_to_their_own_elements():
+    server = make_server(num_workers=2, shard_factor="0.75")
+    worker = Worker(server, 1)
+    assert worker.hello().header["config"]["shard_size"] == 15
+    owned = server.shards[1]
+    grads = random_grad(4, len(owned))
+    expect_ack(worker.push(grads, base_version=0, shard=1), accepted=True)
+    expected = INITIAL_FLAT.copy()
+    expected[owned] -= 0.1 * grads
+    chex.assert_trees_all_close(server.params, jnp.asarray(expected), rtol=1e-6, atol=1e-7)
+    untouched = np.setdiff1d(np.arange(NUM_PARAMS), owned)
+    assert np.array_equal(current(server)[untouched], INITIAL_FLAT[untouched])
+
+
+# ---- DC-ASGD ---------------------------------------------------------------------------------
+
+LAMBDA = 0.5
+LR = 0.1
+
+
+def dc_sgd_step(params, grads, stale):
+    """SGD on the DC-ASGD-compensated gradient, in float64 numpy."""
+    params, grads, stale = (np.asarray(x, np.float64) for x in (params, grads, stale))
+    return params - LR * (grads + LAMBDA * grads * grads * (params - stale))
+
+
+def test_dc_asgd_uses_each_workers_pulled_params():
+    server = make_server(num_workers=2, dc_asgd="constant", dc_asgd_lambda=LAMBDA)
+    w0, w1 = Worker(server, 0), Worker(server, 1)
+    p0 = w0.hello().arrays[0].copy()
+    w1.hello()
+    grads = [3.0 * random_grad(20 + i) for i in range(5)]
+
+    # Worker 0 pushes on version 0, which is current: plain SGD.
+    expect_ack(w0.push(grads[0], base_version=0), accepted=True)
+    p1 = current(server)
+    np.testing.assert_allclose(p1, p0 - LR * grads[0], rtol=1e-6, atol=1e-6)
+
+    # Worker 1 pushes on version 0 too, now one update old: compensated towards p1.
+    expect_ack(w1.push(grads[1], base_version=0), accepted=True)
+    p2 = current(server)
+    np.testing.assert_allclose(p2, dc_sgd_step(p1, grads[1], p0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(p2, p1 - LR * grads[1], rtol=1e-5, atol=1e-6)
+
+    # Worker 1 pulls version 2; worker 0 has not pulled, its gradient is still on version 0.
+    np.testing.assert_array_equal(w1.pull(version=0).arrays[0], p2)
+    expect_ack(w0.push(grads[2], base_version=0), accepted=True)
+    p3 = current(server)
+    np.testing.assert_allclose(p3, dc_sgd_step(p2, grads[2], p0), rtol=1e-5, atol=1e-6)
+
+    # Worker 1's gradient on version 2 is compensated towards p3 from p2, not from p0.
+    expect_ack(w1.push(grads[3], base_version=2), accepted=True)
+    p4 = current(server)
+    np.testing.assert_allclose(p4, dc_sgd_step(p3, grads[3], p2), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(p4, dc_sgd_step(p3, grads[3], p0), rtol=1e-5, atol=1e-6)
+    assert server.stats()["staleness_histogram"] == {"0": 1, "1": 2, "2-3": 1}
+
+
+def test_dc_asgd_matches_gradients_to_the_version_they_were_computed_on():
+    """A bundle pushes gradients queued before a pull after it: their base is the old version."""
+    server = make_server(num_workers=2, dc_asgd="constant", dc_asgd_lambda=LAMBDA)
+    w0, w1 = Worker(server, 0), Worker(server, 1)
+    p0 = w0.hello().arrays[0].copy()
+    w1.hello()
+    grads = [3.0 * random_grad(30 + i) for i in range(4)]
+    expect_ack(w1.push(grads[0], base_version=0), accepted=True)
+    p1 = current(server)
+    # Worker 0 pulls version 1, then pushes a gradient it computed on version 0.
+    np.testing.assert_array_equal(w0.pull(version=0).arrays[0], p1)
+    expect_ack(w0.push(grads[1], base_version=0), accepted=True)
+    p2 = current(server)
+    np.testing.assert_allclose(p2, dc_sgd_step(p1, grads[1], p0), rtol=1e-5, atol=1e-6)
+    # Its next gradient is on the version it pulled.
+    expect_ack(w0.push(grads[2], base_version=1), accepted=True)
+    p3 = current(server)
+    np.testing.assert_allclose(p3, dc_sgd_step(p2, grads[2], p1), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(p3, dc_sgd_step(p2, grads[2], p0), rtol=1e-5, atol=1e-6)
+
+
+def test_dc_asgd_forgets_params_no_push_can_use():
+    server = make_server(num_workers=2, dc_asgd="constant", dc_asgd_lambda=LAMBDA, max_staleness=2)
+    w0, w1 = Worker(server, 0), Worker(server, 1)
+    w0.hello()
+    w1.hello()
+    for step in range(6):  # worker 1 pulls every version worker 0 makes, never pushing
+        expect_ack(w0.push(random_grad(step), base_version=step), accepted=True)
+        assert w1.pull(version=step).header["version"] == step + 1
+        assert set(server.pulled[1]) <= set(range(step + 1 - 2, step + 2))
+    # Worker 0 was never sent version 5: its push on it is applied without compensation.
+    before = current(server)
+    expect_ack(w0.push(random_grad(60), base_version=5), accepted=True)
+    np.testing.assert_allclose(current(server), before - LR * random_grad(60), rtol=1e-6)
+    # Worker 1 was: its push on version 5 is compensated from the params it was sent then.
+    p5, p7 = np.asarray(server.pulled[1][5]), current(server)
+    expect_ack(w1.push(random_grad(61), base_version=5), accepted=True)
+    np.testing.assert_allclose(
+        current(server), dc_sgd_step(p7, random_grad(61), p5), rtol=1e-5, atol=1e-6
+    )
+    assert set(server.pulled[1]) == {5, 6}  # records older than the push's base are dropped
+
+
+def test_adaptive_dc_asgd_with_adam_matches_optax_and_shards():
+    config = make_config(
+        optimizer="adam", dc_asgd="adaptive", dc_asgd_lambda=2.0, shard_factor="default"
+    )
+    server = ParameterServer(config, params_tree(), num_workers=2, token=TOKEN)
+    w0, w1 = Worker(server, 0), Worker(server, 1)
+    p0 = jnp.asarray(w0.hello().arrays[0])
+    w1.hello()
+    owned = [server.shards[0], server.shards[1]]
+    tx = make_optimizer(
+        "adam", LR, eps=config.optimizer_eps, dc_asgd_lambda=2.0, dc_asgd_adaptive=True
+    )
+    # Each shard's elements follow their own optax state; the scalar step count is shared.
+    state = tx.init(p0)
+    params = p0
+    pulled = {0: p0, 1: p0}
+    # (worker, base version), interleaved; worker 1 pulls version 3 before its last push.
+    for step, (w, base) in enumerate([(0, 0), (1, 0), (0, 0), (1, 3)]):
+        if step == 3:
+            pulled[1] = jnp.asarray(w1.pull(version=0).arrays[0])
+        grads = 2.0 * random_grad(40 + step, len(owned[w]))
+        expect_ack([w0, w1][w].push(grads, base_version=base, shard=w), accepted=True)
+        idx = jnp.asarray(owned[w])
+        updates, owned_state = tx.update(
+            jnp.asarray(grads), take(state, idx), params[idx], stale_params=pulled[w][idx]
+        )
+        params = params.at[idx].add(updates)
+        state = put(state, owned_state, idx)
+        chex.assert_trees_all_close(server.params, params, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(current(server), INITIAL_FLAT)
+
+
+def take(state, idx):
+    """The elements `idx` of every per-parameter leaf of an optimizer state."""
+    return jax.tree.map(lambda x: x[idx] if x.shape == (NUM_PARAMS,) else x, state)
+
+
+def put(full, part, idx):
+    return jax.tree.map(
+        lambda f, p: f.at[idx].set(p) if f.shape == (NUM_PARAMS,) else p, full, part
+    )
+
+
+# ---- serving over a socket ------------------------------------------------------------------
+
+
+def test_serve_over_a_socket(tmp_path):
+    config = make_config(stats_every_seconds=0.05)
+    server = ParameterServer(config, params_tree(), num_workers=2, token=TOKEN, run_dir=tmp_path)
+    socket, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
+    )
+    assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":0")
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(socket, endpoint, stop.is_set))
+    thread.start()
+    connections = [
+        ServerConnection(
+            endpoint,
+            token=TOKEN,
+            worker=w,
+            fingerprint=server.fingerprint,
+            num_params=NUM_PARAMS,
+            max_bytes=server.max_bytes,
+            timeout_seconds=10.0,
+        )
+        for w in range(2)
+    ]
+    try:
+        c0, c1 = connections
+        flat, version, info = c0.hello()
+        assert version == 0 and info["shard"] is None and info["shard_size"] == NUM_PARAMS
+        np.testing.assert_array_equal(flat, INITIAL_FLAT)
+        c1.hello()
+        grads = random_grad(50)
+        assert c0.push(grads, base_version=0, loss=0.5, frames=321, shard=None) == (True, None, 1)
+        assert c1.push(grads, base_version=0, loss=0.5, frames=123, shard=None) == (True, None, 2)
+        accepted, reason, _ = c1.push(
+            np.full(NUM_PARAMS, np.nan, np.float32), base_version=2, loss=0.5, frames=0, shard=None
+        )
+        assert (accepted, reason) == (False, "non_finite")
+        assert c0.pull(2) == (None, 2)
+        flat, version = c0.pull(0)
+        assert version == 2
+        np.testing.assert_allclose(flat, INITIAL_FLAT - 2 * 0.1 * grads, rtol=1e-6, atol=1e-6)
+        stats = c1.stats()
+        assert stats["version"] == 2 and stats["rejections"] == {"non_finite": 1}
+        c0.stop()
+        assert thread.is_alive()
+        c1.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "serve did not return after every worker stopped"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        for connection in connections:
+            connection.close()
+        socket.close(linger=0)
+
+    written = json.loads((tmp_path / "ps.json").read_text())
+    assert {"address", "version", "updates", "rejections", "staleness_histogram", "workers"} <= set(
+        written
+    )
+    assert written["address"] == endpoint
+    assert written["version"] == written["updates"] == 2
+    assert written["rejections"] == {"non_finite": 1}
+    assert written["staleness_histogram"] == {"0": 1, "1": 1}
+    assert written["workers"]["0"]["accepted"] == 1 and written["workers"]["1"]["rejected"] == 1
+    assert written["frames"] == 321 + 0
+    assert not (tmp_path / "ps.json.tmp").exists()
+
+
+def test_serve_returns_when_asked_to_stop(tmp_path):
+    server = ParameterServer(make_config(), params_tree(), num_workers=1, token=TOKEN)
+    socket, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(socket, endpoint, stop.is_set))
+    try:
+        thread.start()
+        thread.join(timeout=0.3)
+        assert thread.is_alive()
+        stop.set()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        socket.close(linger=0)
