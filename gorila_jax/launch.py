@@ -136,7 +136,7 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         )
         server.serve(sock, endpoint, stop.is_set)
     finally:
-        sock.close(linger=0)
+        sock.close(linger=2000)  # let the last stop ack leave before closing
     save_params(server.params_tree(), run_dir / "params.msgpack")
     stats = server.stats()
     print(

@@ -71,16 +71,10 @@ def make_loss_fn(network: nn.Module, *, double_dqn: bool, huber_delta: float) ->
     """Build loss(params, target_params, batch, weights) -> (loss, StepMetrics)."""
 
     def loss_fn(params, target_params, batch: Transition, weights):
-        batch_size = batch.obs_tm1.shape[0]
+        q_tm1 = network.apply(params, batch.obs_tm1)
+        q_next_online = None
         if double_dqn:
-            # One forward pass of the online net over s and s' together: bigger matmuls.
-            both = jnp.concatenate([batch.obs_tm1, batch.obs_t], axis=0)
-            q_both = network.apply(params, both)
-            q_tm1 = q_both[:batch_size]
-            q_next_online = jax.lax.stop_gradient(q_both[batch_size:])
-        else:
-            q_tm1 = network.apply(params, batch.obs_tm1)
-            q_next_online = None
+            q_next_online = network.apply(jax.lax.stop_gradient(params), batch.obs_t)
         q_next_target = network.apply(target_params, batch.obs_t)
         targets = multistep_targets(
             batch.rewards, batch.discounts, bootstrap_values(q_next_target, q_next_online)

@@ -34,11 +34,98 @@ class QHead(nn.Module):
         return value + advantage - advantage.mean(axis=-1, keepdims=True)
 
 
+def space_to_depth(x: jnp.ndarray, block: int) -> jnp.ndarray:
+    """(B, H, W, C) -> (B, H/block, W/block, block*block*C), channels ordered (row, col, c)."""
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // block, w // block, block * block * c)
+
+
+def shifted_matmul_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """Stride-1 VALID convolution as ONE matmul followed by shifted adds.
+
+    x (B, H, W, C), kernel (k, k, C, O). Every input pixel is multiplied by all k*k kernel
+    taps at once, (B*H*W, C) @ (C, k*k*O), and output pixel (i, j) sums tap (di, dj) of
+    input pixel (i+di, j+dj). On CPU this runs near matmul speed where XLA's native
+    convolution of the strided Nature layers does not (see benchmarks/learner_step.py).
+    """
+    n, h, w, c = x.shape
+    k, out = kernel.shape[0], kernel.shape[-1]
+    taps = kernel.transpose(2, 0, 1, 3).reshape(c, k * k * out)
+    y = (x.reshape(n * h * w, c) @ taps).reshape(n, h, w, k, k, out)
+    h_out, w_out = h - k + 1, w - k + 1
+    total = y[:, 0:h_out, 0:w_out, 0, 0]
+    for di in range(k):
+        for dj in range(k):
+            if di or dj:
+                total = total + y[:, di : di + h_out, dj : dj + w_out, di, dj]
+    return total
+
+
+class StridedConv(nn.Module):
+    """A VALID convolution with stride == kernel/2, computed by space-to-depth + matmul.
+
+    Its params are those of `nn.Conv` (kernel (k, k, C, O) in HWIO, bias (O,)), so
+    checkpoints and the parameter server see the usual Nature DQN layout. The input is
+    expected already rearranged by `space_to_depth(x, stride)`.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int
+    in_features: int
+
+    @nn.compact
+    def __call__(self, blocks: jnp.ndarray) -> jnp.ndarray:
+        k, s = self.kernel_size, self.stride
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (k, k, self.in_features, self.features),
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        taps = k // s
+        # (k, k, C, O) -> (k/s, k/s, s*s*C, O), matching space_to_depth's channel order.
+        kernel = kernel.reshape(taps, s, taps, s, self.in_features, self.features)
+        kernel = kernel.transpose(0, 2, 1, 3, 4, 5).reshape(
+            taps, taps, s * s * self.in_features, self.features
+        )
+        return shifted_matmul_conv(blocks, kernel) + bias
+
+
 class NatureCNN(nn.Module):
     """Mnih et al. (2015) network on uint8 frame stacks shaped (batch, 4, 84, 84).
 
-    The input keeps envpool's channels-first layout; scaling to [0, 1] and the move to
-    channels-last (the layout XLA's CPU convolutions prefer) happen inside the jitted graph.
+    The input keeps envpool's channels-first layout. The move to channels-last and the
+    first space-to-depth are one uint8 transpose; scaling to [0, 1] follows. The two strided
+    layers run as space-to-depth + matmul (`StridedConv`), the third as XLA's convolution:
+    each is the faster way for its layer on CPU, with identical parameters and results.
+    """
+
+    num_actions: int
+    dueling: bool = False
+
+    @nn.compact
+    def __call__(self, frames: jnp.ndarray) -> jnp.ndarray:
+        n, stack, height, width = frames.shape
+        # (B, C, H, W) -> (B, H/4, W/4, 4*4*C) with channels ordered (row, col, c).
+        x = frames.reshape(n, stack, height // 4, 4, width // 4, 4).transpose(0, 2, 4, 3, 5, 1)
+        x = x.reshape(n, height // 4, width // 4, 16 * stack).astype(jnp.float32) / 255.0
+        x = nn.relu(StridedConv(32, 8, 4, stack, name="conv1")(x))
+        x = nn.relu(StridedConv(64, 4, 2, 32, name="conv2")(space_to_depth(x, 2)))
+        x = nn.relu(nn.Conv(64, (3, 3), strides=(1, 1), padding="VALID", name="conv3")(x))
+        x = x.reshape((x.shape[0], -1))
+        if self.dueling:
+            return QHead(self.num_actions, dueling=True)(x)
+        x = nn.relu(nn.Dense(512, name="fc")(x))
+        return QHead(self.num_actions)(x)
+
+
+class NatureCNNReference(nn.Module):
+    """The same network with XLA's native convolutions: the reference for tests and FLOPs.
+
+    Same parameter tree as `NatureCNN`; slower on CPU, kept to check `NatureCNN` against and
+    to count the step's FLOPs without the shifted-matmul layers' extra work.
     """
 
     num_actions: int

@@ -14,7 +14,7 @@ from gorila_jax.learner import (
     make_loss_fn,
     multistep_targets,
 )
-from gorila_jax.networks import MLP, NatureCNN
+from gorila_jax.networks import MLP, NatureCNN, NatureCNNReference
 from gorila_jax.replay import Transition
 
 
@@ -119,6 +119,23 @@ def test_nature_cnn_shapes_and_dueling():
         chex.assert_shape(q, (2, 6))
         chex.assert_tree_all_finite(q)
     assert "advantage" in str(jax.tree_util.tree_structure(params))
+
+
+@pytest.mark.parametrize("dueling", [False, True])
+def test_nature_cnn_equals_native_convolutions(dueling):
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, (3, 4, 84, 84), dtype=np.uint8)
+    fast = NatureCNN(num_actions=5, dueling=dueling)
+    reference = NatureCNNReference(num_actions=5, dueling=dueling)
+    params = fast.init(jax.random.key(2), frames)
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, reference.init(jax.random.key(2), frames))
+    chex.assert_trees_all_close(
+        fast.apply(params, frames), reference.apply(params, frames), rtol=1e-4, atol=1e-4
+    )
+    loss = lambda net: lambda p: jnp.sum(net.apply(p, frames) ** 2)  # noqa: E731
+    chex.assert_trees_all_close(
+        jax.grad(loss(fast))(params), jax.grad(loss(reference))(params), rtol=2e-3, atol=1e-4
+    )
 
 
 def test_grad_step_over_one_device_matches_unsharded_grad():
