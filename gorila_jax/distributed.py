@@ -53,6 +53,10 @@ def initialize(timeout_seconds: int = 120) -> ProcessInfo:
     launcher = detect_launcher()
     if launcher == "none":
         return ProcessInfo(0, 1, "none")
+    # jax's preemption service replaces the process's SIGTERM handler with one that only
+    # records the signal, so scancel, sbatch --signal and the local launcher's stop would
+    # no longer reach launch.py's handler; the run stops through its own handler instead.
+    jax.config.update("jax_enable_preemption_service", False)
     if launcher == "local":
         jax.distributed.initialize(
             coordinator_address=os.environ[ENV_COORDINATOR],
