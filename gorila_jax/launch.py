@@ -73,13 +73,10 @@ def run_role(config: Config) -> int:
         )
         return 2
     validate(config, local_device_count=jax.local_device_count())
-    try:
-        if info.is_server:
-            run_server(config, info, stop)
-        else:
-            run_bundle(config, info, stop)
-    finally:
-        distributed.shutdown()
+    if info.is_server:
+        run_server(config, info, stop)
+    else:
+        run_bundle(config, info, stop)
     return 0
 
 
@@ -128,6 +125,9 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         store = distributed.KeyValueStore()
         store.set(distributed.KEY_ENDPOINT, endpoint)
         store.set(distributed.KEY_TOKEN, token)
+        # Rendezvous done: leave jax.distributed so that processes live and die independently
+        # (its health check would otherwise take every process down with any one of them).
+        distributed.shutdown()
         print(
             f"[server] {config.env_id}: {server.num_params:,} params, {server.num_workers} "
             f"bundle(s), optimizer {config.optimizer}, dc_asgd {config.dc_asgd}, "
@@ -162,6 +162,7 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     store = distributed.KeyValueStore()
     endpoint = store.get(distributed.KEY_ENDPOINT, KEY_VALUE_TIMEOUT_SECONDS)
     token = store.get(distributed.KEY_TOKEN, KEY_VALUE_TIMEOUT_SECONDS)
+    distributed.shutdown()
     env = make_env(config, seed=seed, training=True)
     try:
         replay = make_replay(config, env, seed=seed)
@@ -194,7 +195,7 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
                 stop_event=stop,
             )
         finally:
-            learner.close()
+            learner.close(quick=stop.is_set())
         print(
             f"[bundle {info.index}] done: {result.frames:,} frames, {result.updates:,} pushes "
             f"({learner.accepted:,} accepted, rejected {learner.rejected or 'none'}), "

@@ -10,6 +10,7 @@ never wait for the network unless more than `PUSH_QUEUE` gradients are already i
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -55,6 +56,7 @@ class ServerConnection:
         self.max_bytes = max_bytes
         self.timeout_seconds = timeout_seconds
         self.seq = 0
+        self.cancel = threading.Event()
         self._socket = transport.make_client_socket(
             zmq.Context.instance(), endpoint, f"bundle-{worker}".encode(), max_bytes
         )
@@ -82,8 +84,12 @@ class ServerConnection:
         deadline = time.monotonic() + self.timeout_seconds
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._poller.poll(timeout=remaining * 1000):
+            if self.cancel.is_set():
+                raise ServerError(f"{kind} cancelled: the bundle is stopping")
+            if remaining <= 0:
                 raise ServerError(f"no reply to {kind} within {self.timeout_seconds:.0f}s")
+            if not self._poller.poll(timeout=min(remaining, 0.1) * 1000):
+                continue
             _, frames = transport.recv(self._socket)
             try:
                 reply = transport.decode(
@@ -278,14 +284,25 @@ class RemoteLearner:
                 self._target_epoch = version // self.config.target_period
             self._incoming = (self._to_device(flat), version, refresh_target)
 
-    def close(self) -> None:
-        """Push what is queued, tell the server this bundle is done, close the socket."""
+    def close(self, *, quick: bool = False) -> None:
+        """Push what is queued, tell the server this bundle is done, close the socket.
+
+        `quick` (the run is being stopped by a signal): drop what is queued and give the
+        server only a moment to acknowledge, since it is stopping too.
+        """
         self._closing.set()
+        if quick:
+            self.connection.cancel.set()
         self._thread.join(timeout=self.config.server_timeout_seconds + 5)
         try:
-            if self.error is None:
+            if quick:
+                self.connection.cancel.clear()
+                self.connection.timeout_seconds = min(self.connection.timeout_seconds, 2.0)
+                with contextlib.suppress(ServerError):
+                    self.connection.stop()
+            elif self.error is None:
                 self.connection.stop()
         finally:
             self.connection.close()
-        if self.error is not None:
+        if self.error is not None and not quick:
             raise ServerError(f"bundle lost the server: {self.error}") from self.error
