@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from gorila_jax import distributed
-from gorila_jax.config import Config, parse_cli, validate, write_resolved
+from gorila_jax.config import Config, ConfigError, parse_cli, validate, write_resolved
 
 STOP_GRACE_SECONDS = 30.0
 KEY_VALUE_TIMEOUT_SECONDS = 120.0
@@ -34,14 +34,18 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
     """Run the program described by the command line; returns the exit status."""
     argv = sys.argv[1:] if args is None else list(args)
     config = parse_cli(default, argv, description=description)
-    if config.single_process:
-        from gorila_jax.single_process import train
+    try:
+        if config.single_process:
+            from gorila_jax.single_process import train
 
-        train(config)
-        return 0
-    if distributed.detect_launcher() == "none":
-        return launch_local(config, argv)
-    return run_role(config)
+            train(config)
+            return 0
+        if distributed.detect_launcher() == "none":
+            return launch_local(config, argv)
+        return run_role(config)
+    except (ConfigError, MemoryError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
 
 
 # ---- roles --------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Config: every bad value is refused with one line naming the field, before anything runs."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gorila_jax.config import (
+    Config,
+    ConfigError,
+    cartpole_defaults,
+    load_yaml,
+    parse_cli,
+    to_dict,
+    validate,
+    write_resolved,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD_VALUES = [
+    ("replay_capacity", -5, "replay_capacity"),
+    ("batch_size", 0, "batch_size"),
+    ("num_envs", -1, "num_envs"),
+    ("epsilon_start", 1.5, "epsilon_start"),
+    ("epsilon_end", -0.1, "epsilon_end"),
+    ("optimizer", "adamw", "optimizer"),
+    ("gamma", 0.0, "gamma"),
+    ("learning_rate", -1e-3, "learning_rate"),
+    ("n_step", 0, "n_step"),
+    ("shard_factor", "half", "shard_factor"),
+    ("shard_factor", "1.5", "shard_factor"),
+    ("env_id", "Pongg-v5", "env_id"),
+    ("max_staleness", 0, "max_staleness"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), BAD_VALUES)
+def test_bad_value_is_refused_naming_the_field(field, value, named):
+    config = dataclasses.replace(Config(), **{field: value})
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    message = str(error.value)
+    assert f"config.{named}" in message and "\n" not in message
+
+
+def test_unknown_env_says_how_to_list_ids():
+    with pytest.raises(ConfigError, match=r"python -m gorila_jax\.envs"):
+        validate(dataclasses.replace(Config(), env_id="NoSuchGame-v5"))
+
+
+def test_batch_must_divide_over_devices():
+    with pytest.raises(ConfigError, match=r"config.batch_size: must be divisible.*\(4\)"):
+        validate(dataclasses.replace(Config(), batch_size=30), local_device_count=4)
+    validate(dataclasses.replace(Config(), batch_size=32), local_device_count=4)
+
+
+def test_defaults_are_valid():
+    validate(Config())
+    validate(cartpole_defaults())
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"batch_size": 64, "learning_rate": 0.001, "dueling": True}))
+    config = parse_cli(Config(), ["--config", str(path), "--batch-size", "16"])
+    assert config.batch_size == 16 and config.learning_rate == 0.001 and config.dueling
+
+
+def test_yaml_unknown_field_and_bad_type(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("batch_sise: 3\n")
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_yaml(path, Config())
+    path.write_text("batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"config\.batch_size: must be a number"):
+        load_yaml(path, Config())
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = dataclasses.replace(cartpole_defaults(), mlp_hidden=(32, 16), shard_factor="0.5")
+    path = write_resolved(config, tmp_path)
+    assert load_yaml(path, Config()) == config
+    assert yaml.safe_load(path.read_text()) == to_dict(config)
+
+
+def test_cli_prints_one_line_and_exits_2():
+    result = subprocess.run(
+        [sys.executable, "experiments/cartpole.py", "--epsilon-start", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: config.epsilon_start: must be in [0, 1], got 2.0"]
+
+
+def test_replay_that_cannot_fit_is_refused_before_training():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "experiments/pong.py",
+            "--single-process",
+            "--replay-capacity",
+            "100000000000",
+            "--run-dir",
+            "/tmp/gorila-never-written",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: replay needs")
+    assert not Path("/tmp/gorila-never-written").exists()

@@ -1,0 +1,61 @@
+"""The learner step over 4 local devices gives the gradients of 1 device on the same batch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import chex, jax, numpy as np
+    from gorila_jax.learner import local_mesh, make_grad_step
+    from gorila_jax.networks import NatureCNN
+    from gorila_jax.replay import Transition
+
+    assert jax.local_device_count() == 4, jax.local_devices()
+    rng = np.random.default_rng(0)
+    batch_size = 8
+    frames = lambda: rng.integers(0, 256, (batch_size, 4, 84, 84), dtype=np.uint8)
+    batch = Transition(
+        obs_tm1=frames(),
+        action_tm1=rng.integers(0, 6, batch_size).astype(np.int32),
+        rewards=rng.normal(size=(batch_size, 3)).astype(np.float32),
+        discounts=np.full((batch_size, 3), 0.99, np.float32),
+        obs_t=frames(),
+    )
+    weights = rng.random(batch_size).astype(np.float32)
+    network = NatureCNN(num_actions=6)
+    params = network.init(jax.random.key(0), batch.obs_tm1)
+    target = network.init(jax.random.key(1), batch.obs_tm1)
+    results = []
+    for devices in (jax.local_devices()[:1], jax.local_devices()):
+        mesh = local_mesh(devices)
+        step = make_grad_step(network, double_dqn=True, huber_delta=1.0, mesh=mesh)
+        grads, metrics = step(params, target, batch, weights)
+        results.append((grads, metrics.td_errors, metrics.loss))
+        if len(devices) == 4:
+            shards = metrics.td_errors.addressable_shards
+            assert len({s.device for s in shards}) == 4, "the batch was not split"
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-6)
+    assert float(np.abs(np.asarray(results[0][2]))) > 0
+    print("EQUAL")
+    """
+)
+
+
+def test_four_devices_match_one_device():
+    environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(ROOT)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "EQUAL" in result.stdout
