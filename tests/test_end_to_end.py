@@ -1,0 +1,88 @@
+"""The real entry points, run as a user would, with seeded learning checks."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+SOLVED = 195.0
+
+
+def run(script: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, f"experiments/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def episode_returns(*paths: Path) -> np.ndarray:
+    """Returns of every episode in the given CSV files, in order of wall time."""
+    rows = []
+    for path in paths:
+        with path.open() as handle:
+            rows += [(float(r["time"]), float(r["return"])) for r in csv.DictReader(handle)]
+    rows.sort()
+    return np.array([ret for _, ret in rows])
+
+
+def best_window_mean(returns: np.ndarray, window: int = 20) -> float:
+    assert len(returns) >= window, f"only {len(returns)} episodes"
+    means = np.convolve(returns, np.ones(window) / window, mode="valid")
+    return float(means.max())
+
+
+def test_cartpole_single_process_learns(tmp_path):
+    result = run(
+        "cartpole.py", "--single-process", "--seed", "0", "--total-frames", "40000",
+        "--run-dir", str(tmp_path),
+    )  # fmt: skip
+    assert "frames" in result.stdout and "eta" in result.stdout
+    returns = episode_returns(tmp_path / "episodes.csv")
+    assert best_window_mean(returns) >= SOLVED
+    assert (tmp_path / "params.msgpack").stat().st_size > 0
+    assert (tmp_path / "config.yaml").exists()
+    learner_lines = (tmp_path / "learner.jsonl").read_text().splitlines()
+    assert {"loss", "mean_q", "frames"} <= set(json.loads(learner_lines[-1]))
+
+
+def test_cartpole_server_and_two_bundles_learn(tmp_path):
+    run("cartpole.py", "--seed", "0", "--total-frames", "60000", "--run-dir", str(tmp_path))
+    stats = json.loads((tmp_path / "ps.json").read_text())
+    assert stats["workers"]["0"]["accepted"] > 0 and stats["workers"]["1"]["accepted"] > 0
+    returns = episode_returns(tmp_path / "bundle1/episodes.csv", tmp_path / "bundle2/episodes.csv")
+    assert best_window_mean(returns) >= SOLVED
+
+
+def test_pong_local_default_runs_end_to_end(tmp_path):
+    result = run("pong.py", "--total-frames", "20000", "--run-dir", str(tmp_path), timeout=600)
+    assert "[server] done" in result.stdout
+    stats = json.loads((tmp_path / "ps.json").read_text())
+    assert stats["num_workers"] == 2 and stats["frames"] >= 0
+    for bundle in ("bundle1", "bundle2"):
+        assert (tmp_path / bundle / "episodes.csv").exists()
+    assert (tmp_path / "params.msgpack").stat().st_size > 6_000_000  # the Nature CNN
+
+
+def test_atari_single_process_learns_a_little_and_logs(tmp_path):
+    result = run(
+        "pong.py", "--single-process", "--total-frames", "4000", "--learning-starts", "1000",
+        "--replay-capacity", "5000", "--num-envs", "4", "--run-dir", str(tmp_path),
+        "--log-every-seconds", "1",
+    )  # fmt: skip
+    assert "single-process DQN on Pong-v5" in result.stdout
+    assert "updates" in result.stdout
+    record = json.loads((tmp_path / "learner.jsonl").read_text().splitlines()[-1])
+    assert record["updates"] >= 100 and np.isfinite(record["loss"])
+    header = (tmp_path / "episodes.csv").read_text().splitlines()[0]
+    assert header == "time,frames,bundle,env,return,length"
