@@ -1,0 +1,172 @@
+"""End-to-end runs under a real SLURM: `srun -n 3` of the CartPole script, and the Pong sbatch
+example submitted with `sbatch --wait`.
+
+Both skip where SLURM is not installed and running with an idle node; on a Debian machine as
+root, `bash .ci/slurm.sh install start` sets up a one-node SLURM for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH_SCRIPT = ROOT / "experiments" / "slurm" / "pong.sbatch"
+SRUN_TIMEOUT_SECONDS = 240
+SBATCH_TIMEOUT_SECONDS = 480
+START_HINT = "start it with: bash .ci/slurm.sh install start"
+
+pytestmark = pytest.mark.slow
+
+
+@functools.cache
+def _node_unavailable() -> str | None:
+    """Why no SLURM node can take a job now, or None. Asked once per session: sinfo retries
+    for several seconds when no controller answers."""
+    try:
+        result = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        return f"SLURM is not answering (sinfo timed out): {START_HINT}"
+    states = result.stdout.split()
+    if result.returncode != 0 or not states:
+        reason = result.stderr.strip().splitlines()[-1:] or ["no node"]
+        return f"SLURM is not running here ({reason[0]}): {START_HINT}"
+    if not any(state in ("idle", "mixed") for state in states):
+        return f"no SLURM node is idle (states: {', '.join(states)}); {START_HINT}"
+    return None
+
+
+def _require_slurm(*tools: str) -> None:
+    """Skip unless the SLURM tools are here and the node can take a job now."""
+    missing = [tool for tool in ("sinfo", *tools) if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed here ({', '.join(missing)} not on PATH): {START_HINT}")
+    reason = _node_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+def _tail(text: str | bytes | None, lines: int = 40) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").splitlines()[-lines:])
+
+
+def _job_name(test: str) -> str:
+    """A name unique to this run, so a job left behind by a timeout can be cancelled."""
+    return f"gorila-{test}-{uuid.uuid4().hex[:8]}"
+
+
+def _cancel(job_name: str) -> None:
+    subprocess.run(["scancel", "--name", job_name], capture_output=True, timeout=30)
+
+
+def _read_ps(run_dir: Path, output: str) -> dict:
+    ps_path = run_dir / "ps.json"
+    assert ps_path.is_file(), f"no {ps_path}; output:\n{_tail(output)}"
+    return json.loads(ps_path.read_text())
+
+
+def test_srun_three_tasks_trains_cartpole(tmp_path):
+    """srun -n 3: task 0 serves the params, tasks 1 and 2 push accepted gradients."""
+    _require_slurm("srun")
+    run_dir = tmp_path / "run"
+    job_name = _job_name("srun")
+    command = [
+        "srun",
+        "-n",
+        "3",
+        "-l",
+        f"--job-name={job_name}",
+        sys.executable,
+        "experiments/cartpole.py",
+        "--total-frames",
+        "6000",
+        "--run-dir",
+        str(run_dir),
+        "--learning-starts",
+        "500",
+        "--log-every-seconds",
+        "2",
+    ]
+    try:
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SRUN_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired as error:
+        _cancel(job_name)
+        pytest.fail(f"srun ran past {SRUN_TIMEOUT_SECONDS}s; output:\n{_tail(error.stdout)}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"srun exited {result.returncode}:\n{_tail(output)}"
+
+    ps = _read_ps(run_dir, output)
+    assert ps["updates"] > 0, ps
+    assert ps["num_workers"] == 2, ps
+    for worker in ("0", "1"):
+        assert ps["workers"][worker]["accepted"] > 0, (worker, ps["workers"])
+    assert (run_dir / "params.msgpack").is_file()
+    # srun -l prefixes each line with its task number: 0 is the server, 1 and 2 bundles.
+    assert any(line.startswith("0: [server] done") for line in output.splitlines()), _tail(output)
+    for task in ("1", "2"):
+        prefix = f"{task}: [bundle {task}] done"
+        assert any(line.startswith(prefix) for line in output.splitlines()), _tail(output)
+
+
+def test_pong_sbatch_example_runs(tmp_path):
+    """experiments/slurm/pong.sbatch, as written, with tiny settings passed in GORILA_ARGS."""
+    _require_slurm("sbatch")
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "job.out"
+    tiny = (
+        f"--run-dir {run_dir} --total-frames 4000 --learning-starts 1000 --num-envs 2 "
+        "--replay-capacity 2000 --log-every-seconds 5"
+    )
+    job_name = _job_name("sbatch")
+    command = [
+        "sbatch",
+        "--wait",
+        f"--job-name={job_name}",
+        f"--output={log_path}",
+        str(SBATCH_SCRIPT),
+    ]
+    try:
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "GORILA_ARGS": tiny},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SBATCH_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        _cancel(job_name)
+        job_log = log_path.read_text() if log_path.exists() else "(no job output yet)"
+        pytest.fail(
+            f"sbatch --wait ran past {SBATCH_TIMEOUT_SECONDS}s; job output:\n{_tail(job_log)}"
+        )
+    job_log = log_path.read_text() if log_path.exists() else "(no job output)"
+    assert result.returncode == 0, (
+        f"sbatch exited {result.returncode}: {result.stderr.strip()}\njob output:\n{_tail(job_log)}"
+    )
+    ps = _read_ps(run_dir, job_log)
+    assert ps["num_workers"] == 2, ps
+    assert ps["frames"] > 0, ps
+    assert ps["updates"] > 0, ps
+    assert "[server] done" in job_log, _tail(job_log)
