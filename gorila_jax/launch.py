@@ -96,12 +96,20 @@ def _probe_env(config: Config, seed: int):
 
 
 def _server_host(info: distributed.ProcessInfo) -> str:
+    """127.0.0.1 for local runs; under SLURM the address other nodes reach this one at."""
     if info.launcher == "local":
         return "127.0.0.1"
     try:
-        return socket.gethostbyname(socket.gethostname())
+        address = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        address = "127.0.0.1"
+    peer = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "")
+    if address.startswith("127.") and peer and not peer.startswith("127."):
+        # The interface that routes to the node that ran srun (a UDP connect sends nothing).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((peer, 9))
+            address = probe.getsockname()[0]
+    return address
 
 
 def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Event) -> None:

@@ -232,7 +232,7 @@ class RemoteLearner:
         weights = jax.device_put(sample.weights, self._where.batch)
         grads, metrics = self._grad_step(self.params, self.target_params, batch, weights)
         item = (grads, metrics.mean_abs_td, self.params_version)
-        while not self._closing.is_set():
+        while not self._closing.is_set() and self.error is None:
             try:
                 self._outbox.put(item, timeout=0.1)
                 break
