@@ -41,6 +41,7 @@ from gorila_jax.optim import make_optimizer
 
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 OUTLIER_DECAY = 0.99
+MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
 
 
 def staleness_bin(staleness: int) -> str:
@@ -211,6 +212,8 @@ class ParameterServer:
         if isinstance(worker, int) and 0 <= worker < self.num_workers:
             # Only known workers: the header may be unauthenticated (e.g. a wrong token).
             self.workers[worker]["rejected"] += 1
+        if len(message) > MAX_ERROR_MESSAGE:  # details may quote the request at length
+            message = message[:MAX_ERROR_MESSAGE] + "..."
         header = transport.reply_header(
             request,
             "error",
@@ -219,7 +222,20 @@ class ParameterServer:
             reason=reason,
             message=message,
         )
-        return transport.encode(header)
+        try:
+            return transport.encode(header)
+        except transport.ProtocolError:
+            # The echoed fields (a wrong token can be as long as the header allows) make the
+            # reply too big to encode: answer without echoing them.
+            header = transport.reply_header(
+                None,
+                "error",
+                version=self.version,
+                fingerprint=self.fingerprint,
+                reason=reason,
+                message=message,
+            )
+            return transport.encode(header)
 
     def handle(self, frames: list) -> list:
         """Validate one request and return the frames of its reply (never raises on input)."""
