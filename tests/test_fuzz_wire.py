@@ -1,0 +1,753 @@
+"""Fuzzing the parameter server's wire over a real socket.
+
+An attacker DEALER sends the server seeded streams of malformed messages: random bytes,
+broken msgpack, truncated and extra frames, declared counts and byte lengths that do not
+match, wrong dtypes, NaN/inf, wrong tokens and fingerprints, replayed sequence numbers,
+out-of-range workers, huge fields and oversized messages. Every message that reaches the
+server must get a reply with the rejection reason predicted for it, be counted in
+`stats()["rejections"]`, and change nothing; a real bundle pushing at the same time must
+not notice. Messages with a frame over the socket's MAXMSGSIZE never reach the server: zmq
+drops the connection that sent them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from jax.flatten_util import ravel_pytree
+from zmq.utils.monitor import recv_monitor_message
+
+from gorila_jax import transport
+from gorila_jax.config import Config
+from gorila_jax.networks import MLP
+from gorila_jax.parameter_server import ParameterServer
+from gorila_jax.ps_client import ServerConnection
+
+TOKEN = hashlib.sha256(b"gorila_jax fuzz token").hexdigest()
+U64 = 2**64 - 1
+REPLY_TIMEOUT_MS = 10_000
+WINDOW = 64  # attacker messages in flight before it waits for a reply
+NUM_WORKERS = 2
+ATTACKER = 1  # the worker id the attacker says hello as (test 1) or shares (test 2)
+
+Frames = list[bytes]
+
+
+def make_config() -> Config:
+    return dataclasses.replace(
+        Config(),
+        env_id="CartPole-v1",
+        mlp_hidden=(16, 16),
+        max_message_mb=1,
+        stats_every_seconds=3600.0,
+        seed=0,
+    )
+
+
+@functools.cache
+def params_tree() -> dict:
+    """The params of a CartPole-shaped MLP with hidden (16, 16): 4 observations, 2 actions."""
+    network = MLP(num_actions=2, hidden=(16, 16))
+    params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.float32))["params"]
+    return jax.tree.map(np.asarray, params)
+
+
+def pack(header) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def current(server: ParameterServer) -> np.ndarray:
+    return np.array(server.params)
+
+
+class Served:
+    """A ParameterServer served on tcp://127.0.0.1 by a thread, with its own zmq context."""
+
+    def __init__(self):
+        self.server = ParameterServer(
+            make_config(), params_tree(), num_workers=NUM_WORKERS, token=TOKEN
+        )
+        self.context = zmq.Context()
+        self.socket, self.endpoint = transport.make_server_socket(
+            self.context, "tcp://127.0.0.1:0", self.server.max_bytes
+        )
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._serve, name="fuzzed-server", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.server.serve(self.socket, self.endpoint, self.stop.is_set)
+        except BaseException as error:
+            self.errors.append(error)
+
+    def assert_serving(self) -> None:
+        assert not self.errors, f"the server crashed: {self.errors[0]!r}"
+        assert self.thread.is_alive()
+
+    def connect(self, worker: int) -> ServerConnection:
+        return ServerConnection(
+            self.endpoint,
+            token=TOKEN,
+            worker=worker,
+            fingerprint=self.server.fingerprint,
+            num_params=self.server.num_params,
+            max_bytes=self.server.max_bytes,
+            timeout_seconds=REPLY_TIMEOUT_MS / 1000,
+        )
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "serve did not return"
+        self.context.destroy(linger=0)
+
+
+@pytest.fixture
+def served():
+    served = Served()
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+class Attacker:
+    """A raw DEALER that keeps up to WINDOW messages in flight and checks every reply.
+
+    Each bad message is sent with the set of rejection reasons it may get; replies come back
+    in order, so each is matched to its message. `reasons` counts the reasons received.
+    """
+
+    def __init__(self, served: Served, identity: bytes):
+        self.socket = transport.make_client_socket(
+            served.context, served.endpoint, identity, served.server.max_bytes
+        )
+        self.served = served
+        self.pending: deque[tuple[str, frozenset[str]]] = deque()
+        self.reasons: Counter[str] = Counter()
+        self.categories: Counter[str] = Counter()
+        self.bad = 0
+        self.version = 0  # the server's version in the latest reply
+        self.versions_seen: set[int] = set()
+
+    def send_bad(self, category: str, frames: Frames, reasons) -> None:
+        self.socket.send_multipart(frames, copy=True)
+        self.pending.append((category, frozenset(reasons)))
+        self.bad += 1
+        self.categories[category] += 1
+        while len(self.pending) >= WINDOW:
+            self._check_reply()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._check_reply()
+
+    def request(self, frames: Frames) -> dict:
+        """Send a valid request and return its reply header."""
+        self.drain()
+        self.socket.send_multipart(frames, copy=True)
+        return self._receive()
+
+    def _receive(self) -> dict:
+        for _ in range(REPLY_TIMEOUT_MS // 100):
+            if self.socket.poll(100):
+                break
+            self.served.assert_serving()
+        else:
+            raise AssertionError(f"no reply within {REPLY_TIMEOUT_MS} ms")
+        frames = self.socket.recv_multipart()
+        header = msgpack.unpackb(frames[0], raw=False)
+        self.version = header["version"]
+        self.versions_seen.add(header["version"])
+        return header
+
+    def _check_reply(self) -> None:
+        category, reasons = self.pending.popleft()
+        header = self._receive()
+        if header["kind"] == "ack":
+            assert header["accepted"] is False, f"{category}: a bad push was accepted"
+        else:
+            assert header["kind"] == "error", f"{category}: got a {header['kind']} reply"
+        assert header["reason"] in reasons, f"{category}: {header}, expected {set(reasons)}"
+        if header["reason"] == "bad_token":
+            assert header["token"] != TOKEN  # the echo never hands out the run token
+        self.reasons[header["reason"]] += 1
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def random_text(rng: np.random.Generator, length: int) -> str:
+    """Random code points below U+0250 (no surrogates), control characters included."""
+    return "".join(map(chr, rng.integers(0, 0x250, size=length)))
+
+
+class Fuzzer:
+    """Seeded malformed messages, each with the rejection reasons the server may give it.
+
+    The attacker holds a valid worker id (`worker`, said hello with seq `last_seq`) and the
+    run token, so messages can fail at every stage of validation. `self.last_seq` follows the
+    server's `last_seq[worker]`: messages that get past decoding with a fresh seq move it.
+    `victim` is (worker, seq) of another worker that has used seqs up to `seq` already.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        server: ParameterServer,
+        attacker: Attacker,
+        *,
+        worker: int,
+        last_seq: int,
+        victim: tuple[int, int] | None = None,
+    ):
+        self.rng = np.random.default_rng(seed)
+        self.fingerprint = server.fingerprint
+        self.num_params = server.num_params
+        self.max_bytes = server.max_bytes
+        self.attacker = attacker
+        self.worker = worker
+        self.last_seq = last_seq
+        self.victim = victim
+        self.categories: dict[str, tuple[float, Callable[[], tuple[Frames, set[str]]]]] = {
+            "random_bytes": (1.0, self.random_bytes),
+            "not_msgpack": (1.0, self.not_msgpack),
+            "truncated_header": (1.0, self.truncated_header),
+            "trailing_bytes_after_header": (1.0, self.trailing_bytes_after_header),
+            "header_not_a_map": (1.0, self.header_not_a_map),
+            "deep_nesting": (0.5, self.deep_nesting),
+            "ext_or_bad_key": (0.5, self.ext_or_bad_key),
+            "empty_frames": (0.5, self.empty_frames),
+            "bad_protocol": (1.0, self.bad_protocol),
+            "wrong_token": (1.0, self.wrong_token),
+            "huge_token": (0.3, self.huge_token),
+            "bad_schema": (2.0, self.bad_schema),
+            "wrong_fingerprint": (1.0, self.wrong_fingerprint),
+            "frame_count": (1.5, self.frame_count),
+            "byte_length": (1.5, self.byte_length),
+            "worker_out_of_range": (1.0, self.worker_out_of_range),
+            "bad_shard": (0.5, self.bad_shard),
+            "non_finite": (1.5, self.non_finite),
+            "stale_version": (1.0, self.stale_version),
+            "replayed_seq": (1.5, self.replayed_seq),
+            "reply_kind": (0.5, self.reply_kind),
+            "oversized_header": (0.3, self.oversized_header),
+            "oversized_total": (0.02, self.oversized_total),
+        }
+        names = list(self.categories)
+        weights = np.array([self.categories[name][0] for name in names])
+        self._names = names
+        self._probabilities = weights / weights.sum()
+        self._first_round = deque(names)  # every category at least once, first
+
+    def send(self, count: int) -> None:
+        """Send `count` bad messages through the attacker."""
+        for _ in range(count):
+            if self._first_round:
+                name = self._first_round.popleft()
+            else:
+                name = self._names[self.rng.choice(len(self._names), p=self._probabilities)]
+            frames, reasons = self.categories[name][1]()
+            self.attacker.send_bad(name, frames, reasons)
+
+    # ---- building blocks ------------------------------------------------------------------
+
+    def pick(self, options: list):
+        return options[int(self.rng.integers(len(options)))]
+
+    def number(self, high: int) -> int:
+        return int(self.rng.integers(0, high))
+
+    def fresh_seq(self) -> int:
+        self.last_seq += 1 + self.number(3)
+        return self.last_seq
+
+    def header(self, kind: str = "push", **changes) -> dict:
+        """A valid header but for `changes` (seq: random unless given)."""
+        header = {
+            "kind": kind,
+            "protocol": transport.PROTOCOL_VERSION,
+            "token": TOKEN,
+            "worker": self.worker,
+            "seq": self.number(2**62),
+            "version": self.attacker.version,
+            "fingerprint": self.fingerprint,
+            "arrays": 1 if kind == "push" else 0,
+        }
+        if kind == "push":
+            header |= {"loss": 1.0, "shard": None, "frames": 0}
+        return header | changes
+
+    def grads(self, size: int | None = None, dtype=np.float32) -> bytes:
+        size = self.num_params if size is None else size
+        return (0.01 * self.rng.standard_normal(size)).astype(dtype).tobytes()
+
+    def push(self, **changes) -> Frames:
+        """A push with a finite gradient of the right size: only `changes` can spoil it."""
+        return [pack(self.header("push", **changes)), self.grads()]
+
+    # ---- categories -----------------------------------------------------------------------
+
+    def random_bytes(self):
+        frames = [self.rng.bytes(self.number(300)) for _ in range(1 + self.number(3))]
+        return frames, {"malformed"}
+
+    def not_msgpack(self):
+        return [b"\xc1" + self.rng.bytes(self.number(100)), self.grads()], {"malformed"}
+
+    def truncated_header(self):
+        packed = pack(self.header())
+        return [packed[: self.number(len(packed))], self.grads()], {"malformed"}
+
+    def trailing_bytes_after_header(self):
+        extra = self.pick([bytes(self.number(30_000)), self.rng.bytes(1 + self.number(30_000))])
+        return [pack(self.header()) + extra, self.grads()], {"malformed"}
+
+    def header_not_a_map(self):
+        value = self.pick([[1, 2, 3], 7, "push", None, b"push", 1.5, True, [self.header()]])
+        return [pack(value), self.grads()], {"malformed"}
+
+    def deep_nesting(self):
+        depth = 1_000 + self.number(20_000)
+        nested = self.pick([b"\x91" * depth + b"\xc0", b"\x81\xa1k" * depth + b"\xc0"])
+        return [nested], {"malformed"}
+
+    def ext_or_bad_key(self):
+        header = self.header()
+        choice = self.number(3)
+        if choice == 0:
+            header["loss"] = msgpack.ExtType(1, b"1.0")
+        elif choice == 1:
+            header[7] = "int key"
+        else:
+            header[b"kind"] = "bytes key"
+        return [pack(header), self.grads()], {"malformed"}
+
+    def empty_frames(self):
+        return [b""] * (1 + self.number(4)), {"malformed"}
+
+    def bad_protocol(self):
+        protocol = self.pick([0, 2, -1, 99, 2**63, U64, -(2**63), "1", 1.0, None, True, "drop"])
+        header = self.header()
+        if protocol == "drop":
+            del header["protocol"]
+        else:
+            header["protocol"] = protocol
+        is_int = isinstance(protocol, int) and not isinstance(protocol, bool)
+        reason = "bad_protocol" if is_int else "malformed"
+        return [pack(header), self.grads()], {reason}
+
+    def wrong_token(self):
+        """A push good in every other way, for this or another worker, with a bad token."""
+        worker = self.victim[0] if self.victim and self.number(2) else self.worker
+        token = self.pick(
+            [
+                self.rng.bytes(32).hex(),
+                "",
+                TOKEN[:-1],
+                TOKEN + "0",
+                TOKEN.upper(),
+                TOKEN[::-1],
+                TOKEN.encode(),
+                None,
+                123,
+                [TOKEN],
+                "drop",
+            ]
+        )
+        header = self.header(worker=worker, seq=10**9 + self.number(10**6))
+        if token == "drop":
+            del header["token"]
+        else:
+            header["token"] = token
+        reason = "bad_token" if isinstance(token, str) and token != "drop" else "malformed"
+        return [pack(header), self.grads()], {reason}
+
+    def huge_token(self):
+        """A header up to and over MAX_HEADER_BYTES, nearly all of it a wrong token."""
+        length = transport.MAX_HEADER_BYTES - 1_000 + self.number(1_200)
+        token = self.pick(["x" * length, "\0" * length, random_text(self.rng, length // 2)])
+        header = pack(self.header(token=token))
+        too_big = len(header) > transport.MAX_HEADER_BYTES
+        return [header, self.grads()], {"oversized" if too_big else "bad_token"}
+
+    def bad_schema(self):
+        """Valid token, then a header that breaks the schema."""
+        header = self.header(self.pick(["push", "pull", "stats", "hello"]))
+        broken = {
+            "worker": [-1, True, "1", 1.5, None],
+            "seq": [-1, -(2**63), "7", None, 2.0],
+            "version": [-2, -(2**63), "0", 0.0, None],
+            "fingerprint": [5, None, self.fingerprint.encode(), [self.fingerprint]],
+            "arrays": [-1, "1", None, 1.0],
+            "loss": ["1.0", None, [1.0], {"x": 1}],
+            "shard": [-1, "0", 1.5, False],
+            "frames": [-1, 2.5, "0", None],
+        }
+        choice = self.number(4)
+        if choice == 0:
+            kind_length = 1 + self.number(16_000)
+            header["kind"] = self.pick(
+                ["", "PUSH", "push ", 5, None, "\0" * kind_length, random_text(self.rng, 40)]
+            )
+        elif choice == 1:
+            name = self.pick([n for n in header if n not in ("protocol", "token")])
+            del header[name]
+        elif choice == 2:
+            name = self.pick(list(broken))
+            kind = "push" if name in ("loss", "shard", "frames") else header["kind"]
+            header = self.header(kind) | {name: self.pick(broken[name])}
+        else:
+            header[self.pick(["extra", "\0", "kind ", "x" * 5_000])] = self.number(10)
+        frames = [pack(header)]
+        if header.get("kind") == "push":
+            frames.append(self.grads())
+        return frames, {"malformed"}
+
+    def wrong_fingerprint(self):
+        fingerprint = self.pick(
+            [
+                hashlib.sha256(self.rng.bytes(8)).hexdigest()[:32],
+                "",
+                self.fingerprint[:-1],
+                "\0" * (1 + self.number(60_000)),
+                "f" * (1 + self.number(60_000)),
+            ]
+        )
+        changes = {"fingerprint": fingerprint, "seq": self.pick([U64, 0, self.number(2**62)])}
+        if self.number(2):
+            changes["version"] = self.pick([U64, 2**63, self.attacker.version])
+        return self.push(**changes), {"bad_fingerprint"}
+
+    def frame_count(self):
+        """The declared array count, the frames sent and the layout disagree."""
+        kind, declared, sent = self.pick(
+            [
+                ("push", 1, 0),
+                ("push", 1, 2),
+                ("push", 0, 0),
+                ("push", 0, 1),
+                ("push", 2, 2),
+                ("push", 3, 1),
+                ("push", U64, 1),
+                ("pull", 0, 1),
+                ("pull", 1, 1),
+                ("stats", 1, 0),
+                ("hello", 2, 2),
+            ]
+        )
+        header = self.header(kind, arrays=declared)
+        return [pack(header), *(self.grads() for _ in range(sent))], {"bad_frames"}
+
+    def byte_length(self):
+        """One array frame whose byte length is not num_params float32s."""
+        n = self.num_params
+        frame = self.pick(
+            [
+                lambda: self.grads(n - 1 - self.number(n)),
+                lambda: self.grads(n + 1 + self.number(n)),
+                lambda: b"",
+                lambda: self.grads() + self.rng.bytes(1 + self.number(3)),
+                lambda: self.grads()[: -1 - self.number(3)],
+                lambda: self.grads(dtype=np.float64),
+                lambda: self.grads(dtype=np.float16),
+                lambda: np.full(n, np.nan, np.float64).tobytes(),
+            ]
+        )()
+        return [pack(self.header()), frame], {"bad_frames"}
+
+    def worker_out_of_range(self):
+        worker = self.pick([NUM_WORKERS, NUM_WORKERS + self.number(2**32), 2**63, U64])
+        kind = self.pick(["push", "push", "pull", "hello", "stop"])
+        if kind == "push":
+            return self.push(worker=worker), {"bad_worker"}
+        return [pack(self.header(kind, worker=worker))], {"bad_worker"}
+
+    def bad_shard(self):
+        return self.push(shard=self.pick([0, 1, NUM_WORKERS, U64])), {"bad_shard"}
+
+    def non_finite(self):
+        """A fresh, current push whose gradient or loss holds a NaN or an infinity."""
+        grads = (0.01 * self.rng.standard_normal(self.num_params)).astype(np.float32)
+        loss = 1.0
+        if self.number(4):
+            bad = self.rng.choice(self.num_params, size=1 + self.number(4), replace=False)
+            grads[bad] = self.pick([np.nan, np.inf, -np.inf])
+            if self.number(8) == 0:
+                grads[:] = np.nan
+        else:
+            loss = self.pick([float("nan"), float("inf"), float("-inf")])
+        header = self.header(seq=self.fresh_seq(), loss=loss)
+        return [pack(header), grads.tobytes()], {"non_finite"}
+
+    def stale_version(self):
+        """A fresh push, finite, but on no version the server has had."""
+        version = self.pick([-1, self.attacker.version + 1_000 + self.number(1_000), 2**62, U64])
+        return self.push(seq=self.fresh_seq(), version=version), {"stale"}
+
+    def replayed_seq(self):
+        """A push or pull that is valid but for a seq already used by its worker."""
+        worker, last = self.worker, self.last_seq
+        if self.victim and self.number(2):
+            worker, last = self.victim
+        seq = self.pick([last, self.number(last + 1), 0])
+        if self.number(4) == 0:
+            return [pack(self.header("pull", worker=worker, seq=seq, version=-1))], {"replayed"}
+        return self.push(worker=worker, seq=seq), {"replayed"}
+
+    def reply_kind(self):
+        kind, fields = self.pick(
+            [
+                ("welcome", {"config": {}}),
+                ("params", {}),
+                ("not_modified", {}),
+                ("ack", {"accepted": True, "reason": None}),
+                ("error", {"reason": "stale", "message": "x" * self.number(1000)}),
+                ("stats_reply", {"stats": {}}),
+            ]
+        )
+        return [pack(self.header(kind, seq=self.fresh_seq(), **fields))], {"malformed"}
+
+    def oversized_header(self):
+        size = transport.MAX_HEADER_BYTES + 1 + self.number(4_000)
+        header = self.pick([self.rng.bytes(size), pack(self.header(padding="p" * size))])
+        return [header, self.grads()], {"oversized"}
+
+    def oversized_total(self):
+        """Every frame under max_bytes (zmq lets it in), their sum over it."""
+        half = bytes(self.max_bytes // 2 + 1 + self.number(1_000))
+        return [pack(self.header(arrays=2)), half, half], {"oversized"}
+
+
+def request(server: ParameterServer, kind: str, *, worker: int, seq: int, arrays=()) -> Frames:
+    """The frames of a valid request."""
+    header = transport.make_header(
+        kind, token=TOKEN, worker=worker, seq=seq, version=-1, fingerprint=server.fingerprint
+    )
+    return [bytes(frame) for frame in transport.encode(header, arrays)]
+
+
+def push_header(server: ParameterServer, *, worker: int, seq: int) -> bytes:
+    """The header of a valid push (its one array frame is up to the caller)."""
+    header = transport.make_header(
+        "push",
+        token=TOKEN,
+        worker=worker,
+        seq=seq,
+        version=0,
+        fingerprint=server.fingerprint,
+        loss=1.0,
+        shard=None,
+        frames=0,
+    )
+    return pack(header | {"protocol": transport.PROTOCOL_VERSION, "arrays": 1})
+
+
+def over_the_socket_limit(server: ParameterServer) -> list[Frames]:
+    """Messages with a frame of more than max_bytes: zmq drops the connection."""
+    header = push_header(server, worker=0, seq=10**6)
+    return [
+        [bytes(server.max_bytes + 1)],
+        [header, bytes(server.max_bytes + 1)],
+        [header, bytes(server.max_bytes + 4096), bytes(16)],
+    ]
+
+
+def assert_dropped_by_the_socket(served: Served, messages: list[Frames]) -> None:
+    """Send `messages` on a connection of their own, wait until zmq has dropped that
+    connection, then close it (so nothing still queued on it can follow)."""
+    socket = transport.make_client_socket(
+        served.context, served.endpoint, b"too-big", served.server.max_bytes
+    )
+    monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    try:
+        for frames in messages:
+            socket.send_multipart(frames, copy=True)
+        events: list[int] = []
+        while zmq.EVENT_DISCONNECTED not in events:
+            assert monitor.poll(REPLY_TIMEOUT_MS), f"connection not dropped; events {events}"
+            events.append(recv_monitor_message(monitor)["event"])
+        assert not socket.poll(0), "an oversized message got a reply"
+    finally:
+        socket.disable_monitor()
+        monitor.close(linger=0)
+        socket.close(linger=0)
+
+
+def initial_flat() -> np.ndarray:
+    return np.asarray(ravel_pytree(params_tree())[0])
+
+
+# ---- tests ---------------------------------------------------------------------------------
+
+
+def test_fuzz_params_bit_identical(served):
+    server = served.server
+    before, version = current(server), server.version
+    assert np.array_equal(before, initial_flat())
+    attacker = Attacker(served, b"attacker")
+    try:
+        welcome = attacker.request(request(server, "hello", worker=ATTACKER, seq=1))
+        assert welcome["kind"] == "welcome"
+        fuzzer = Fuzzer(1234, server, attacker, worker=ATTACKER, last_seq=1)
+        fuzzer.send(10_000)
+        attacker.drain()
+        served.assert_serving()
+
+        # Messages over the socket's limit: dropped by zmq, never seen by the server.
+        dropped = over_the_socket_limit(server)
+        assert_dropped_by_the_socket(served, dropped)
+
+        # The attacker's own connection still gets answers.
+        stats = attacker.request(request(server, "stats", worker=ATTACKER, seq=fuzzer.fresh_seq()))
+        assert stats["kind"] == "stats_reply"
+    finally:
+        attacker.close()
+
+    assert attacker.bad >= 10_000
+    assert set(attacker.categories) == set(fuzzer.categories)
+    assert sum(attacker.reasons.values()) == attacker.bad
+    assert stats["stats"]["rejections"] == dict(attacker.reasons)
+
+    # A fresh client is served normally, and nothing has changed.
+    client = served.connect(worker=0)
+    try:
+        flat, client_version, _ = client.hello()
+        assert client_version == version
+        assert np.array_equal(flat, before)
+        assert client.pull(version) == (None, version)
+        final = client.stats()
+    finally:
+        client.close()
+    served.assert_serving()
+    assert final["rejections"] == dict(attacker.reasons)  # the dropped ones are not counted
+    assert sum(final["rejections"].values()) == attacker.bad
+    assert final["version"] == server.version == version
+    assert final["staleness_histogram"] == {}
+    assert np.array_equal(current(server), before)  # bit-identical
+
+
+def test_fuzz_alongside_training_bundle(served):
+    server = served.server
+    rounds, pushes_per_round, bad_per_round = 10, 20, 210
+    bundle = served.connect(worker=0)
+    attacker = Attacker(served, b"attacker")
+    go, done, abort = threading.Semaphore(0), threading.Semaphore(0), threading.Event()
+    pushed: list[tuple[np.ndarray, int]] = []
+    results: list[tuple[bool, str | None, int]] = []
+    failures: list[BaseException] = []
+
+    def train() -> None:
+        """The bundle: rounds of pushes on the version its last ack gave, then a pull."""
+        rng = np.random.default_rng(7)
+        version = 0
+        try:
+            for round_index in range(rounds):
+                while not go.acquire(timeout=0.1):
+                    if abort.is_set():
+                        return
+                for step in range(pushes_per_round):
+                    grads = (0.01 * rng.standard_normal(server.num_params)).astype(np.float32)
+                    frames = (round_index * pushes_per_round + step + 1) * 100
+                    accepted, reason, new_version = bundle.push(
+                        grads, base_version=version, loss=1.0, frames=frames, shard=None
+                    )
+                    pushed.append((grads, version))
+                    results.append((accepted, reason, new_version))
+                    version = new_version
+                assert bundle.pull(version) == (None, version)
+                done.release()
+        except BaseException as error:
+            failures.append(error)
+            done.release()
+
+    trainer = threading.Thread(target=train, name="bundle", daemon=True)
+    try:
+        flat, version, _ = bundle.hello()  # the bundle's seq 1
+        assert version == 0 and np.array_equal(flat, initial_flat())
+        welcome = attacker.request(request(server, "hello", worker=ATTACKER, seq=1))
+        assert welcome["kind"] == "welcome"
+        fuzzer = Fuzzer(99, server, attacker, worker=ATTACKER, last_seq=1, victim=(0, 1))
+        trainer.start()
+        for _ in range(rounds):
+            go.release()  # the bundle pushes while the attacker sends
+            fuzzer.send(bad_per_round)
+            attacker.drain()
+            assert done.acquire(timeout=60), "the bundle stalled"
+            assert not failures, f"the bundle failed: {failures[0]!r}"
+        served.assert_serving()
+        stats = bundle.stats()
+    finally:
+        abort.set()
+        trainer.join(timeout=10)
+        attacker.close()
+        bundle.close()
+
+    total = rounds * pushes_per_round
+    assert attacker.bad >= 2_000
+    assert set(attacker.categories) == set(fuzzer.categories)
+    assert results == [(True, None, step + 1) for step in range(total)]
+    assert stats["version"] == server.version == total
+    assert stats["staleness_histogram"] == {"0": total}
+    assert stats["workers"]["0"]["accepted"] == total
+    assert stats["frames"] == total * 100  # the attacker's fresh pushes carry frames 0
+    assert sum(attacker.reasons.values()) == attacker.bad
+    assert stats["rejections"] == dict(attacker.reasons)
+    # The attacker's replies carried versions from the start to the end of training.
+    assert min(attacker.versions_seen) <= pushes_per_round
+    assert max(attacker.versions_seen) >= total - pushes_per_round
+
+    # The params are exactly those of the bundle's pushes applied alone, in order.
+    reference = ParameterServer(make_config(), params_tree(), num_workers=NUM_WORKERS, token=TOKEN)
+    for grads, base_version in pushed:
+        reference.apply(0, grads, base_version)
+    assert np.array_equal(current(server), current(reference))
+    assert not np.array_equal(current(server), initial_flat())
+
+
+def test_socket_enforces_max_message_size(served):
+    server = served.server
+    before = current(server)
+    assert served.socket.getsockopt(zmq.MAXMSGSIZE) == server.max_bytes
+    client = served.connect(worker=0)
+    try:
+        client.hello()
+        assert_dropped_by_the_socket(served, over_the_socket_limit(server))
+        served.assert_serving()
+
+        # A frame of exactly max_bytes gets through zmq; decode refuses the whole message.
+        attacker = Attacker(served, b"at-the-limit")
+        try:
+            frames = [push_header(server, worker=1, seq=1), bytes(server.max_bytes)]
+            attacker.send_bad("at_the_limit", frames, {"oversized"})
+            attacker.drain()
+        finally:
+            attacker.close()
+        assert client.pull(0) == (None, 0)  # the client connected before is unaffected
+    finally:
+        client.close()
+
+    fresh = served.connect(worker=1)
+    try:
+        flat, version, _ = fresh.hello()
+        stats = fresh.stats()
+    finally:
+        fresh.close()
+    served.assert_serving()
+    assert version == 0 and np.array_equal(flat, before)
+    assert stats["rejections"] == {"oversized": 1}
+    assert server.version == 0
+    assert np.array_equal(current(server), before)
