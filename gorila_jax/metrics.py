@@ -1,4 +1,12 @@
-"""Run logs: finished episodes to CSV, learner windows to JSONL, and the progress line."""
+"""Run logs: finished episodes to CSV, learner windows to JSONL, TensorBoard event files, and
+the progress line.
+
+TensorBoard events (tensorboardX) go into the logger's directory itself, so
+`tensorboard --logdir RUN_DIR` shows a single-process run as one run and a distributed one as
+bundle1, bundle2, ...: per episode `episode/return` (unclipped, whole game) and
+`episode/length` (agent steps), per learner window `learner/loss`, `learner/mean_q`,
+`learner/mean_abs_td` (and `learner/updates`), all against environment frames.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +38,30 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-class RunLogger:
-    """Appends episodes to `episodes.csv` and learner metrics to `learner.jsonl` in the run dir.
+TENSORBOARD_FLUSH_SECONDS = 10
 
-    Files are opened in append mode, so a resumed run keeps its history.
+
+def open_tensorboard(log_dir: Path):
+    """A tensorboardX SummaryWriter for `log_dir`, or None (with a note) when unavailable."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as error:
+        print(f"note: no TensorBoard events ({error})", file=sys.stderr, flush=True)
+        return None
+    return SummaryWriter(logdir=str(log_dir), flush_secs=TENSORBOARD_FLUSH_SECONDS)
+
+
+class RunLogger:
+    """Appends episodes to `episodes.csv` and learner metrics to `learner.jsonl` in the run dir,
+    and writes both to TensorBoard event files there (unless `tensorboard=False`).
+
+    Files are opened in append mode, so a resumed run keeps its history (TensorBoard starts
+    a new event file beside the old ones).
     """
 
-    def __init__(self, run_dir: Path, *, bundle: int = 0, recent: int = 20):
+    def __init__(
+        self, run_dir: Path, *, bundle: int = 0, recent: int = 20, tensorboard: bool = True
+    ):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         self.bundle = bundle
@@ -50,6 +75,7 @@ class RunLogger:
         self._learner_file = (run_dir / "learner.jsonl").open("a")
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=recent)
         self.episode_count = 0
+        self._tensorboard = open_tensorboard(run_dir) if tensorboard else None
 
     def episodes(self, finished: list[Episode], frames: int) -> None:
         """Record episodes that ended at `frames`."""
@@ -67,6 +93,9 @@ class RunLogger:
             )
             self.recent_returns.append(episode.episode_return)
             self.episode_count += 1
+            if self._tensorboard is not None:
+                self._tensorboard.add_scalar("episode/return", episode.episode_return, frames)
+                self._tensorboard.add_scalar("episode/length", episode.length, frames)
         if finished:
             self._episodes_file.flush()
 
@@ -75,6 +104,11 @@ class RunLogger:
         record = {"time": round(time.time() - self.start, 3), **record}
         self._learner_file.write(json.dumps(record) + "\n")
         self._learner_file.flush()
+        if self._tensorboard is not None:
+            frames = record.get("frames")
+            for key, value in record.items():
+                if key not in ("time", "frames") and isinstance(value, int | float):
+                    self._tensorboard.add_scalar(f"learner/{key}", value, frames)
 
     def mean_recent_return(self) -> float:
         """Mean return of the last `recent` episodes (nan before the first one)."""
@@ -84,6 +118,9 @@ class RunLogger:
         """Flush and close the files."""
         self._episodes_file.close()
         self._learner_file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 class Progress:

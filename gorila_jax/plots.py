@@ -1,0 +1,399 @@
+"""Figures of finished or running runs: episode returns, learner statistics, server counters.
+
+A run directory is read in either layout:
+
+- single process: ``episodes.csv`` and ``learner.jsonl`` at the top;
+- distributed: ``bundle*/episodes.csv`` and ``bundle*/learner.jsonl``, plus the server's
+  ``ps.json``.
+
+Bundles are merged in order of wall time. Each bundle logs time since its own start and
+the frames it collected itself, so the x axis "frames" of a distributed run is the sum over
+bundles of each bundle's frames at that moment (linearly interpolated between the points
+each bundle logged). Nothing here trains or imports JAX; matplotlib draws off-screen.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FuncFormatter
+
+DPI = 100
+RETURN_FIGSIZE = (10.0, 5.5)
+PANEL_FIGSIZE = (15.0, 4.5)
+RETURNS_BY_EPISODE = "returns_by_episode.png"
+RETURNS_BY_FRAME = "returns_by_frame.png"
+LEARNER = "learner.png"
+SERVER = "server.png"
+LEARNER_KEYS = (("loss", "loss (Huber)"), ("mean_q", "mean Q"), ("mean_abs_td", "mean |TD error|"))
+
+
+class PlotError(ValueError):
+    """A run directory that cannot be plotted; the message is one line."""
+
+
+@dataclass
+class Run:
+    """What the figures need from one run directory."""
+
+    path: Path
+    label: str
+    time: np.ndarray  # seconds since the bundle started, per episode (merged order)
+    frames: np.ndarray  # frames of the whole run when the episode ended
+    returns: np.ndarray
+    lengths: np.ndarray
+    bundles: np.ndarray
+    learner: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    server: dict | None = None
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+def _bundle_number(path: Path) -> int:
+    digits = re.sub(r"\D", "", path.name)
+    return int(digits) if digits else 0
+
+
+def _source_dirs(run_dir: Path) -> list[tuple[int | None, Path]]:
+    """(bundle or None for the top level, directory) for each place that holds logs."""
+    sources: list[tuple[int | None, Path]] = []
+    if (run_dir / "episodes.csv").is_file() or (run_dir / "learner.jsonl").is_file():
+        sources.append((None, run_dir))
+    bundle_dirs = sorted(
+        (p for p in run_dir.glob("bundle*") if p.is_dir()), key=lambda p: (_bundle_number(p), p)
+    )
+    sources += [(_bundle_number(p), p) for p in bundle_dirs]
+    return sources
+
+
+def _monotonic(times: np.ndarray) -> np.ndarray:
+    """Times that restart from 0 (a resumed run appends to the same file) made increasing."""
+    times = times.astype(np.float64).copy()
+    offset = 0.0
+    for i in range(1, len(times)):
+        if times[i] + offset < times[i - 1]:
+            offset = times[i - 1] - times[i]
+        times[i] += offset
+    return times
+
+
+def read_episodes(path: Path) -> dict[str, np.ndarray]:
+    """Columns of an episodes.csv as float arrays; malformed rows (a half-written line) skipped."""
+    columns: dict[str, list[float]] = {"time": [], "frames": [], "return": [], "length": []}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                values = {key: float(row[key]) for key in columns}
+            except (KeyError, TypeError, ValueError):
+                continue
+            if all(math.isfinite(v) for v in values.values()):
+                for key, value in values.items():
+                    columns[key].append(value)
+    return {key: np.asarray(values, np.float64) for key, values in columns.items()}
+
+
+def read_learner(path: Path) -> dict[str, np.ndarray]:
+    """Columns of a learner.jsonl (time, frames, loss, mean_q, mean_abs_td) as float arrays."""
+    keys = ("time", "frames", *(key for key, _ in LEARNER_KEYS))
+    columns: dict[str, list[float]] = {key: [] for key in keys}
+    with path.open() as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+                values = {key: float(record[key]) for key in keys}
+            except (ValueError, KeyError, TypeError):
+                continue
+            for key, value in values.items():
+                columns[key].append(value)
+    return {key: np.asarray(values, np.float64) for key, values in columns.items()}
+
+
+def _frames_curve(
+    episodes: dict[str, np.ndarray], learner: dict[str, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(time, frames) points of one bundle from everything it logged, starting at (0, 0)."""
+    times = [np.zeros(1), episodes["time"]]
+    frames = [np.zeros(1), episodes["frames"]]
+    if learner is not None and len(learner["time"]):
+        times.append(learner["time"])
+        frames.append(learner["frames"])
+    t, f = np.concatenate(times), np.concatenate(frames)
+    order = np.argsort(t, kind="stable")
+    return t[order], np.maximum.accumulate(f[order])
+
+
+def load_run(run_dir: Path | str, label: str | None = None) -> Run:
+    """Read one run directory (either layout); PlotError when it is missing or has no episodes."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise PlotError(f"run directory not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise PlotError(f"not a directory: {run_dir}")
+    label = label or run_dir.resolve().name
+    per_source = []
+    learner: dict[int, dict[str, np.ndarray]] = {}
+    for bundle, directory in _source_dirs(run_dir):
+        episodes_path = directory / "episodes.csv"
+        learner_path = directory / "learner.jsonl"
+        episodes = read_episodes(episodes_path) if episodes_path.is_file() else None
+        records = read_learner(learner_path) if learner_path.is_file() else None
+        if episodes is None:
+            episodes = {k: np.zeros(0) for k in ("time", "frames", "return", "length")}
+        episodes["time_raw"] = episodes["time"]
+        episodes["time"] = _monotonic(episodes["time"])
+        if records is not None:
+            records["time"] = _monotonic(records["time"])
+            learner[0 if bundle is None else bundle] = records
+        per_source.append((0 if bundle is None else bundle, episodes, records))
+    count = sum(len(e["return"]) for _, e, _ in per_source)
+    if count == 0:
+        raise PlotError(
+            f"no episodes in {run_dir} (expected episodes.csv or bundle*/episodes.csv "
+            "with at least one finished episode)"
+        )
+    curves = [_frames_curve(episodes, records) for _, episodes, records in per_source]
+
+    def total_frames(at: np.ndarray) -> np.ndarray:
+        return sum(
+            (np.interp(at, t, f, left=0.0, right=f[-1]) for t, f in curves), np.zeros(len(at))
+        )
+
+    time = np.concatenate([e["time"] for _, e, _ in per_source])
+    order = np.argsort(time, kind="stable")
+    if len(per_source) == 1:
+        frames = per_source[0][1]["frames"]
+    else:
+        frames = total_frames(time)
+        for bundle_records in learner.values():
+            bundle_records["total_frames"] = total_frames(bundle_records["time"])
+    for bundle_records in learner.values():
+        bundle_records.setdefault("total_frames", bundle_records["frames"])
+    server = None
+    ps_path = run_dir / "ps.json"
+    if ps_path.is_file():
+        try:
+            server = json.loads(ps_path.read_text())
+        except (OSError, ValueError):
+            server = None
+        if not isinstance(server, dict):
+            server = None
+    return Run(
+        path=run_dir,
+        label=label,
+        time=time[order],
+        frames=np.asarray(frames, np.float64)[order],
+        returns=np.concatenate([e["return"] for _, e, _ in per_source])[order],
+        lengths=np.concatenate([e["length"] for _, e, _ in per_source])[order],
+        bundles=np.concatenate([np.full(len(e["return"]), b) for b, e, _ in per_source])[order],
+        learner=learner,
+        server=server,
+    )
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """Each run's directory name; when two share a name, their parent's name is added."""
+    names = [p.resolve().name or str(p) for p in paths]
+    return [
+        f"{p.resolve().parent.name}/{name}" if names.count(name) > 1 else name
+        for p, name in zip(paths, names, strict=True)
+    ]
+
+
+# ---- drawing ------------------------------------------------------------------------------
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (the mean of the last `window` values; fewer at the start)."""
+    values = np.asarray(values, np.float64)
+    if window <= 1 or len(values) == 0:
+        return values
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def _format_count(value: float, _position=None) -> str:
+    magnitude = abs(value)
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if magnitude >= scale:
+            text = f"{value / scale:.1f}".rstrip("0").rstrip(".")
+            return f"{text}{suffix}"
+    return f"{value:g}"
+
+
+def _colors(count: int) -> list:
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(count)]
+
+
+def _returns_figure(runs: list[Run], *, by: str, window: int, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=RETURN_FIGSIZE, dpi=DPI, layout="constrained")
+    for run, color in zip(runs, _colors(len(runs)), strict=True):
+        x = run.frames if by == "frame" else np.arange(1, len(run.returns) + 1)
+        ax.plot(x, run.returns, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(x, smooth(run.returns, window), color=color, linewidth=2.0, label=run.label)
+    if by == "frame":
+        ax.set_xlabel("environment frames (all bundles)")
+        ax.xaxis.set_major_formatter(FuncFormatter(_format_count))
+        title = "Episode return by frames"
+    else:
+        ax.set_xlabel("episode (all bundles, in order of wall time)")
+        title = "Episode return by episode"
+    ax.set_ylabel("return (unclipped, whole game)")
+    ax.set_title(f"{title}: faint = each episode, bold = mean of the last {window}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="run", loc="best")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _learner_figure(runs: list[Run], *, window: int, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=PANEL_FIGSIZE, dpi=DPI, layout="constrained")
+    styles = ("-", "--", ":", "-.")
+    for run, color in zip(runs, _colors(len(runs)), strict=True):
+        for index, (bundle, records) in enumerate(sorted(run.learner.items())):
+            if not len(records["time"]):
+                continue
+            name = run.label if len(run.learner) == 1 else f"{run.label} bundle {bundle}"
+            for ax, (key, _) in zip(axes, LEARNER_KEYS, strict=True):
+                ax.plot(
+                    records["total_frames"],
+                    smooth(records[key], window),
+                    color=color,
+                    linestyle=styles[index % len(styles)],
+                    linewidth=1.5,
+                    label=name,
+                )
+    for ax, (_, title) in zip(axes, LEARNER_KEYS, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("environment frames (all bundles)")
+        ax.set_ylabel(title)
+        ax.xaxis.set_major_formatter(FuncFormatter(_format_count))
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle(f"Learner statistics (mean of the last {window} logged windows)")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _bucket_low(label: str) -> float:
+    match = re.match(r"\d+", str(label))
+    return float(match.group()) if match else math.inf
+
+
+def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list[float], object]]):
+    """Bars of several runs side by side for each category."""
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(categories))
+    for index, (label, values, color) in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * width
+        ax.bar(x + offset, values, width=width, color=color, label=label)
+    ax.set_xticks(x, categories)
+
+
+def _server_figure(runs: list[Run], *, path: Path) -> Path:
+    served = [
+        (run, color)
+        for run, color in zip(runs, _colors(len(runs)), strict=True)
+        if run.server is not None
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=PANEL_FIGSIZE, dpi=DPI, layout="constrained")
+
+    rate_ax, stale_ax, worker_ax = axes
+    rates = []
+    for run, color in served:
+        stats = run.server
+        uptime = float(stats.get("uptime_seconds") or 0.0)
+        updates = float(stats.get("updates", stats.get("version", 0)) or 0.0)
+        mean_rate = updates / uptime if uptime > 0 else 0.0
+        rates.append((run.label, [mean_rate, float(stats.get("updates_per_second") or 0.0)], color))
+    _grouped_bars(rate_ax, ["whole run\n(updates / uptime)", "last stats window"], rates)
+    for container in rate_ax.containers:
+        rate_ax.bar_label(container, fmt="%.0f", fontsize="small")
+    rate_ax.set_ylabel("server updates per second")
+    rate_ax.set_title("Parameter-server update rate")
+    rate_ax.legend(loc="best", fontsize="small")
+
+    buckets = sorted(
+        {str(b) for run, _ in served for b in (run.server.get("staleness_histogram") or {})},
+        key=_bucket_low,
+    )
+    shares = []
+    for run, color in served:
+        histogram = run.server.get("staleness_histogram") or {}
+        total = sum(float(v) for v in histogram.values()) or 1.0
+        shares.append(
+            (run.label, [100.0 * float(histogram.get(b, 0)) / total for b in buckets], color)
+        )
+    _grouped_bars(stale_ax, buckets, shares)
+    stale_ax.set_xlabel("staleness (server versions behind when the gradient arrived)")
+    stale_ax.set_ylabel("% of accepted gradients")
+    stale_ax.set_title("Staleness of accepted gradients")
+
+    workers = sorted(
+        {str(w) for run, _ in served for w in (run.server.get("workers") or {})},
+        key=_bucket_low,
+    )
+    accepted = []
+    for run, color in served:
+        counts = run.server.get("workers") or {}
+        rejected = sum(int(v) for v in (run.server.get("rejections") or {}).values())
+        accepted.append(
+            (
+                f"{run.label} ({rejected} rejected)",
+                [float((counts.get(w) or {}).get("accepted", 0)) for w in workers],
+                color,
+            )
+        )
+    _grouped_bars(worker_ax, [f"bundle {int(w) + 1}" for w in workers], accepted)
+    worker_ax.set_ylabel("accepted gradient pushes")
+    worker_ax.set_title("Pushes accepted per bundle")
+    worker_ax.yaxis.set_major_formatter(FuncFormatter(_format_count))
+    worker_ax.legend(loc="lower right", fontsize="small")
+    for ax in axes:
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Parameter server (ps.json at the end of the run)")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def make_plots(run_dirs: list[Path | str], out_dir: Path | str, *, window: int = 20) -> list[Path]:
+    """Write the figures of the runs (overlaid) into out_dir; returns the files written.
+
+    Always: returns by episode and by frame. With learner.jsonl: learner statistics. With
+    ps.json in any run: the server's update rate, staleness histogram and pushes per bundle.
+    """
+    if window < 1:
+        raise PlotError(f"--smooth must be >= 1, got {window}")
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise PlotError("no run directory given")
+    runs = [load_run(p, label) for p, label in zip(paths, run_labels(paths), strict=True)]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        _returns_figure(runs, by="episode", window=window, path=out_dir / RETURNS_BY_EPISODE),
+        _returns_figure(runs, by="frame", window=window, path=out_dir / RETURNS_BY_FRAME),
+    ]
+    if any(len(r["time"]) for run in runs for r in run.learner.values()):
+        learner_window = max(1, window // 4)
+        written.append(_learner_figure(runs, window=learner_window, path=out_dir / LEARNER))
+    if any(run.server is not None for run in runs):
+        written.append(_server_figure(runs, path=out_dir / SERVER))
+    return written

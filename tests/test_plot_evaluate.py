@@ -1,0 +1,269 @@
+"""The user-facing outputs: TensorBoard events, plots of runs, evaluation of saved params.
+
+One short real single-process CartPole run (3,000 frames) is shared by the tests; a
+distributed layout (bundle*/episodes.csv, learner.jsonl, ps.json) is written synthetically.
+"""
+
+import csv
+import importlib.util
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gorila_jax import plots
+from gorila_jax.envs import Episode
+from gorila_jax.evaluate import Recorder, _compare
+from gorila_jax.metrics import RunLogger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"experiments/{script}", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def load_script(name: str):
+    """An experiments/ script as a module, to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "experiments" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory) -> Path:
+    """A real single-process run directory with config.yaml, logs and params.msgpack."""
+    run_dir = tmp_path_factory.mktemp("cartpole_run")
+    result = run_script(
+        "cartpole.py", "--single-process", "--seed", "0", "--total-frames", "3000",
+        "--learning-starts", "500", "--run-dir", run_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def write_distributed_run(run_dir: Path, bundles: int = 2, episodes: int = 60) -> None:
+    """A distributed-layout run: bundle*/episodes.csv and learner.jsonl, and ps.json."""
+    rng = np.random.default_rng(0)
+    for bundle in range(1, bundles + 1):
+        directory = run_dir / f"bundle{bundle}"
+        directory.mkdir(parents=True)
+        with (directory / "episodes.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("time", "frames", "bundle", "env", "return", "length"))
+            for i in range(episodes):
+                length = int(rng.integers(10, 60))
+                writer.writerow((0.1 * i + 0.03 * bundle, 50 * (i + 1), bundle, 0, length, length))
+        with (directory / "learner.jsonl").open("w") as handle:
+            for i in range(10):
+                record = {
+                    "time": 0.6 * i,
+                    "frames": 300 * i,
+                    "updates": 100 * i,
+                    "loss": 1 / (i + 1),
+                }
+                handle.write(json.dumps({**record, "mean_q": i, "mean_abs_td": 0.5}) + "\n")
+    stats = {
+        "version": 1200,
+        "updates": 1200,
+        "updates_per_second": 310.5,
+        "uptime_seconds": 8.0,
+        "staleness_histogram": {"0": 3, "1": 20, "2-3": 100, "4-7": 400, "8-15": 500},
+        "rejections": {"stale": 2},
+        "workers": {"0": {"accepted": 600}, "1": {"accepted": 598, "rejected": 2}},
+        "frames": 6000,
+    }
+    (run_dir / "ps.json").write_text(json.dumps(stats))
+
+
+def read_tensorboard_tags(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) per scalar tag from the TFRecord event files in `directory`."""
+    from tensorboardX.proto import event_pb2
+
+    tags: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return tags
+
+
+# ---- TensorBoard ----------------------------------------------------------------------------
+
+
+def test_run_logger_writes_tensorboard_events(tmp_path):
+    logger = RunLogger(tmp_path, bundle=1)
+    logger.episodes([Episode(0, 21.0, 30), Episode(1, -3.5, 12)], frames=400)
+    logger.learner({"frames": 800, "updates": 50, "loss": 0.25, "mean_q": 1.5, "mean_abs_td": 0.75})
+    logger.close()
+    tags = read_tensorboard_tags(tmp_path)
+    assert tags["episode/return"] == [(400, 21.0), (400, -3.5)]
+    assert tags["episode/length"] == [(400, 30.0), (400, 12.0)]
+    assert tags["learner/loss"] == [(800, 0.25)]
+    assert tags["learner/mean_q"] == [(800, 1.5)]
+    assert tags["learner/mean_abs_td"] == [(800, 0.75)]
+    assert (tmp_path / "episodes.csv").read_text().count("\n") == 3  # CSV kept as it was
+    assert len((tmp_path / "learner.jsonl").read_text().splitlines()) == 1
+
+
+def test_real_run_has_tensorboard_events(cartpole_run):
+    tags = read_tensorboard_tags(cartpole_run)
+    episodes = list(csv.DictReader((cartpole_run / "episodes.csv").open()))
+    assert len(tags["episode/return"]) == len(episodes) > 0
+    assert {"learner/loss", "learner/mean_q", "learner/mean_abs_td"} <= set(tags)
+
+
+# ---- plots ----------------------------------------------------------------------------------
+
+
+def test_smooth_is_a_trailing_mean():
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(plots.smooth(values, 2), [1.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(plots.smooth(values, 1), values)
+
+
+def test_distributed_layout_is_merged_by_time(tmp_path):
+    write_distributed_run(tmp_path, bundles=2, episodes=60)
+    run = plots.load_run(tmp_path)
+    assert len(run.returns) == 120
+    assert np.all(np.diff(run.time) >= 0)
+    assert set(run.bundles) == {1, 2}
+    # Frames of the whole run: both bundles' frames added, so about twice one bundle's.
+    assert np.all(np.diff(run.frames) >= 0)
+    assert run.frames[-1] == pytest.approx(2 * 3000, rel=0.05)
+    assert run.server["updates"] == 1200
+    assert sorted(run.learner) == [1, 2]
+
+
+def test_plot_script_writes_pngs_for_both_layouts(tmp_path, cartpole_run):
+    distributed = tmp_path / "distributed"
+    write_distributed_run(distributed)
+    out = tmp_path / "plots"
+    result = run_script("plot.py", cartpole_run, distributed, "--out", out, "--smooth", "5")
+    assert result.returncode == 0, result.stderr
+    expected = {
+        plots.RETURNS_BY_EPISODE: plots.RETURN_FIGSIZE,
+        plots.RETURNS_BY_FRAME: plots.RETURN_FIGSIZE,
+        plots.LEARNER: plots.PANEL_FIGSIZE,
+        plots.SERVER: plots.PANEL_FIGSIZE,
+    }
+    for name, (width, height) in expected.items():
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.format == "PNG"
+            assert image.size == (round(width * plots.DPI), round(height * plots.DPI))
+        assert f"wrote {out / name}" in result.stdout
+
+
+def test_plot_one_run_writes_into_its_directory_without_server_plot(cartpole_run, capsys):
+    assert load_script("plot.py").main([str(cartpole_run)]) == 0
+    written = capsys.readouterr().out.split()
+    for name in (plots.RETURNS_BY_EPISODE, plots.RETURNS_BY_FRAME, plots.LEARNER):
+        assert str(cartpole_run / name) in written
+        assert (cartpole_run / name).stat().st_size > 0
+    assert not (cartpole_run / plots.SERVER).exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "header_only"])
+def test_plot_errors_are_one_line(tmp_path, capsys, case):
+    run_dir = tmp_path / "run"
+    if case != "missing":
+        run_dir.mkdir()
+    if case == "header_only":
+        (run_dir / "episodes.csv").write_text("time,frames,bundle,env,return,length\n")
+    assert load_script("plot.py").main([str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert ("not found" if case == "missing" else "no episodes") in err
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+def test_evaluate_writes_json_and_gif(tmp_path, cartpole_run):
+    out = tmp_path / "eval"
+    result = run_script("evaluate.py", cartpole_run, "--episodes", "3", "--seed", "1", "--out", out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((out / "evaluation.json").read_text())
+    for key in ("mean", "median", "std", "min", "max", "episodes", "env_id", "seed", "epsilon"):
+        assert key in summary
+    assert summary["episodes"] == 3 and len(summary["returns"]) == 3
+    assert summary["env_id"] == "CartPole-v1" and summary["seed"] == 1
+    assert summary["epsilon"] == 0.05
+    assert summary["min"] <= summary["median"] <= summary["max"]
+    assert summary["min"] <= summary["mean"] <= summary["max"]
+    assert summary["mean"] == pytest.approx(np.mean(summary["returns"]))
+    assert summary["std"] >= 0
+    assert all(r >= 1 for r in summary["returns"])  # CartPole: +1 per step
+    with Image.open(out / "evaluation.gif") as gif:
+        assert gif.format == "GIF"
+        assert gif.n_frames > 1
+    assert f"mean {summary['mean']:.2f}" in result.stdout
+
+
+def test_evaluate_refuses_params_of_another_network(tmp_path, cartpole_run, capsys):
+    import flax.serialization
+    import jax
+
+    from gorila_jax.networks import MLP
+
+    other = MLP(num_actions=2, hidden=(64,)).init(jax.random.key(0), np.zeros((1, 4)))
+    params = tmp_path / "other.msgpack"
+    params.write_bytes(flax.serialization.to_bytes(other))
+    main = load_script("evaluate.py").main
+    assert main([str(cartpole_run), "--params", str(params), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "does not fit" in err and "MLP (128, 128)" in err
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "no_config", "no_params", "not_msgpack"])
+def test_evaluate_errors_are_one_line(tmp_path, cartpole_run, capsys, case):
+    run_dir = tmp_path / "run"
+    args = [str(run_dir)]
+    if case == "no_config":
+        run_dir.mkdir()
+    elif case == "no_params":
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text((cartpole_run / "config.yaml").read_text())
+    elif case == "not_msgpack":
+        args = [str(cartpole_run), "--params", str(cartpole_run / "config.yaml")]
+    assert load_script("evaluate.py").main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_shape_comparison_names_the_leaf():
+    expected = {"params": {"q": {"kernel": np.zeros((512, 6)), "bias": np.zeros(6)}}}
+    saved = {"params": {"q": {"kernel": np.zeros((512, 4)), "bias": np.zeros(4)}}}
+    problem = _compare(saved, expected, "")
+    assert "params/q/" in problem and "expects" in problem
+    assert _compare(expected, expected, "") is None
+    assert "missing params/q" in _compare({"params": {}}, expected, "")
+
+
+def test_recorder_keeps_a_bounded_spread_of_the_episode():
+    recorder = Recorder(max_frames=10)
+    for step in range(1000):
+        recorder.add(step, f"step {step}", last=step == 999)
+    kept = [snapshot for snapshot, _ in recorder.snapshots]
+    assert len(kept) <= 11 and kept[0] == 0 and kept[-1] == 999
+    assert np.all(np.diff(kept) > 0)
