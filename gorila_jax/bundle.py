@@ -87,6 +87,7 @@ def run_actor_learner(
     bundle: int = 0,
     frame_budget: int | None = None,
     epsilon_frame_scale: int = 1,
+    start_frames: int = 0,
     stop_event: threading.Event | None = None,
 ) -> LoopResult:
     """Act, store, and learn until this bundle's frame budget is spent or something stops it.
@@ -94,7 +95,9 @@ def run_actor_learner(
     `frame_budget` is this bundle's share of `config.total_frames` (all of it by default).
     Epsilon follows the run's frames, estimated as this bundle's frames times
     `epsilon_frame_scale` (the number of bundles). The loop ends early when the updater
-    says so or `stop_event` is set (a signal).
+    says so or `stop_event` is set (a signal). A resumed bundle starts at `start_frames`
+    (its count before the interruption); its replay is new, so learning waits for
+    `learning_starts` frames again.
     """
     stop_event = stop_event or threading.Event()
     frame_budget = config.total_frames if frame_budget is None else frame_budget
@@ -106,7 +109,7 @@ def run_actor_learner(
     steps_per_vector_step = env.num_envs
     frames_per_vector_step = env.num_envs * env.frames_per_step
     start = time.time()
-    frames, agent_steps = 0, 0
+    frames, agent_steps = start_frames, 0
     updates_due = 0.0
     learner_window: list[Any] = []
     step = env.reset()
@@ -132,7 +135,8 @@ def run_actor_learner(
             env.send(actions)
             frames += frames_per_vector_step
             agent_steps += steps_per_vector_step
-            if frames >= config.learning_starts and replay.can_sample(config.batch_size):
+            learning = frames - start_frames >= config.learning_starts
+            if learning and replay.can_sample(config.batch_size):
                 updates_due += steps_per_vector_step / config.train_every
                 while updates_due >= 1.0:
                     updates_due -= 1.0

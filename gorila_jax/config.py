@@ -136,8 +136,27 @@ class Config:
     """Largest message the server's socket accepts, in MiB."""
     stats_every_seconds: float = 2.0
     """Seconds between writes of RUN_DIR/ps.json by the server."""
-    server_timeout_seconds: float = 60.0
-    """How long a bundle waits for a reply from the server before giving up."""
+    server_timeout_seconds: float = 30.0
+    """How long a bundle waits for one reply from the server before it counts it lost."""
+    server_retry_seconds: float = 300.0
+    """How long a bundle that lost the server keeps reconnecting (with backoff) before it
+    exits with an error."""
+
+    # --- checkpoints and failures ------------------------------------------------------
+    checkpoint_every_updates: int = 5_000
+    """The server checkpoints its whole state every this many updates..."""
+    checkpoint_every_seconds: float = 300.0
+    """...and every this many seconds, and at shutdown (SIGTERM, SIGINT, end of run)."""
+    checkpoint_keep: int = 3
+    """Checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)."""
+    resume: bool = False
+    """Require a checkpoint in the run dir and continue from it (a run dir that holds one
+    of the same config is resumed even without this flag)."""
+    force_resume: bool = False
+    """Load a checkpoint even if it was made for another network or optimizer config."""
+    max_restarts: int = 3
+    """Local runs: how many times the launcher restarts a process that died unexpectedly
+    (a bundle rejoins; the server comes back from its last checkpoint)."""
 
     # --- logging ---------------------------------------------------------------------
     log_every_seconds: float = 10.0
@@ -194,6 +213,8 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         "max_staleness",
         "outlier_warmup",
         "max_message_mb",
+        "checkpoint_every_updates",
+        "checkpoint_keep",
     )
     for name in positive:
         value = getattr(config, name)
@@ -217,7 +238,14 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
             _fail(name, "must be > 0", value)
     if config.max_grad_norm < 0:
         _fail("max_grad_norm", "must be >= 0 (0 disables clipping)", config.max_grad_norm)
-    for name in ("stats_every_seconds", "server_timeout_seconds"):
+    if not isinstance(config.max_restarts, int) or config.max_restarts < 0:
+        _fail("max_restarts", "must be a non-negative integer", config.max_restarts)
+    for name in (
+        "stats_every_seconds",
+        "server_timeout_seconds",
+        "server_retry_seconds",
+        "checkpoint_every_seconds",
+    ):
         if getattr(config, name) <= 0:
             _fail(name, "must be > 0", getattr(config, name))
     if config.outlier_k < 0:
@@ -292,7 +320,8 @@ def validate_env_id(env_id: str) -> None:
 
 def fingerprint(config: Config) -> str:
     """A short hash of the settings that shape the network and its training state."""
-    shape = {k: getattr(config, k) for k in ("env_id", "dueling", "mlp_hidden", "optimizer")}
+    keys = ("env_id", "dueling", "mlp_hidden", "optimizer", "dc_asgd")
+    shape = {k: list(v) if isinstance(v := getattr(config, k), tuple) else v for k in keys}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -19,6 +19,9 @@ from typing import NamedTuple
 ENV_COORDINATOR = "GORILA_COORDINATOR"
 ENV_NUM_PROCESSES = "GORILA_NUM_PROCESSES"
 ENV_PROCESS_ID = "GORILA_PROCESS_ID"
+ENV_SERVER_PORT = "GORILA_SERVER_PORT"
+ENV_RUN_TOKEN = "GORILA_RUN_TOKEN"
+ENV_RESTARTED = "GORILA_RESTARTED"
 KEY_ENDPOINT = "gorila/server_endpoint"
 KEY_TOKEN = "gorila/run_token"
 
@@ -66,7 +69,13 @@ def initialize(timeout_seconds: int = 120) -> ProcessInfo:
         )
     else:
         jax.distributed.initialize(initialization_timeout=timeout_seconds)
-    return ProcessInfo(jax.process_index(), jax.process_count(), launcher)
+    # Read the index from the distributed client, not jax.process_index(): that would start
+    # the XLA backend inside the group, and processes must start theirs only after leaving
+    # it (see `shutdown`).
+    from jax._src import distributed
+
+    state = distributed.global_state
+    return ProcessInfo(int(state.process_id), int(state.num_processes), launcher)
 
 
 class KeyValueStore:
@@ -90,7 +99,12 @@ class KeyValueStore:
 
 
 def shutdown() -> None:
-    """Leave the jax.distributed group (a barrier: processes leave together)."""
+    """Leave the jax.distributed group (a barrier: processes leave together).
+
+    Called right after the rendezvous and before any JAX computation, so every process then
+    starts a backend of its own: no process can take another down through jax's health
+    checks, and libraries such as orbax see a single-process program.
+    """
     import jax
 
     jax.distributed.shutdown()

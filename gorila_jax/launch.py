@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 from gorila_jax import distributed
+from gorila_jax.checkpoint import CheckpointError
 from gorila_jax.config import Config, ConfigError, parse_cli, validate, write_resolved
 
 STOP_GRACE_SECONDS = 30.0
+EXIT_STOPPED = 143  # 128 + SIGTERM: a process that stopped because it was told to
 KEY_VALUE_TIMEOUT_SECONDS = 120.0
 
 
@@ -43,7 +45,7 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
         if distributed.detect_launcher() == "none":
             return launch_local(config, argv)
         return run_role(config)
-    except (ConfigError, MemoryError) as error:
+    except (ConfigError, MemoryError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
 
@@ -64,11 +66,21 @@ def _stop_on_signals() -> threading.Event:
 
 
 def run_role(config: Config) -> int:
-    """Join the run and be its parameter server (process 0) or one of its bundles."""
-    import jax
+    """Join the run and be its parameter server (process 0) or one of its bundles.
 
+    A process the local launcher restarts cannot rejoin jax.distributed (the group is left
+    after the rendezvous); it takes its index, the server's port and the token from the
+    launcher's environment instead.
+    """
     stop = _stop_on_signals()
-    info = distributed.initialize()
+    if distributed.ENV_RESTARTED in os.environ:
+        info = distributed.ProcessInfo(
+            int(os.environ[distributed.ENV_PROCESS_ID]),
+            int(os.environ[distributed.ENV_NUM_PROCESSES]),
+            "local",
+        )
+    else:
+        info = distributed.initialize()
     if info.count < 2:
         print(
             "error: a Gorila run needs at least 2 processes (a server and a bundle); "
@@ -76,12 +88,44 @@ def run_role(config: Config) -> int:
             file=sys.stderr,
         )
         return 2
-    validate(config, local_device_count=jax.local_device_count())
     if info.is_server:
         run_server(config, info, stop)
     else:
         run_bundle(config, info, stop)
-    return 0
+    return EXIT_STOPPED if stop.is_set() else 0
+
+
+def _check_devices(config: Config) -> None:
+    """After the rendezvous (which must come before the XLA backend starts)."""
+    import jax
+
+    validate(config, local_device_count=jax.local_device_count())
+
+
+def _rendezvous_server(endpoint: str, token: str) -> None:
+    """Publish the server's address and token, then leave jax.distributed.
+
+    Leaving means processes live and die independently afterwards: jax's health check
+    would otherwise take every process down with any one of them.
+    """
+    if distributed.ENV_RESTARTED in os.environ:
+        return
+    store = distributed.KeyValueStore()
+    store.set(distributed.KEY_ENDPOINT, endpoint)
+    store.set(distributed.KEY_TOKEN, token)
+    distributed.shutdown()
+
+
+def _rendezvous_bundle() -> tuple[str, str]:
+    """The server's endpoint and the run token (from the store, or the launcher's env)."""
+    if distributed.ENV_RESTARTED in os.environ:
+        port = os.environ[distributed.ENV_SERVER_PORT]
+        return f"tcp://127.0.0.1:{port}", os.environ[distributed.ENV_RUN_TOKEN]
+    store = distributed.KeyValueStore()
+    endpoint = store.get(distributed.KEY_ENDPOINT, KEY_VALUE_TIMEOUT_SECONDS)
+    token = store.get(distributed.KEY_TOKEN, KEY_VALUE_TIMEOUT_SECONDS)
+    distributed.shutdown()
+    return endpoint, token
 
 
 def _probe_env(config: Config, seed: int):
@@ -117,42 +161,62 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     import zmq
 
     from gorila_jax import transport
+    from gorila_jax.checkpoint import Checkpointer, CheckpointError
+    from gorila_jax.config import fingerprint as config_fingerprint
     from gorila_jax.networks import make_network
     from gorila_jax.parameter_server import ParameterServer
     from gorila_jax.single_process import init_params, save_params
 
     run_dir = Path(config.run_dir)
-    write_resolved(config, run_dir)
+    token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()
+    port = os.environ.get(distributed.ENV_SERVER_PORT, "0")
+    max_bytes = config.max_message_mb * 1024 * 1024
+    sock, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), f"tcp://{_server_host(info)}:{port}", max_bytes
+    )
+    # Bundles may connect now; their hellos wait in the socket until serve() starts.
+    _rendezvous_server(endpoint, token)
+    _check_devices(config)
     num_actions, example_obs = _probe_env(config, config.seed)
     network = make_network(config, num_actions)
     params = init_params(network, example_obs, config.seed)
-    token = transport.new_run_token()
     server = ParameterServer(
         config, params, num_workers=info.count - 1, token=token, run_dir=run_dir
     )
-    sock, endpoint = transport.make_server_socket(
-        zmq.Context.instance(), f"tcp://{_server_host(info)}:0", server.max_bytes
-    )
+    checkpointer = None
     try:
-        store = distributed.KeyValueStore()
-        store.set(distributed.KEY_ENDPOINT, endpoint)
-        store.set(distributed.KEY_TOKEN, token)
-        # Rendezvous done: leave jax.distributed so that processes live and die independently
-        # (its health check would otherwise take every process down with any one of them).
-        distributed.shutdown()
+        checkpointer = Checkpointer(run_dir, keep=config.checkpoint_keep)
+        state, _ = server.checkpoint_state()
+        restored = checkpointer.restore_latest(
+            state,
+            expect={
+                "config_fingerprint": config_fingerprint(config),
+                "tree_fingerprint": server.fingerprint,
+            },
+            force=config.force_resume,
+        )
+        if restored is None and config.resume:
+            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}")
+        write_resolved(config, run_dir)
+        if restored is not None:
+            server.restore(restored.state, restored.meta)
+            print(f"[server] resumed from checkpoint {restored.version}", flush=True)
         print(
             f"[server] {config.env_id}: {server.num_params:,} params, {server.num_workers} "
             f"bundle(s), optimizer {config.optimizer}, dc_asgd {config.dc_asgd}, "
             f"shard_factor {config.shard_factor}, listening on {endpoint}",
             flush=True,
         )
-        server.serve(sock, endpoint, stop.is_set)
+        server.serve(sock, endpoint, stop.is_set, checkpointer=checkpointer)
     finally:
         sock.close(linger=2000)  # let the last stop ack leave before closing
+        if checkpointer is not None:
+            checkpointer.close()
     save_params(server.params_tree(), run_dir / "params.msgpack")
     stats = server.stats()
     print(
-        f"[server] done: {stats['updates']:,} updates, rejections {stats['rejections'] or 'none'}",
+        f"[server] {'stopped' if stop.is_set() else 'done'}: {stats['updates']:,} updates, "
+        f"checkpoint {server.checkpointed_version}, rejections {stats['rejections'] or 'none'}",
         flush=True,
     )
 
@@ -170,11 +234,9 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
 
     num_workers = info.count - 1
     worker = info.index - 1
-    seed = config.seed + info.index
-    store = distributed.KeyValueStore()
-    endpoint = store.get(distributed.KEY_ENDPOINT, KEY_VALUE_TIMEOUT_SECONDS)
-    token = store.get(distributed.KEY_TOKEN, KEY_VALUE_TIMEOUT_SECONDS)
-    distributed.shutdown()
+    seed = config.seed + info.index + 1000 * int(distributed.ENV_RESTARTED in os.environ)
+    endpoint, token = _rendezvous_bundle()
+    _check_devices(config)
     env = make_env(config, seed=seed, training=True)
     try:
         replay = make_replay(config, env, seed=seed)
@@ -190,7 +252,13 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
             timeout_seconds=config.server_timeout_seconds,
         )
         learner = RemoteLearner(
-            config, network, template, connection, num_workers=num_workers, replay=replay
+            config,
+            network,
+            template,
+            connection,
+            num_workers=num_workers,
+            replay=replay,
+            stop_event=stop,
         )
         budget = config.total_frames // num_workers
         try:
@@ -204,6 +272,7 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
                 bundle=info.index,
                 frame_budget=budget,
                 epsilon_frame_scale=num_workers,
+                start_frames=learner.start_frames,
                 stop_event=stop,
             )
         finally:
@@ -296,11 +365,21 @@ def stop_children(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> N
 
 
 def launch_local(config: Config, argv: list[str]) -> int:
-    """Start a server and `config.workers` bundles here and supervise them."""
+    """Start a server and `config.workers` bundles here and supervise them.
+
+    A process that dies unexpectedly (a signal, or an exit status other than 0 and 2) is
+    restarted up to `config.max_restarts` times: a bundle rejoins the server, the server
+    resumes from its last checkpoint on the same port. Past that, or for a configuration
+    error (status 2), every process is stopped and the exit is non-zero.
+    """
+    from gorila_jax import transport
+
     count = config.workers + 1
     environ = dict(os.environ)
     environ[distributed.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
     environ[distributed.ENV_NUM_PROCESSES] = str(count)
+    environ[distributed.ENV_SERVER_PORT] = str(free_port())
+    environ[distributed.ENV_RUN_TOKEN] = transport.new_run_token()
     environ["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
     print(
@@ -313,28 +392,50 @@ def launch_local(config: Config, argv: list[str]) -> int:
     def on_signal(signum, frame):
         interrupted.set()
 
+    def start(index: int, restarted: bool) -> Child:
+        name = "server" if index == 0 else f"bundle {index}"
+        child_environ = {**environ, distributed.ENV_PROCESS_ID: str(index)}
+        if restarted:
+            child_environ[distributed.ENV_RESTARTED] = "1"
+        return Child(name, command, child_environ)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []
+    restarts = [0] * count
     try:
-        for index in range(count):
-            name = "server" if index == 0 else f"bundle {index}"
-            children.append(
-                Child(name, command, {**environ, distributed.ENV_PROCESS_ID: str(index)})
-            )
+        children = [start(index, restarted=False) for index in range(count)]
         while not interrupted.is_set():
-            codes = [child.process.poll() for child in children]
-            failed = [c for c, code in zip(children, codes, strict=True) if code not in (None, 0)]
-            if failed:
-                child = failed[0]
+            for index, child in enumerate(children):
+                code = child.process.poll()
+                if code in (None, 0):
+                    continue
+                child.finish_output()
+                if code == EXIT_STOPPED:
+                    # SIGTERM / SIGINT reached this process (preemption): stop the whole run.
+                    print(f"stopping: {child.name} was stopped by a signal, stopping the run",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    stop_children(children)
+                    return EXIT_STOPPED
+                if code != 2 and restarts[index] < config.max_restarts:
+                    restarts[index] += 1
+                    print(
+                        f"warning: {child.name} (pid {child.process.pid}) died with status "
+                        f"{code}: {child.last_error()}; restarting it "
+                        f"({restarts[index]}/{config.max_restarts})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    children[index] = start(index, restarted=True)
+                    continue
                 stop_children(children)
                 print(
                     f"error: {child.name} (pid {child.process.pid}) exited with status "
-                    f"{child.process.returncode}: {child.last_error()}",
+                    f"{code}: {child.last_error()}",
                     file=sys.stderr,
                     flush=True,
                 )
                 return 1
-            if all(code == 0 for code in codes):
+            if all(child.process.poll() == 0 for child in children):
                 for child in children:
                     child.finish_output()
                 return 0

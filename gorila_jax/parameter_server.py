@@ -35,7 +35,8 @@ import zmq
 from jax.flatten_util import ravel_pytree
 
 from gorila_jax import transport
-from gorila_jax.config import Config, dc_asgd_lambda
+from gorila_jax.config import Config, dc_asgd_lambda, to_dict
+from gorila_jax.config import fingerprint as config_fingerprint
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
 
@@ -171,6 +172,9 @@ class ParameterServer:
         self.last_seq: dict[int, int] = {}
         self.stopped_workers: set[int] = set()
         self.frames: dict[int, int] = {}
+        self.events: Counter[str] = Counter()
+        self.checkpointed_version = -1
+        self.checkpointed_at = clock()
         self._rate_window: tuple[float, int] = (self.started, 0)
         self.updates_per_second = 0.0
 
@@ -284,6 +288,8 @@ class ParameterServer:
 
     def _on_hello(self, header: dict, arrays) -> list:
         worker = header["worker"]
+        if self.workers[worker]["hellos"] > 0:
+            self.events["bundle_rejoined"] += 1
         self.workers[worker]["hellos"] += 1
         self.stopped_workers.discard(worker)
         indices = self.shards[worker]
@@ -292,6 +298,7 @@ class ParameterServer:
             "num_workers": self.num_workers,
             "shard": None if indices is None else worker,
             "shard_size": self.num_params if indices is None else len(indices),
+            "frames": self.frames.get(worker, 0),
         }
         return self._send_params(header, "welcome", config=info)
 
@@ -375,6 +382,8 @@ class ParameterServer:
             "rejections": dict(self.rejections),
             "workers": {str(w): dict(c) for w, c in sorted(self.workers.items())},
             "frames": sum(self.frames.values()),
+            "events": dict(self.events),
+            "checkpointed_version": self.checkpointed_version,
             "num_workers": self.num_workers,
             "num_params": self.num_params,
             "shard_factor": self.config.shard_factor,
@@ -394,10 +403,74 @@ class ParameterServer:
         """Every bundle has said it is done."""
         return len(self.stopped_workers) >= self.num_workers
 
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """The arrays and the JSON document that make up a checkpoint of this server."""
+        state = {"params": self.params, "opt_state": self.opt_state}
+        meta = {
+            "version": self.version,
+            "config": to_dict(self.config),
+            "config_fingerprint": config_fingerprint(self.config),
+            "tree_fingerprint": self.fingerprint,
+            "num_workers": self.num_workers,
+            "workers": {str(w): dict(c) for w, c in self.workers.items()},
+            "frames": {str(w): f for w, f in self.frames.items()},
+            "rejections": dict(self.rejections),
+            "staleness_histogram": dict(self.staleness),
+            "events": dict(self.events),
+            "outliers": [self.outliers.count, self.outliers.mean, self.outliers.variance],
+        }
+        return state, meta
+
+    def restore(self, state: dict, meta: dict) -> None:
+        """Continue from a checkpoint: params, optimizer state, version and every counter."""
+        self.params = jnp.asarray(state["params"], jnp.float32)
+        self.opt_state = state["opt_state"]
+        self.version = int(meta["version"])
+        self.workers = defaultdict(
+            Counter, {int(w): Counter(c) for w, c in meta["workers"].items()}
+        )
+        self.frames = {int(w): int(f) for w, f in meta["frames"].items()}
+        self.rejections = Counter(meta["rejections"])
+        self.staleness = Counter(meta["staleness_histogram"])
+        self.events = Counter(meta["events"])
+        self.events["resumed"] += 1
+        self.outliers.count, self.outliers.mean, self.outliers.variance = meta["outliers"]
+        self.checkpointed_version = self.version
+        self._rate_window = (self.clock(), self.version)
+
+    def save_checkpoint(self, checkpointer) -> None:
+        """Write a checkpoint of the current state (nothing if this version is saved)."""
+        if self.version != self.checkpointed_version:
+            state, meta = self.checkpoint_state()
+            checkpointer.save(self.version, state, meta)
+            self.checkpointed_version = self.version
+        self.checkpointed_at = self.clock()
+
+    def checkpoint_due(self) -> bool:
+        """Every `checkpoint_every_updates` updates or `checkpoint_every_seconds` seconds."""
+        if self.version == self.checkpointed_version:
+            return False
+        updates = self.version - max(self.checkpointed_version, 0)
+        return (
+            updates >= self.config.checkpoint_every_updates
+            or self.clock() - self.checkpointed_at >= self.config.checkpoint_every_seconds
+        )
+
     # ---- serving -------------------------------------------------------------------------
 
-    def serve(self, socket: zmq.Socket, address: str, should_stop: Callable[[], bool]) -> None:
-        """Answer requests until every bundle has stopped or `should_stop()` is true."""
+    def serve(
+        self,
+        socket: zmq.Socket,
+        address: str,
+        should_stop: Callable[[], bool],
+        checkpointer=None,
+    ) -> None:
+        """Answer requests until every bundle has stopped or `should_stop()` is true.
+
+        With a `checkpointer`, checkpoints are written when due and once at the end.
+        """
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         next_stats = 0.0
@@ -409,7 +482,11 @@ class ParameterServer:
                     except zmq.Again:
                         break
                     transport.send(socket, self.handle(frames), routing_id, copy=False)
+            if checkpointer is not None and self.checkpoint_due():
+                self.save_checkpoint(checkpointer)
             if self.clock() >= next_stats:
                 self.write_stats(address)
                 next_stats = self.clock() + self.config.stats_every_seconds
+        if checkpointer is not None:
+            self.save_checkpoint(checkpointer)
         self.write_stats(address)

@@ -32,7 +32,11 @@ PUSH_QUEUE = 2
 
 
 class ServerError(RuntimeError):
-    """The server refused a request, or did not answer in time."""
+    """The server refused a request, or did not answer in time (`lost`: worth a retry)."""
+
+    def __init__(self, message: str, *, lost: bool = False):
+        super().__init__(message)
+        self.lost = lost
 
 
 class ServerConnection:
@@ -57,19 +61,39 @@ class ServerConnection:
         self.timeout_seconds = timeout_seconds
         self.seq = 0
         self.cancel = threading.Event()
+        self.endpoint = endpoint
+        self._connect()
+
+    def _connect(self) -> None:
         self._socket = transport.make_client_socket(
-            zmq.Context.instance(), endpoint, f"bundle-{worker}".encode(), max_bytes
+            zmq.Context.instance(), self.endpoint, f"bundle-{self.worker}".encode(), self.max_bytes
         )
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+
+    def reconnect(self) -> None:
+        """A fresh socket: requests queued for a dead server are dropped, not replayed."""
+        self._socket.close(linger=0)
+        self._connect()
 
     def _specs(self, header: dict):
         if header["kind"] in ("welcome", "params"):
             return (transport.vector_spec(self.num_params),)
         return None
 
-    def request(self, kind: str, arrays=(), *, version: int = transport.NO_VERSION, **fields):
-        """Send one request and wait for its reply; ServerError on an error reply or timeout."""
+    def request(
+        self,
+        kind: str,
+        arrays=(),
+        *,
+        version: int = transport.NO_VERSION,
+        interruptible: bool = True,
+        **fields,
+    ):
+        """Send one request and wait for its reply; ServerError on an error reply or timeout.
+
+        An interruptible request gives up as soon as `cancel` is set (the bundle is stopping).
+        """
         self.seq += 1
         header = transport.make_header(
             kind,
@@ -84,10 +108,12 @@ class ServerConnection:
         deadline = time.monotonic() + self.timeout_seconds
         while True:
             remaining = deadline - time.monotonic()
-            if self.cancel.is_set():
+            if interruptible and self.cancel.is_set():
                 raise ServerError(f"{kind} cancelled: the bundle is stopping")
             if remaining <= 0:
-                raise ServerError(f"no reply to {kind} within {self.timeout_seconds:.0f}s")
+                raise ServerError(
+                    f"no reply to {kind} within {self.timeout_seconds:.0f}s", lost=True
+                )
             if not self._poller.poll(timeout=min(remaining, 0.1) * 1000):
                 continue
             _, frames = transport.recv(self._socket)
@@ -134,8 +160,8 @@ class ServerConnection:
         return self.request("stats").header["stats"]
 
     def stop(self) -> None:
-        """Tell the server this worker is done."""
-        self.request("stop")
+        """Tell the server this worker is done (even while the bundle is being stopped)."""
+        self.request("stop", interruptible=False)
 
     def close(self) -> None:
         """Close the socket."""
@@ -173,10 +199,12 @@ class RemoteLearner:
         *,
         num_workers: int,
         replay=None,
+        stop_event: threading.Event | None = None,
     ):
         self.config = config
         self.connection = connection
         self.replay = replay
+        self._stop = stop_event or threading.Event()
         _, self._unravel = ravel_pytree(params_template)
         mesh = local_mesh()
         self._where = shardings(mesh)
@@ -185,6 +213,8 @@ class RemoteLearner:
             connection.num_params, num_workers, connection.worker, config.shard_factor, config.seed
         )
         self._shard = None if self._indices is None else connection.worker
+        self.start_frames = int(info.get("frames", 0))
+        self.reconnects = 0
         if info["shard_size"] != (
             connection.num_params if self._indices is None else len(self._indices)
         ):
@@ -233,6 +263,9 @@ class RemoteLearner:
         grads, metrics = self._grad_step(self.params, self.target_params, batch, weights)
         item = (grads, metrics.mean_abs_td, self.params_version)
         while not self._closing.is_set() and self.error is None:
+            if self._stop.is_set():  # a signal: abandon in-flight requests, stop soon
+                self.connection.cancel.set()
+                break
             try:
                 self._outbox.put(item, timeout=0.1)
                 break
@@ -246,34 +279,75 @@ class RemoteLearner:
         return metrics
 
     def should_stop(self) -> bool:
-        """Stop when the communication thread has failed."""
-        return self.error is not None
+        """Stop when the communication thread has failed or a signal arrived."""
+        return self.error is not None or self._stop.is_set()
 
     def _communicate(self) -> None:
         try:
             while not (self._closing.is_set() and self._outbox.empty()):
                 try:
-                    grads, loss, base_version = self._outbox.get(timeout=0.05)
-                except queue.Empty:
-                    grads = None
-                if grads is not None:
-                    accepted, reason, self.server_version = self.connection.push(
-                        np.asarray(grads),
-                        base_version=base_version,
-                        loss=float(loss),
-                        frames=self.frames,
-                        shard=self._shard,
-                    )
-                    if accepted:
-                        self.accepted += 1
-                    else:
-                        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-                refresh = self.server_version // self.config.target_period > self._target_epoch
-                if refresh or self._pull_wanted.is_set():
-                    self._pull_wanted.clear()
-                    self._pull(refresh)
+                    self._exchange()
+                except ServerError as error:
+                    if not error.lost or self._closing.is_set():
+                        raise
+                    self._reconnect(error)
         except BaseException as error:  # surfaced to the main thread through should_stop
             self.error = error
+
+    def _exchange(self) -> None:
+        """Push one queued gradient (if any) and pull when due."""
+        try:
+            grads, loss, base_version = self._outbox.get(timeout=0.05)
+        except queue.Empty:
+            grads = None
+        if grads is not None:
+            accepted, reason, self.server_version = self.connection.push(
+                np.asarray(grads),
+                base_version=base_version,
+                loss=float(loss),
+                frames=self.frames,
+                shard=self._shard,
+            )
+            if accepted:
+                self.accepted += 1
+            else:
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        refresh = self.server_version // self.config.target_period > self._target_epoch
+        if refresh or self._pull_wanted.is_set():
+            self._pull_wanted.clear()
+            self._pull(refresh)
+
+    def _reconnect(self, error: ServerError) -> None:
+        """Say hello again, with backoff, for up to `server_retry_seconds`."""
+        retry = self.config.server_retry_seconds
+        deadline = time.monotonic() + retry
+        delay = 0.5
+        timeout = self.connection.timeout_seconds
+        print(f"[bundle {self.connection.worker + 1}] lost the server ({error}); "
+              f"reconnecting for up to {retry:.0f}s", flush=True)  # fmt: skip
+        self.connection.timeout_seconds = min(timeout, 5.0)
+        try:
+            while not self._closing.is_set():
+                self.connection.reconnect()
+                try:
+                    flat, version, _ = self.connection.hello()
+                except ServerError as attempt:
+                    if not attempt.lost or time.monotonic() + delay > deadline:
+                        raise ServerError(
+                            f"the server did not come back within {retry:.0f}s ({attempt})"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(2 * delay, 10.0)
+                    continue
+                self.server_version = version
+                self._target_epoch = version // self.config.target_period
+                self._incoming = (self._to_device(flat), version, True)
+                self.reconnects += 1
+                print(f"[bundle {self.connection.worker + 1}] reconnected at version "
+                      f"{version}", flush=True)  # fmt: skip
+                return
+        finally:
+            self.connection.timeout_seconds = timeout
 
     def _pull(self, refresh_target: bool) -> None:
         have = -1 if refresh_target else self.params_version
@@ -296,7 +370,6 @@ class RemoteLearner:
         self._thread.join(timeout=self.config.server_timeout_seconds + 5)
         try:
             if quick:
-                self.connection.cancel.clear()
                 self.connection.timeout_seconds = min(self.connection.timeout_seconds, 2.0)
                 with contextlib.suppress(ServerError):
                     self.connection.stop()

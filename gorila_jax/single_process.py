@@ -118,7 +118,8 @@ def train(config: Config) -> LoopResult:
         save_params(learner.params, run_dir / "params.msgpack")
         print(
             f"done: {result.frames:,} frames, {result.updates:,} updates, "
-            f"{result.episodes} episodes, mean return of the last 20: {result.mean_recent_return:.2f}",
+            f"{result.episodes} episodes, "
+            f"mean return of the last 20: {result.mean_recent_return:.2f}",
             flush=True,
         )
         return result

@@ -1,0 +1,287 @@
+"""Operations: checkpoints, resume, preemption, lost bundles and servers, bad files.
+
+Real processes, killed by pid, every wait bounded in time.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import zmq
+
+from gorila_jax import transport
+from gorila_jax.checkpoint import Checkpointer, CheckpointError
+from gorila_jax.config import cartpole_defaults
+from gorila_jax.config import fingerprint as config_fingerprint
+from gorila_jax.networks import MLP
+from gorila_jax.parameter_server import ParameterServer
+from gorila_jax.ps_client import RemoteLearner, ServerConnection, ServerError
+
+ROOT = Path(__file__).resolve().parents[1]
+CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
+pytestmark = pytest.mark.slow
+
+
+def start_run(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, CARTPOLE, "--run-dir", str(run_dir), "--log-every-seconds", "1",
+         "--stats-every-seconds", "0.5", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def read_stats(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "ps.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def wait_until(predicate, timeout: float, what: str, launcher=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if launcher is not None and launcher.poll() is not None:
+            raise AssertionError(f"run ended while waiting for {what}: {launcher.communicate()}")
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def child_by_index(launcher: subprocess.Popen, index: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children():
+        try:
+            if int(child.environ().get("GORILA_PROCESS_ID", -1)) == index:
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no child with index {index}")
+
+
+def all_descendants(launcher: subprocess.Popen) -> list:
+    return psutil.Process(launcher.pid).children(recursive=True)
+
+
+def stop_and_check(launcher: subprocess.Popen, processes: list) -> tuple[str, str]:
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGINT)
+    out, err = launcher.communicate(timeout=60)
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, f"left behind: {alive}"
+    return out, err
+
+
+def test_resume_continues_every_counter(tmp_path):
+    common = ("--checkpoint-every-updates", "200", "--learning-starts", "300")
+    first = subprocess.run(
+        [sys.executable, CARTPOLE, "--run-dir", str(tmp_path), "--total-frames", "3000", *common],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = read_stats(tmp_path)
+    assert before["checkpointed_version"] == before["version"] > 0
+    second = subprocess.run(
+        [sys.executable, CARTPOLE, "--run-dir", str(tmp_path), "--total-frames", "5000",
+         "--resume", *common],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"resumed from checkpoint {before['version']}" in second.stdout
+    after = read_stats(tmp_path)
+    assert after["version"] > before["version"]
+    assert after["frames"] == 5000 and after["events"]["resumed"] == 1
+    for worker in ("0", "1"):
+        assert after["workers"][worker]["accepted"] > before["workers"][worker]["accepted"]
+    checkpoints = sorted((tmp_path / "checkpoints").iterdir())
+    assert len(checkpoints) <= 3  # checkpoint_keep
+
+
+def test_sigterm_to_the_server_checkpoints_and_stops_everything(tmp_path):
+    launcher = start_run(tmp_path, "--total-frames", "10000000", "--learning-starts", "300")
+    wait_until(lambda: read_stats(tmp_path).get("updates", 0) > 50, 120, "updates", launcher)
+    processes = all_descendants(launcher)
+    server = child_by_index(launcher, 0)
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive
+    assert launcher.returncode == 143, err[-2000:]
+    stats = read_stats(tmp_path)
+    assert stats["checkpointed_version"] == stats["version"] > 50
+    assert "[server] stopped" in out
+
+
+def test_killed_bundle_is_restarted_and_rejoins(tmp_path):
+    launcher = start_run(tmp_path, "--total-frames", "10000000", "--learning-starts", "300")
+    wait_until(lambda: read_stats(tmp_path).get("updates", 0) > 50, 120, "updates", launcher)
+    victim = child_by_index(launcher, 2)
+    os.kill(victim.pid, signal.SIGKILL)
+    accepted_before = read_stats(tmp_path)["workers"]["1"]["accepted"]
+    stats = wait_until(
+        lambda: (
+            (s := read_stats(tmp_path)).get("events", {}).get("bundle_rejoined")
+            and s["workers"]["1"]["accepted"] > accepted_before + 20
+            and s
+        ),
+        180,
+        "the restarted bundle to push",
+        launcher,
+    )
+    assert stats["events"]["bundle_rejoined"] == 1
+    processes = all_descendants(launcher)
+    _, err = stop_and_check(launcher, processes)
+    assert "bundle 2" in err and "restarting it (1/3)" in err
+
+
+def test_killed_bundle_without_restarts_stops_the_run(tmp_path):
+    launcher = start_run(tmp_path, "--total-frames", "10000000", "--max-restarts", "0")
+    wait_until(lambda: read_stats(tmp_path), 120, "ps.json", launcher)
+    processes = all_descendants(launcher)
+    victim = child_by_index(launcher, 1)
+    os.kill(victim.pid, signal.SIGKILL)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1
+    assert f"bundle 1 (pid {victim.pid}) exited with status -9" in err
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive
+
+
+def test_killed_server_comes_back_from_its_checkpoint(tmp_path):
+    launcher = start_run(
+        tmp_path, "--total-frames", "10000000", "--learning-starts", "300",
+        "--checkpoint-every-seconds", "1", "--server-timeout-seconds", "3",
+    )  # fmt: skip
+    wait_until(
+        lambda: read_stats(tmp_path).get("checkpointed_version", -1) > 20, 120, "a checkpoint",
+        launcher,
+    )  # fmt: skip
+    server = child_by_index(launcher, 0)
+    os.kill(server.pid, signal.SIGKILL)
+    killed_at = read_stats(tmp_path)["version"]
+    stats = wait_until(
+        lambda: (
+            (s := read_stats(tmp_path)).get("events", {}).get("resumed")
+            and s["version"] > killed_at + 50
+            and s
+        ),
+        180,
+        "the restarted server to apply updates",
+        launcher,
+    )
+    assert stats["events"]["resumed"] == 1
+    processes = all_descendants(launcher)
+    out, err = stop_and_check(launcher, processes)
+    assert "reconnected at version" in out and "server (pid" in err
+
+
+# ---- in-process checks ----------------------------------------------------------------
+
+
+def small_server(tmp_path, **overrides):
+    config = dataclasses.replace(cartpole_defaults(), run_dir=str(tmp_path), **overrides)
+    network = MLP(num_actions=2, hidden=(8,))
+    params = network.init(__import__("jax").random.key(0), np.zeros((1, 4), np.float32))
+    return (
+        config,
+        network,
+        params,
+        ParameterServer(config, params, num_workers=1, token="t" * 64, run_dir=tmp_path),
+    )
+
+
+def expectations(config, server):
+    return {
+        "config_fingerprint": config_fingerprint(config),
+        "tree_fingerprint": server.fingerprint,
+    }
+
+
+def test_checkpoint_round_trip_and_keep(tmp_path):
+    config, _, _, server = small_server(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    for version in range(1, 5):
+        server.version = version
+        server.params = server.params + 1.0
+        server.save_checkpoint(checkpointer)
+    assert checkpointer.versions() == [3, 4]
+    _, _, _, fresh = small_server(tmp_path)
+    state, _ = fresh.checkpoint_state()
+    restored = checkpointer.restore_latest(state, expect=expectations(config, fresh))
+    fresh.restore(restored.state, restored.meta)
+    assert fresh.version == 4
+    np.testing.assert_array_equal(np.asarray(fresh.params), np.asarray(server.params))
+    checkpointer.close()
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    config, _, _, server = small_server(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    for version in (1, 2):
+        server.version = version
+        server.save_checkpoint(checkpointer)
+    newest = tmp_path / "checkpoints" / "2"
+    for path in newest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage")
+    state, _ = server.checkpoint_state()
+    restored = Checkpointer(tmp_path, keep=3).restore_latest(
+        state, expect=expectations(config, server)
+    )
+    assert restored.version == 1
+    assert "checkpoint 2 is unreadable" in capsys.readouterr().err
+    for path in (tmp_path / "checkpoints" / "1").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        Checkpointer(tmp_path, keep=3).restore_latest(state, expect=expectations(config, server))
+
+
+def test_checkpoint_of_another_config_is_refused_unless_forced(tmp_path):
+    config, _, _, server = small_server(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    server.version = 7
+    server.save_checkpoint(checkpointer)
+    other = dataclasses.replace(config, optimizer="sgd")
+    state, _ = server.checkpoint_state()
+    with pytest.raises(CheckpointError, match="made for another network or optimizer"):
+        checkpointer.restore_latest(state, expect=expectations(other, server))
+    forced = checkpointer.restore_latest(state, expect=expectations(other, server), force=True)
+    assert forced.version == 7
+
+
+def test_bundle_gives_up_with_a_clear_message_when_the_server_stays_away(tmp_path):
+    config, network, params, server = small_server(
+        tmp_path, server_timeout_seconds=1.0, server_retry_seconds=3.0, sync_every=1
+    )
+    sock, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(sock, endpoint, stop.is_set))
+    thread.start()
+    connection = ServerConnection(
+        endpoint, token=server.token, worker=0, fingerprint=server.fingerprint,
+        num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=1.0,
+    )  # fmt: skip
+    learner = RemoteLearner(config, network, params, connection, num_workers=1)
+    stop.set()
+    thread.join(timeout=10)
+    sock.close(linger=0)
+    learner._pull_wanted.set()
+    wait_until(lambda: learner.error is not None, 30, "the bundle to give up")
+    assert "did not come back within 3s" in str(learner.error)
+    assert learner.should_stop()
+    with pytest.raises(ServerError, match="bundle lost the server"):
+        learner.close()
