@@ -105,7 +105,12 @@ def run_actor_learner(
     policy = make_policy(network)
     key = jax.random.key(seed)
     logger = RunLogger(run_dir, bundle=bundle)
-    progress = Progress(frame_budget, config.log_every_seconds, prefix=f"[bundle {bundle}] ")
+    progress = Progress(
+        frame_budget,
+        config.log_every_seconds,
+        prefix=f"[bundle {bundle}] ",
+        start_frames=start_frames,
+    )
     steps_per_vector_step = env.num_envs
     frames_per_vector_step = env.num_envs * env.frames_per_step
     start = time.time()
@@ -154,6 +159,7 @@ def run_actor_learner(
                 epsilon=epsilon,
                 mean_return=logger.mean_recent_return(),
                 updates=updater.updates,
+                server_version=getattr(updater, "server_version", None),
             )
         progress.maybe_print(
             frames=frames,
@@ -161,6 +167,7 @@ def run_actor_learner(
             epsilon=epsilon,
             mean_return=logger.mean_recent_return(),
             updates=updater.updates,
+            server_version=getattr(updater, "server_version", None),
             force=True,
         )
         return LoopResult(

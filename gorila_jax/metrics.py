@@ -124,17 +124,31 @@ class RunLogger:
 
 
 class Progress:
-    """Prints one status line every `every` seconds: frames, SPS, epsilon, return, ETA."""
+    """The live status: frames, env steps/s, server updates/s, epsilon, return, elapsed, ETA.
 
-    def __init__(self, total_frames: int, every: float, *, prefix: str = "", stream=None):
+    On a terminal the line is redrawn in place about once a second; otherwise (SLURM logs,
+    the local launcher's pipes) a plain line is printed every `every` seconds.
+    """
+
+    def __init__(
+        self,
+        total_frames: int,
+        every: float,
+        *,
+        prefix: str = "",
+        stream=None,
+        start_frames: int = 0,
+    ):
         self.total_frames = total_frames
-        self.every = every
-        self.prefix = prefix
         self.stream = stream or sys.stdout
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = min(every, 1.0) if self.live else every
+        self.prefix = prefix
         self.start = time.time()
         self._last_time = self.start
-        self._last_frames = 0
+        self._last_frames = start_frames
         self._last_steps = 0
+        self._last_version: int | None = None
 
     def maybe_print(
         self,
@@ -144,6 +158,7 @@ class Progress:
         epsilon: float,
         mean_return: float,
         updates: int,
+        server_version: int | None = None,
         force: bool = False,
     ) -> bool:
         """Print when `every` seconds have passed (or `force`); return whether it printed."""
@@ -154,11 +169,20 @@ class Progress:
         steps_per_second = (agent_steps - self._last_steps) / window
         frames_per_second = (frames - self._last_frames) / window
         eta = (self.total_frames - frames) / frames_per_second if frames_per_second > 0 else np.inf
+        server = ""
+        if server_version is not None:
+            if self._last_version is not None:
+                server = f" | server {(server_version - self._last_version) / window:,.0f} upd/s"
+            self._last_version = server_version
         line = (
             f"{self.prefix}frames {frames:,}/{self.total_frames:,} | sps {steps_per_second:,.0f}"
-            f" | eps {epsilon:.3f} | return(recent) {mean_return:.2f} | updates {updates:,}"
-            f" | elapsed {format_duration(now - self.start)} | eta {format_duration(eta)}"
+            f"{server} | eps {epsilon:.3f} | return(recent) {mean_return:.2f}"
+            f" | updates {updates:,} | elapsed {format_duration(now - self.start)}"
+            f" | eta {format_duration(eta)}"
         )
-        print(line, file=self.stream, flush=True)
+        if self.live:
+            print(f"\r{line}\x1b[K", end="\n" if force else "", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
         self._last_time, self._last_frames, self._last_steps = now, frames, agent_steps
         return True

@@ -42,6 +42,7 @@ from gorila_jax.optim import make_optimizer
 
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 OUTLIER_DECAY = 0.99
+MAX_REPORTED_FRAMES = 2**53
 MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
 
 
@@ -316,7 +317,8 @@ class ParameterServer:
 
     def _on_push(self, header: dict, arrays) -> list:
         worker = header["worker"]
-        self.frames[worker] = header["frames"]
+        # Clamped so that a bogus count cannot overflow the statistics' msgpack integers.
+        self.frames[worker] = min(header["frames"], MAX_REPORTED_FRAMES)
         staleness = self.version - header["version"]
         if header["version"] < 0 or staleness < 0:
             return self._refuse_push(header, "stale", "version from the future")
