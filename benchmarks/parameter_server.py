@@ -1,0 +1,466 @@
+"""Benchmark: parameter-server pushes per second, Nature CNN with Adam, 2 client processes.
+
+The server (`ParameterServer.serve`, in a thread of this process) listens on loopback; two
+spawned client processes (workers 0 and 1, each a `ServerConnection`) push a precomputed
+float32 gradient as fast as the replies come back and pull the params every `--sync-every`
+pushes, as a bundle does. Each push names as its base version the version of the params
+its client last pulled (what a bundle computes its gradient on); staleness is never
+refused, the outlier filter is off, clipping stays at the config's default.
+
+Measured: accepted pushes / wall seconds over the timed window (after a warm-up; the apply
+is compiled before it).
+
+Floor, measured in the same run in the server's process: the rate if each push cost only
+the jitted full apply (median, `block_until_ready`) plus copying its bytes at the measured
+memory bandwidth (a large `np.copyto`, bytes read + written per second): the gradient in,
+and 1/sync_every of a params copy out, each copy reading and writing its bytes. Both parts
+are measured before and after the clients run; the floor uses the mean of the two. The
+ratio is value/floor, HIGHER is better (goal: >= 0.7).
+
+Also printed: the median push + pull round trip of one client with nothing else running,
+against a raw pyzmq DEALER/ROUTER round trip of the same bytes (gradient out, params back),
+interleaved (that ratio is value/floor, lower is better); the in-process medians of the
+server's per-push steps; and the rate of `ParameterServer.handle` alone, without sockets,
+on a second server. `RESULT ps_push value=<pushes/s> floor=<pushes/s> ratio=<value/floor>`
+is the last line.
+
+    python benchmarks/parameter_server.py [--seconds 15] [--warmup 3] [--sync-every 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import queue
+import statistics
+import threading
+import time
+
+import numpy as np
+from common import median_seconds, result_line
+
+LOSS = 1.0
+MAX_BYTES = 256 * 1024 * 1024
+TIMEOUT_SECONDS = 60.0
+
+
+def _gradient(num_params: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (1e-3 * rng.standard_normal(num_params)).astype(np.float32)
+
+
+def _connect(endpoint: str, token: str, fingerprint: str, num_params: int, worker: int):
+    from gorila_jax.ps_client import ServerConnection
+
+    return ServerConnection(
+        endpoint,
+        token=token,
+        worker=worker,
+        fingerprint=fingerprint,
+        num_params=num_params,
+        max_bytes=MAX_BYTES,
+        timeout_seconds=TIMEOUT_SECONDS,
+    )
+
+
+def load_client(
+    worker: int,
+    endpoint: str,
+    token: str,
+    fingerprint: str,
+    num_params: int,
+    sync_every: int,
+    events: dict,
+    results,
+) -> None:
+    """Push as fast as replies come, pull every `sync_every` pushes, until told to stop."""
+    grads = _gradient(num_params, worker)
+    connection = _connect(endpoint, token, fingerprint, num_params, worker)
+    try:
+        _, params_version, _ = connection.hello()
+        results.put(("ready", worker, None))
+        events["start"].wait()
+        pushes = 0
+        timed = {"pushes": 0, "accepted": 0, "pulls": 0, "push_s": 0.0, "pull_s": 0.0}
+        while not events["stop"].is_set():
+            counting = events["timed"].is_set()
+            start = time.perf_counter()
+            accepted, _, _ = connection.push(
+                grads, base_version=params_version, loss=LOSS, frames=pushes, shard=None
+            )
+            pushed = time.perf_counter()
+            pushes += 1
+            if counting:
+                timed["pushes"] += 1
+                timed["accepted"] += int(accepted)
+                timed["push_s"] += pushed - start
+            if pushes % sync_every == 0:
+                params, version = connection.pull(params_version)
+                if params is not None:
+                    params_version = version
+                if counting:
+                    timed["pulls"] += 1
+                    timed["pull_s"] += time.perf_counter() - pushed
+        connection.stop()
+        results.put(("load", worker, timed))
+    finally:
+        connection.close()
+
+
+def roundtrip_client(
+    endpoint: str,
+    echo_endpoint: str,
+    token: str,
+    fingerprint: str,
+    num_params: int,
+    repeats: int,
+    results,
+) -> None:
+    """Interleaved medians: push + pull(-1) through the server, raw zmq echo of the bytes."""
+    import zmq
+
+    grads = _gradient(num_params, 7)
+    connection = _connect(endpoint, token, fingerprint, num_params, 0)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(echo_endpoint)
+    try:
+        _, version, _ = connection.hello()
+
+        def server_trip() -> None:
+            nonlocal version
+            connection.push(grads, base_version=version, loss=LOSS, frames=0, shard=None)
+            _, version = connection.pull(-1)
+
+        def raw_trip() -> None:
+            raw.send(grads, copy=False)
+            raw.recv(copy=False)
+
+        for _ in range(3):
+            server_trip()
+            raw_trip()
+        server_times, raw_times = [], []
+        for _ in range(repeats):
+            for trip, times in ((server_trip, server_times), (raw_trip, raw_times)):
+                start = time.perf_counter()
+                trip()
+                times.append(time.perf_counter() - start)
+        raw.send(b"quit")
+        results.put(
+            ("roundtrip", 0, (statistics.median(server_times), statistics.median(raw_times)))
+        )
+    finally:
+        raw.close(linger=0)
+        connection.close()
+
+
+def echo_server(socket, reply: np.ndarray, stop: threading.Event) -> None:
+    """Answer every message on a ROUTER with `reply` until a b"quit" arrives."""
+    import zmq
+
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    while not stop.is_set():
+        if not poller.poll(timeout=100):
+            continue
+        routing_id, frame = socket.recv_multipart(copy=False)
+        if frame.buffer.nbytes == 4 and frame.bytes == b"quit":
+            return
+        socket.send_multipart([routing_id, reply], copy=False)
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes read + written per second by a large `np.copyto`."""
+    source = np.ones(megabytes * 1024 * 1024 // 4, np.float32)
+    target = np.empty_like(source)
+    seconds = median_seconds(lambda: np.copyto(target, source), repeats=repeats, warmup=1)
+    return 2.0 * source.nbytes / seconds
+
+
+def apply_seconds(server, grads: np.ndarray, repeats: int = 30) -> float:
+    """Median seconds of the server's jitted full apply (state left unchanged)."""
+    import jax
+    import jax.numpy as jnp
+
+    device_grads = jnp.asarray(grads)
+
+    def apply():
+        out = server._apply_full(server.params, server.opt_state, device_grads, server.params)
+        jax.block_until_ready(out)
+
+    return median_seconds(apply, repeats=repeats)
+
+
+def component_costs(server, grads: np.ndarray) -> dict[str, float]:
+    """Median seconds of the server's per-push steps, outside any socket (for the printout)."""
+    import jax.numpy as jnp
+
+    from gorila_jax import transport
+
+    header = transport.make_header(
+        "push",
+        token=server.token,
+        worker=0,
+        seq=1,
+        version=0,
+        fingerprint=server.fingerprint,
+        loss=LOSS,
+        shard=None,
+        frames=0,
+    )
+    # bytes objects: read-only and 16 bytes off a 64-byte boundary, like zmq's frames.
+    frames = [bytes(frame) for frame in transport.encode(header, [grads])]
+
+    def decode():
+        return transport.decode(
+            frames,
+            expected_token=server.token,
+            expected_fingerprint=server.fingerprint,
+            layout_for=server._specs_for,
+            max_bytes=server.max_bytes,
+        )
+
+    view = decode().arrays[0]
+    reply = {**header, "kind": "ack", "accepted": True, "reason": None}
+    for key in ("loss", "shard", "frames"):
+        reply.pop(key)
+
+    def as_device():
+        jnp.asarray(view).block_until_ready()
+
+    return {
+        "apply": apply_seconds(server, grads),
+        "decode": median_seconds(decode, repeats=30),
+        "all_finite": median_seconds(lambda: transport.all_finite([view]), repeats=30),
+        "jnp.asarray(grads)": median_seconds(as_device, repeats=30),
+        "host_params copy": median_seconds(
+            lambda: np.array(server.params, dtype=np.float32), repeats=30
+        ),
+        "encode ack": median_seconds(lambda: transport.encode(reply), repeats=30),
+    }
+
+
+def handle_rate(server, grads: np.ndarray, sync_every: int, seconds: float) -> float:
+    """Pushes/s of `server.handle` alone (no sockets): decode, checks, apply, ack, and a
+    pull (params copy) every `sync_every` pushes. Use a fresh server, not the served one."""
+    import jax
+
+    from gorila_jax import transport
+
+    payload = grads.tobytes()  # read-only and not 64-byte aligned, like a received frame
+    seq = 0
+
+    def header_frame(kind: str, arrays=(), *, version: int, **fields) -> bytes:
+        nonlocal seq
+        seq += 1
+        header = transport.make_header(
+            kind,
+            token=server.token,
+            worker=seq % 2,
+            seq=seq,
+            version=version,
+            fingerprint=server.fingerprint,
+            **fields,
+        )
+        return transport.encode(header, arrays)[0]
+
+    pushes = 0
+    for phase_seconds in (1.0, seconds):  # warm-up (compiles the apply), then timed
+        start, first = time.perf_counter(), server.version
+        while time.perf_counter() - start < phase_seconds:
+            push = header_frame(
+                "push", [grads], version=server.version, loss=LOSS, shard=None, frames=0
+            )
+            server.handle([push, payload])
+            pushes += 1
+            if pushes % sync_every == 0:
+                server.handle([header_frame("pull", version=-1)])
+        jax.block_until_ready(server.params)
+    return (server.version - first) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="timed window")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before the window")
+    parser.add_argument("--sync-every", type=int, default=8, help="pushes per pull, per client")
+    parser.add_argument("--roundtrips", type=int, default=30)
+    args = parser.parse_args()
+
+    import jax
+    import zmq
+
+    from gorila_jax import transport
+    from gorila_jax.config import Config
+    from gorila_jax.networks import NatureCNN
+    from gorila_jax.parameter_server import ParameterServer
+
+    config = dataclasses.replace(
+        Config(), optimizer="adam", max_staleness=1_000_000, outlier_k=0.0, dc_asgd="off"
+    )
+    network = NatureCNN(num_actions=6)
+    params = network.init(jax.random.key(0), np.zeros((1, 4, 84, 84), np.uint8))
+    token = transport.new_run_token()
+    server = ParameterServer(config, params, num_workers=2, token=token)
+    num_params = server.num_params
+    vector_bytes = num_params * 4
+
+    # The server's per-push steps and the floor's parts, before any client runs (the floor's
+    # parts again after the clients: the floor uses the mean of both medians).
+    probe = _gradient(num_params, 99)
+    costs = component_costs(server, probe)
+    alone = ParameterServer(config, params, num_workers=2, token=token)
+    handle_pushes = handle_rate(alone, _gradient(num_params, 98), args.sync_every, 3.0)
+    del alone
+    bandwidths = [memory_bandwidth()]
+    applies = [costs["apply"]]
+
+    context = zmq.Context.instance()
+    socket, endpoint = transport.make_server_socket(context, "tcp://127.0.0.1:0", MAX_BYTES)
+    echo, echo_endpoint = transport.make_server_socket(context, "tcp://127.0.0.1:0", MAX_BYTES)
+    stop_server = threading.Event()
+    serving = threading.Thread(
+        target=server.serve, args=(socket, endpoint, stop_server.is_set), daemon=True
+    )
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    processes = []
+
+    def collect(kind: str, count: int, timeout: float = 120.0) -> dict:
+        got = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            try:
+                tag, worker, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"clients failed or timed out waiting for {kind}") from None
+                continue
+            if tag != kind:
+                raise RuntimeError(f"expected {kind}, got {tag}")
+            got[worker] = value
+        return got
+
+    serving.start()
+    try:
+        # Round trip: one client, nothing else running.
+        echo_stop = threading.Event()
+        echo_thread = threading.Thread(
+            target=echo_server, args=(echo, server.host_params().copy(), echo_stop), daemon=True
+        )
+        echo_thread.start()
+        client = spawn.Process(
+            target=roundtrip_client,
+            args=(
+                endpoint,
+                echo_endpoint,
+                token,
+                server.fingerprint,
+                num_params,
+                args.roundtrips,
+                results,
+            ),
+        )
+        processes.append(client)
+        client.start()
+        roundtrip_seconds, raw_seconds = collect("roundtrip", 1)[0]
+        client.join()
+        echo_stop.set()
+        echo_thread.join()
+
+        # Throughput: two clients pushing, pulling every sync_every pushes.
+        events = {name: spawn.Event() for name in ("start", "timed", "stop")}
+        processes.clear()
+        for worker in range(2):
+            processes.append(
+                spawn.Process(
+                    target=load_client,
+                    args=(
+                        worker,
+                        endpoint,
+                        token,
+                        server.fingerprint,
+                        num_params,
+                        args.sync_every,
+                        events,
+                        results,
+                    ),
+                )
+            )
+            processes[-1].start()
+        collect("ready", 2)
+        events["start"].set()
+        time.sleep(args.warmup)
+        events["timed"].set()
+        start_version, start = server.version, time.perf_counter()
+        time.sleep(args.seconds)
+        end_version, end = server.version, time.perf_counter()
+        events["stop"].set()
+        clients = collect("load", 2)
+        for process in processes:
+            process.join()
+    finally:
+        stop_server.set()
+        serving.join()
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        socket.close(linger=0)
+        echo.close(linger=0)
+
+    applies.append(apply_seconds(server, probe))
+    bandwidths.append(memory_bandwidth())
+    apply_mean = statistics.mean(applies)
+    bandwidth = statistics.mean(bandwidths)
+    copy_bytes = 2.0 * (vector_bytes + vector_bytes / args.sync_every)
+    floor_seconds = apply_mean + copy_bytes / bandwidth
+
+    value = (end_version - start_version) / (end - start)
+    floor = 1.0 / floor_seconds
+    mb = 1024 * 1024
+    print(f"devices: {jax.local_device_count()} ({jax.devices()[0].platform})")
+    print(
+        f"model: Nature CNN, {num_params:,} params ({vector_bytes / mb:.2f} MiB), adam, "
+        f"max_grad_norm {config.max_grad_norm}; 2 clients, pull every {args.sync_every} pushes"
+    )
+    print(
+        "server steps per push (ms, in-process medians): "
+        + ", ".join(f"{name} {seconds * 1e3:.3f}" for name, seconds in costs.items())
+    )
+    print(
+        f"server.handle() alone, no sockets: {handle_pushes:.1f} pushes/s "
+        f"({1e3 / handle_pushes:.3f} ms per push)"
+    )
+    print(
+        f"floor per push: apply {apply_mean * 1e3:.3f} ms (before/after "
+        f"{'/'.join(f'{a * 1e3:.3f}' for a in applies)}) + copies {copy_bytes / mb:.2f} MiB "
+        f"at {bandwidth / 1e9:.2f} GB/s (before/after "
+        f"{'/'.join(f'{b / 1e9:.2f}' for b in bandwidths)}) "
+        f"{copy_bytes / bandwidth * 1e3:.3f} ms = {floor_seconds * 1e3:.3f} ms"
+    )
+    rejected = dict(server.rejections)
+    print(
+        f"server: {end_version - start_version} updates in {end - start:.2f} s, "
+        f"rejections {rejected or 'none'}, staleness {dict(server.staleness)}"
+    )
+    for worker, timed in sorted(clients.items()):
+        pushes, pulls = timed["pushes"], timed["pulls"]
+        print(
+            f"client {worker}: {pushes} pushes ({timed['accepted']} accepted), "
+            f"push {timed['push_s'] / max(pushes, 1) * 1e3:.2f} ms, "
+            f"{pulls} pulls, pull {timed['pull_s'] / max(pulls, 1) * 1e3:.2f} ms (means)"
+        )
+    print(
+        f"roundtrip_ms value={roundtrip_seconds * 1e3:.4g} floor={raw_seconds * 1e3:.4g} "
+        f"ratio={roundtrip_seconds / raw_seconds:.4g} "
+        "(push + pull through the server vs one raw zmq round trip of the same bytes; "
+        "lower is better)"
+    )
+    print("ps_push ratio is value/floor: higher is better, goal >= 0.7")
+    print(result_line("ps_push", value, floor))
+
+
+if __name__ == "__main__":
+    main()
