@@ -179,15 +179,12 @@ def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 
 
 def apply_seconds(server, grads: np.ndarray, repeats: int = 30) -> float:
-    """Median seconds of the server's jitted full apply (state left unchanged)."""
+    """Median seconds of the server's apply of one full gradient (as a push applies it)."""
     import jax
-    import jax.numpy as jnp
-
-    device_grads = jnp.asarray(grads)
 
     def apply():
-        out = server._apply_full(server.params, server.opt_state, device_grads, server.params)
-        jax.block_until_ready(out)
+        server.apply(0, grads)
+        jax.block_until_ready(server.params)
 
     return median_seconds(apply, repeats=repeats)
 

@@ -91,14 +91,19 @@ def make_server_optimizer(config: Config) -> optax.GradientTransformationExtraAr
     )
 
 
-def make_apply_fns(tx: optax.GradientTransformationExtraArgs, num_params: int):
+def make_apply_fns(
+    tx: optax.GradientTransformationExtraArgs, num_params: int, *, compensated: bool
+):
     """Jitted full and partial applies over the flat parameter vector.
 
-    apply_full(params, opt_state, grads, stale) -> (params, opt_state)
-    apply_part(params, opt_state, indices, grads_part, stale) -> (params, opt_state)
-    `stale` is the full vector the gradient was computed on (DC-ASGD); the partial apply
-    gathers the owned elements of params, stale and every (num_params,) optimizer leaf,
-    updates them and scatters them back. Scalar leaves (e.g. adam's count) advance.
+    compensated (DC-ASGD):
+        apply_full(params, opt_state, grads, stale) -> (params, opt_state)
+        apply_part(params, opt_state, indices, grads_part, stale) -> (params, opt_state)
+    otherwise the same without `stale`, and params and optimizer state are donated (updated
+    in place: no 6.7 MB allocation per push for the Nature CNN). With DC-ASGD they are not
+    donated, because the server keeps references to params it sent for use as `stale`.
+    The partial apply gathers the owned elements of params, stale and every (num_params,)
+    optimizer leaf, updates them and scatters them back; scalar leaves (adam's count) advance.
     """
 
     def is_elementwise(leaf) -> bool:
@@ -122,7 +127,19 @@ def make_apply_fns(tx: optax.GradientTransformationExtraArgs, num_params: int):
         )
         return params, opt_state
 
-    return jax.jit(apply_full), jax.jit(apply_part)
+    if compensated:
+        return jax.jit(apply_full), jax.jit(apply_part)
+
+    def apply_full_plain(params, opt_state, grads):
+        return apply_full(params, opt_state, grads, params)
+
+    def apply_part_plain(params, opt_state, indices, grads_part):
+        return apply_part(params, opt_state, indices, grads_part, params)
+
+    return (
+        jax.jit(apply_full_plain, donate_argnums=(0, 1)),
+        jax.jit(apply_part_plain, donate_argnums=(0, 1)),
+    )
 
 
 class ParameterServer:
@@ -150,7 +167,9 @@ class ParameterServer:
         self.tx = make_server_optimizer(config)
         self.opt_state = self.tx.init(self.params)
         self.version = 0
-        self._apply_full, self._apply_part = make_apply_fns(self.tx, self.num_params)
+        self._apply_full, self._apply_part = make_apply_fns(
+            self.tx, self.num_params, compensated=config.dc_asgd != "off"
+        )
         self.shards = {
             w: shard_indices(self.num_params, num_workers, w, config.shard_factor, config.seed)
             for w in range(num_workers)
@@ -355,14 +374,16 @@ class ParameterServer:
             for version in [v for v in held if v < base_version]:
                 del held[version]
         indices = self._device_shards[worker]
-        grads = jnp.asarray(grads)
+        # device_put uses an aligned host buffer in place, where jnp.asarray would copy it.
+        grads = jax.device_put(np.asarray(grads, np.float32))
+        extra = (stale,) if self.uses_dc_asgd else ()
         if indices is None:
             self.params, self.opt_state = self._apply_full(
-                self.params, self.opt_state, grads, stale
+                self.params, self.opt_state, grads, *extra
             )
         else:
             self.params, self.opt_state = self._apply_part(
-                self.params, self.opt_state, indices, grads, stale
+                self.params, self.opt_state, indices, grads, *extra
             )
         self.version += 1
 

@@ -158,6 +158,7 @@ def test_hello_pull_stats_stop_round_trip():
         "num_workers": 2,
         "shard": None,
         "shard_size": NUM_PARAMS,
+        "frames": 0,
     }
     chex.assert_trees_all_equal(server.params_tree(), params_tree())
 
