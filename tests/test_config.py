@@ -119,3 +119,19 @@ def test_replay_that_cannot_fit_is_refused_before_training():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: replay needs")
     assert not Path("/tmp/gorila-never-written").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--optimizer", "adamw"], "invalid choice 'adamw' for argument '--optimizer'"),
+        (["--batch-size", "abc"], "Error parsing --batch-size"),
+        (["--no-such-flag", "1"], "Unrecognized options: --no-such-flag"),
+    ],
+)
+def test_parse_errors_are_one_line(args, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_cli(cartpole_defaults(), args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
