@@ -260,6 +260,13 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
             replay=replay,
             stop_event=stop,
         )
+        import jax
+
+        print(
+            f"[bundle {info.index}] {env.num_envs} envs, learner over "
+            f"{jax.local_device_count()} local device(s), replay {config.replay_capacity:,}",
+            flush=True,
+        )
         budget = config.total_frames // num_workers
         try:
             result = run_actor_learner(

@@ -193,6 +193,7 @@ class ParameterServer:
         self.stopped_workers: set[int] = set()
         self.frames: dict[int, int] = {}
         self.events: Counter[str] = Counter()
+        self._tensorboard = None
         self.checkpointed_version = -1
         self.checkpointed_at = clock()
         self._rate_window: tuple[float, int] = (self.started, 0)
@@ -414,13 +415,28 @@ class ParameterServer:
         }
 
     def write_stats(self, address: str) -> None:
-        """Write ps.json (address, version, counters) atomically into the run dir."""
+        """Write ps.json (address, version, counters) atomically into the run dir, and the
+        same counters to TensorBoard (RUN_DIR/server), against the server's version."""
         if self.run_dir is None:
             return
+        stats = self.stats()
         path = self.run_dir / "ps.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"address": address, **self.stats()}, indent=1))
+        tmp.write_text(json.dumps({"address": address, **stats}, indent=1))
         tmp.replace(path)
+        if self._tensorboard is None:
+            from gorila_jax.metrics import open_tensorboard
+
+            self._tensorboard = open_tensorboard(self.run_dir / "server") or False
+        if self._tensorboard:
+            version = stats["version"]
+            board = self._tensorboard
+            board.add_scalar("server/updates_per_second", stats["updates_per_second"], version)
+            board.add_scalar("server/frames", stats["frames"], version)
+            for reason, count in stats["rejections"].items():
+                board.add_scalar(f"server/rejected/{reason}", count, version)
+            for label, count in stats["staleness_histogram"].items():
+                board.add_scalar(f"server/staleness/{label}", count, version)
 
     def all_workers_stopped(self) -> bool:
         """Every bundle has said it is done."""

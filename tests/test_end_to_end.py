@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,20 @@ def test_atari_single_process_learns_a_little_and_logs(tmp_path):
     assert record["updates"] >= 100 and np.isfinite(record["loss"])
     header = (tmp_path / "episodes.csv").read_text().splitlines()[0]
     assert header == "time,frames,bundle,env,return,length"
+
+
+def test_sharded_compensated_run_on_four_devices_per_bundle(tmp_path):
+    """Gradient sharding, DC-ASGD and 4 local devices per process, through the whole stack."""
+    environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(
+        [sys.executable, "experiments/cartpole.py", "--total-frames", "8000",
+         "--learning-starts", "500", "--shard-factor", "default", "--dc-asgd", "adaptive",
+         "--run-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400, env=environ,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[bundle 1] 4 envs, learner over 4 local device(s)" in result.stdout
+    stats = json.loads((tmp_path / "ps.json").read_text())
+    assert stats["shard_factor"] == "default" and stats["dc_asgd"] == "adaptive"
+    assert stats["workers"]["0"]["accepted"] > 100 and stats["workers"]["1"]["accepted"] > 100
+    assert list((tmp_path / "server").glob("events.out.tfevents.*"))
