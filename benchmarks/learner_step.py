@@ -28,6 +28,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dqn", action="store_true", help="plain DQN target instead of Double DQN")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="time NatureCNNReference (plain flax convolutions) instead, for comparison",
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -41,7 +46,7 @@ def main() -> None:
         obs_t=frames(),
     )
     weights = np.ones(batch_size, np.float32)
-    network = NatureCNN(num_actions=6)
+    network = NatureCNNReference(num_actions=6) if args.reference else NatureCNN(num_actions=6)
     params = network.init(jax.random.key(0), batch.obs_tm1)
     target_params = network.init(jax.random.key(1), batch.obs_tm1)
     mesh = local_mesh()
