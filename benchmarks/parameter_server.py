@@ -75,6 +75,8 @@ def load_client(
     results,
 ) -> None:
     """Push as fast as replies come, pull every `sync_every` pushes, until told to stop."""
+    from gorila_jax.ps_client import PUSHES_IN_FLIGHT
+
     grads = _gradient(num_params, worker)
     connection = _connect(endpoint, token, fingerprint, num_params, worker)
     try:
@@ -83,14 +85,19 @@ def load_client(
         events["start"].wait()
         pushes = 0
         timed = {"pushes": 0, "accepted": 0, "pulls": 0, "push_s": 0.0, "pull_s": 0.0}
+        in_flight: list[int] = []  # as a bundle does: PUSHES_IN_FLIGHT unacknowledged pushes
         while not events["stop"].is_set():
             counting = events["timed"].is_set()
             start = time.perf_counter()
-            accepted, _, _ = connection.push(
-                grads, base_version=params_version, loss=LOSS, frames=pushes, shard=None
-            )
+            while len(in_flight) < PUSHES_IN_FLIGHT:
+                in_flight.append(
+                    connection.send_push(
+                        grads, base_version=params_version, loss=LOSS, frames=pushes, shard=None
+                    )
+                )
+                pushes += 1
+            accepted, _, _ = connection.receive_ack(in_flight.pop(0))
             pushed = time.perf_counter()
-            pushes += 1
             if counting:
                 timed["pushes"] += 1
                 timed["accepted"] += int(accepted)
@@ -102,6 +109,8 @@ def load_client(
                 if counting:
                     timed["pulls"] += 1
                     timed["pull_s"] += time.perf_counter() - pushed
+        for seq in in_flight:
+            connection.receive_ack(seq)
         connection.stop()
         results.put(("load", worker, timed))
     finally:

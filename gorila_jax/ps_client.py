@@ -1,11 +1,12 @@
 """A bundle's side of the parameter server: the connection and the remote learner.
 
-`ServerConnection` speaks the wire protocol over one DEALER socket (one request, one reply,
-replies matched by sequence number). `RemoteLearner` is the bundle's `Updater`: its jitted
-step computes the gradient (flattened, and cut to the bundle's shard inside XLA) and hands
-it to a communication thread, which pushes it, pulls params every `sync_every` learner
-steps, and refreshes the target network every `target_period` server updates. The actors
-never wait for the network unless more than `PUSH_QUEUE` gradients are already in flight.
+`ServerConnection` speaks the wire protocol over one DEALER socket (every request gets one
+reply, matched by sequence number, so several can be in flight). `RemoteLearner` is the
+bundle's `Updater`: its jitted step computes the gradient (flattened, and cut to the bundle's
+shard inside XLA) and hands it to a communication thread, which pushes it (up to
+`PUSHES_IN_FLIGHT` unacknowledged), pulls params every `sync_every` learner steps, and
+refreshes the target network every `target_period` server updates. The actors wait for the
+network only when `PUSH_QUEUE` more gradients are queued behind those in flight.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gorila_jax.learner import local_mesh, make_loss_fn, shardings
 from gorila_jax.replay import Sample
 
 PUSH_QUEUE = 2
+PUSHES_IN_FLIGHT = 2
 
 
 class ServerError(RuntimeError):
@@ -62,6 +64,8 @@ class ServerConnection:
         self.seq = 0
         self.cancel = threading.Event()
         self.endpoint = endpoint
+        self._pending: dict[int, tuple[str, float]] = {}
+        self._replies: dict[int, transport.Message] = {}
         self._connect()
 
     def _connect(self) -> None:
@@ -74,12 +78,76 @@ class ServerConnection:
     def reconnect(self) -> None:
         """A fresh socket: requests queued for a dead server are dropped, not replayed."""
         self._socket.close(linger=0)
+        self._pending.clear()
+        self._replies.clear()
         self._connect()
 
     def _specs(self, header: dict):
         if header["kind"] in ("welcome", "params"):
             return (transport.vector_spec(self.num_params),)
         return None
+
+    def send_request(
+        self, kind: str, arrays=(), *, version: int = transport.NO_VERSION, **fields
+    ) -> int:
+        """Send one request without waiting; returns its sequence number.
+
+        Arrays are sent without copying: keep them unchanged until the reply has arrived.
+        """
+        self.seq += 1
+        header = transport.make_header(
+            kind,
+            token=self.token,
+            worker=self.worker,
+            seq=self.seq,
+            version=version,
+            fingerprint=self.fingerprint,
+            **fields,
+        )
+        transport.send(self._socket, transport.encode(header, arrays), copy=False)
+        self._pending[self.seq] = (kind, time.monotonic() + self.timeout_seconds)
+        return self.seq
+
+    def receive_reply(self, seq: int, *, interruptible: bool = True):
+        """Wait for the reply to request `seq` (replies to other pending requests are kept).
+
+        ServerError on an error reply, on a timeout (`lost`), or when cancelled.
+        """
+        kind, deadline = self._pending[seq]
+        try:
+            while seq not in self._replies:
+                remaining = deadline - time.monotonic()
+                if interruptible and self.cancel.is_set():
+                    raise ServerError(f"{kind} cancelled: the bundle is stopping")
+                if remaining <= 0:
+                    raise ServerError(
+                        f"no reply to {kind} within {self.timeout_seconds:.0f}s", lost=True
+                    )
+                if not self._poller.poll(timeout=min(remaining, 0.1) * 1000):
+                    continue
+                _, frames = transport.recv(self._socket)
+                try:
+                    reply = transport.decode(
+                        frames,
+                        expected_token=self.token,
+                        expected_fingerprint=self.fingerprint,
+                        layout_for=self._specs,
+                        max_bytes=self.max_bytes,
+                    )
+                except transport.ProtocolError as error:
+                    raise ServerError(f"bad reply to {kind}: {error}") from None
+                if reply.header["seq"] in self._pending:
+                    self._replies[reply.header["seq"]] = reply
+                # else: a late reply to a request given up on; dropped
+            reply = self._replies.pop(seq)
+        finally:
+            if seq not in self._replies:
+                self._pending.pop(seq, None)
+        if reply.header["kind"] == "error":
+            raise ServerError(
+                f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
+            )
+        return reply
 
     def request(
         self,
@@ -94,46 +162,8 @@ class ServerConnection:
 
         An interruptible request gives up as soon as `cancel` is set (the bundle is stopping).
         """
-        self.seq += 1
-        header = transport.make_header(
-            kind,
-            token=self.token,
-            worker=self.worker,
-            seq=self.seq,
-            version=version,
-            fingerprint=self.fingerprint,
-            **fields,
-        )
-        transport.send(self._socket, transport.encode(header, arrays), copy=False)
-        deadline = time.monotonic() + self.timeout_seconds
-        while True:
-            remaining = deadline - time.monotonic()
-            if interruptible and self.cancel.is_set():
-                raise ServerError(f"{kind} cancelled: the bundle is stopping")
-            if remaining <= 0:
-                raise ServerError(
-                    f"no reply to {kind} within {self.timeout_seconds:.0f}s", lost=True
-                )
-            if not self._poller.poll(timeout=min(remaining, 0.1) * 1000):
-                continue
-            _, frames = transport.recv(self._socket)
-            try:
-                reply = transport.decode(
-                    frames,
-                    expected_token=self.token,
-                    expected_fingerprint=self.fingerprint,
-                    layout_for=self._specs,
-                    max_bytes=self.max_bytes,
-                )
-            except transport.ProtocolError as error:
-                raise ServerError(f"bad reply to {kind}: {error}") from None
-            if reply.header["seq"] != self.seq:
-                continue  # a late reply to an earlier, timed-out request
-            if reply.header["kind"] == "error":
-                raise ServerError(
-                    f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
-                )
-            return reply
+        seq = self.send_request(kind, arrays, version=version, **fields)
+        return self.receive_reply(seq, interruptible=interruptible)
 
     def hello(self) -> tuple[np.ndarray, int, dict]:
         """Register; returns (flat params, version, the server's info for this worker)."""
@@ -146,14 +176,27 @@ class ServerConnection:
         params = reply.arrays[0] if reply.header["kind"] == "params" else None
         return params, reply.header["version"]
 
+    def send_push(
+        self, grads: np.ndarray, *, base_version: int, loss: float, frames: int, shard: int | None
+    ) -> int:
+        """Send a gradient without waiting for its acknowledgement; returns its seq."""
+        return self.send_request(
+            "push", [grads], version=base_version, loss=float(loss), shard=shard, frames=frames
+        )
+
+    def receive_ack(self, seq: int) -> tuple[bool, str | None, int]:
+        """(accepted, reason if not, server version) of the push `seq`."""
+        reply = self.receive_reply(seq)
+        return reply.header["accepted"], reply.header["reason"], reply.header["version"]
+
     def push(
         self, grads: np.ndarray, *, base_version: int, loss: float, frames: int, shard: int | None
     ) -> tuple[bool, str | None, int]:
-        """Push a gradient; returns (accepted, reason if not, server version)."""
-        reply = self.request(
-            "push", [grads], version=base_version, loss=float(loss), shard=shard, frames=frames
+        """Push a gradient and wait; returns (accepted, reason if not, server version)."""
+        seq = self.send_push(
+            grads, base_version=base_version, loss=loss, frames=frames, shard=shard
         )
-        return reply.header["accepted"], reply.header["reason"], reply.header["version"]
+        return self.receive_ack(seq)
 
     def stats(self) -> dict:
         """The server's statistics."""
@@ -232,6 +275,7 @@ class RemoteLearner:
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self._outbox: queue.Queue = queue.Queue(maxsize=PUSH_QUEUE)
+        self._in_flight: list[tuple[int, np.ndarray]] = []
         self._pull_wanted = threading.Event()
         self._incoming: tuple[Any, int, bool] | None = None
         self._closing = threading.Event()
@@ -284,7 +328,7 @@ class RemoteLearner:
 
     def _communicate(self) -> None:
         try:
-            while not (self._closing.is_set() and self._outbox.empty()):
+            while not (self._closing.is_set() and self._outbox.empty() and not self._in_flight):
                 try:
                     self._exchange()
                 except ServerError as error:
@@ -295,19 +339,27 @@ class RemoteLearner:
             self.error = error
 
     def _exchange(self) -> None:
-        """Push one queued gradient (if any) and pull when due."""
-        try:
-            grads, loss, base_version = self._outbox.get(timeout=0.05)
-        except queue.Empty:
-            grads = None
-        if grads is not None:
-            accepted, reason, self.server_version = self.connection.push(
-                np.asarray(grads),
-                base_version=base_version,
-                loss=float(loss),
-                frames=self.frames,
+        """Send queued gradients (up to PUSHES_IN_FLIGHT unacknowledged), collect the oldest
+        acknowledgement, and pull when due. Keeping a second push in flight lets the server
+        apply one gradient while the next one crosses the network."""
+        while len(self._in_flight) < PUSHES_IN_FLIGHT:
+            try:
+                grads, loss, base_version = self._outbox.get(
+                    timeout=0.0 if self._in_flight else 0.05
+                )
+            except queue.Empty:
+                break
+            grads = np.asarray(grads)
+            seq = self.connection.send_push(
+                grads, base_version=base_version, loss=float(loss), frames=self.frames,
                 shard=self._shard,
-            )
+            )  # fmt: skip
+            self._in_flight.append((seq, grads))  # the frame is sent from this array
+        if self._in_flight:
+            seq, _ = self._in_flight[0]
+            accepted, reason, version = self.connection.receive_ack(seq)
+            self._in_flight.pop(0)
+            self.server_version = max(self.server_version, version)
             if accepted:
                 self.accepted += 1
             else:
@@ -328,6 +380,7 @@ class RemoteLearner:
         self.connection.timeout_seconds = min(timeout, 5.0)
         try:
             while not self._closing.is_set():
+                self._in_flight.clear()  # their acknowledgements died with the connection
                 self.connection.reconnect()
                 try:
                     flat, version, _ = self.connection.hello()
