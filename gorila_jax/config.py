@@ -181,6 +181,7 @@ def cartpole_defaults() -> Config:
         train_every=4,
         learning_starts=1_000,
         target_period=250,
+        sync_every=2,
         replay_capacity=50_000,
         epsilon_start=1.0,
         epsilon_end=0.02,
