@@ -17,27 +17,12 @@ import time
 
 import jax
 import numpy as np
-from common import result_line
+from common import raw_envpool_rate, result_line
 
 from gorila_jax.actor import make_policy
 from gorila_jax.config import Config
 from gorila_jax.envs import make_env
 from gorila_jax.networks import make_network
-
-
-def raw_envpool_rate(config: Config, steps: int) -> float:
-    """Env steps/s of envpool alone with uniformly random actions."""
-    env = make_env(config, seed=1)
-    rng = np.random.default_rng(0)
-    env.reset()
-    for _ in range(20):
-        env.step(rng.integers(0, env.num_actions, env.num_envs))
-    start = time.perf_counter()
-    for _ in range(steps):
-        env.step(rng.integers(0, env.num_actions, env.num_envs))
-    seconds = time.perf_counter() - start
-    env.close()
-    return steps * config.num_envs / seconds
 
 
 def actor_rate(config: Config, steps: int) -> float:

@@ -45,6 +45,25 @@ def compiled_flops(jitted: Callable, *args) -> float:
     return float(analysis["flops"])
 
 
+def raw_envpool_rate(config, steps: int, warmup: int = 20) -> float:
+    """Env steps/s of the config's envs alone, stepped with uniformly random actions."""
+    import numpy as np
+
+    from gorila_jax.envs import make_env
+
+    env = make_env(config, seed=1)
+    rng = np.random.default_rng(0)
+    env.reset()
+    for _ in range(warmup):
+        env.step(rng.integers(0, env.num_actions, env.num_envs))
+    start = time.perf_counter()
+    for _ in range(steps):
+        env.step(rng.integers(0, env.num_actions, env.num_envs))
+    seconds = time.perf_counter() - start
+    env.close()
+    return steps * env.num_envs / seconds
+
+
 def result_line(name: str, value: float, floor: float) -> str:
     """The closing line every benchmark prints: figure, floor and their ratio."""
     return f"RESULT {name} value={value:.6g} floor={floor:.6g} ratio={value / floor:.4g}"

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from common import compiled_flops, matmul_flops_per_second, result_line
+from common import compiled_flops, matmul_flops_per_second, raw_envpool_rate, result_line
 
 from gorila_jax.bundle import make_replay, run_actor_learner
 from gorila_jax.config import Config
@@ -32,19 +31,6 @@ from gorila_jax.learner import local_mesh, make_grad_step
 from gorila_jax.networks import NatureCNNReference, make_network
 from gorila_jax.replay import Transition
 from gorila_jax.single_process import LocalLearner, init_params
-
-
-def raw_envpool_rate(config: Config, steps: int = 300) -> float:
-    """Env steps/s of envpool alone with random actions."""
-    env = make_env(config, seed=1)
-    rng = np.random.default_rng(0)
-    env.reset()
-    start = time.perf_counter()
-    for _ in range(steps):
-        env.step(rng.integers(0, env.num_actions, env.num_envs))
-    seconds = time.perf_counter() - start
-    env.close()
-    return steps * env.num_envs / seconds
 
 
 def learner_floor_seconds(config: Config, num_actions: int) -> float:
@@ -97,7 +83,7 @@ def main() -> None:
     env.close()
     rate = result.agent_steps / result.seconds
     updates = learner.updates - before
-    raw = raw_envpool_rate(config)
+    raw = raw_envpool_rate(config, steps=300)
     learner_floor = learner_floor_seconds(config, env.num_actions)
     floor = 1.0 / (1.0 / raw + learner_floor / config.train_every)
     print(f"timed window: {result.agent_steps:,} env steps, {updates:,} learner steps, "

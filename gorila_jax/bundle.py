@@ -100,6 +100,18 @@ def run_actor_learner(
     `learning_starts` frames again.
     """
     stop_event = stop_event or threading.Event()
+
+    def report(frames: int, agent_steps: int, epsilon: float, force: bool = False) -> None:
+        progress.maybe_print(
+            frames=frames,
+            agent_steps=agent_steps,
+            epsilon=epsilon,
+            mean_return=logger.mean_recent_return(),
+            updates=updater.updates,
+            server_version=getattr(updater, "server_version", None),
+            force=force,
+        )
+
     frame_budget = config.total_frames if frame_budget is None else frame_budget
     network = make_network(config, env.num_actions)
     policy = make_policy(network)
@@ -153,23 +165,8 @@ def run_actor_learner(
                         learner_window = []
             step, finished = env.recv()
             logger.episodes(finished, frames)
-            progress.maybe_print(
-                frames=frames,
-                agent_steps=agent_steps,
-                epsilon=epsilon,
-                mean_return=logger.mean_recent_return(),
-                updates=updater.updates,
-                server_version=getattr(updater, "server_version", None),
-            )
-        progress.maybe_print(
-            frames=frames,
-            agent_steps=agent_steps,
-            epsilon=epsilon,
-            mean_return=logger.mean_recent_return(),
-            updates=updater.updates,
-            server_version=getattr(updater, "server_version", None),
-            force=True,
-        )
+            report(frames, agent_steps, epsilon)
+        report(frames, agent_steps, epsilon, force=True)
         return LoopResult(
             frames=frames,
             agent_steps=agent_steps,
