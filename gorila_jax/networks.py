@@ -93,6 +93,16 @@ class StridedConv(nn.Module):
         return shifted_matmul_conv(blocks, kernel) + bias
 
 
+def nature_head(features: jnp.ndarray, num_actions: int, dueling: bool) -> jnp.ndarray:
+    """The Nature network after its convolutions: a 512-unit layer and the Q-values (or the
+    dueling streams). Called inside a compact `__call__`, so its layers belong to the caller."""
+    x = features.reshape((features.shape[0], -1))
+    if dueling:
+        return QHead(num_actions, dueling=True)(x)
+    x = nn.relu(nn.Dense(512, name="fc")(x))
+    return QHead(num_actions)(x)
+
+
 class NatureCNN(nn.Module):
     """Mnih et al. (2015) network on uint8 frame stacks shaped (batch, 4, 84, 84).
 
@@ -114,11 +124,7 @@ class NatureCNN(nn.Module):
         x = nn.relu(StridedConv(32, 8, 4, stack, name="conv1")(x))
         x = nn.relu(StridedConv(64, 4, 2, 32, name="conv2")(space_to_depth(x, 2)))
         x = nn.relu(nn.Conv(64, (3, 3), strides=(1, 1), padding="VALID", name="conv3")(x))
-        x = x.reshape((x.shape[0], -1))
-        if self.dueling:
-            return QHead(self.num_actions, dueling=True)(x)
-        x = nn.relu(nn.Dense(512, name="fc")(x))
-        return QHead(self.num_actions)(x)
+        return nature_head(x, self.num_actions, self.dueling)
 
 
 class NatureCNNReference(nn.Module):
@@ -137,11 +143,7 @@ class NatureCNNReference(nn.Module):
         x = nn.relu(nn.Conv(32, (8, 8), strides=(4, 4), padding="VALID", name="conv1")(x))
         x = nn.relu(nn.Conv(64, (4, 4), strides=(2, 2), padding="VALID", name="conv2")(x))
         x = nn.relu(nn.Conv(64, (3, 3), strides=(1, 1), padding="VALID", name="conv3")(x))
-        x = x.reshape((x.shape[0], -1))
-        if self.dueling:
-            return QHead(self.num_actions, dueling=True)(x)
-        x = nn.relu(nn.Dense(512, name="fc")(x))
-        return QHead(self.num_actions)(x)
+        return nature_head(x, self.num_actions, self.dueling)
 
 
 class MLP(nn.Module):
