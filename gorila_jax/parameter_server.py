@@ -239,28 +239,25 @@ class ParameterServer:
             self.workers[worker]["rejected"] += 1
         if len(message) > MAX_ERROR_MESSAGE:  # details may quote the request at length
             message = message[:MAX_ERROR_MESSAGE] + "..."
-        header = transport.reply_header(
-            request,
-            "error",
-            version=self.version,
-            fingerprint=self.fingerprint,
-            reason=reason,
-            message=message,
-        )
+
+        def error_reply(addressee: dict | None) -> list:
+            return transport.encode(
+                transport.reply_header(
+                    addressee,
+                    "error",
+                    version=self.version,
+                    fingerprint=self.fingerprint,
+                    reason=reason,
+                    message=message,
+                )
+            )
+
         try:
-            return transport.encode(header)
+            return error_reply(request)
         except transport.ProtocolError:
             # The echoed fields (a wrong token can be as long as the header allows) make the
             # reply too big to encode: answer without echoing them.
-            header = transport.reply_header(
-                None,
-                "error",
-                version=self.version,
-                fingerprint=self.fingerprint,
-                reason=reason,
-                message=message,
-            )
-            return transport.encode(header)
+            return error_reply(None)
 
     def handle(self, frames: list) -> list:
         """Validate one request and return the frames of its reply (never raises on input)."""
