@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -37,6 +38,37 @@ class Updater(Protocol):
     def learn(self, sample: Sample, frames: int) -> Any: ...
 
     def should_stop(self) -> bool: ...
+
+
+class LoopCounters(NamedTuple):
+    """A bundle's own position in its run, saved with its replay so a resume continues it."""
+
+    frames: int
+    agent_steps: int
+    episodes: int
+    policy_key: tuple[int, ...]  # the raw data of the epsilon-greedy policy's jax key
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values."""
+        return {**self._asdict(), "policy_key": list(self.policy_key)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LoopCounters:
+        """Counters from `to_dict`'s output; ValueError when a value is missing or bad."""
+        try:
+            counters = cls(
+                frames=int(values["frames"]),
+                agent_steps=int(values["agent_steps"]),
+                episodes=int(values["episodes"]),
+                policy_key=tuple(int(v) for v in values["policy_key"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"bad loop counters ({error!r})") from None
+        if min(counters.frames, counters.agent_steps, counters.episodes) < 0:
+            raise ValueError("bad loop counters (negative)")
+        if not counters.policy_key or not all(0 <= v < 2**32 for v in counters.policy_key):
+            raise ValueError("bad loop counters (policy key)")
+        return counters
 
 
 class LoopResult(NamedTuple):
@@ -89,15 +121,22 @@ def run_actor_learner(
     epsilon_frame_scale: int = 1,
     start_frames: int = 0,
     stop_event: threading.Event | None = None,
+    resume: LoopCounters | None = None,
+    checkpoint: Callable[[LoopCounters], None] | None = None,
 ) -> LoopResult:
     """Act, store, and learn until this bundle's frame budget is spent or something stops it.
 
     `frame_budget` is this bundle's share of `config.total_frames` (all of it by default).
     Epsilon follows the run's frames, estimated as this bundle's frames times
     `epsilon_frame_scale` (the number of bundles). The loop ends early when the updater
-    says so or `stop_event` is set (a signal). A resumed bundle starts at `start_frames`
-    (its count before the interruption); its replay is new, so learning waits for
-    `learning_starts` frames again.
+    says so or `stop_event` is set (a signal).
+
+    Learning starts once the replay holds `learning_starts` frames (counted from the replay's
+    own adds, so a replay restored from a checkpoint learns at once). A bundle resumed with
+    its replay passes the saved `resume` counters (frames, agent steps, episodes, policy
+    key); one without starts at `start_frames` (the server's count) with an empty replay.
+    `checkpoint` is called with the current counters every `checkpoint_every_seconds` and
+    once when the loop ends, on its budget or on a signal.
     """
     stop_event = stop_event or threading.Event()
 
@@ -116,7 +155,12 @@ def run_actor_learner(
     network = make_network(config, env.num_actions)
     policy = make_policy(network)
     key = jax.random.key(seed)
+    if resume is not None:
+        start_frames = resume.frames
+        key = jax.random.wrap_key_data(np.asarray(resume.policy_key, dtype=np.uint32))
     logger = RunLogger(run_dir, bundle=bundle)
+    if resume is not None:
+        logger.episode_count = resume.episodes
     progress = Progress(
         frame_budget,
         config.log_every_seconds,
@@ -126,7 +170,14 @@ def run_actor_learner(
     steps_per_vector_step = env.num_envs
     frames_per_vector_step = env.num_envs * env.frames_per_step
     start = time.time()
-    frames, agent_steps = start_frames, 0
+    frames = start_frames
+    agent_steps = 0 if resume is None else resume.agent_steps
+    last_checkpoint = time.monotonic()
+
+    def counters() -> LoopCounters:
+        key_data = np.asarray(jax.random.key_data(key)).reshape(-1)
+        return LoopCounters(frames, agent_steps, logger.episode_count, tuple(map(int, key_data)))
+
     updates_due = 0.0
     learner_window: list[Any] = []
     step = env.reset()
@@ -152,7 +203,7 @@ def run_actor_learner(
             env.send(actions)
             frames += frames_per_vector_step
             agent_steps += steps_per_vector_step
-            learning = frames - start_frames >= config.learning_starts
+            learning = replay.num_adds * frames_per_vector_step >= config.learning_starts
             if learning and replay.can_sample(config.batch_size):
                 updates_due += steps_per_vector_step / config.train_every
                 while updates_due >= 1.0:
@@ -166,7 +217,14 @@ def run_actor_learner(
             step, finished = env.recv()
             logger.episodes(finished, frames)
             report(frames, agent_steps, epsilon)
+            if checkpoint is not None and (
+                time.monotonic() - last_checkpoint >= config.checkpoint_every_seconds
+            ):
+                checkpoint(counters())
+                last_checkpoint = time.monotonic()
         report(frames, agent_steps, epsilon, force=True)
+        if checkpoint is not None:
+            checkpoint(counters())
         return LoopResult(
             frames=frames,
             agent_steps=agent_steps,

@@ -36,7 +36,7 @@ class Config:
     # --- run -------------------------------------------------------------------------
     env_id: str = "Pong-v5"
     """Environment: an envpool Atari id (e.g. Pong-v5, Breakout-v5) or CartPole-v1."""
-    total_frames: int = 10_000_000
+    total_frames: int = 2_000_000
     """Environment frames to train for, summed over all envs of all bundles (Atari: 4 per
     agent step because of frame skip)."""
     run_dir: str = "runs/pong"
@@ -70,9 +70,9 @@ class Config:
     """Hidden layer widths of the MLP used for vector observations (CartPole)."""
 
     # --- learning --------------------------------------------------------------------
-    double_dqn: bool = True
+    double_dqn: bool = False
     """Double DQN targets (online net picks the next action, target net evaluates it)."""
-    n_step: int = 1
+    n_step: int = 2
     """Steps of reward summed before bootstrapping (1 = the classic DQN target)."""
     gamma: float = 0.99
     """Discount factor per agent step."""
@@ -82,22 +82,22 @@ class Config:
     """Optimizer (applied by the parameter server, or locally in single-process mode)."""
     learning_rate: float = 1e-4
     """Optimizer step size."""
-    optimizer_eps: float = 1.5e-4
+    optimizer_eps: float = 1e-8
     """Epsilon of adam / rmsprop / adagrad."""
     max_grad_norm: float = 10.0
     """Clip gradients to this global norm (0 disables clipping)."""
     huber_delta: float = 1.0
     """Huber loss threshold on the TD error."""
-    train_every: int = 4
+    train_every: int = 1
     """Agent steps (summed over all envs of a bundle) per learner step."""
-    learning_starts: int = 80_000
+    learning_starts: int = 20_000
     """Frames collected by a bundle before its learner starts."""
     target_period: int = 1_000
     """Refresh the target network every this many updates (server updates when
     distributed, as in the Gorila paper)."""
 
     # --- replay ----------------------------------------------------------------------
-    replay_capacity: int = 100_000
+    replay_capacity: int = 50_000
     """Transitions held by each bundle's replay memory."""
     prioritized: bool = False
     """Proportional prioritized replay instead of uniform sampling."""
@@ -111,13 +111,13 @@ class Config:
     # --- exploration -----------------------------------------------------------------
     epsilon_start: float = 1.0
     """Epsilon-greedy: exploration rate at frame 0."""
-    epsilon_end: float = 0.01
+    epsilon_end: float = 0.02
     """Epsilon-greedy: exploration rate after the decay."""
-    epsilon_decay_frames: int = 1_000_000
+    epsilon_decay_frames: int = 400_000
     """Epsilon-greedy: frames over which epsilon falls linearly from start to end."""
 
     # --- parameter server (distributed runs) --------------------------------------------
-    sync_every: int = 8
+    sync_every: int = 4
     """Bundles pull fresh params from the server every this many learner steps."""
     max_staleness: int = 64
     """The server rejects gradients computed on params more than this many versions old."""
@@ -148,9 +148,16 @@ class Config:
     checkpoint_every_updates: int = 5_000
     """The server checkpoints its whole state every this many updates..."""
     checkpoint_every_seconds: float = 300.0
-    """...and every this many seconds, and at shutdown (SIGTERM, SIGINT, end of run)."""
+    """...and every this many seconds, and at shutdown (SIGTERM, SIGINT, end of run); bundles
+    (their replay) and a single process (its learner and replay) every this many seconds
+    and at shutdown."""
     checkpoint_keep: int = 3
-    """Checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)."""
+    """Checkpoints kept in RUN_DIR/checkpoints (older ones are deleted), and replay
+    checkpoints kept per bundle in RUN_DIR/replay."""
+    checkpoint_replay: bool = True
+    """Each bundle (and a single process) also checkpoints its replay memory and counters
+    (compressed, every checkpoint_every_seconds and at shutdown), so a resumed run learns
+    at once instead of refilling its replay; --no-checkpoint-replay saves the disk."""
     resume: bool = False
     """Require a checkpoint in the run dir and continue from it (a run dir that holds one
     of the same config is resumed even without this flag)."""

@@ -40,8 +40,9 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
         if config.single_process:
             from gorila_jax.single_process import train
 
-            train(config)
-            return 0
+            stop = _stop_on_signals()
+            train(config, stop)
+            return EXIT_STOPPED if stop.is_set() else 0
         if distributed.detect_launcher() == "none":
             return launch_local(config, argv)
         return run_role(config)
@@ -230,6 +231,7 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     from gorila_jax.envs import make_env
     from gorila_jax.networks import make_network
     from gorila_jax.ps_client import RemoteLearner, ServerConnection
+    from gorila_jax.replay_checkpoint import replay_saver, restore_replay
     from gorila_jax.single_process import init_params
 
     num_workers = info.count - 1
@@ -240,6 +242,9 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     env = make_env(config, seed=seed, training=True)
     try:
         replay = make_replay(config, env, seed=seed)
+        replay_checkpointer, resume = restore_replay(
+            config, replay, bundle=info.index, bundles=num_workers
+        )
         network = make_network(config, env.num_actions)
         template = init_params(network, env.reset().obs, seed)
         connection = ServerConnection(
@@ -281,6 +286,8 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
                 epsilon_frame_scale=num_workers,
                 start_frames=learner.start_frames,
                 stop_event=stop,
+                resume=resume,
+                checkpoint=replay_saver(replay_checkpointer, replay, f"[bundle {info.index}]"),
             )
         finally:
             learner.close(quick=stop.is_set())
@@ -395,8 +402,10 @@ def launch_local(config: Config, argv: list[str]) -> int:
         flush=True,
     )
     interrupted = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum, frame):
+        received.append(signum)
         interrupted.set()
 
     def start(index: int, restarted: bool) -> Child:
@@ -449,7 +458,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
             interrupted.wait(0.2)
         print("stopping: signal received, stopping every process", file=sys.stderr, flush=True)
         stop_children(children)
-        return 130
+        return 128 + (received[0] if received else signal.SIGINT)
     finally:
         for child in children:
             if child.process.poll() is None:

@@ -318,6 +318,116 @@ class Replay:
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
         """No-op for uniform replay (kept so the learner can treat both kinds alike)."""
 
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def layout(self) -> dict:
+        """What the storage was built for; a saved state loads only into the same layout."""
+        return {
+            "kind": "prioritized" if self.prioritized else "uniform",
+            "capacity": self.capacity,
+            "num_envs": self.num_envs,
+            "frame_shape": list(self.frame_shape),
+            "frame_dtype": self.frame_dtype.str,
+            "stack_size": self.stack_size,
+            "n_step": self.n_step,
+            "gamma": self.gamma,
+            "num_actions": self.num_actions,
+        }
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Everything that makes this replay what it is: (arrays, JSON-able scalars).
+
+        With `load_state` on a replay of the same layout it gives back an identical memory
+        that draws the same next samples. The arrays are views, not copies: save them before
+        the next `add`.
+        """
+        arrays = {
+            "frames": self._frames,
+            "actions": self._actions,
+            "rewards": self._rewards,
+            "flags": self._flags,
+        }
+        scalars = {
+            "layout": self.layout(),
+            "num_adds": self._num_adds,
+            "rng": self._rng.bit_generator.state,
+        }
+        return arrays, scalars
+
+    def load_state(self, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+        """Replace this replay's contents by a saved `state()`.
+
+        A state of another layout, or with a bad array or counter, is a ValueError that
+        changes nothing; one whose parts disagree with each other (found only once loaded)
+        is a ValueError that leaves the replay empty, as if new.
+        """
+        checked = self._checked_state(arrays, scalars)
+        self._frames[...] = checked["frames"]
+        self._actions[...] = checked["actions"]
+        self._rewards[...] = checked["rewards"]
+        self._flags[...] = checked["flags"]
+        self._num_adds = checked["num_adds"]
+        self._rng.bit_generator.state = checked["rng"]
+        try:
+            if self._num_adds > 0:
+                written = min(self._num_adds, self.capacity_per_env)
+                oldest = (self._num_adds - written) % self.capacity_per_env
+                if self._num_adds <= self.capacity_per_env and not np.all(
+                    self._flags[self._env_offsets + oldest] & FIRST
+                ):
+                    raise ValueError("replay state: time 0 is not marked first")
+            self._num_valid = self._all_valid_indices().size
+            self._after_load(checked)
+        except ValueError:
+            self.reset()
+            raise
+
+    def reset(self) -> None:
+        """Forget every stored observation (the storage stays allocated)."""
+        self._num_adds = 0
+        self._num_valid = 0
+
+    def _checked_state(self, arrays: dict[str, np.ndarray], scalars: dict) -> dict:
+        """The saved state's parts, each checked against this replay's layout."""
+        if scalars.get("layout") != self.layout():
+            raise ValueError(
+                f"replay state of another layout ({scalars.get('layout')}, "
+                f"this replay {self.layout()})"
+            )
+        expected = {
+            "frames": ((self.capacity, *self.frame_shape), self.frame_dtype),
+            "actions": ((self.capacity,), self.action_dtype),
+            "rewards": ((self.capacity,), np.dtype(np.float32)),
+            "flags": ((self.capacity,), np.dtype(np.uint8)),
+        }
+        checked: dict = {}
+        for name, (shape, dtype) in expected.items():
+            array = arrays.get(name)
+            if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+                got = None if array is None else (getattr(array, "shape", "?"), array.dtype)
+                raise ValueError(f"replay state: {name} must be {shape} {dtype}, got {got}")
+            checked[name] = array
+        if np.any(checked["flags"] & ~_ALL_FLAGS):
+            raise ValueError("replay state: unknown flag bits")
+        if np.any(checked["actions"] >= self.num_actions):
+            raise ValueError("replay state: action out of range")
+        if not np.all(np.isfinite(checked["rewards"])):
+            raise ValueError("replay state: non-finite rewards")
+        num_adds = scalars.get("num_adds")
+        if not isinstance(num_adds, int) or num_adds < 0:
+            raise ValueError(f"replay state: num_adds must be an integer >= 0, got {num_adds!r}")
+        checked["num_adds"] = num_adds
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = scalars.get("rng")
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"replay state: bad sampling RNG state ({error})") from None
+        checked["rng"] = rng.bit_generator.state
+        return checked
+
+    def _after_load(self, checked: dict) -> None:
+        """Hook for subclasses: restore their own part of a checked state."""
+
     # ------------------------------------------------------------------------------- internals
 
     def _per_env(self, values: np.ndarray, name: str) -> np.ndarray:
@@ -554,6 +664,67 @@ class PrioritizedReplay(Replay):
         # Keep every valid start strictly positive even if the power underflows.
         priorities = np.maximum(priorities, np.finfo(np.float64).tiny)
         self._tree.update(indices[still_valid], priorities)
+
+    def layout(self) -> dict:
+        """The uniform layout plus the prioritization settings."""
+        return {
+            **super().layout(),
+            "alpha": self.alpha,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_steps": self.beta_steps,
+            "epsilon": self.epsilon,
+        }
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The uniform state plus the leaf priorities, max priority and beta's position.
+
+        Only the leaves are saved: the tree's inner nodes are recomputed on load.
+        """
+        arrays, scalars = super().state()
+        arrays["priorities"] = self._tree.get(np.arange(self.capacity))
+        scalars["max_priority"] = self._tree.max_priority
+        scalars["num_sample_calls"] = self._num_sample_calls
+        return arrays, scalars
+
+    def _checked_state(self, arrays: dict[str, np.ndarray], scalars: dict) -> dict:
+        checked = super()._checked_state(arrays, scalars)
+        priorities = arrays.get("priorities")
+        if (
+            not isinstance(priorities, np.ndarray)
+            or priorities.shape != (self.capacity,)
+            or priorities.dtype != np.float64
+        ):
+            raise ValueError(f"replay state: priorities must be ({self.capacity},) float64")
+        max_priority = scalars.get("max_priority")
+        calls = scalars.get("num_sample_calls")
+        if not isinstance(max_priority, float) or not 0 < max_priority < np.inf:
+            raise ValueError(f"replay state: bad max_priority {max_priority!r}")
+        if not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"replay state: bad num_sample_calls {calls!r}")
+        if not np.all(np.isfinite(priorities)) or np.any(priorities < 0):
+            raise ValueError("replay state: priorities must be finite and >= 0")
+        if np.any(priorities > max_priority):
+            raise ValueError("replay state: a priority exceeds max_priority")
+        checked.update(priorities=priorities, max_priority=max_priority, num_sample_calls=calls)
+        return checked
+
+    def _after_load(self, checked: dict) -> None:
+        """Rebuild the trees from the saved leaves; a valid start must have a priority."""
+        valid = np.zeros(self.capacity, dtype=bool)
+        valid[self._all_valid_indices()] = True
+        if not np.array_equal(checked["priorities"] > 0, valid):
+            raise ValueError("replay state: priorities are not positive exactly at valid starts")
+        self._tree = SumTree(self.capacity, track_min=True)
+        self._tree.update(np.arange(self.capacity), checked["priorities"])
+        self._tree.max_priority = checked["max_priority"]
+        self._num_sample_calls = checked["num_sample_calls"]
+
+    def reset(self) -> None:
+        """Forget every stored observation and priority."""
+        super().reset()
+        self._tree = SumTree(self.capacity, track_min=True)
+        self._num_sample_calls = 0
 
     def priorities(self, indices: np.ndarray) -> np.ndarray:
         """Stored priorities (already raised to alpha) at flat indices; 0 for invalid starts."""

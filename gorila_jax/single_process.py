@@ -6,6 +6,8 @@ on a laptop, for debugging, and as the baseline that the distributed runs are co
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,15 @@ import flax.serialization
 import jax
 import numpy as np
 
-from gorila_jax.bundle import LoopResult, make_replay, run_actor_learner
-from gorila_jax.config import Config, validate, write_resolved
+from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_learner
+from gorila_jax.checkpoint import Checkpointer, CheckpointError
+from gorila_jax.config import Config, fingerprint, validate, write_resolved
 from gorila_jax.envs import make_env
 from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
 from gorila_jax.networks import make_network
 from gorila_jax.optim import make_optimizer
 from gorila_jax.replay import Sample
+from gorila_jax.replay_checkpoint import replay_saver, restore_replay
 
 
 def make_config_optimizer(config: Config):
@@ -44,6 +48,7 @@ class LocalLearner:
         self.config = config
         mesh = local_mesh()
         self._where = shardings(mesh)
+        self.params_sharding = self._where.replicated
         optimizer = make_config_optimizer(config)
         self.params = jax.device_put(params, self._where.replicated)
         self.target_params = copy_params(self.params)
@@ -95,33 +100,108 @@ def save_params(params: Any, path: Path) -> Path:
     return path
 
 
-def train(config: Config) -> LoopResult:
-    """Train in this process until `config.total_frames`; save the final params."""
+def learner_state(learner: LocalLearner) -> dict:
+    """The pytree a single-process checkpoint holds: online and target params, optimizer."""
+    return {
+        "params": learner.params,
+        "target_params": learner.target_params,
+        "opt_state": learner.opt_state,
+    }
+
+
+def restore_learner(
+    config: Config, learner: LocalLearner, checkpointer: Checkpointer
+) -> int | None:
+    """Load the newest usable learner checkpoint into `learner`; its frames, or None."""
+    restored = checkpointer.restore_latest(
+        jax.device_get(learner_state(learner)),
+        expect={"config_fingerprint": fingerprint(config)},
+        force=config.force_resume,
+    )
+    if restored is None:
+        if config.resume:
+            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}")
+        return None
+    where = learner.params_sharding
+    learner.params = jax.device_put(restored.state["params"], where)
+    learner.target_params = jax.device_put(restored.state["target_params"], where)
+    learner.opt_state = jax.device_put(restored.state["opt_state"], where)
+    learner.updates = int(restored.meta["updates"])
+    return int(restored.meta.get("frames", 0))
+
+
+def train(config: Config, stop_event: threading.Event | None = None) -> LoopResult:
+    """Train in this process until `config.total_frames` or `stop_event`; save the params.
+
+    The learner (params, target, optimizer state, update count) is checkpointed with orbax
+    in RUN_DIR/checkpoints and the replay with its counters in RUN_DIR/replay/single, every
+    `checkpoint_every_seconds` and when the loop ends; a run directory holding them is
+    resumed from them.
+    """
     validate(config, local_device_count=jax.local_device_count())
     run_dir = Path(config.run_dir)
     env = make_env(config, seed=config.seed, training=True)
+    checkpointer = None
     try:
         replay = make_replay(config, env, seed=config.seed)
-        write_resolved(config, run_dir)
         network = make_network(config, env.num_actions)
         first = env.reset()
         learner = LocalLearner(
             config, network, init_params(network, first.obs, config.seed), seed=config.seed
         )
         learner.attach_replay(replay)
+        checkpointer = Checkpointer(run_dir, keep=config.checkpoint_keep)
+        learner_frames = restore_learner(config, learner, checkpointer)
+        replay_checkpointer, resume = restore_replay(config, replay, bundle=0, bundles=1)
+        write_resolved(config, run_dir)
+        if learner_frames is not None:
+            print(
+                f"[single process] resumed its learner at {learner.updates:,} updates", flush=True
+            )
+        elif resume is not None:
+            replay.reset()
+            resume = None
+            print("warning: a replay checkpoint without a learner checkpoint is ignored",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        save_replay = replay_saver(replay_checkpointer, replay, "[single process]")
+
+        def save_checkpoint(counters: LoopCounters) -> None:
+            meta = {
+                "updates": learner.updates,
+                "frames": counters.frames,
+                "config_fingerprint": fingerprint(config),
+            }
+            checkpointer.save(learner.updates, jax.device_get(learner_state(learner)), meta)
+            if save_replay is not None:
+                save_replay(counters)
+
         print(
             f"single-process DQN on {config.env_id}: {env.num_envs} envs, "
             f"{jax.local_device_count()} local device(s), run dir {run_dir}",
             flush=True,
         )
-        result = run_actor_learner(config, learner, env, replay, seed=config.seed, run_dir=run_dir)
+        result = run_actor_learner(
+            config,
+            learner,
+            env,
+            replay,
+            seed=config.seed,
+            run_dir=run_dir,
+            start_frames=learner_frames or 0,
+            stop_event=stop_event,
+            resume=resume,
+            checkpoint=save_checkpoint,
+        )
         save_params(learner.params, run_dir / "params.msgpack")
         print(
-            f"done: {result.frames:,} frames, {result.updates:,} updates, "
+            f"{'stopped' if stop_event is not None and stop_event.is_set() else 'done'}: "
+            f"{result.frames:,} frames, {result.updates:,} updates, "
             f"{result.episodes} episodes, "
             f"mean return of the last 20: {result.mean_recent_return:.2f}",
             flush=True,
         )
         return result
     finally:
+        if checkpointer is not None:
+            checkpointer.close()
         env.close()

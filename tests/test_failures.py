@@ -285,3 +285,82 @@ def test_bundle_gives_up_with_a_clear_message_when_the_server_stays_away(tmp_pat
     assert learner.should_stop()
     with pytest.raises(ServerError, match="bundle lost the server"):
         learner.close()
+
+
+def newest_replay_meta(run_dir: Path, name: str) -> dict:
+    import zipfile
+
+    newest = sorted((run_dir / "replay" / name).glob("replay-*.zip"))[-1]
+    with zipfile.ZipFile(newest) as archive:
+        return json.loads(archive.read("meta.json"))
+
+
+def test_sigterm_then_resume_brings_back_the_replays_and_learns_at_once(tmp_path):
+    learning_starts = 20_000  # frames per bundle; a refilled replay would wait this long
+    common = ("--learning-starts", str(learning_starts), "--checkpoint-every-seconds", "600")
+    launcher = start_run(tmp_path, "--total-frames", "10000000", *common)
+    wait_until(lambda: read_stats(tmp_path).get("updates", 0) > 100, 180, "updates", launcher)
+    processes = all_descendants(launcher)
+    started = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive
+    assert launcher.returncode == 143, err[-2000:]
+    saved = {name: newest_replay_meta(tmp_path, name) for name in ("bundle1", "bundle2")}
+    for meta in saved.values():
+        assert meta["frames"] >= learning_starts
+        assert meta["replay"]["num_adds"] * 4 >= learning_starts  # 4 CartPole envs, 1 frame
+    stopped_version = read_stats(tmp_path)["version"]
+    stopped_frames = sum(meta["frames"] for meta in saved.values())
+
+    launcher = start_run(tmp_path, "--total-frames", "10000000", *common)
+    stats = wait_until(
+        lambda: (s := read_stats(tmp_path)).get("version", 0) > stopped_version and s,
+        120, "a push after the resume", launcher,
+    )  # fmt: skip
+    # The first pushes come from the restored replays, long before learning_starts new frames.
+    assert stats["frames"] - stopped_frames < learning_starts
+    out, err = stop_and_check(launcher, all_descendants(launcher))
+    for name, index in (("bundle1", 1), ("bundle2", 2)):
+        assert f"[bundle {index}] resumed its replay from replay-" in out, out[-3000:]
+        assert f"{saved[name]['frames']:,} frames" in out
+
+
+def test_single_process_sigterm_checkpoints_and_resumes(tmp_path):
+    learning_starts = 20_000
+    common = ("--single-process", "--run-dir", str(tmp_path), "--learning-starts",
+              str(learning_starts), "--checkpoint-every-seconds", "600")  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, CARTPOLE, *common, "--total-frames", "10000000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def learned_lines() -> int:
+        path = tmp_path / "learner.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    wait_until(lambda: learned_lines() >= 2, 180, "learner steps", process)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert process.returncode == 143, err[-2000:]
+    assert "stopped:" in out
+    assert (tmp_path / "params.msgpack").stat().st_size > 0
+    versions = Checkpointer(tmp_path, keep=3).versions()
+    assert versions and versions[-1] >= 200
+    saved = newest_replay_meta(tmp_path, "single")
+
+    # 2,000 more frames: without the replay nothing would be learned in them.
+    resumed = subprocess.run(
+        [sys.executable, CARTPOLE, *common, "--total-frames", str(saved["frames"] + 2000)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed its learner at {versions[-1]:,} updates" in resumed.stdout
+    assert "[single process] resumed its replay from" in resumed.stdout
+    done = [line for line in resumed.stdout.splitlines() if line.startswith("done:")][-1]
+    updates = int(done.split(" frames, ")[1].split(" updates")[0].replace(",", ""))
+    assert updates >= versions[-1] + 400  # one update per 4 agent steps of 4 envs at once

@@ -1,0 +1,263 @@
+"""Replay checkpoints: exact round trip, same next sample, damaged and foreign files refused."""
+
+import dataclasses
+import errno
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from gorila_jax.bundle import LoopCounters
+from gorila_jax.config import Config, cartpole_defaults
+from gorila_jax.replay import PrioritizedReplay, Replay
+from gorila_jax.replay_checkpoint import (
+    ReplayCheckpointer,
+    replay_dir,
+    replay_fingerprint,
+    restore_replay,
+)
+
+FRAME_SHAPE = (6, 5)
+NUM_ENVS = 3
+
+
+def make(prioritized: bool, seed: int = 0) -> Replay:
+    common = dict(
+        capacity=60,
+        num_envs=NUM_ENVS,
+        frame_shape=FRAME_SHAPE,
+        frame_dtype=np.uint8,
+        stack_size=4,
+        n_step=3,
+        gamma=0.9,
+        num_actions=5,
+        seed=seed,
+    )
+    if prioritized:
+        return PrioritizedReplay(**common, alpha=0.7, beta_steps=100)
+    return Replay(**common)
+
+
+def fill(replay: Replay, adds: int, seed: int) -> None:
+    """Random frames, actions and rewards; episodes end at random (terminated or truncated)."""
+    rng = np.random.default_rng(seed)
+    first = np.ones(NUM_ENVS, dtype=bool)
+    for _ in range(adds):
+        terminated = rng.random(NUM_ENVS) < 0.08
+        truncated = ~terminated & (rng.random(NUM_ENVS) < 0.03)
+        replay.add(
+            rng.integers(0, 256, (NUM_ENVS, *FRAME_SHAPE), dtype=np.uint8),
+            rng.integers(0, 5, NUM_ENVS),
+            rng.normal(size=NUM_ENVS),
+            terminated,
+            truncated,
+            first,
+        )
+        first = terminated | truncated
+        if replay.prioritized and replay.can_sample(8):
+            sample = replay.sample(8)
+            replay.update_priorities(sample.indices, rng.normal(size=8))
+
+
+def checkpointer(tmp_path, **expect) -> ReplayCheckpointer:
+    return ReplayCheckpointer(tmp_path / "replay", keep=2, expect=expect or {"bundle": 1})
+
+
+def assert_same_state(a: Replay, b: Replay) -> None:
+    arrays_a, scalars_a = a.state()
+    arrays_b, scalars_b = b.state()
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    assert scalars_a == scalars_b
+    assert len(a) == len(b)
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+@pytest.mark.parametrize("adds", [7, 23, 95])  # before the first sample, before and after wrap
+def test_round_trip_is_exact_and_draws_the_same_next_sample(tmp_path, prioritized, adds):
+    original = make(prioritized)
+    fill(original, adds, seed=adds)
+    saver = checkpointer(tmp_path)
+    path = saver.save(1234, original, {"frames": 1234})
+    assert path is not None and path.exists()
+
+    restored = make(prioritized, seed=99)  # another seed: the RNG state must come from disk
+    result = saver.restore(restored)
+    assert result is not None and result.frames == 1234 and result.counters == {"frames": 1234}
+    assert_same_state(original, restored)
+    restored.check_valid()
+    if prioritized:
+        np.testing.assert_array_equal(
+            original.priorities(np.arange(original.capacity)),
+            restored.priorities(np.arange(restored.capacity)),
+        )
+        assert original.beta == restored.beta
+    if original.can_sample(8):
+        for _ in range(3):
+            expected, got = original.sample(8), restored.sample(8)
+            np.testing.assert_array_equal(expected.indices, got.indices)
+            np.testing.assert_array_equal(expected.weights, got.weights)
+            for field in expected.transition._fields:
+                np.testing.assert_array_equal(
+                    getattr(expected.transition, field), getattr(got.transition, field)
+                )
+    # Both go on identically after the restore.
+    fill(original, 5, seed=7)
+    fill(restored, 5, seed=7)
+    assert_same_state(original, restored)
+
+
+def test_only_the_last_k_are_kept_and_the_newest_is_restored(tmp_path):
+    replay = make(False)
+    saver = checkpointer(tmp_path)
+    for frames in (10, 20, 30):
+        fill(replay, 4, seed=frames)
+        saver.save(frames, replay, {"at": frames})
+    assert [p.name for p in saver.checkpoints()] == [
+        "replay-000000000020.zip",
+        "replay-000000000030.zip",
+    ]
+    fresh = make(False)
+    assert saver.restore(fresh).counters == {"at": 30}
+    assert_same_state(replay, fresh)
+
+
+def test_a_damaged_newest_file_falls_back_to_the_previous_one(tmp_path, capsys):
+    replay = make(True)
+    saver = checkpointer(tmp_path)
+    fill(replay, 30, seed=1)
+    saver.save(1, replay, {"at": 1})
+    kept = make(True)
+    kept.load_state(*replay.state())
+    fill(replay, 30, seed=2)
+    newest = saver.save(2, replay, {"at": 2})
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle: a CRC error
+    newest.write_bytes(bytes(data))
+
+    fresh = make(True)
+    assert saver.restore(fresh).counters == {"at": 1}
+    assert_same_state(kept, fresh)
+    err = capsys.readouterr().err
+    assert "replay-000000000002.zip is damaged" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "not a zip", "no meta", "bad shape", "bad flags", "pickled array"],
+)
+def test_every_damaged_file_is_refused_with_one_line_and_leaves_an_empty_replay(
+    tmp_path, capsys, damage
+):
+    replay = make(True)
+    fill(replay, 30, seed=1)
+    saver = checkpointer(tmp_path)
+    path = saver.save(5, replay, {"at": 5})
+    arrays, scalars = replay.state()
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "not a zip":
+        path.write_bytes(b"hello")
+    else:
+        import json
+
+        members = {
+            "meta.json": json.dumps(
+                {"expect": saver.expect, "replay": scalars, "counters": {}, "frames": 5}
+            )
+        }
+        if damage == "no meta":
+            members.pop("meta.json")
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, text in members.items():
+                archive.writestr(name, text)
+            for name, array in arrays.items():
+                if damage == "bad shape" and name == "frames":
+                    array = array[:-1]
+                if damage == "bad flags" and name == "flags":
+                    array = array | np.uint8(64)
+                if damage == "pickled array" and name == "actions":
+                    array = np.array([object()] * len(array), dtype=object)
+                with archive.open(f"{name}.npy", "w") as member:
+                    np.lib.format.write_array(member, array, allow_pickle=True)
+    fresh = make(True)
+    fill(fresh, 3, seed=3)  # whatever it held before is forgotten or kept consistent
+    assert saver.restore(fresh) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("is damaged" in line for line in err), err
+    assert "Traceback" not in "\n".join(err)
+    fresh.check_valid()
+
+
+def test_a_checkpoint_of_another_config_or_bundle_count_is_refused(tmp_path, capsys):
+    config = cartpole_defaults()
+    replay = make(False)
+    fill(replay, 20, seed=1)
+    expect = {"replay_fingerprint": replay_fingerprint(config), "bundles": 2, "bundle": 1}
+    ReplayCheckpointer(tmp_path, keep=2, expect=expect).save(3, replay, {})
+
+    other_count = ReplayCheckpointer(tmp_path, keep=2, expect={**expect, "bundles": 3})
+    fresh = make(False)
+    assert other_count.restore(fresh) is None and len(fresh) == 0
+    assert "made for another run (bundles differ)" in capsys.readouterr().err
+
+    other_config = dataclasses.replace(config, n_step=5)
+    assert replay_fingerprint(other_config) != replay_fingerprint(config)
+    assert replay_fingerprint(dataclasses.replace(config, learning_rate=1.0)) == (
+        replay_fingerprint(config)
+    )
+    foreign = {**expect, "replay_fingerprint": replay_fingerprint(other_config)}
+    assert ReplayCheckpointer(tmp_path, keep=2, expect=foreign).restore(fresh) is None
+    assert "replay_fingerprint differ" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    replay = make(False)
+    fill(replay, 20, seed=1)
+    saver = checkpointer(tmp_path)
+    first = saver.save(1, replay, {"at": 1})
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "write_array", no_space)
+    assert saver.save(2, replay, {"at": 2}) is None
+    err = capsys.readouterr().err
+    assert "replay-000000000002.zip not written" in err and "No space left" in err
+    assert "previous one is kept (replay-000000000001.zip)" in err
+    assert saver.checkpoints() == [first]
+    assert not list(saver.directory.glob("*.tmp"))
+    monkeypatch.undo()
+    assert saver.restore(make(False)).counters == {"at": 1}
+
+
+def test_a_bundle_whose_replay_is_lost_starts_empty_while_the_other_resumes(tmp_path, capsys):
+    config = dataclasses.replace(Config(), run_dir=str(tmp_path), num_envs=NUM_ENVS)
+    counters = LoopCounters(400, 100, 3, (1, 2)).to_dict()
+    for bundle in (1, 2):
+        saver, resume = restore_replay(config, make(False), bundle=bundle, bundles=2)
+        assert resume is None
+        replay = make(False)
+        fill(replay, 20, seed=bundle)
+        saver.save(400, replay, counters)
+    for path in replay_dir(tmp_path, 2).iterdir():
+        path.unlink()  # bundle 2's checkpoints are lost
+    _, resume_1 = restore_replay(config, make(False), bundle=1, bundles=2)
+    assert resume_1 == LoopCounters(400, 100, 3, (1, 2))
+    replay_2 = make(False)
+    _, resume_2 = restore_replay(config, replay_2, bundle=2, bundles=2)
+    assert resume_2 is None and len(replay_2) == 0
+    off = dataclasses.replace(config, checkpoint_replay=False)
+    assert restore_replay(off, make(False), bundle=1, bundles=2) == (None, None)
+
+
+def test_loop_counters_round_trip_the_policy_key():
+    key = jax.random.split(jax.random.key(5))[1]
+    data = tuple(int(v) for v in np.asarray(jax.random.key_data(key)))
+    counters = LoopCounters.from_dict(LoopCounters(8, 2, 1, data).to_dict())
+    again = jax.random.wrap_key_data(np.asarray(counters.policy_key, dtype=np.uint32))
+    np.testing.assert_array_equal(jax.random.uniform(again, (3,)), jax.random.uniform(key, (3,)))
+    with pytest.raises(ValueError, match="bad loop counters"):
+        LoopCounters.from_dict({"frames": 1})
