@@ -12,15 +12,10 @@ The last line is `RESULT replay_bytes value=<bytes> floor=7056 ratio=<value/7056
 
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from gorila_jax.replay import PrioritizedReplay, Replay  # noqa: E402
+from gorila_jax.replay import PrioritizedReplay, Replay
 
 FRAME_SHAPE = (84, 84)
 FRAME_BYTES = 84 * 84

@@ -6,9 +6,6 @@ srun -n 3 python experiments/cartpole.py         # under SLURM
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gorila_jax.config import cartpole_defaults
 from gorila_jax.launch import main

@@ -46,8 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from gorila_jax.optim import dc_asgd
 
 PAPER_LAMBDA = {"dc_c": 0.04, "dc_a": 2.0}

@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from gorila_jax.cli import OneLineParser, positive_int
 from gorila_jax.evaluate import EvaluationError, Settings, evaluate_run
 

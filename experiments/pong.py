@@ -8,9 +8,6 @@ Every flag is listed by --help; --config FILE.yaml sets a base that flags overri
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gorila_jax.config import Config
 from gorila_jax.launch import main

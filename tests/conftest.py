@@ -1,16 +1,13 @@
-"""Shared pytest set-up: the repository importable without installing it, and no process
-left behind by any test."""
+"""Shared pytest set-up: no process left behind by any test.
+
+`gorila_jax` is imported as installed (`pip install -r requirements.txt` installs it
+editable), never through a path set here.
+"""
 
 import contextlib
-import sys
-from pathlib import Path
 
 import psutil
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, sys.argv[1])
     import chex, jax, numpy as np
     from gorila_jax.learner import local_mesh, make_grad_step
     from gorila_jax.networks import NatureCNN
@@ -48,10 +43,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_four_devices_match_one_device():
+def test_four_devices_match_one_device(tmp_path):
     environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(ROOT)],
+        [sys.executable, "-c", SCRIPT],
+        cwd=tmp_path,  # outside the checkout: gorila_jax comes from the installed package
         env=environ,
         capture_output=True,
         text=True,
