@@ -12,85 +12,14 @@ Exit status 2, with one line, for a missing run directory, config.yaml or params
 params made for another game or network than the run's config describes.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-from gorila_jax.cli import OneLineParser, positive_int
+from gorila_jax.cli import CommandLineError, run
 from gorila_jax.evaluate import EvaluationError, Settings, evaluate_run
 
 
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "run_dir", type=Path, metavar="RUN_DIR", help="run directory (holds config.yaml)"
-    )
-    parser.add_argument(
-        "--episodes", type=positive_int, default=10, metavar="N", help="episodes to play (10)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        metavar="S",
-        help="seed of the environment and of the exploration (0)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="directory for evaluation.json and evaluation.gif (default: RUN_DIR)",
-    )
-    parser.add_argument(
-        "--params",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="flax msgpack params to evaluate (default: RUN_DIR/params.msgpack)",
-    )
-    parser.add_argument(
-        "--epsilon",
-        type=probability,
-        default=0.05,
-        metavar="E",
-        help="probability of a uniformly random action at each step (0.05)",
-    )
-    parser.add_argument(
-        "--max-frames",
-        type=positive_int,
-        default=None,
-        metavar="F",
-        help="end an episode after F environment frames (Atari: 4 per agent step), scoring "
-        "the return so far (default: the config's max_episode_frames)",
-    )
-    parser.add_argument(
-        "--no-gif", action="store_true", help="do not record the first episode as a GIF"
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = Settings(
-        run_dir=args.run_dir,
-        episodes=args.episodes,
-        seed=args.seed,
-        epsilon=args.epsilon,
-        params=args.params,
-        out=args.out,
-        max_frames=args.max_frames,
-        gif=not args.no_gif,
-    )
+def evaluate(settings: Settings) -> int:
+    """Play, print each episode and the summary; the exit status."""
 
     def report(index: int, score) -> None:
         cut = " (cut at --max-frames)" if score.truncated else ""
@@ -103,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate_run(settings, on_episode=report)
     except EvaluationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise CommandLineError(str(error)) from None
     print(
         f"{result['env_id']}, {result['episodes']} episodes, epsilon {result['epsilon']}: "
         f"mean {result['mean']:.2f} | median {result['median']:.2f} | std {result['std']:.2f} "
@@ -112,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {result['json']}" + (f" and {result['gif']}" if result["gif"] else ""))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and evaluate; the exit status."""
+    return run(evaluate, Settings, argv, description=__doc__)
 
 
 if __name__ == "__main__":

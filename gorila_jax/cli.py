@@ -1,20 +1,74 @@
-"""Small command-line helpers shared by the argparse scripts (plot, evaluate)."""
+"""One command-line style for every entry point: a typed dataclass parsed by tyro.
+
+Training (`gorila_jax.config.Config`), evaluation and plotting all describe their flags as a
+dataclass whose field docstrings are the `--help` text. tyro reports a bad command line in
+a multi-line box; :func:`parse` turns it into one line (:class:`CommandLineError`), so every
+program refuses bad input the same way: one line naming what is wrong, exit status 2.
+"""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import io
+import sys
+from collections.abc import Sequence
+from typing import TypeVar
+
+import tyro
+
+T = TypeVar("T")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
+class CommandLineError(ValueError):
+    """A command line that cannot be parsed or a value that breaks a rule; one line."""
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def parse(
+    cls: type[T],
+    args: Sequence[str] | None = None,
+    *,
+    default: T | None = None,
+    description: str | None = None,
+) -> T:
+    """Parse `args` (default: sys.argv[1:]) into `cls`; `--help` prints and exits 0.
+
+    Raises CommandLineError with tyro's first message on one line for an unknown flag, a
+    missing argument or a value of the wrong type.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            return tyro.cli(cls, default=default, args=args, description=description)
+    except SystemExit as done:
+        text = captured.getvalue()
+        if not done.code:
+            sys.stdout.write(text)
+            raise
+        raise CommandLineError(first_message(text)) from None
+
+
+def first_message(text: str) -> str:
+    """The first message inside tyro's error box, joined onto one line."""
+    parts = []
+    for line in text.splitlines()[1:]:
+        content = line.strip().strip("│╭╮╰╯").strip()
+        if not content or set(content) <= set("─━-"):
+            if parts:
+                break
+            continue
+        parts.append(content)
+    return " ".join(parts) or "invalid command line"
+
+
+def run(main, cls: type[T], args: Sequence[str] | None = None, description: str | None = None):
+    """Parse `cls` from the command line and call `main(parsed)`; its exit status.
+
+    A CommandLineError, from parsing or raised by `main` for a bad value, is printed as
+    `error: <message>` on stderr with exit status 2.
+    """
+    try:
+        return main(parse(cls, args, description=description))
+    except CommandLineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

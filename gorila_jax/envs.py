@@ -75,6 +75,41 @@ class EpisodeTracker:
         return finished
 
 
+def atari_make_arguments(
+    config: Config, *, seed: int, training: bool, num_envs: int, screen: bool = False
+) -> dict:
+    """The `envpool.make` arguments of an Atari game, for training and evaluation alike.
+
+    Training uses the config's episodic life and reward clipping; evaluation plays whole
+    games with unclipped rewards. `screen=True` asks for the full 210x160 colour screen
+    without a frame stack (what a recording shows) instead of the 84x84 grey stack of 4.
+    """
+    image = (
+        {"stack_num": 1, "img_height": 210, "img_width": 160, "gray_scale": False}
+        if screen
+        else {
+            "stack_num": ATARI_STACK,
+            "img_height": ATARI_FRAME_SHAPE[0],
+            "img_width": ATARI_FRAME_SHAPE[1],
+        }
+    )
+    return {
+        "task_id": config.env_id,
+        "env_type": "gymnasium",
+        "num_envs": num_envs,
+        "batch_size": num_envs,
+        "seed": seed,
+        "episodic_life": training and config.episodic_life,
+        "reward_clip": training and config.reward_clip,
+        "noop_max": config.noop_max,
+        "repeat_action_probability": config.sticky_action_prob,
+        "max_episode_steps": max(1, config.max_episode_frames // ATARI_FRAME_SKIP),
+        "frame_skip": ATARI_FRAME_SKIP,
+        "use_fire_reset": False,
+        **image,
+    }
+
+
 class AtariEnv:
     """envpool Atari with the DQN preprocessing, stepped asynchronously (send, then recv).
 
@@ -92,21 +127,7 @@ class AtariEnv:
 
         self.num_envs = num_envs or config.num_envs
         self._env = envpool.make(
-            config.env_id,
-            env_type="gymnasium",
-            num_envs=self.num_envs,
-            batch_size=self.num_envs,
-            seed=seed,
-            episodic_life=training and config.episodic_life,
-            reward_clip=training and config.reward_clip,
-            noop_max=config.noop_max,
-            repeat_action_probability=config.sticky_action_prob,
-            max_episode_steps=max(1, config.max_episode_frames // ATARI_FRAME_SKIP),
-            frame_skip=ATARI_FRAME_SKIP,
-            stack_num=ATARI_STACK,
-            img_height=ATARI_FRAME_SHAPE[0],
-            img_width=ATARI_FRAME_SHAPE[1],
-            use_fire_reset=False,
+            **atari_make_arguments(config, seed=seed, training=training, num_envs=self.num_envs)
         )
         self.num_actions = int(self._env.action_space.n)
         self.episodes = EpisodeTracker(self.num_envs)

@@ -1,30 +1,26 @@
-"""Evaluate saved params: play episodes with evaluation settings, summarise, record a GIF.
+"""Evaluate saved params: play episodes with evaluation settings and summarise the scores.
 
 Evaluation settings are those of the DQN papers: epsilon-greedy with a small epsilon (0.05),
 whole games (no episodic life), unclipped rewards, and for Atari up to `noop_max` no-op
 actions at the start of each episode (from the run's config). Params are the flax msgpack
-file a run writes (`params.msgpack`: plain arrays, never pickle); before use they are checked
-leaf by leaf against the network that the run's config.yaml describes, so params of another
-game or network are refused with one line saying where they differ.
+file a run writes (`gorila_jax.params_file`), checked against the network that the run's
+config.yaml describes. The first episode can be recorded as a GIF (`gorila_jax.recording`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import tyro
 
 from gorila_jax.config import Config, ConfigError, is_atari, load_yaml, validate
-
-ATARI_STEPS_PER_SECOND = 15.0  # 60 Hz emulator, 4 frames per agent step
-CARTPOLE_STEPS_PER_SECOND = 50.0  # gymnasium's tau = 0.02 s
-GIF_MAX_FRAMES = 400
-ATARI_GIF_SCALE = 3
+from gorila_jax.params_file import ParamsError, load_params
+from gorila_jax.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif
 
 
 class EvaluationError(ValueError):
@@ -65,219 +61,6 @@ def describe_network(network: Any, config: Config, num_actions: int) -> str:
     if config.dueling:
         name += " dueling"
     return f"{name} for {config.env_id}, {num_actions} actions"
-
-
-def _compare(saved: Any, expected: Any, path: str) -> str | None:
-    """Where `saved` differs from `expected` (nested dicts of arrays), or None."""
-    if isinstance(expected, dict):
-        if not isinstance(saved, dict):
-            return f"{path or 'the root'} is a single array, the network expects a mapping"
-        missing = sorted(set(expected) - set(saved))
-        extra = sorted(set(saved) - set(expected))
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append("missing " + ", ".join(f"{path}/{k}".lstrip("/") for k in missing))
-            if extra:
-                parts.append("unexpected " + ", ".join(f"{path}/{k}".lstrip("/") for k in extra))
-            return "; ".join(parts)
-        for key in expected:
-            problem = _compare(saved[key], expected[key], f"{path}/{key}")
-            if problem:
-                return problem
-        return None
-    if isinstance(saved, dict):
-        return f"{path.lstrip('/')} is a mapping, the network expects an array"
-    saved_shape = tuple(np.shape(saved))
-    expected_shape = tuple(np.shape(expected))
-    if saved_shape != expected_shape:
-        return f"{path.lstrip('/')} has shape {saved_shape}, the network expects {expected_shape}"
-    return None
-
-
-def load_params(path: Path, template: Any, network_name: str) -> Any:
-    """Read flax msgpack params and check them against `template` (the network's own init).
-
-    Raises EvaluationError when the file is missing, is not msgpack, or does not have the
-    same structure and shapes as the template.
-    """
-    import flax.serialization
-
-    if not path.is_file():
-        raise EvaluationError(f"params file not found: {path}")
-    try:
-        saved = flax.serialization.msgpack_restore(path.read_bytes())
-    except Exception as error:  # msgpack raises several types for a bad file
-        raise EvaluationError(
-            f"{path} is not a flax msgpack params file ({type(error).__name__})"
-        ) from None
-    expected = flax.serialization.to_state_dict(template)
-    problem = _compare(saved, expected, "")
-    if problem:
-        raise EvaluationError(f"{path} does not fit the run's network ({network_name}): {problem}")
-    try:
-        restored = flax.serialization.from_state_dict(template, saved)
-    except (ValueError, KeyError, TypeError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise EvaluationError(
-            f"{path} does not fit the run's network ({network_name}): {first}"
-        ) from None
-    import jax
-
-    return jax.tree.map(lambda leaf, like: np.asarray(leaf, like.dtype), restored, template)
-
-
-# ---- rendering ----------------------------------------------------------------------------
-
-
-def render_cartpole(state: np.ndarray, width: int = 360, height: int = 240) -> np.ndarray:
-    """An RGB picture of a CartPole state (x, x_dot, theta, theta_dot), like gymnasium's.
-
-    Drawn with PIL, so recording needs no pygame. Track, cart, pole and axle at gymnasium's
-    proportions: the screen spans x in [-2.4, 2.4], the pole is 1 m long.
-    """
-    from PIL import Image, ImageDraw
-
-    x, _, theta, _ = (float(v) for v in np.asarray(state).reshape(-1)[:4])
-    scale = width / 4.8
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    track_y = height - height // 4
-    cart_w, cart_h = 0.4 * scale, 0.24 * scale
-    pole_len, pole_w = 1.0 * scale, 0.08 * scale
-    cart_x = x * scale + width / 2
-    draw.line([(0, track_y), (width, track_y)], fill=(0, 0, 0), width=1)
-    draw.rectangle(
-        [cart_x - cart_w / 2, track_y - cart_h / 2, cart_x + cart_w / 2, track_y + cart_h / 2],
-        fill=(0, 0, 0),
-    )
-    axle = np.array([cart_x, track_y - cart_h / 4])
-    along = np.array([math.sin(theta), -math.cos(theta)])  # image y grows downwards
-    across = np.array([-along[1], along[0]]) * pole_w / 2
-    corners = [axle - across, axle + across, axle + across + along * pole_len]
-    corners.append(axle - across + along * pole_len)
-    draw.polygon([tuple(c) for c in corners], fill=(202, 152, 101))
-    radius = pole_w / 2
-    draw.ellipse(
-        [axle[0] - radius, axle[1] - radius, axle[0] + radius, axle[1] + radius],
-        fill=(129, 132, 203),
-    )
-    return np.asarray(image)
-
-
-def render_atari(frame: np.ndarray, scale: int = ATARI_GIF_SCALE) -> np.ndarray:
-    """An 84x84 grey observation frame, upscaled, as RGB."""
-    frame = np.repeat(np.repeat(np.asarray(frame), scale, axis=0), scale, axis=1)
-    return np.repeat(frame[:, :, None], 3, axis=2)
-
-
-def with_caption(image: np.ndarray, text: str) -> np.ndarray:
-    """The image with a strip of text below it."""
-    from PIL import Image, ImageDraw
-
-    strip = 18
-    height, width = image.shape[:2]
-    canvas = Image.new("RGB", (width, height + strip), (255, 255, 255))
-    canvas.paste(Image.fromarray(image), (0, 0))
-    ImageDraw.Draw(canvas).text((4, height + 3), text, fill=(0, 0, 0))
-    return np.asarray(canvas)
-
-
-class Recorder:
-    """Keeps at most `max_frames` snapshots of one episode, evenly spread over all of it.
-
-    Every `stride`-th step is kept; when the buffer is full every other snapshot is dropped
-    and the stride doubles, so an episode of any length fits in bounded memory. Snapshots
-    are whatever the player hands in (an observation, a screen); pictures are drawn at the
-    end by `pictures`.
-    """
-
-    def __init__(self, max_frames: int = GIF_MAX_FRAMES):
-        self.max_frames = max(2, max_frames)
-        self.stride = 1
-        self.snapshots: list[tuple[Any, str]] = []
-        self.screen_in_sync = True
-        self._step = 0
-
-    def add(self, snapshot: Any, caption: str, *, last: bool = False) -> None:
-        """Offer one step's snapshot; the episode's last one is always kept."""
-        if self._step % self.stride == 0 or last:
-            self.snapshots.append((snapshot, caption))
-            if len(self.snapshots) > self.max_frames:
-                self.snapshots = self.snapshots[::2]
-                self.stride *= 2
-        self._step += 1
-
-    def pictures(self, atari: bool) -> list[np.ndarray]:
-        """RGB pictures with captions: CartPole drawn from its state; Atari from the full
-        colour screen when the screen env stayed in step, else from the 84x84 observation."""
-        images = []
-        for snapshot, caption in self.snapshots:
-            if not atari:
-                image = render_cartpole(snapshot)
-            elif snapshot[1] is not None and self.screen_in_sync:
-                image = np.repeat(np.repeat(snapshot[1], 2, axis=0), 2, axis=1)
-            else:
-                image = render_atari(snapshot[0])
-            images.append(with_caption(image, caption))
-        return images
-
-
-class AtariScreen:
-    """A second envpool game that shows the full 210x160 colour screen of the evaluated one.
-
-    It is made with the evaluation env's options and seed but colour, full size and no frame
-    stack, and is stepped with the same actions: the emulator is deterministic, so both play
-    the same game. Rewards and episode ends are compared every step; on any difference the
-    recording falls back to the 84x84 observations.
-    """
-
-    def __init__(self, config: Config, seed: int):
-        import envpool
-
-        from gorila_jax.envs import ATARI_FRAME_SKIP
-
-        self._env = envpool.make(
-            config.env_id,
-            env_type="gymnasium",
-            num_envs=1,
-            batch_size=1,
-            seed=seed,
-            episodic_life=False,
-            reward_clip=False,
-            noop_max=config.noop_max,
-            repeat_action_probability=config.sticky_action_prob,
-            max_episode_steps=max(1, config.max_episode_frames // ATARI_FRAME_SKIP),
-            frame_skip=ATARI_FRAME_SKIP,
-            stack_num=1,
-            img_height=210,
-            img_width=160,
-            gray_scale=False,
-            use_fire_reset=False,
-        )
-
-    def reset(self) -> np.ndarray:
-        """The first screen, (210, 160, 3) uint8."""
-        obs, _ = self._env.reset()
-        return obs[0].transpose(1, 2, 0)
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, float, bool]:
-        """(screen, reward, game over) after the same actions as the evaluated env."""
-        obs, reward, terminated, truncated, _ = self._env.step(np.asarray(actions, np.int32))
-        return obs[0].transpose(1, 2, 0), float(reward[0]), bool(terminated[0] | truncated[0])
-
-    def close(self) -> None:
-        """Release envpool's threads."""
-        self._env.close()
-
-
-def write_gif(path: Path, frames: list[np.ndarray], seconds_per_frame: float) -> Path:
-    """An endlessly looping GIF (pillow, through imageio)."""
-    import imageio.v3 as iio
-
-    duration_ms = max(20, round(1000 * seconds_per_frame))
-    iio.imwrite(path, np.stack(frames), extension=".gif", duration=duration_ms, loop=0)
-    return path
 
 
 # ---- playing ------------------------------------------------------------------------------
@@ -378,17 +161,27 @@ def summarize(returns: list[float]) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What to evaluate and how (the CLI's flags)."""
+    """Evaluate a run's saved params with evaluation settings."""
 
-    run_dir: Path
+    run_dir: tyro.conf.Positional[Path]
+    """Run directory (holds config.yaml and params.msgpack)."""
     episodes: int = 10
+    """Episodes to play."""
     seed: int = 0
+    """Seed of the environment and of the exploration."""
     epsilon: float = 0.05
+    """Probability of a uniformly random action at each step."""
     params: Path | None = None
+    """Flax msgpack params to evaluate (default: RUN_DIR/params.msgpack)."""
     out: Path | None = None
+    """Directory for evaluation.json and evaluation.gif (default: RUN_DIR)."""
     max_frames: int | None = None
+    """End an episode after this many environment frames (Atari: 4 per agent step), scoring
+    the return so far (default: the config's max_episode_frames)."""
     gif: bool = True
+    """Record the first episode as OUT/evaluation.gif."""
     gif_max_frames: int = GIF_MAX_FRAMES
+    """Pictures kept in the GIF at most (a long episode is sampled evenly)."""
 
 
 def check_settings(settings: Settings) -> None:
@@ -397,6 +190,8 @@ def check_settings(settings: Settings) -> None:
         raise EvaluationError(f"--episodes must be >= 1, got {settings.episodes}")
     if not 0.0 <= settings.epsilon <= 1.0:
         raise EvaluationError(f"--epsilon must be in [0, 1], got {settings.epsilon}")
+    if settings.gif_max_frames < 2:
+        raise EvaluationError(f"--gif-max-frames must be >= 2, got {settings.gif_max_frames}")
     if settings.max_frames is not None and settings.max_frames < 1:
         raise EvaluationError(f"--max-frames must be >= 1, got {settings.max_frames}")
 
@@ -429,7 +224,10 @@ def evaluate_run(
         probe.close()
     network = make_network(config, num_actions)
     template = jax.device_get(network.init(jax.random.key(0), example_obs))
-    params = load_params(params_path, template, describe_network(network, config, num_actions))
+    try:
+        params = load_params(params_path, template, describe_network(network, config, num_actions))
+    except ParamsError as error:
+        raise EvaluationError(str(error)) from None
     params = jax.device_put(params)
 
     out_dir = Path(settings.out) if settings.out else run_dir
@@ -464,12 +262,7 @@ def evaluate_run(
     }
     if recorder is not None and recorder.snapshots:
         atari = is_atari(config.env_id)
-        steps_per_second = ATARI_STEPS_PER_SECOND if atari else CARTPOLE_STEPS_PER_SECOND
-        gif_path = write_gif(
-            out_dir / "evaluation.gif",
-            recorder.pictures(atari),
-            recorder.stride / steps_per_second,
-        )
+        gif_path = write_episode_gif(recorder, out_dir / "evaluation.gif", atari=atari)
         result["gif"] = str(gif_path)
         result["gif_episode_return"] = returns[0]
         if atari:

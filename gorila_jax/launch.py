@@ -166,7 +166,8 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     from gorila_jax.config import fingerprint as config_fingerprint
     from gorila_jax.networks import make_network
     from gorila_jax.parameter_server import ParameterServer
-    from gorila_jax.single_process import init_params, save_params
+    from gorila_jax.params_file import save_params
+    from gorila_jax.single_process import init_params
 
     run_dir = Path(config.run_dir)
     token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()

@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -34,6 +35,7 @@ RETURN_FIGSIZE = (10.0, 5.5)
 PANEL_FIGSIZE = (15.0, 4.5)
 RETURNS_BY_EPISODE = "returns_by_episode.png"
 RETURNS_BY_FRAME = "returns_by_frame.png"
+RETURNS_BY_HOUR = "returns_by_hour.png"
 LEARNER = "learner.png"
 SERVER = "server.png"
 LEARNER_KEYS = (("loss", "loss (Huber)"), ("mean_q", "mean Q"), ("mean_abs_td", "mean |TD error|"))
@@ -202,6 +204,47 @@ def load_run(run_dir: Path | str, label: str | None = None) -> Run:
     )
 
 
+class Reached(NamedTuple):
+    """Where a run's trailing mean return first reached a target (None fields: never)."""
+
+    target: float
+    window: int
+    episode: int | None
+    frames: float | None
+    hours: float | None
+    best_mean: float
+
+    def __str__(self) -> str:
+        if self.episode is None:
+            return (
+                f"the mean of the last {self.window} episodes never reached {self.target:g} "
+                f"(best {self.best_mean:.2f})"
+            )
+        return (
+            f"the mean of the last {self.window} episodes first reached {self.target:g} at "
+            f"episode {self.episode:,}, {self.frames:,.0f} frames (Atari: 4 per agent step), "
+            f"{self.hours:.2f} hours"
+        )
+
+
+def first_reaching(run: Run, target: float, window: int = 100) -> Reached:
+    """The first episode at which the mean return of the last `window` finished episodes
+    (all bundles, in order of wall time) is at least `target`, with its frames and hours."""
+    returns = np.asarray(run.returns, np.float64)
+    if len(returns) < window:
+        best = float(returns.mean()) if len(returns) else float("nan")
+        return Reached(target, window, None, None, None, best)
+    means = np.convolve(returns, np.ones(window) / window, mode="valid")
+    hits = np.flatnonzero(means >= target)
+    if not len(hits):
+        return Reached(target, window, None, None, None, float(means.max()))
+    at = int(hits[0]) + window - 1
+    return Reached(
+        target, window, at + 1, float(run.frames[at]), float(run.time[at] / 3600.0),
+        float(means.max()),
+    )  # fmt: skip
+
+
 def run_labels(paths: list[Path]) -> list[str]:
     """Each run's directory name; when two share a name, their parent's name is added."""
     names = [p.resolve().name or str(p) for p in paths]
@@ -242,13 +285,20 @@ def _colors(count: int) -> list:
 def _returns_figure(runs: list[Run], *, by: str, window: int, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=RETURN_FIGSIZE, dpi=DPI, layout="constrained")
     for run, color in zip(runs, _colors(len(runs)), strict=True):
-        x = run.frames if by == "frame" else np.arange(1, len(run.returns) + 1)
+        x = {
+            "frame": run.frames,
+            "hour": run.time / 3600.0,
+            "episode": np.arange(1, len(run.returns) + 1),
+        }[by]
         ax.plot(x, run.returns, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(x, smooth(run.returns, window), color=color, linewidth=2.0, label=run.label)
     if by == "frame":
         ax.set_xlabel("environment frames (all bundles)")
         ax.xaxis.set_major_formatter(FuncFormatter(_format_count))
         title = "Episode return by frames"
+    elif by == "hour":
+        ax.set_xlabel("hours of training (pauses between sittings left out)")
+        title = "Episode return by wall-clock hours"
     else:
         ax.set_xlabel("episode (all bundles, in order of wall time)")
         title = "Episode return by episode"
@@ -376,7 +426,7 @@ def _server_figure(runs: list[Run], *, path: Path) -> Path:
 def make_plots(run_dirs: list[Path | str], out_dir: Path | str, *, window: int = 20) -> list[Path]:
     """Write the figures of the runs (overlaid) into out_dir; returns the files written.
 
-    Always: returns by episode and by frame. With learner.jsonl: learner statistics. With
+    Always: returns by episode, by frame and by hour. With learner.jsonl: learner statistics. With
     ps.json in any run: the server's update rate, staleness histogram and pushes per bundle.
     """
     if window < 1:
@@ -390,6 +440,7 @@ def make_plots(run_dirs: list[Path | str], out_dir: Path | str, *, window: int =
     written = [
         _returns_figure(runs, by="episode", window=window, path=out_dir / RETURNS_BY_EPISODE),
         _returns_figure(runs, by="frame", window=window, path=out_dir / RETURNS_BY_FRAME),
+        _returns_figure(runs, by="hour", window=window, path=out_dir / RETURNS_BY_HOUR),
     ]
     if any(len(r["time"]) for run in runs for r in run.learner.values()):
         learner_window = max(1, window // 4)

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import flax.serialization
 import jax
 import numpy as np
 
@@ -22,6 +21,7 @@ from gorila_jax.envs import make_env
 from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
 from gorila_jax.networks import make_network
 from gorila_jax.optim import make_optimizer
+from gorila_jax.params_file import save_params
 from gorila_jax.replay import Sample
 from gorila_jax.replay_checkpoint import replay_saver, restore_replay
 
@@ -89,15 +89,6 @@ class LocalLearner:
     def should_stop(self) -> bool:
         """Single-process runs stop only on their frame budget."""
         return False
-
-
-def save_params(params: Any, path: Path) -> Path:
-    """Write params as flax msgpack (plain arrays, no pickle), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
-    tmp.replace(path)
-    return path
 
 
 def learner_state(learner: LocalLearner) -> dict:

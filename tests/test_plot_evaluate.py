@@ -18,8 +18,9 @@ from PIL import Image
 
 from gorila_jax import plots
 from gorila_jax.envs import Episode
-from gorila_jax.evaluate import Recorder, _compare
 from gorila_jax.metrics import RunLogger
+from gorila_jax.params_file import describe_mismatch
+from gorila_jax.recording import Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,6 +162,7 @@ def test_plot_script_writes_pngs_for_both_layouts(tmp_path, cartpole_run):
     expected = {
         plots.RETURNS_BY_EPISODE: plots.RETURN_FIGSIZE,
         plots.RETURNS_BY_FRAME: plots.RETURN_FIGSIZE,
+        plots.RETURNS_BY_HOUR: plots.RETURN_FIGSIZE,
         plots.LEARNER: plots.PANEL_FIGSIZE,
         plots.SERVER: plots.PANEL_FIGSIZE,
     }
@@ -179,6 +181,30 @@ def test_plot_one_run_writes_into_its_directory_without_server_plot(cartpole_run
         assert str(cartpole_run / name) in written
         assert (cartpole_run / name).stat().st_size > 0
     assert not (cartpole_run / plots.SERVER).exists()
+
+
+def test_first_reaching_finds_the_first_window_at_the_target(tmp_path, capsys):
+    write_distributed_run(tmp_path, bundles=2, episodes=60)
+    run = plots.load_run(tmp_path)
+    rng = np.random.default_rng(0)
+    run.returns = rng.normal(size=len(run.returns))
+    run.returns[70:] += 30.0  # from episode 71 on, every return is far above 20
+    window = 10
+    reached = plots.first_reaching(run, 20.0, window)
+    # Reference: the first episode i (1-based) whose last 10 returns average >= 20.
+    means = [run.returns[i - window : i].mean() for i in range(window, len(run.returns) + 1)]
+    ends = range(window, len(run.returns) + 1)
+    first = next(i for i, m in zip(ends, means, strict=True) if m >= 20.0)
+    assert reached.episode == first
+    assert reached.frames == run.frames[first - 1]
+    assert reached.hours == pytest.approx(run.time[first - 1] / 3600)
+    never = plots.first_reaching(run, 1e9, window)
+    assert never.episode is None and never.best_mean == pytest.approx(max(means))
+    assert "never reached" in str(never)
+    assert plots.first_reaching(run, 0.0, 10_000).episode is None  # fewer episodes than window
+    assert load_script("plot.py").main([str(tmp_path), "--target", "-100", "--out",
+                                        str(tmp_path / "p")]) == 0  # fmt: skip
+    assert "first reached -100 at episode 100," in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "header_only"])
@@ -254,10 +280,10 @@ def test_evaluate_errors_are_one_line(tmp_path, cartpole_run, capsys, case):
 def test_shape_comparison_names_the_leaf():
     expected = {"params": {"q": {"kernel": np.zeros((512, 6)), "bias": np.zeros(6)}}}
     saved = {"params": {"q": {"kernel": np.zeros((512, 4)), "bias": np.zeros(4)}}}
-    problem = _compare(saved, expected, "")
+    problem = describe_mismatch(saved, expected, "")
     assert "params/q/" in problem and "expects" in problem
-    assert _compare(expected, expected, "") is None
-    assert "missing params/q" in _compare({"params": {}}, expected, "")
+    assert describe_mismatch(expected, expected, "") is None
+    assert "missing params/q" in describe_mismatch({"params": {}}, expected, "")
 
 
 def test_recorder_keeps_a_bounded_spread_of_the_episode():
