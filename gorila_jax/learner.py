@@ -7,7 +7,9 @@ function serves the 1-step and the n-step target:
     G = sum_i (prod_{k<i} discounts_k) * rewards_i + (prod_i discounts_i) * bootstrap
 
 `bootstrap` is max_a Q_target(s', a) (DQN) or Q_target(s', argmax_a Q_online(s', a))
-(Double DQN). The loss is the importance-weighted Huber loss of the TD error.
+(Double DQN). The loss is the importance-weighted Huber loss of the TD error (optax's).
+Each pure function checks the shapes it is given with chex (at trace time, so for free in
+the jitted steps): a batch of the wrong rank or size fails with a message naming it.
 
 Steps are jitted once over a `Mesh` of `jax.local_devices()`: the batch is split along the
 mesh's one axis and parameters are replicated, so XLA inserts the all-reduce of the
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,6 +50,9 @@ def multistep_targets(
     rewards: jnp.ndarray, discounts: jnp.ndarray, bootstrap: jnp.ndarray
 ) -> jnp.ndarray:
     """n-step returns: rewards/discounts (batch, n), bootstrap (batch,) -> targets (batch,)."""
+    chex.assert_rank([rewards, discounts, bootstrap], [2, 2, 1])
+    chex.assert_equal_shape([rewards, discounts])
+    chex.assert_shape(bootstrap, rewards.shape[:1])
     kept = jnp.cumprod(discounts, axis=1)
     before = jnp.concatenate([jnp.ones_like(kept[:, :1]), kept[:, :-1]], axis=1)
     return jnp.sum(before * rewards, axis=1) + kept[:, -1] * bootstrap
@@ -54,23 +60,22 @@ def multistep_targets(
 
 def bootstrap_values(q_next_target: jnp.ndarray, q_next_online: jnp.ndarray | None) -> jnp.ndarray:
     """Value of the next state: max of the target net, or Double DQN when online is given."""
+    chex.assert_rank(q_next_target, 2)
     if q_next_online is None:
         return jnp.max(q_next_target, axis=-1)
+    chex.assert_equal_shape([q_next_target, q_next_online])
     best = jnp.argmax(q_next_online, axis=-1)
     return jnp.take_along_axis(q_next_target, best[:, None], axis=-1)[:, 0]
-
-
-def huber(x: jnp.ndarray, delta: float) -> jnp.ndarray:
-    """Huber loss: quadratic within +-delta, linear outside."""
-    abs_x = jnp.abs(x)
-    quadratic = jnp.minimum(abs_x, delta)
-    return 0.5 * quadratic**2 + delta * (abs_x - quadratic)
 
 
 def make_loss_fn(network: nn.Module, *, double_dqn: bool, huber_delta: float) -> Callable:
     """Build loss(params, target_params, batch, weights) -> (loss, StepMetrics)."""
 
     def loss_fn(params, target_params, batch: Transition, weights):
+        batch_size = batch.action_tm1.shape[0]
+        chex.assert_shape([batch.action_tm1, weights], (batch_size,))
+        chex.assert_equal_shape([batch.obs_tm1, batch.obs_t])
+        chex.assert_axis_dimension(batch.obs_tm1, 0, batch_size)
         q_tm1 = network.apply(params, batch.obs_tm1)
         q_next_online = None
         if double_dqn:
@@ -81,7 +86,7 @@ def make_loss_fn(network: nn.Module, *, double_dqn: bool, huber_delta: float) ->
         )
         q_taken = jnp.take_along_axis(q_tm1, batch.action_tm1[:, None].astype(jnp.int32), axis=-1)
         td_errors = jax.lax.stop_gradient(targets) - q_taken[:, 0]
-        loss = jnp.mean(weights * huber(td_errors, huber_delta))
+        loss = jnp.mean(weights * optax.losses.huber_loss(td_errors, delta=huber_delta))
         metrics = StepMetrics(
             loss=loss,
             mean_q=jnp.mean(q_taken),

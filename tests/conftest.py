@@ -1,13 +1,21 @@
-"""Shared pytest set-up: no process left behind by any test.
+"""Shared pytest set-up: 4 CPU devices in the test process, no process left behind.
 
-`gorila_jax` is imported as installed (`pip install -r requirements.txt` installs it
-editable), never through a path set here.
+`chex.set_n_cpu_devices(4)` runs before anything starts JAX's backend, so every in-process
+test sees 4 local CPU devices, as a user gets with
+`XLA_FLAGS=--xla_force_host_platform_device_count=4` (one subprocess test keeps that path):
+multi-device learner steps are checked in this process. `gorila_jax` is imported as
+installed (`pip install -r requirements.txt` installs it editable), never through a path
+set here.
 """
 
 import contextlib
 
+import chex
 import psutil
 import pytest
+
+TEST_DEVICES = 4
+chex.set_n_cpu_devices(TEST_DEVICES)
 
 
 @pytest.fixture(autouse=True)

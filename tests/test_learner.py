@@ -4,11 +4,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gorila_jax.learner import (
     bootstrap_values,
-    huber,
     local_mesh,
     make_grad_step,
     make_loss_fn,
@@ -66,10 +66,43 @@ def test_double_dqn_differs_from_dqn_when_nets_disagree():
     assert float(bootstrap_values(q_target, q_online)[0]) == 1.0
 
 
-def test_huber_matches_piecewise_reference():
+def test_optax_huber_matches_piecewise_reference():
+    """The loss uses optax's Huber loss: the DQN paper's piecewise form, checked here."""
     x = np.linspace(-3, 3, 61).astype(np.float32)
     want = np.where(np.abs(x) <= 1.5, 0.5 * x**2, 1.5 * (np.abs(x) - 0.75))
-    np.testing.assert_allclose(np.asarray(huber(jnp.asarray(x), 1.5)), want, rtol=1e-6, atol=1e-6)
+    got = optax.losses.huber_loss(jnp.asarray(x), delta=1.5)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
+def test_shape_contracts_name_the_bad_input():
+    rewards = jnp.zeros((4, 3))
+    with pytest.raises(AssertionError, match="rank"):
+        multistep_targets(rewards, jnp.zeros((4, 3)), jnp.zeros((4, 1)))
+    with pytest.raises(AssertionError, match="shape"):
+        multistep_targets(rewards, jnp.zeros((4, 2)), jnp.zeros(4))
+    with pytest.raises(AssertionError):
+        bootstrap_values(jnp.zeros((4, 6)), jnp.zeros((4, 5)))
+    network = MLP(num_actions=2, hidden=(4,))
+    batch = random_batch(np.random.default_rng(0), 6, (1, 4), 2, 2)
+    params = network.init(jax.random.key(0), batch.obs_tm1)
+    loss_fn = make_loss_fn(network, double_dqn=False, huber_delta=1.0)
+    with pytest.raises(AssertionError, match="shape"):
+        jax.jit(loss_fn)(params, params, batch, np.ones(5, np.float32))  # 5 weights for 6
+
+
+def test_loss_under_fake_jit_equals_the_jitted_loss():
+    """chex.fake_jit runs the pure loss eagerly (print and breakpoint work inside it) and
+    gives the same numbers as the compiled one."""
+    rng = np.random.default_rng(5)
+    network = MLP(num_actions=3, hidden=(8,))
+    batch = random_batch(rng, 8, (1, 4), 3, 3)
+    params = network.init(jax.random.key(0), batch.obs_tm1)
+    weights = rng.random(8).astype(np.float32)
+    loss_fn = make_loss_fn(network, double_dqn=True, huber_delta=1.0)
+    compiled = jax.jit(loss_fn)(params, params, batch, weights)
+    with chex.fake_jit():
+        eager = jax.jit(loss_fn)(params, params, batch, weights)
+    chex.assert_trees_all_close(eager, compiled, rtol=1e-5, atol=1e-6)
 
 
 def random_batch(rng, batch, obs_shape, n_step, actions, dtype=np.float32):

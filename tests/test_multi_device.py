@@ -1,21 +1,27 @@
-"""The learner step over 4 local devices gives the gradients of 1 device on the same batch."""
+"""The learner step over 4 local devices gives the gradients of 1 device on the same batch.
+
+In this process (conftest gives it 4 CPU devices through chex), and once in a subprocess
+started with the `XLA_FLAGS` a user types.
+"""
 
 import os
 import subprocess
 import sys
-import textwrap
 
-SCRIPT = textwrap.dedent(
-    """
-    import chex, jax, numpy as np
-    from gorila_jax.learner import local_mesh, make_grad_step
-    from gorila_jax.networks import NatureCNN
-    from gorila_jax.replay import Transition
+import chex
+import jax
+import numpy as np
 
+from gorila_jax.learner import local_mesh, make_grad_step
+from gorila_jax.networks import NatureCNN
+from gorila_jax.replay import Transition
+
+
+def test_four_devices_match_one_device_in_process():
     assert jax.local_device_count() == 4, jax.local_devices()
     rng = np.random.default_rng(0)
     batch_size = 8
-    frames = lambda: rng.integers(0, 256, (batch_size, 4, 84, 84), dtype=np.uint8)
+    frames = lambda: rng.integers(0, 256, (batch_size, 4, 84, 84), dtype=np.uint8)  # noqa: E731
     batch = Transition(
         obs_tm1=frames(),
         action_tm1=rng.integers(0, 6, batch_size).astype(np.int32),
@@ -29,21 +35,25 @@ SCRIPT = textwrap.dedent(
     target = network.init(jax.random.key(1), batch.obs_tm1)
     results = []
     for devices in (jax.local_devices()[:1], jax.local_devices()):
-        mesh = local_mesh(devices)
-        step = make_grad_step(network, double_dqn=True, huber_delta=1.0, mesh=mesh)
+        step = make_grad_step(network, double_dqn=True, huber_delta=1.0, mesh=local_mesh(devices))
         grads, metrics = step(params, target, batch, weights)
         results.append((grads, metrics.td_errors, metrics.loss))
-        if len(devices) == 4:
-            shards = metrics.td_errors.addressable_shards
-            assert len({s.device for s in shards}) == 4, "the batch was not split"
+        shards = metrics.td_errors.addressable_shards
+        assert len({s.device for s in shards}) == len(devices), "the batch was not split"
     chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-6)
     assert float(np.abs(np.asarray(results[0][2]))) > 0
-    print("EQUAL")
-    """
-)
 
 
-def test_four_devices_match_one_device(tmp_path):
+SCRIPT = """
+import jax
+from gorila_jax.learner import local_mesh
+assert jax.local_device_count() == 4, jax.local_devices()
+assert local_mesh().devices.size == 4
+print("FOUR")
+"""
+
+
+def test_xla_flags_give_a_process_four_devices(tmp_path):
     environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT],
@@ -54,4 +64,4 @@ def test_four_devices_match_one_device(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "EQUAL" in result.stdout
+    assert "FOUR" in result.stdout
