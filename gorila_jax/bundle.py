@@ -29,15 +29,29 @@ LEARNER_LOG_EVERY_STEPS = 100
 
 
 class Updater(Protocol):
-    """What the loop needs from a learner: params to act with, and a learning step."""
+    """Everything the loop uses of a learner: params to act with, a learning step, counters.
+
+    `LocalLearner` (single process) applies its own updates; `RemoteLearner` (a Gorila
+    bundle) pushes gradients to the parameter server and pulls params back.
+    """
 
     updates: int
+    """Learner steps this process has taken."""
+    server_version: int | None
+    """The newest parameter-server version seen (None without a server)."""
 
-    def acting_params(self) -> Any: ...
+    def acting_params(self) -> Any:
+        """The params the policy acts with now."""
+        ...
 
-    def learn(self, sample: Sample, frames: int) -> Any: ...
+    def learn(self, sample: Sample, frames: int) -> Any:
+        """One learner step on `sample`; its metrics (with per-sample `td_errors`) or None
+        when the step was skipped."""
+        ...
 
-    def should_stop(self) -> bool: ...
+    def should_stop(self) -> bool:
+        """Whether the run is over for this learner (the server said stop)."""
+        ...
 
 
 class LoopCounters(NamedTuple):
@@ -147,7 +161,7 @@ def run_actor_learner(
             epsilon=epsilon,
             mean_return=logger.mean_recent_return(),
             updates=updater.updates,
-            server_version=getattr(updater, "server_version", None),
+            server_version=updater.server_version,
             force=force,
         )
 
@@ -208,8 +222,11 @@ def run_actor_learner(
                 updates_due += steps_per_vector_step / config.train_every
                 while updates_due >= 1.0:
                     updates_due -= 1.0
-                    metrics = updater.learn(replay.sample(config.batch_size), frames)
+                    sample = replay.sample(config.batch_size)
+                    metrics = updater.learn(sample, frames)
                     if metrics is not None:
+                        if replay.prioritized:  # the one place priorities change
+                            replay.update_priorities(sample.indices, np.asarray(metrics.td_errors))
                         learner_window.append(metrics)
                     if len(learner_window) >= LEARNER_LOG_EVERY_STEPS:
                         logger.learner(summarize(learner_window, frames, updater.updates))

@@ -61,12 +61,7 @@ class LocalLearner:
             mesh=mesh,
         )
         self.updates = 0
-        self._prioritized = config.prioritized
-        self._replay = None
-
-    def attach_replay(self, replay) -> None:
-        """Priorities of sampled transitions are written back to this replay."""
-        self._replay = replay
+        self.server_version = None
 
     def acting_params(self) -> Any:
         """The online params (always current: no server)."""
@@ -82,8 +77,6 @@ class LocalLearner:
         self.updates += 1
         if self.updates % self.config.target_period == 0:
             self.target_params = copy_params(self.params)
-        if self._prioritized and self._replay is not None:
-            self._replay.update_priorities(sample.indices, np.asarray(metrics.td_errors))
         return metrics
 
     def should_stop(self) -> bool:
@@ -140,7 +133,6 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
         learner = LocalLearner(
             config, network, init_params(network, first.obs, config.seed), seed=config.seed
         )
-        learner.attach_replay(replay)
         checkpointer = Checkpointer(run_dir, keep=config.checkpoint_keep)
         learner_frames = restore_learner(config, learner, checkpointer)
         replay_checkpointer, resume = restore_replay(config, replay, bundle=0, bundles=1)

@@ -1,0 +1,120 @@
+"""The actor-replay-learner loop with a fake learner: when learning starts, where priorities
+are written, what is checkpointed and how a resume continues."""
+
+import dataclasses
+import threading
+
+import jax
+import numpy as np
+
+from gorila_jax.bundle import LoopCounters, make_replay, run_actor_learner
+from gorila_jax.config import cartpole_defaults
+from gorila_jax.envs import make_env
+from gorila_jax.learner import StepMetrics
+from gorila_jax.networks import make_network
+
+
+class FakeLearner:
+    """An Updater that records each sample and answers with chosen TD errors."""
+
+    def __init__(self, params, td_error: float = 0.5):
+        self.params = params
+        self.updates = 0
+        self.server_version = None
+        self.td_error = td_error
+        self.samples = []
+
+    def acting_params(self):
+        return self.params
+
+    def learn(self, sample, frames):
+        self.updates += 1
+        self.samples.append((sample.indices.copy(), frames))
+        batch = len(sample.indices)
+        td = np.full(batch, self.td_error, np.float32)
+        return StepMetrics(np.float32(0.0), np.float32(0.0), np.float32(self.td_error), td)
+
+    def should_stop(self):
+        return False
+
+
+def setting(tmp_path, **overrides):
+    config = dataclasses.replace(
+        cartpole_defaults(),
+        run_dir=str(tmp_path),
+        num_envs=2,
+        batch_size=4,
+        train_every=2,
+        learning_starts=100,
+        replay_capacity=500,
+        log_every_seconds=1e6,
+        **overrides,
+    )
+    env = make_env(config, seed=0)
+    replay = make_replay(config, env, seed=0)
+    return config, env, replay, make_network(config, env.num_actions)
+
+
+def init_learner(network, env, td_error=0.5):
+    return FakeLearner(network.init(jax.random.key(0), env.reset().obs), td_error)
+
+
+def test_learning_starts_counts_the_replays_frames_and_priorities_come_from_td_errors(tmp_path):
+    config, env, replay, network = setting(tmp_path, prioritized=True, priority_alpha=0.5)
+    learner = init_learner(network, env, td_error=3.0)
+    try:
+        result = run_actor_learner(
+            config, learner, env, replay, seed=0, run_dir=tmp_path, frame_budget=300
+        )
+    finally:
+        env.close()
+    assert result.frames == 300
+    first_frames = learner.samples[0][1]
+    assert first_frames >= config.learning_starts
+    assert first_frames - 2 < config.learning_starts  # not later than needed (2 envs a step)
+    # One learner step per train_every=2 agent steps once learning: (300 - 100) / 2.
+    assert learner.updates == (300 - first_frames + 2) // 2
+    # Every sampled index still valid holds (|td| + eps) ** alpha, written by the loop.
+    sampled = np.unique(np.concatenate([indices for indices, _ in learner.samples]))
+    valid = sampled[replay._is_valid_start(sampled)]
+    expected = (3.0 + config.priority_eps) ** 0.5
+    np.testing.assert_allclose(replay.priorities(valid), expected)
+
+
+def test_checkpoints_come_on_the_period_and_at_the_end_and_resume_continues(tmp_path):
+    config, env, replay, network = setting(tmp_path, checkpoint_every_seconds=1e-9)
+    learner = init_learner(network, env)
+    saved: list[LoopCounters] = []
+    stop = threading.Event()
+
+    def checkpoint(counters):
+        saved.append(counters)
+        if len(saved) == 5:
+            stop.set()  # like SIGTERM: the loop ends and checkpoints once more
+
+    try:
+        run_actor_learner(
+            config, learner, env, replay, seed=0, run_dir=tmp_path, frame_budget=10_000,
+            stop_event=stop, checkpoint=checkpoint,
+        )  # fmt: skip
+    finally:
+        env.close()
+    assert len(saved) == 6 and saved[-1] == saved[-2]
+    frames = [c.frames for c in saved]
+    assert frames == sorted(frames) and frames[0] == 2  # 2 envs, 1 frame each per step
+    assert all(c.agent_steps == c.frames for c in saved)  # CartPole: 1 frame per step
+
+    # A resumed loop continues the counters and the policy's key where they were.
+    config2, env2, replay2, _ = setting(tmp_path / "again")
+    resumed: list[LoopCounters] = []
+    try:
+        result = run_actor_learner(
+            config2, init_learner(network, env2), env2, replay2, seed=123, run_dir=tmp_path,
+            frame_budget=saved[-1].frames + 4, resume=saved[-1], checkpoint=resumed.append,
+        )  # fmt: skip
+    finally:
+        env2.close()
+    assert result.frames == saved[-1].frames + 4
+    assert resumed[-1].agent_steps == saved[-1].agent_steps + 4
+    assert resumed[-1].episodes >= saved[-1].episodes
+    assert resumed[-1].policy_key != saved[-1].policy_key  # advanced from the saved key
