@@ -1,0 +1,92 @@
+"""How the parameter server is split into shards: contiguous slices of the flat params.
+
+The network's parameters travel and live as one flat float32 vector (ravel_pytree order).
+With S server shards, shard k owns the contiguous slice `bounds[k]:bounds[k+1]`; the slices
+differ in size by at most one element, so with one dtype they are byte-balanced. Every
+optimizer in this project (adam, rmsprop, sgd, adagrad, DC-ASGD) acts element by element
+once the gradient has been clipped, which the bundle does before splitting: S shards
+together apply exactly what one server would.
+
+Gradient sharding composes: a bundle that owns the sorted flat `indices` sends each shard
+the owned indices that fall in its slice (relative to the slice's start), and nothing to a
+shard that holds none of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+
+
+class ShardLayout(NamedTuple):
+    """Slice boundaries of the flat parameter vector, one slice per server shard."""
+
+    bounds: tuple[int, ...]  # S + 1 non-decreasing offsets, from 0 to the parameter count
+
+    @classmethod
+    def even(cls, num_params: int, shards: int) -> ShardLayout:
+        """S contiguous slices whose sizes differ by at most one element."""
+        if not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"server shards must be a positive integer, got {shards!r}")
+        if shards > num_params:
+            raise ValueError(
+                f"{shards} server shards for {num_params} parameters: each shard needs at "
+                "least one parameter"
+            )
+        return cls(tuple(int(b) for b in np.linspace(0, num_params, shards + 1).round()))
+
+    @classmethod
+    def from_list(cls, values: object) -> ShardLayout:
+        """A layout from its JSON form (a checkpoint's), checked; ValueError if malformed."""
+        if (
+            not isinstance(values, list)
+            or len(values) < 2
+            or not all(isinstance(v, int) for v in values)
+            or values[0] != 0
+            or any(b <= a for a, b in itertools.pairwise(values))
+        ):
+            raise ValueError(f"not a shard layout: {values!r}")
+        return cls(tuple(values))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def num_params(self) -> int:
+        return self.bounds[-1]
+
+    def size(self, shard: int) -> int:
+        """Elements owned by `shard`."""
+        return self.bounds[shard + 1] - self.bounds[shard]
+
+    def slice(self, shard: int) -> slice:
+        """The part of the flat vector `shard` owns."""
+        return slice(self.bounds[shard], self.bounds[shard + 1])
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        """The flat vector cut into the shards' slices (views, no copy)."""
+        if flat.shape != (self.num_params,):
+            raise ValueError(f"expected a flat vector of {self.num_params}, got {flat.shape}")
+        return [flat[self.slice(k)] for k in range(self.num_shards)]
+
+    def join(self, slices: list[np.ndarray]) -> np.ndarray:
+        """The inverse of `split`: one flat vector from every shard's slice."""
+        if [len(s) for s in slices] != [self.size(k) for k in range(self.num_shards)]:
+            raise ValueError("slices do not match the shard layout")
+        return np.concatenate(slices)
+
+    def split_indices(self, indices: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+        """Per shard: the positions in sorted `indices` that it owns (a slice of them) and
+        those indices relative to the shard's start. Shards owning none get an empty part."""
+        indices = np.asarray(indices)
+        cuts = np.searchsorted(indices, np.asarray(self.bounds), side="left")
+        return [
+            (
+                slice(int(cuts[k]), int(cuts[k + 1])),
+                (indices[cuts[k] : cuts[k + 1]] - self.bounds[k]).astype(np.int32),
+            )
+            for k in range(self.num_shards)
+        ]

@@ -1,0 +1,56 @@
+"""Shard layout: contiguous byte-balanced slices, and gradient sharding composed with them."""
+
+import numpy as np
+import pytest
+
+from gorila_jax.gradient_shards import shard_indices
+from gorila_jax.shard_layout import ShardLayout
+
+
+@pytest.mark.parametrize(("num_params", "shards"), [(10, 1), (10, 3), (1_687_206, 4), (7, 7)])
+def test_even_layout_covers_everything_once_and_balances(num_params, shards):
+    layout = ShardLayout.even(num_params, shards)
+    sizes = [layout.size(k) for k in range(shards)]
+    assert layout.num_shards == shards and layout.num_params == num_params
+    assert sum(sizes) == num_params and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    flat = np.arange(num_params, dtype=np.float32)
+    parts = layout.split(flat)
+    assert all(np.shares_memory(p, flat) for p in parts)  # views, no copy
+    np.testing.assert_array_equal(layout.join(parts), flat)
+    assert ShardLayout.from_list(list(layout.bounds)) == layout
+
+
+@pytest.mark.parametrize(
+    ("num_params", "shards", "message"),
+    [(10, 0, "positive integer"), (3, 4, "at least one parameter"), (10, -1, "positive")],
+)
+def test_bad_shard_counts_are_refused_in_one_line(num_params, shards, message):
+    with pytest.raises(ValueError, match=message) as info:
+        ShardLayout.even(num_params, shards)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("values", [[], [0], [1, 5], [0, 5, 5], [0, 5, 3], "0,5", [0, 2.5, 5]])
+def test_malformed_layouts_are_refused(values):
+    with pytest.raises(ValueError, match="not a shard layout"):
+        ShardLayout.from_list(values)
+
+
+def test_owned_indices_reach_exactly_the_shards_that_hold_them():
+    num_params, layout = 1000, ShardLayout.even(1000, 3)
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=num_params).astype(np.float32)
+    for worker in range(2):
+        owned = shard_indices(num_params, 2, worker, "default", seed=1)
+        values = grads[owned]
+        rebuilt = np.zeros(num_params, np.float32)
+        for shard, (positions, local) in enumerate(layout.split_indices(owned)):
+            assert np.all((local >= 0) & (local < layout.size(shard)))
+            rebuilt[layout.bounds[shard] + local] = values[positions]
+        mask = np.zeros(num_params, bool)
+        mask[owned] = True
+        np.testing.assert_array_equal(rebuilt[mask], grads[mask])
+        assert np.all(rebuilt[~mask] == 0)
+    # A bundle owning indices in one slice only sends nothing to the others.
+    parts = layout.split_indices(np.array([0, 5, 7]))
+    assert [len(local) for _, local in parts] == [3, 0, 0]
