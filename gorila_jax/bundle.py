@@ -76,12 +76,15 @@ class LoopCounters(NamedTuple):
                 episodes=int(values["episodes"]),
                 policy_key=tuple(int(v) for v in values["policy_key"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ValueError(f"bad loop counters ({error!r})") from None
-        if min(counters.frames, counters.agent_steps, counters.episodes) < 0:
-            raise ValueError("bad loop counters (negative)")
-        if not counters.policy_key or not all(0 <= v < 2**32 for v in counters.policy_key):
-            raise ValueError("bad loop counters (policy key)")
+        if not all(0 <= v < 2**62 for v in counters[:3]):
+            raise ValueError("bad loop counters (frames, agent steps or episodes out of range)")
+        key_size = np.asarray(jax.random.key_data(jax.random.key(0))).size
+        if len(counters.policy_key) != key_size or not all(
+            0 <= v < 2**32 for v in counters.policy_key
+        ):
+            raise ValueError(f"bad loop counters (policy key must be {key_size} uint32 values)")
         return counters
 
 
@@ -148,7 +151,8 @@ def run_actor_learner(
     Learning starts once the replay holds `learning_starts` frames (counted from the replay's
     own adds, so a replay restored from a checkpoint learns at once). A bundle resumed with
     its replay passes the saved `resume` counters (frames, agent steps, episodes, policy
-    key); one without starts at `start_frames` (the server's count) with an empty replay.
+    key; frames are the larger of the saved ones and `start_frames`, the server's count);
+    one without starts at `start_frames` with an empty replay.
     `checkpoint` is called with the current counters every `checkpoint_every_seconds` and
     once when the loop ends, on its budget or on a signal.
     """
@@ -170,7 +174,10 @@ def run_actor_learner(
     policy = make_policy(network)
     key = jax.random.key(seed)
     if resume is not None:
-        start_frames = resume.frames
+        # A distributed bundle's replay checkpoint may be older than the count the server
+        # kept for it (a bundle killed outright resumes from its last periodic one): the
+        # frame count, and so epsilon and the budget, never go backwards.
+        start_frames = max(start_frames, resume.frames)
         key = jax.random.wrap_key_data(np.asarray(resume.policy_key, dtype=np.uint32))
     logger = RunLogger(run_dir, bundle=bundle)
     if resume is not None:

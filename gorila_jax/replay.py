@@ -69,6 +69,8 @@ TERMINATED = np.uint8(2)
 TRUNCATED = np.uint8(4)
 LAST_OBS = np.uint8(TERMINATED | TRUNCATED)
 _ALL_FLAGS = FIRST | TERMINATED | TRUNCATED
+# Adds a saved replay may claim (far beyond any run; keeps index arithmetic in int64).
+MAX_ADDS = 2**62
 # Rejection rounds for uniform sampling before falling back to enumerating the valid starts.
 _MAX_REJECTION_ROUNDS = 32
 
@@ -158,6 +160,7 @@ class Replay:
         self.gamma = float(gamma)
         self.num_actions = int(num_actions)
         self.action_dtype = _action_dtype(self.num_actions)
+        self._seed = seed
         self._rng = np.random.default_rng(seed)
 
         needed = self.bytes_needed(
@@ -359,16 +362,17 @@ class Replay:
 
         A state of another layout, or with a bad array or counter, is a ValueError that
         changes nothing; one whose parts disagree with each other (found only once loaded)
-        is a ValueError that leaves the replay empty, as if new.
+        is a ValueError that leaves the replay empty, as if new. `arrays` may be this
+        replay's own storage (from `state()`), already overwritten by the caller.
         """
         checked = self._checked_state(arrays, scalars)
-        self._frames[...] = checked["frames"]
-        self._actions[...] = checked["actions"]
-        self._rewards[...] = checked["rewards"]
-        self._flags[...] = checked["flags"]
-        self._num_adds = checked["num_adds"]
-        self._rng.bit_generator.state = checked["rng"]
         try:
+            self._frames[...] = checked["frames"]
+            self._actions[...] = checked["actions"]
+            self._rewards[...] = checked["rewards"]
+            self._flags[...] = checked["flags"]
+            self._num_adds = checked["num_adds"]
+            self._rng.bit_generator.state = checked["rng"]
             if self._num_adds > 0:
                 written = min(self._num_adds, self.capacity_per_env)
                 oldest = (self._num_adds - written) % self.capacity_per_env
@@ -378,17 +382,25 @@ class Replay:
                     raise ValueError("replay state: time 0 is not marked first")
             self._num_valid = self._all_valid_indices().size
             self._after_load(checked)
-        except ValueError:
+        except Exception as error:
             self.reset()
-            raise
+            if isinstance(error, ValueError):
+                raise
+            raise ValueError(f"replay state: {type(error).__name__}: {error}") from None
 
     def reset(self) -> None:
-        """Forget every stored observation (the storage stays allocated)."""
+        """Forget every stored observation and restart the sampling RNG from the seed (the
+        storage stays allocated): the replay is as if new."""
         self._num_adds = 0
         self._num_valid = 0
+        self._rng = np.random.default_rng(self._seed)
+        for small in (self._actions, self._rewards, self._flags):  # frames are never read
+            small[...] = 0  # before they are written again
 
     def _checked_state(self, arrays: dict[str, np.ndarray], scalars: dict) -> dict:
         """The saved state's parts, each checked against this replay's layout."""
+        if not isinstance(arrays, dict) or not isinstance(scalars, dict):
+            raise ValueError("replay state: arrays and scalars must be mappings")
         if scalars.get("layout") != self.layout():
             raise ValueError(
                 f"replay state of another layout ({scalars.get('layout')}, "
@@ -404,7 +416,7 @@ class Replay:
         for name, (shape, dtype) in expected.items():
             array = arrays.get(name)
             if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
-                got = None if array is None else (getattr(array, "shape", "?"), array.dtype)
+                got = (getattr(array, "shape", None), getattr(array, "dtype", None))
                 raise ValueError(f"replay state: {name} must be {shape} {dtype}, got {got}")
             checked[name] = array
         if np.any(checked["flags"] & ~_ALL_FLAGS):
@@ -414,14 +426,14 @@ class Replay:
         if not np.all(np.isfinite(checked["rewards"])):
             raise ValueError("replay state: non-finite rewards")
         num_adds = scalars.get("num_adds")
-        if not isinstance(num_adds, int) or num_adds < 0:
-            raise ValueError(f"replay state: num_adds must be an integer >= 0, got {num_adds!r}")
+        if not isinstance(num_adds, int) or not 0 <= num_adds < MAX_ADDS:
+            raise ValueError(f"replay state: num_adds must be in [0, 2**62), got {num_adds!r}")
         checked["num_adds"] = num_adds
         rng = np.random.default_rng()
         try:
             rng.bit_generator.state = scalars.get("rng")
-        except (TypeError, ValueError, KeyError) as error:
-            raise ValueError(f"replay state: bad sampling RNG state ({error})") from None
+        except Exception as error:  # numpy raises several types for a malformed state
+            raise ValueError(f"replay state: bad sampling RNG state ({error!r})") from None
         checked["rng"] = rng.bit_generator.state
         return checked
 
@@ -666,15 +678,10 @@ class PrioritizedReplay(Replay):
         self._tree.update(indices[still_valid], priorities)
 
     def layout(self) -> dict:
-        """The uniform layout plus the prioritization settings."""
-        return {
-            **super().layout(),
-            "alpha": self.alpha,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "beta_steps": self.beta_steps,
-            "epsilon": self.epsilon,
-        }
+        """The uniform layout plus the settings stored priorities depend on (beta's
+        schedule is not one: a restored replay continues its count of samples under the
+        schedule of the run that loads it, e.g. one extended to more frames)."""
+        return {**super().layout(), "alpha": self.alpha, "epsilon": self.epsilon}
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """The uniform state plus the leaf priorities, max priority and beta's position.

@@ -38,6 +38,7 @@ from gorila_jax.replay import Replay
 
 REPLAY_DIR = "replay"
 COMPRESS_LEVEL = 1
+MAX_META_BYTES = 1 << 20  # the JSON header is a few hundred bytes
 _NAME = re.compile(r"^replay-(\d{12})\.zip$")
 
 
@@ -45,8 +46,9 @@ class ReplayRestored(NamedTuple):
     """What a replay checkpoint gives back beside the replay it filled."""
 
     frames: int
-    counters: dict
+    counters: LoopCounters
     path: Path
+    extra: dict
 
 
 def replay_dir(run_dir: Path, bundle: int) -> Path:
@@ -106,12 +108,25 @@ class ReplayCheckpointer:
         found = [p for p in self.directory.iterdir() if _NAME.match(p.name)]
         return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
-    def save(self, frames: int, replay: Replay, counters: dict) -> Path | None:
-        """Write a checkpoint for `frames`; None (with one warning line) if it failed."""
+    def save(
+        self, replay: Replay, counters: LoopCounters, extra: dict | None = None
+    ) -> Path | None:
+        """Write a checkpoint at `counters.frames`; None (with one warning line) if it failed.
+
+        `extra` (JSON-able) is stored beside the counters, e.g. the learner step a
+        single-process checkpoint pairs with.
+        """
         arrays, scalars = replay.state()
-        meta = {"expect": self.expect, "replay": scalars, "counters": counters, "frames": frames}
-        path = self.directory / f"replay-{int(frames):012d}.zip"
-        tmp = path.with_name(path.name + ".tmp")
+        frames = int(counters.frames)
+        meta = {
+            "expect": self.expect,
+            "replay": scalars,
+            "counters": counters.to_dict(),
+            "frames": frames,
+            "extra": extra or {},
+        }
+        path = self.directory / f"replay-{frames:012d}.zip"
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         start = time.perf_counter()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -141,49 +156,122 @@ class ReplayCheckpointer:
             old.unlink(missing_ok=True)
         return path
 
-    def restore(self, replay: Replay) -> ReplayRestored | None:
+    def restore(self, replay: Replay, *, frames: int | None = None) -> ReplayRestored | None:
         """Fill `replay` from the newest usable checkpoint; None (replay empty) if none is.
 
-        Damaged files are skipped for older ones; one made for other settings stops the
-        search (older ones were made for the same settings). Every refusal is one warning.
+        With `frames`, only a checkpoint made at exactly that frame count is usable (a
+        single process pairs its replay with its learner's checkpoint); newer ones are set
+        aside. A damaged file is set aside for an older one; one made for other settings
+        stops the search (older ones were made for the same settings) and every file is set
+        aside. Set aside means moved into `refused/` beside them, kept for inspection but
+        out of the way of later saves. Every refusal is one warning line; whatever happens,
+        `replay` ends either restored or empty, never half-loaded.
         """
-        for path in reversed(self.checkpoints()):
-            try:
-                meta, arrays = _read(path)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-                warn(f"replay checkpoint {path} is damaged ({_first_line(error)}); trying older")
+        for stale in self.directory.glob("*.tmp") if self.directory.is_dir() else ():
+            stale.unlink(missing_ok=True)  # left by a process killed while writing
+        candidates = list(reversed(self.checkpoints()))
+        for at, path in enumerate(candidates):
+            saved_frames = int(_NAME.match(path.name).group(1))
+            if frames is not None and saved_frames > frames:
+                self._set_aside(path, f"newer than the learner's checkpoint ({frames:,} frames)")
                 continue
-            if meta.get("expect") != self.expect:
-                differing = sorted(
-                    key
-                    for key in set(self.expect) | set(meta.get("expect") or {})
-                    if (meta.get("expect") or {}).get(key) != self.expect.get(key)
-                )
-                warn(f"replay checkpoint {path} was made for another run ({', '.join(differing)} "
-                     "differ); starting with an empty replay")  # fmt: skip
+            if frames is not None and saved_frames < frames:
+                break  # older than the learner: none of the rest pairs with it either
+            try:
+                restored = self._load(path, replay)
+            except _Foreign as foreign:
+                warn(f"replay checkpoint {path} was made for another run ({foreign} differ); "
+                     "starting with an empty replay")  # fmt: skip
+                for other in candidates[at:]:
+                    self._set_aside(other, None)
                 return None
-            try:
-                replay.load_state(arrays, meta["replay"])
-            except (ValueError, KeyError, TypeError) as error:
-                warn(f"replay checkpoint {path} is damaged ({_first_line(error)}); trying older")
-                continue
-            counters = meta.get("counters")
-            frames = meta.get("frames")
-            if not isinstance(counters, dict) or not isinstance(frames, int):
+            except Exception as error:  # a damaged file can raise almost anything
                 replay.reset()
-                warn(f"replay checkpoint {path} is damaged (no counters); trying older")
+                self._set_aside(path, f"damaged ({_first_line(error)})")
                 continue
-            return ReplayRestored(frames, counters, path)
-        if self.checkpoints():
+            return restored
+        if frames is not None and self.checkpoints():
+            warn(f"no replay checkpoint in {self.directory} pairs with the learner's "
+                 f"({frames:,} frames); starting with an empty replay")  # fmt: skip
+        elif candidates:
             warn(f"no usable replay checkpoint in {self.directory}; starting with an empty replay")
         return None
 
+    def _load(self, path: Path, replay: Replay) -> ReplayRestored:
+        """Read one checkpoint into `replay`; _Foreign or any other exception if unusable."""
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("meta.json")
+            if info.file_size > MAX_META_BYTES:
+                raise ValueError(f"meta.json of {info.file_size:,} bytes")
+            meta = json.loads(archive.read(info))
+            if not isinstance(meta, dict) or not all(
+                isinstance(meta.get(key), dict) for key in ("expect", "replay", "counters")
+            ):
+                raise ValueError("meta.json lacks expect, replay or counters")
+            if meta["expect"] != self.expect:
+                keys = set(self.expect) | set(meta["expect"])
+                raise _Foreign(", ".join(sorted(
+                    str(k) for k in keys if meta["expect"].get(k) != self.expect.get(k)
+                )))  # fmt: skip
+            counters = LoopCounters.from_dict(meta["counters"])
+            targets, _ = replay.state()  # the replay's own storage: read straight into it
+            for name, target in targets.items():
+                if name == "priorities":
+                    target = np.empty_like(target)
+                    targets[name] = target
+                with archive.open(f"{name}.npy") as member:
+                    _read_array_into(member, target, name)
+        replay.load_state(targets, meta["replay"])
+        return ReplayRestored(counters.frames, counters, path, meta.get("extra") or {})
+
+    def _set_aside(self, path: Path, reason: str | None) -> None:
+        """Move a refused checkpoint into `refused/` (with a warning when `reason` is given)."""
+        refused = self.directory / "refused"
+        try:
+            refused.mkdir(exist_ok=True)
+            path.replace(refused / path.name)
+            where = f"moved to {refused}"
+        except OSError as error:
+            where = f"could not be moved aside: {_first_line(error)}"
+        if reason is not None:
+            warn(f"replay checkpoint {path} is {reason}; {where}")
+
+
+class _Foreign(Exception):
+    """A checkpoint made for other replay settings or another bundle layout."""
+
+
+def _read_array_into(member, target: np.ndarray, name: str) -> None:
+    """Read one .npy member into `target`, refusing any header that does not describe
+    exactly `target`'s shape and dtype before a byte of data is read (no pickle, no
+    allocation from the file's say-so), and any data that is short or too long."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise ValueError(f"{name}.npy has format version {version}")
+    if shape != target.shape or dtype != target.dtype or (fortran and target.ndim > 1):
+        expected = f"{target.shape} {target.dtype}"
+        raise ValueError(f"{name}.npy holds {shape} {dtype}, expected {expected}")
+    view = memoryview(target).cast("B")
+    filled = 0
+    while filled < len(view):
+        count = member.readinto(view[filled:])
+        if not count:
+            raise ValueError(f"{name}.npy is truncated")
+        filled += count
+    if member.read(1):  # also makes zipfile check the member's CRC
+        raise ValueError(f"{name}.npy has trailing bytes")
+
 
 def restore_replay(
-    config: Config, replay: Replay, *, bundle: int, bundles: int
+    config: Config, replay: Replay, *, bundle: int, bundles: int, frames: int | None = None
 ) -> tuple[ReplayCheckpointer | None, LoopCounters | None]:
     """The replay checkpointer of this bundle (None when off) and the counters to resume
-    from (None when its replay starts empty); fills `replay` from the newest usable one."""
+    from (None when its replay starts empty); fills `replay` from the newest usable one
+    (with `frames`, the one made at exactly that frame count)."""
     if not config.checkpoint_replay:
         return None, None
     checkpointer = ReplayCheckpointer(
@@ -195,15 +283,10 @@ def restore_replay(
             "bundle": bundle,
         },
     )
-    restored = checkpointer.restore(replay)
+    restored = checkpointer.restore(replay, frames=frames)
     if restored is None:
         return checkpointer, None
-    try:
-        resume = LoopCounters.from_dict(restored.counters)
-    except ValueError as error:
-        replay.reset()
-        warn(f"replay checkpoint {restored.path} is damaged ({error}); starting empty")
-        return checkpointer, None
+    resume = restored.counters
     name = "single process" if bundle == 0 else f"bundle {bundle}"
     print(
         f"[{name}] resumed its replay from {restored.path.name}: {len(replay):,} transitions, "
@@ -215,13 +298,13 @@ def restore_replay(
 
 def replay_saver(
     checkpointer: ReplayCheckpointer | None, replay: Replay, prefix: str
-) -> Callable[[LoopCounters], None] | None:
+) -> Callable[..., None] | None:
     """The loop's checkpoint callback: save the replay and counters, report size and time."""
     if checkpointer is None:
         return None
 
-    def save(counters) -> None:
-        path = checkpointer.save(counters.frames, replay, counters.to_dict())
+    def save(counters: LoopCounters, extra: dict | None = None) -> None:
+        path = checkpointer.save(replay, counters, extra)
         if path is not None:
             ratio = checkpointer.last_raw_bytes / max(checkpointer.last_bytes, 1)
             print(
@@ -233,24 +316,6 @@ def replay_saver(
             )
 
     return save
-
-
-def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """The metadata and arrays of one checkpoint file, CRCs checked, nothing unpickled."""
-    arrays: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as archive:
-        meta = json.loads(archive.read("meta.json"))
-        if not isinstance(meta, dict):
-            raise ValueError("meta.json is not a mapping")
-        for name in archive.namelist():
-            if not name.endswith(".npy"):
-                continue
-            with archive.open(name) as member:
-                array = np.lib.format.read_array(member, allow_pickle=False)
-                if member.read(1):
-                    raise ValueError(f"{name} has trailing bytes")
-            arrays[name[: -len(".npy")]] = array
-    return meta, arrays
 
 
 def _sync_directory(directory: Path) -> None:

@@ -3,9 +3,10 @@
 The network's parameters travel and live as one flat float32 vector (ravel_pytree order).
 With S server shards, shard k owns the contiguous slice `bounds[k]:bounds[k+1]`; the slices
 differ in size by at most one element, so with one dtype they are byte-balanced. Every
-optimizer in this project (adam, rmsprop, sgd, adagrad, DC-ASGD) acts element by element
-once the gradient has been clipped, which the bundle does before splitting: S shards
-together apply exactly what one server would.
+optimizer in this project (adam, rmsprop, sgd, adagrad, DC-ASGD) acts element by element;
+only global-norm clipping looks at the whole gradient. So S shards apply exactly what one
+server would provided the gradient is clipped before it is split, in the bundle, and the
+shards do not clip again.
 
 Gradient sharding composes: a bundle that owns the sorted flat `indices` sends each shard
 the owned indices that fall in its slice (relative to the slice's start), and nothing to a
