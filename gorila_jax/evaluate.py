@@ -19,6 +19,7 @@ import numpy as np
 import tyro
 
 from gorila_jax.config import Config, ConfigError, is_atari, load_yaml, validate
+from gorila_jax.files import write_atomically
 from gorila_jax.params_file import ParamsError, load_params
 from gorila_jax.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif
 
@@ -268,8 +269,6 @@ def evaluate_run(
         if atari:
             result["gif_screen"] = "colour" if recorder.screen_in_sync else "84x84 observation"
     json_path = out_dir / "evaluation.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(json_path)
+    write_atomically(json_path, json.dumps(result, indent=1) + "\n")
     result["json"] = str(json_path)
     return result

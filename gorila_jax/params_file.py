@@ -15,6 +15,8 @@ import flax.serialization
 import jax
 import numpy as np
 
+from gorila_jax.files import write_atomically
+
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message is one line."""
@@ -22,11 +24,7 @@ class ParamsError(ValueError):
 
 def save_params(params: Any, path: Path) -> Path:
     """Write params as flax msgpack (plain arrays, no pickle), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
-    tmp.replace(path)
-    return path
+    return write_atomically(path, flax.serialization.to_bytes(jax.device_get(params)))
 
 
 def describe_mismatch(saved: Any, expected: Any, path: str) -> str | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 
 from gorila_jax.bundle import LoopCounters
 from gorila_jax.config import Config
+from gorila_jax.files import atomic_writer
 from gorila_jax.replay import Replay
 
 REPLAY_DIR = "replay"
@@ -126,24 +126,19 @@ class ReplayCheckpointer:
             "extra": extra or {},
         }
         path = self.directory / f"replay-{frames:012d}.zip"
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         start = time.perf_counter()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as raw:
-                with zipfile.ZipFile(
+            with (
+                atomic_writer(path, durable=True) as raw,
+                zipfile.ZipFile(
                     raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=COMPRESS_LEVEL
-                ) as archive:
-                    archive.writestr("meta.json", json.dumps(meta))
-                    for name, array in arrays.items():
-                        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                            np.lib.format.write_array(member, array, allow_pickle=False)
-                raw.flush()
-                os.fsync(raw.fileno())
-            tmp.replace(path)
-            _sync_directory(self.directory)
+                ) as archive,
+            ):
+                archive.writestr("meta.json", json.dumps(meta))
+                for name, array in arrays.items():
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, array, allow_pickle=False)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
             previous = self.checkpoints()
             kept = previous[-1].name if previous else "none"
             warn(f"replay checkpoint {path.name} not written ({_first_line(error)}); "
@@ -316,12 +311,3 @@ def replay_saver(
             )
 
     return save
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
