@@ -1,28 +1,39 @@
-"""Checkpoints of the parameter server's whole state, with orbax.
+"""Checkpoints of a learner's whole state (the parameter server's, or a single process's),
+with orbax.
 
-A checkpoint is one orbax step directory under RUN_DIR/checkpoints/<version>/ holding the
-arrays (flat params and the optax state, saved by orbax's standard pytree handler:
-tensorstore files, no pickle) and a JSON document (version, counters, per-bundle frames,
-the config and its fingerprint, the parameter tree's fingerprint). orbax writes into a
+A checkpoint is one orbax step directory under RUN_DIR/checkpoints/<step>/ (the server's
+version, the single process's update count) holding the arrays (saved by orbax's standard
+pytree handler: tensorstore files, no pickle) and a JSON document (counters, the resolved
+config and the fingerprint of its training settings, see `run_meta`). orbax writes into a
 temporary directory and renames it when complete, so a checkpoint is atomic; the manager
-keeps the last `keep`.
+keeps the last `keep`. `save` says whether it wrote anything, so a caller never reports a
+checkpoint that orbax refused.
 
-Restoring checks, before anything is used, that the checkpoint was made for the same
-network and optimizer (config fingerprint and tree fingerprint); a different one is refused
-with a clear error unless forced. A truncated or corrupted checkpoint falls back to the
-previous one with a warning; when none is readable the error says so in one line.
+Restoring checks, before anything is used, that the checkpoint was made by the same run:
+the same training settings (`check_same_run`: every config field but
+`config.RESUME_SAFE_FIELDS`) and whatever else the caller expects (the parameter tree's
+fingerprint); a mismatch is one line naming the differing fields unless forced. A truncated
+or corrupted checkpoint falls back to the previous one with a warning, and the damaged
+newer ones are moved to RUN_DIR/damaged_checkpoints/ so that the steps they held can be
+written again; when none is readable the error says so in one line.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 
+from gorila_jax.config import Config, fingerprint, resume_differences, to_dict
+
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+MAX_NAMED_DIFFERENCES = 6
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +53,36 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
+def run_meta(config: Config) -> dict:
+    """What every checkpoint's JSON document records about the run that made it: the
+    resolved config and the fingerprint of its training settings (see `check_same_run`)."""
+    return {"config": to_dict(config), "config_fingerprint": fingerprint(config)}
+
+
+def check_same_run(meta: Mapping, config: Config, where: str) -> None:
+    """Refuse (one-line CheckpointError) a checkpoint whose training settings differ from
+    `config`'s, naming the fields; `where` names the checkpoint in the message.
+
+    The saved config is compared field by field when the checkpoint holds it (`run_meta`);
+    an older checkpoint without it is compared by fingerprint.
+    """
+    saved = meta.get("config")
+    if isinstance(saved, dict):
+        differences = resume_differences(saved, config)
+    elif meta.get("config_fingerprint") != fingerprint(config):
+        differences = ["training settings (the checkpoint does not record which)"]
+    else:
+        differences = []
+    if differences:
+        named = differences[:MAX_NAMED_DIFFERENCES]
+        more = len(differences) - len(named)
+        listed = ", ".join(named) + (f" and {more} more" if more else "")
+        raise CheckpointError(
+            f"{where} was trained with other settings ({listed}); resume it with "
+            "--force-resume, or start afresh with another --run-dir"
+        )
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether the run directory holds at least one complete checkpoint."""
     directory = checkpoint_dir(run_dir)
@@ -53,11 +94,12 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 class Checkpointer:
-    """Saves and restores (state pytree, JSON meta) pairs, one per server version."""
+    """Saves and restores (state pytree, JSON meta) pairs, one per step."""
 
     def __init__(self, run_dir: Path, *, keep: int):
         logging.getLogger("absl").setLevel(logging.WARNING)
         self.directory = checkpoint_dir(run_dir).absolute()
+        self.damaged_directory = Path(run_dir).absolute() / DAMAGED_DIR
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -65,63 +107,98 @@ class Checkpointer:
             ),
         )
 
-    def save(self, version: int, state: Any, meta: dict) -> None:
-        """Write a checkpoint for `version` (blocking until it is complete on disk)."""
-        if version in self._manager.all_steps():
-            return
-        self._manager.save(
-            version,
+    def save(self, step: int, state: Any, meta: dict, *, replace: bool = False) -> bool:
+        """Write a checkpoint for `step`, blocking until it is complete on disk; True when
+        one was written. A step already saved is left alone, or with `replace` (the newest
+        step only: the same version with changed counters) deleted and written again.
+        orbax writes no step at or below the newest on disk: then this returns False."""
+        if step in self._manager.all_steps():
+            if not replace or step != self._manager.latest_step():
+                return False
+            self._manager.delete(step)
+        saved = self._manager.save(
+            step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
         )
         self._manager.wait_until_finished()
+        return bool(saved)
 
     def versions(self) -> list[int]:
         """Saved versions, oldest first."""
         return sorted(self._manager.all_steps())
 
     def restore_latest(
-        self, template: Any, *, expect: dict[str, str], force: bool = False
+        self,
+        template: Any,
+        *,
+        config: Config,
+        expect: Mapping[str, Any] | None = None,
+        force: bool = False,
     ) -> Restored | None:
         """The newest usable checkpoint (None if there is none).
 
-        `expect` maps meta keys (fingerprints) to the values this run needs; a mismatch is a
-        CheckpointError unless `force`. Unreadable checkpoints are skipped with a warning.
+        It must have been made by the same run: the same training settings as `config`
+        (`check_same_run`) and the meta values in `expect` (e.g. the parameter tree's
+        fingerprint); a mismatch is a CheckpointError unless `force`. Unreadable
+        checkpoints are skipped with a warning; when an older one is used, the skipped
+        ones are moved to RUN_DIR/damaged_checkpoints/ so that later saves can reuse
+        their steps.
         """
         versions = self.versions()
         if not versions:
             return None
+        damaged = []
         for version in reversed(versions):
+            where = f"checkpoint {version} in {self.directory}"
             try:
                 meta = self._manager.restore(
                     version, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
                 )["meta"]
             except Exception as error:  # orbax/tensorstore raise many types on bad files
                 warn(f"checkpoint {version} is unreadable ({_first_line(error)}); trying older")
+                damaged.append(version)
                 continue
             if not isinstance(meta, dict):
                 warn(f"checkpoint {version} has no metadata; trying older")
+                damaged.append(version)
                 continue
-            for key, wanted in expect.items():
-                if meta.get(key) != wanted and not force:
-                    raise CheckpointError(
-                        f"checkpoint {version} in {self.directory} was made for another "
-                        f"network or optimizer ({key} {meta.get(key)!r}, this run "
-                        f"{wanted!r}); use another --run-dir, or --force-resume to load it"
-                    )
+            if not force:
+                check_same_run(meta, config, where)
+                for key, wanted in (expect or {}).items():
+                    if meta.get(key) != wanted:
+                        raise CheckpointError(
+                            f"{where} was made for another network ({key} "
+                            f"{meta.get(key)!r}, this run {wanted!r}); use another --run-dir, "
+                            "or --force-resume to load it"
+                        )
             try:
                 state = self._manager.restore(
                     version, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
                 )["state"]
             except Exception as error:
                 warn(f"checkpoint {version} is unreadable ({_first_line(error)}); trying older")
+                damaged.append(version)
                 continue
+            self._move_aside(damaged)
             return Restored(version, state, meta)
         raise CheckpointError(
             f"no readable checkpoint in {self.directory} (all {len(versions)} are damaged); "
             "move the directory away to start afresh"
         )
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Move damaged step directories out of the manager's sight (kept for a look)."""
+        if not steps:
+            return
+        self.damaged_directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step in steps:
+            target = self.damaged_directory / f"{step}-{stamp}"
+            (self.directory / str(step)).rename(target)
+            warn(f"moved damaged checkpoint {step} to {target}")
+        self._manager.reload()
 
     def close(self) -> None:
         """Finish pending writes."""

@@ -162,7 +162,8 @@ class Config:
     """Require a checkpoint in the run dir and continue from it (a run dir that holds one
     of the same config is resumed even without this flag)."""
     force_resume: bool = False
-    """Load a checkpoint even if it was made for another network or optimizer config."""
+    """Continue from a checkpoint even if it was trained with other training settings (see
+    RESUME_SAFE_FIELDS for the settings that may change without it)."""
     max_restarts: int = 3
     """Local runs: how many times the launcher restarts a process that died unexpectedly
     (a bundle rejoins; the server comes back from its last checkpoint)."""
@@ -328,11 +329,25 @@ def validate_env_id(env_id: str) -> None:
         )
 
 
-def fingerprint(config: Config) -> str:
-    """A short hash of the settings that shape the network and its training state."""
-    keys = ("env_id", "dueling", "mlp_hidden", "optimizer", "dc_asgd")
-    shape = {k: list(v) if isinstance(v := getattr(config, k), tuple) else v for k in keys}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+# Settings a run may change when it resumes from a checkpoint: how long it goes on, where
+# and how often it logs and checkpoints, how it restarts and waits. Every other field is a
+# training setting, and a checkpoint is resumed only by a run whose training settings match.
+RESUME_SAFE_FIELDS = (
+    "total_frames",
+    "run_dir",
+    "resume",
+    "force_resume",
+    "max_restarts",
+    "log_every_seconds",
+    "stats_every_seconds",
+    "checkpoint_every_updates",
+    "checkpoint_every_seconds",
+    "checkpoint_keep",
+    "checkpoint_replay",
+    "server_timeout_seconds",
+    "server_retry_seconds",
+    "max_message_mb",
+)
 
 
 def to_dict(config: Config) -> dict:
@@ -340,6 +355,30 @@ def to_dict(config: Config) -> dict:
     out = dataclasses.asdict(config)
     out["mlp_hidden"] = list(config.mlp_hidden)
     return out
+
+
+def training_settings(config: Config) -> dict:
+    """The fields a resumed run must share with the run that made the checkpoint."""
+    return {k: v for k, v in to_dict(config).items() if k not in RESUME_SAFE_FIELDS}
+
+
+def fingerprint(config: Config) -> str:
+    """A short hash of the training settings (every field but RESUME_SAFE_FIELDS)."""
+    text = json.dumps(training_settings(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resume_differences(saved: dict, config: Config) -> list[str]:
+    """The training settings in which `config` differs from `saved` (a `to_dict` of the
+    config a checkpoint was made with), as "field saved -> now" strings. A field the saved
+    config lacks (it predates the field) counts as its default."""
+    defaults = to_dict(Config())
+    differences = []
+    for name, value in training_settings(config).items():
+        before = saved.get(name, defaults[name])
+        if before != value:
+            differences.append(f"{name} {before!r} -> {value!r}")
+    return differences
 
 
 def from_dict(values: dict, base: Config) -> Config:
@@ -385,11 +424,22 @@ def load_yaml(path: str | Path, base: Config) -> Config:
 
 
 def write_resolved(config: Config, run_dir: Path) -> Path:
-    """Write the config the run actually uses into its run directory (config.yaml)."""
+    """Write the config the run actually uses into its run directory (config.yaml).
+
+    A different config.yaml already there (the config of an earlier start of this run
+    directory) is kept as config.<n>.yaml, n = 1, 2, ... in the order they were replaced,
+    so every config the directory was trained with stays on disk.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if path.exists() and path.read_text() != text:
+        number = 1
+        while (kept := run_dir / f"config.{number}.yaml").exists():
+            number += 1
+        path.rename(kept)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 

@@ -163,7 +163,6 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
 
     from gorila_jax import transport
     from gorila_jax.checkpoint import Checkpointer, CheckpointError
-    from gorila_jax.config import fingerprint as config_fingerprint
     from gorila_jax.networks import make_network
     from gorila_jax.parameter_server import ParameterServer
     from gorila_jax.params_file import save_params
@@ -191,10 +190,8 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         state, _ = server.checkpoint_state()
         restored = checkpointer.restore_latest(
             state,
-            expect={
-                "config_fingerprint": config_fingerprint(config),
-                "tree_fingerprint": server.fingerprint,
-            },
+            config=config,
+            expect={"tree_fingerprint": server.fingerprint},
             force=config.force_resume,
         )
         if restored is None and config.resume:

@@ -35,8 +35,8 @@ import zmq
 from jax.flatten_util import ravel_pytree
 
 from gorila_jax import transport
-from gorila_jax.config import Config, dc_asgd_lambda, to_dict
-from gorila_jax.config import fingerprint as config_fingerprint
+from gorila_jax.checkpoint import run_meta
+from gorila_jax.config import Config, dc_asgd_lambda
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
 
@@ -446,8 +446,7 @@ class ParameterServer:
         state = {"params": self.params, "opt_state": self.opt_state}
         meta = {
             "version": self.version,
-            "config": to_dict(self.config),
-            "config_fingerprint": config_fingerprint(self.config),
+            **run_meta(self.config),
             "tree_fingerprint": self.fingerprint,
             "num_workers": self.num_workers,
             "workers": {str(w): dict(c) for w, c in self.workers.items()},

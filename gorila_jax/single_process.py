@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_learner
-from gorila_jax.checkpoint import Checkpointer, CheckpointError
-from gorila_jax.config import Config, fingerprint, validate, write_resolved
+from gorila_jax.checkpoint import Checkpointer, CheckpointError, run_meta
+from gorila_jax.config import Config, validate, write_resolved
 from gorila_jax.envs import make_env
 from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
 from gorila_jax.networks import make_network
@@ -99,7 +99,7 @@ def restore_learner(
     """Load the newest usable learner checkpoint into `learner`; its frames, or None."""
     restored = checkpointer.restore_latest(
         jax.device_get(learner_state(learner)),
-        expect={"config_fingerprint": fingerprint(config)},
+        config=config,
         force=config.force_resume,
     )
     if restored is None:
@@ -152,7 +152,7 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
             meta = {
                 "updates": learner.updates,
                 "frames": counters.frames,
-                "config_fingerprint": fingerprint(config),
+                **run_meta(config),
             }
             checkpointer.save(learner.updates, jax.device_get(learner_state(learner)), meta)
             if save_replay is not None:

@@ -9,11 +9,14 @@ import pytest
 import yaml
 
 from gorila_jax.config import (
+    RESUME_SAFE_FIELDS,
     Config,
     ConfigError,
     cartpole_defaults,
+    fingerprint,
     load_yaml,
     parse_cli,
+    resume_differences,
     to_dict,
     validate,
     write_resolved,
@@ -85,6 +88,53 @@ def test_resolved_config_round_trips(tmp_path):
     path = write_resolved(config, tmp_path)
     assert load_yaml(path, Config()) == config
     assert yaml.safe_load(path.read_text()) == to_dict(config)
+
+
+def test_every_config_a_run_directory_was_trained_with_is_kept(tmp_path):
+    first = cartpole_defaults()
+    write_resolved(first, tmp_path)
+    write_resolved(first, tmp_path)  # the same config again: nothing to keep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    second = dataclasses.replace(first, total_frames=90_000)
+    third = dataclasses.replace(first, learning_rate=0.5)
+    write_resolved(second, tmp_path)
+    write_resolved(third, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.1.yaml",
+        "config.2.yaml",
+        "config.yaml",
+    ]
+    for name, config in (("config.1.yaml", first), ("config.2.yaml", second)):
+        assert load_yaml(tmp_path / name, Config()) == config
+    assert load_yaml(tmp_path / "config.yaml", Config()) == third  # the latest
+
+
+def test_the_fingerprint_covers_every_training_setting_and_nothing_else():
+    base = cartpole_defaults()
+    changes = {
+        "seed": 1, "learning_rate": 0.5, "max_grad_norm": 1.0, "gamma": 0.9, "n_step": 1,
+        "double_dqn": False, "epsilon_decay_frames": 10, "target_period": 7, "num_envs": 2,
+    }  # fmt: skip
+    for name, value in changes.items():
+        other = dataclasses.replace(base, **{name: value})
+        assert fingerprint(other) != fingerprint(base), name
+        assert resume_differences(to_dict(base), other) == [
+            f"{name} {getattr(base, name)!r} -> {value!r}"
+        ]
+    safe = dataclasses.replace(
+        base, total_frames=1, run_dir="elsewhere", log_every_seconds=99.0, checkpoint_keep=9,
+        stats_every_seconds=9.0, resume=True, force_resume=True, max_message_mb=4,
+    )  # fmt: skip
+    assert fingerprint(safe) == fingerprint(base)
+    assert resume_differences(to_dict(base), safe) == []
+    assert set(RESUME_SAFE_FIELDS) <= {field.name for field in dataclasses.fields(Config)}
+    # A config saved before a field existed compares it with the field's default.
+    saved = to_dict(base)
+    del saved["outlier_k"]
+    assert resume_differences(saved, base) == []
+    assert resume_differences(saved, dataclasses.replace(base, outlier_k=1.0)) == [
+        "outlier_k 6.0 -> 1.0"
+    ]
 
 
 def test_cli_prints_one_line_and_exits_2():

@@ -21,7 +21,6 @@ import zmq
 from gorila_jax import transport
 from gorila_jax.checkpoint import Checkpointer, CheckpointError
 from gorila_jax.config import cartpole_defaults
-from gorila_jax.config import fingerprint as config_fingerprint
 from gorila_jax.networks import MLP
 from gorila_jax.parameter_server import ParameterServer
 from gorila_jax.ps_client import RemoteLearner, ServerConnection, ServerError
@@ -202,10 +201,7 @@ def small_server(tmp_path, **overrides):
 
 
 def expectations(config, server):
-    return {
-        "config_fingerprint": config_fingerprint(config),
-        "tree_fingerprint": server.fingerprint,
-    }
+    return {"config": config, "expect": {"tree_fingerprint": server.fingerprint}}
 
 
 def test_checkpoint_round_trip_and_keep(tmp_path):
@@ -218,7 +214,7 @@ def test_checkpoint_round_trip_and_keep(tmp_path):
     assert checkpointer.versions() == [3, 4]
     _, _, _, fresh = small_server(tmp_path)
     state, _ = fresh.checkpoint_state()
-    restored = checkpointer.restore_latest(state, expect=expectations(config, fresh))
+    restored = checkpointer.restore_latest(state, **expectations(config, fresh))
     fresh.restore(restored.state, restored.meta)
     assert fresh.version == 4
     np.testing.assert_array_equal(np.asarray(fresh.params), np.asarray(server.params))
@@ -236,29 +232,38 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
         if path.is_file():
             path.write_bytes(b"\x00garbage")
     state, _ = server.checkpoint_state()
-    restored = Checkpointer(tmp_path, keep=3).restore_latest(
-        state, expect=expectations(config, server)
-    )
+    restored = Checkpointer(tmp_path, keep=3).restore_latest(state, **expectations(config, server))
     assert restored.version == 1
     assert "checkpoint 2 is unreadable" in capsys.readouterr().err
     for path in (tmp_path / "checkpoints" / "1").rglob("*"):
         if path.is_file():
             path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
-        Checkpointer(tmp_path, keep=3).restore_latest(state, expect=expectations(config, server))
+        Checkpointer(tmp_path, keep=3).restore_latest(state, **expectations(config, server))
 
 
-def test_checkpoint_of_another_config_is_refused_unless_forced(tmp_path):
+def test_checkpoint_of_other_training_settings_is_refused_unless_forced(tmp_path):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
     server.version = 7
     server.save_checkpoint(checkpointer)
-    other = dataclasses.replace(config, optimizer="sgd")
     state, _ = server.checkpoint_state()
-    with pytest.raises(CheckpointError, match="made for another network or optimizer"):
-        checkpointer.restore_latest(state, expect=expectations(other, server))
-    forced = checkpointer.restore_latest(state, expect=expectations(other, server), force=True)
+    other = dataclasses.replace(config, seed=5, learning_rate=0.5, max_grad_norm=1.0)
+    with pytest.raises(CheckpointError) as refused:
+        checkpointer.restore_latest(state, **expectations(other, server))
+    message = str(refused.value)
+    assert "\n" not in message
+    for named in ("seed 0 -> 5", "learning_rate 0.001 -> 0.5", "max_grad_norm 10.0 -> 1.0"):
+        assert named in message
+    assert "--force-resume" in message and "--run-dir" in message
+    forced = checkpointer.restore_latest(state, **expectations(other, server), force=True)
     assert forced.version == 7
+    # Settings that are safe to change may differ.
+    safe = dataclasses.replace(
+        config, total_frames=10**9, log_every_seconds=1.0, checkpoint_keep=9, max_restarts=0
+    )
+    assert checkpointer.restore_latest(state, **expectations(safe, server)).version == 7
+    checkpointer.close()
 
 
 def test_bundle_gives_up_with_a_clear_message_when_the_server_stays_away(tmp_path):
@@ -364,3 +369,32 @@ def test_single_process_sigterm_checkpoints_and_resumes(tmp_path):
     done = [line for line in resumed.stdout.splitlines() if line.startswith("done:")][-1]
     updates = int(done.split(" frames, ")[1].split(" updates")[0].replace(",", ""))
     assert updates >= versions[-1] + 400  # one update per 4 agent steps of 4 envs at once
+
+
+def test_a_run_directory_is_resumed_only_with_the_same_training_settings(tmp_path):
+    common = [sys.executable, CARTPOLE, "--single-process", "--run-dir", str(tmp_path),
+              "--learning-starts", "300"]  # fmt: skip
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*common, *extra], cwd=ROOT, capture_output=True, text=True, timeout=240
+        )
+
+    first = run("--total-frames", "1000")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert Checkpointer(tmp_path, keep=3).versions()
+    trained_with = (tmp_path / "config.yaml").read_text()
+
+    other = run("--total-frames", "2000", "--learning-rate", "0.01", "--seed", "3")
+    assert other.returncode == 2
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, other.stderr[-2000:]
+    for named in ("seed 0 -> 3", "learning_rate 0.001 -> 0.01", "--force-resume", "--run-dir"):
+        assert named in errors[0]
+    assert (tmp_path / "config.yaml").read_text() == trained_with  # nothing overwritten
+
+    longer = run("--total-frames", "2000")  # a setting that is safe to change
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "resumed its learner" in longer.stdout
+    assert (tmp_path / "config.1.yaml").read_text() == trained_with
+    assert "total_frames: 2000" in (tmp_path / "config.yaml").read_text()
