@@ -135,28 +135,28 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
         )
         checkpointer = Checkpointer(run_dir, keep=config.checkpoint_keep)
         learner_frames = restore_learner(config, learner, checkpointer)
-        replay_checkpointer, resume = restore_replay(config, replay, bundle=0, bundles=1)
-        write_resolved(config, run_dir)
         if learner_frames is not None:
-            print(
-                f"[single process] resumed its learner at {learner.updates:,} updates", flush=True
-            )
-        elif resume is not None:
-            replay.reset()
-            resume = None
-            print("warning: a replay checkpoint without a learner checkpoint is ignored",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(f"[single process] resumed its learner at {learner.updates:,} updates",
+                  flush=True)  # fmt: skip
+        # Only the replay saved together with that learner checkpoint (same frames) is
+        # loaded; without a learner checkpoint, none is.
+        replay_checkpointer, resume = restore_replay(
+            config, replay, bundle=0, bundles=1, frames=learner_frames or 0
+        )
+        write_resolved(config, run_dir)
         save_replay = replay_saver(replay_checkpointer, replay, "[single process]")
 
         def save_checkpoint(counters: LoopCounters) -> None:
-            meta = {
-                "updates": learner.updates,
-                "frames": counters.frames,
-                **run_meta(config),
-            }
-            checkpointer.save(learner.updates, jax.device_get(learner_state(learner)), meta)
+            # The replay first: a learner checkpoint on disk always has its replay beside it.
             if save_replay is not None:
-                save_replay(counters)
+                save_replay(counters, {"updates": learner.updates})
+            meta = {"updates": learner.updates, "frames": counters.frames, **run_meta(config)}
+            try:
+                checkpointer.save(learner.updates, jax.device_get(learner_state(learner)), meta)
+            except Exception as error:  # orbax raises many types (a full disk among them)
+                print(f"warning: learner checkpoint at {learner.updates:,} updates not written "
+                      f"({type(error).__name__}: {str(error)[:150]}); the previous one is kept",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
         print(
             f"single-process DQN on {config.env_id}: {env.num_envs} envs, "
