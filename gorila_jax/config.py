@@ -122,8 +122,9 @@ class Config:
     max_staleness: int = 64
     """The server rejects gradients computed on params more than this many versions old."""
     outlier_k: float = 6.0
-    """The server drops a push whose mean |TD error| exceeds the running mean plus this many
-    standard deviations (0 disables the filter)."""
+    """The server drops a push whose mean |TD error| exceeds the median of the last 512
+    pushes plus this many robust standard deviations (1.4826 x their median absolute
+    deviation), so one huge loss cannot disable the filter (0 disables it)."""
     outlier_warmup: int = 50
     """Pushes seen before the outlier filter starts judging."""
     shard_factor: str = "all"

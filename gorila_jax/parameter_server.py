@@ -9,11 +9,18 @@ every element-wise optimizer statistic.
 The paper's safeguards, each counted in the statistics:
 - "stale": the gradient was computed on params more than `max_staleness` versions old;
 - "non_finite": the gradient holds a NaN or an infinity;
-- "outlier": the push's mean |TD error| is over the running mean + k standard deviations.
+- "outlier": the push's mean |TD error| is over the median of recent pushes + k robust
+  standard deviations;
+and one of ours: "non_finite_update", the apply would have made the parameters or the
+optimizer state non-finite (it is undone inside the jitted apply).
 
 Every message is validated by `gorila_jax.transport.decode` before anything is used; a bad
-one gets an error reply and a counter, and never changes the parameters. Statistics are
-written to RUN_DIR/ps.json every few seconds.
+one gets an error reply and a counter, and never changes the parameters. Only a request
+that presented the run token moves anything kept per worker (counters, the last sequence
+number); the others are counted under "unauthenticated". Sequence numbers must grow over
+a worker's whole life, hellos included, so no request is accepted twice. `serve` handles a
+bounded amount of work per turn of its loop, so checkpoints, ps.json and stopping happen on
+time under any load. Statistics are written to RUN_DIR/ps.json every few seconds.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,9 +49,13 @@ from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
 
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
-OUTLIER_DECAY = 0.99
+OUTLIER_WINDOW = 512  # recent push losses the outlier filter judges against
+MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation of a normal
+MIN_RELATIVE_SPREAD = 0.01  # the filter's spread is at least this fraction of the median
 MAX_REPORTED_FRAMES = 2**53
 MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
+MAX_REQUEST_FRAMES = 2  # a header and at most one array
+TURN_SECONDS = 0.05  # the most time `serve` spends on messages before its other duties
 
 
 def staleness_bin(staleness: int) -> str:
@@ -55,28 +67,50 @@ def staleness_bin(staleness: int) -> str:
 
 
 class OutlierFilter:
-    """Running mean and variance (exponential, so they follow training) of push losses."""
+    """Median and median absolute deviation (MAD) of the last `window` push losses.
 
-    def __init__(self, k: float, warmup: int):
+    A loss is an outlier above median + k * max(1.4826 * MAD, 1% of the median). Both
+    statistics ignore a few extreme values, so one huge loss cannot raise the threshold
+    (a running mean and variance would be dragged up by it for thousands of pushes, or for
+    good once its square overflowed), while a lasting change of the loss level moves them
+    within half a window.
+    """
+
+    def __init__(self, k: float, warmup: int, window: int = OUTLIER_WINDOW):
         self.k = k
         self.warmup = warmup
         self.count = 0
-        self.mean = 0.0
-        self.variance = 0.0
+        self.losses: deque[float] = deque(maxlen=window)
+
+    def threshold(self) -> float:
+        """The loss above which a push is an outlier now (inf before any loss)."""
+        if not self.losses:
+            return math.inf
+        losses = np.fromiter(self.losses, np.float64, len(self.losses))
+        median = float(np.median(losses))
+        mad = float(np.median(np.abs(losses - median)))
+        spread = max(MAD_TO_STD * mad, MIN_RELATIVE_SPREAD * abs(median), 1e-12)
+        return median + self.k * spread
 
     def is_outlier(self, loss: float) -> bool:
-        """Judge `loss` against the statistics so far, then fold it in."""
+        """Judge `loss` (finite) against the recent losses, then fold it in."""
         judged = self.k > 0 and self.count >= self.warmup
-        outlier = judged and loss > self.mean + self.k * math.sqrt(self.variance)
+        outlier = judged and loss > self.threshold()
         self.count += 1
-        if self.count == 1:
-            self.mean = loss
-        else:
-            weight = max(1.0 - OUTLIER_DECAY, 1.0 / self.count)
-            delta = loss - self.mean
-            self.mean += weight * delta
-            self.variance = (1.0 - weight) * (self.variance + weight * delta * delta)
+        self.losses.append(float(loss))
         return outlier
+
+    def state(self) -> dict:
+        """The filter as JSON values, for a checkpoint."""
+        return {"count": self.count, "losses": list(self.losses)}
+
+    def load(self, state: Any) -> None:
+        """Continue from `state()`; anything else (an older format) starts afresh."""
+        if isinstance(state, dict) and isinstance(state.get("losses"), list):
+            losses = [float(x) for x in state["losses"] if math.isfinite(float(x))]
+            self.losses.clear()
+            self.losses.extend(losses)
+            self.count = int(state.get("count", len(losses)))
 
 
 def make_server_optimizer(config: Config) -> optax.GradientTransformationExtraArgs:
@@ -97,13 +131,15 @@ def make_apply_fns(
     """Jitted full and partial applies over the flat parameter vector.
 
     compensated (DC-ASGD):
-        apply_full(params, opt_state, grads, stale) -> (params, opt_state)
-        apply_part(params, opt_state, indices, grads_part, stale) -> (params, opt_state)
+        apply_full(params, opt_state, grads, stale) -> (params, opt_state, finite)
+        apply_part(params, opt_state, indices, grads_part, stale) -> (params, opt_state, finite)
     otherwise the same without `stale`, and params and optimizer state are donated (updated
     in place: no 6.7 MB allocation per push for the Nature CNN). With DC-ASGD they are not
     donated, because the server keeps references to params it sent for use as `stale`.
     The partial apply gathers the owned elements of params, stale and every (num_params,)
     optimizer leaf, updates them and scatters them back; scalar leaves (adam's count) advance.
+    `finite` is False when the update would have left a NaN or an infinity in the params or
+    the optimizer state; then the returned params and state are the ones passed in.
     """
 
     def is_elementwise(leaf) -> bool:
@@ -127,6 +163,25 @@ def make_apply_fns(
         )
         return params, opt_state
 
+    def guarded(apply):
+        def apply_or_keep(params, opt_state, *args):
+            new_params, new_state = apply(params, opt_state, *args)
+            floating = [
+                leaf
+                for leaf in jax.tree.leaves((new_params, new_state))
+                if jnp.issubdtype(leaf.dtype, jnp.inexact)
+            ]
+            finite = jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in floating]))
+            keep = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (new_params, new_state),
+                (params, opt_state),
+            )
+            return *keep, finite
+
+        return apply_or_keep
+
+    apply_full, apply_part = guarded(apply_full), guarded(apply_part)
     if compensated:
         return jax.jit(apply_full), jax.jit(apply_part)
 
@@ -184,9 +239,10 @@ class ParameterServer:
         self.pulled: dict[int, dict[int, jnp.ndarray]] = {}
         self._host_params: tuple[int, np.ndarray] | None = None
         self.outliers = OutlierFilter(config.outlier_k, config.outlier_warmup)
-        self.max_bytes = config.max_message_mb * 1024 * 1024
+        self.max_bytes = max_message_bytes(config, self.num_params)
         self.started = clock()
         self.rejections: Counter[str] = Counter()
+        self.unauthenticated: Counter[str] = Counter()
         self.staleness: Counter[str] = Counter()
         self.workers: dict[int, Counter[str]] = defaultdict(Counter)
         self.last_seq: dict[int, int] = {}
@@ -195,9 +251,17 @@ class ParameterServer:
         self.events: Counter[str] = Counter()
         self._tensorboard = None
         self.checkpointed_version = -1
+        self._checkpointed_stops: frozenset[int] = frozenset()
         self.checkpointed_at = clock()
         self._rate_window: tuple[float, int] = (self.started, 0)
         self.updates_per_second = 0.0
+        self._handlers: dict[str, Callable[[dict, list], list]] = {
+            "hello": self._on_hello,
+            "pull": self._on_pull,
+            "push": self._on_push,
+            "stats": self._on_stats,
+            "stop": self._on_stop,
+        }
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -230,34 +294,32 @@ class ParameterServer:
         size = self.num_params if indices is None else len(indices)
         return (transport.vector_spec(size),)
 
-    def reject(self, reason: str, request: dict | None, message: str) -> list:
-        """Count a refused message and build its error reply."""
+    def reject(
+        self, reason: str, request: dict | None, message: str, *, authenticated: bool
+    ) -> list:
+        """Count a refused message and build its error reply.
+
+        Only an `authenticated` request (its token was right) is counted against the worker
+        it names; any other is counted under "unauthenticated", whatever worker it claims.
+        """
         self.rejections[reason] += 1
         worker = request.get("worker") if request else None
-        if isinstance(worker, int) and 0 <= worker < self.num_workers:
-            # Only known workers: the header may be unauthenticated (e.g. a wrong token).
+        if authenticated and isinstance(worker, int) and 0 <= worker < self.num_workers:
             self.workers[worker]["rejected"] += 1
+        elif not authenticated:
+            self.unauthenticated["rejected"] += 1
         if len(message) > MAX_ERROR_MESSAGE:  # details may quote the request at length
             message = message[:MAX_ERROR_MESSAGE] + "..."
-
-        def error_reply(addressee: dict | None) -> list:
-            return transport.encode(
-                transport.reply_header(
-                    addressee,
-                    "error",
-                    version=self.version,
-                    fingerprint=self.fingerprint,
-                    reason=reason,
-                    message=message,
-                )
+        return transport.encode(
+            transport.reply_header(
+                request,
+                "error",
+                version=self.version,
+                fingerprint=self.fingerprint,
+                reason=reason,
+                message=message,
             )
-
-        try:
-            return error_reply(request)
-        except transport.ProtocolError:
-            # The echoed fields (a wrong token can be as long as the header allows) make the
-            # reply too big to encode: answer without echoing them.
-            return error_reply(None)
+        )
 
     def handle(self, frames: list) -> list:
         """Validate one request and return the frames of its reply (never raises on input)."""
@@ -270,21 +332,27 @@ class ParameterServer:
                 max_bytes=self.max_bytes,
             )
         except transport.ProtocolError as error:
-            return self.reject(error.reason, error.header, error.message)
+            return self.reject(
+                error.reason, error.header, error.message, authenticated=error.authenticated
+            )
         header = message.header
-        worker = header["worker"]
-        if header["kind"] in ("hello", "pull", "push", "stop") and worker >= self.num_workers:
-            return self.reject("bad_worker", header, f"worker {worker} >= {self.num_workers}")
-        if header["kind"] == "hello":
-            self.last_seq[worker] = header["seq"]
-        elif worker in self.last_seq and header["seq"] <= self.last_seq[worker]:
-            return self.reject("replayed", header, f"seq {header['seq']} already seen")
-        else:
-            self.last_seq[worker] = header["seq"]
-        handler = getattr(self, f"_on_{header['kind']}", None)
-        if handler is None:
-            return self.reject("malformed", header, f"{header['kind']} is not a request")
-        return handler(header, message.arrays)
+        worker, seq = header["worker"], header["seq"]
+        if header["kind"] != "stats" and worker >= self.num_workers:
+            return self.reject(
+                "bad_worker",
+                header,
+                f"worker {worker} >= {self.num_workers}",
+                authenticated=True,
+            )
+        if worker < self.num_workers:
+            # Hellos included: a restarted worker numbers on from where it was (see
+            # ps_client), so a request seen once is refused for good.
+            if seq <= self.last_seq.get(worker, -1):
+                return self.reject(
+                    "replayed", header, f"seq {seq} already seen", authenticated=True
+                )
+            self.last_seq[worker] = seq
+        return self._handlers[header["kind"]](header, message.arrays)
 
     def _reply(self, request: dict, kind: str, arrays=(), **fields) -> list:
         header = transport.reply_header(
@@ -346,7 +414,8 @@ class ParameterServer:
             return self._refuse_push(header, "non_finite", "gradient or loss not finite")
         if self.outliers.is_outlier(abs(header["loss"])):
             return self._refuse_push(header, "outlier", f"loss {header['loss']:.4g}")
-        self.apply(worker, grads, header["version"])
+        if not self.apply(worker, grads, header["version"]):
+            return self._refuse_push(header, "non_finite_update", "the update was not finite")
         self.staleness[staleness_bin(staleness)] += 1
         self.workers[worker]["accepted"] += 1
         return self._reply(header, "ack", accepted=True, reason=None)
@@ -356,11 +425,13 @@ class ParameterServer:
         self.workers[header["worker"]]["rejected"] += 1
         return self._reply(header, "ack", accepted=False, reason=reason)
 
-    def apply(self, worker: int, grads: np.ndarray, base_version: int | None = None) -> None:
+    def apply(self, worker: int, grads: np.ndarray, base_version: int | None = None) -> bool:
         """Apply one accepted gradient (whole or the worker's shard) and bump the version.
 
         With DC-ASGD the stale params are those `worker` was sent at `base_version` (None:
-        its latest pull); without a record of them the gradient is not compensated.
+        its latest pull); without a record of them the gradient is not compensated. Returns
+        False, and changes nothing, when the update would make the params or the optimizer
+        state non-finite.
         """
         stale = self.params
         held = self.pulled.get(worker) if self.uses_dc_asgd else None
@@ -376,14 +447,17 @@ class ParameterServer:
         grads = jax.device_put(np.asarray(grads, np.float32))
         extra = (stale,) if self.uses_dc_asgd else ()
         if indices is None:
-            self.params, self.opt_state = self._apply_full(
+            self.params, self.opt_state, finite = self._apply_full(
                 self.params, self.opt_state, grads, *extra
             )
         else:
-            self.params, self.opt_state = self._apply_part(
+            self.params, self.opt_state, finite = self._apply_part(
                 self.params, self.opt_state, indices, grads, *extra
             )
+        if not bool(finite):
+            return False
         self.version += 1
+        return True
 
     # ---- statistics ----------------------------------------------------------------------
 
@@ -402,6 +476,8 @@ class ParameterServer:
             "staleness_histogram": dict(self.staleness),
             "rejections": dict(self.rejections),
             "workers": {str(w): dict(c) for w, c in sorted(self.workers.items())},
+            "unauthenticated": dict(self.unauthenticated),
+            "stopped_workers": sorted(self.stopped_workers),
             "frames": sum(self.frames.values()),
             "events": dict(self.events),
             "checkpointed_version": self.checkpointed_version,
@@ -451,15 +527,20 @@ class ParameterServer:
             "num_workers": self.num_workers,
             "workers": {str(w): dict(c) for w, c in self.workers.items()},
             "frames": {str(w): f for w, f in self.frames.items()},
+            "last_seq": {str(w): s for w, s in self.last_seq.items()},
+            "stopped_workers": sorted(self.stopped_workers),
             "rejections": dict(self.rejections),
+            "unauthenticated": dict(self.unauthenticated),
             "staleness_histogram": dict(self.staleness),
             "events": dict(self.events),
-            "outliers": [self.outliers.count, self.outliers.mean, self.outliers.variance],
+            "outliers": self.outliers.state(),
         }
         return state, meta
 
     def restore(self, state: dict, meta: dict) -> None:
-        """Continue from a checkpoint: params, optimizer state, version and every counter."""
+        """Continue from a checkpoint: params, optimizer state, version and every counter,
+        the workers that had stopped (unless all had) and each worker's last sequence
+        number."""
         self.params = jnp.asarray(state["params"], jnp.float32)
         self.opt_state = state["opt_state"]
         self.version = int(meta["version"])
@@ -467,26 +548,63 @@ class ParameterServer:
             Counter, {int(w): Counter(c) for w, c in meta["workers"].items()}
         )
         self.frames = {int(w): int(f) for w, f in meta["frames"].items()}
+        self.last_seq = {int(w): int(s) for w, s in meta.get("last_seq", {}).items()}
+        stopped = {int(w) for w in meta.get("stopped_workers", [])}
+        # Every worker had stopped: the run had ended, and this start continues it with
+        # bundles that will say hello. Otherwise those that stopped will not stop again.
+        self.stopped_workers = set() if len(stopped) >= self.num_workers else stopped
         self.rejections = Counter(meta["rejections"])
+        self.unauthenticated = Counter(meta.get("unauthenticated", {}))
         self.staleness = Counter(meta["staleness_histogram"])
         self.events = Counter(meta["events"])
         self.events["resumed"] += 1
-        self.outliers.count, self.outliers.mean, self.outliers.variance = meta["outliers"]
+        self.outliers.load(meta.get("outliers"))
         self.checkpointed_version = self.version
+        self._checkpointed_stops = frozenset(self.stopped_workers)
         self._rate_window = (self.clock(), self.version)
 
-    def save_checkpoint(self, checkpointer) -> None:
-        """Write a checkpoint of the current state (nothing if this version is saved)."""
-        if self.version != self.checkpointed_version:
-            state, meta = self.checkpoint_state()
-            checkpointer.save(self.version, state, meta)
-            self.checkpointed_version = self.version
+    def _unsaved(self) -> bool:
+        return (
+            self.version != self.checkpointed_version
+            or self.stopped_workers != self._checkpointed_stops
+        )
+
+    def save_checkpoint(self, checkpointer) -> bool:
+        """Write a checkpoint of the current state unless it is saved; True when written.
+
+        A worker's stop changes the state without a new version: the checkpoint of that
+        version is then written again. Non-finite params are never saved, and a write that
+        fails or that the checkpointer refuses is one warning line: `checkpointed_version`
+        only ever names a checkpoint that exists.
+        """
         self.checkpointed_at = self.clock()
+        if not self._unsaved():
+            return False
+        if not bool(jnp.isfinite(self.params).all()):
+            warn(f"version {self.version} has non-finite params; not checkpointed")
+            return False
+        state, meta = self.checkpoint_state()
+        try:
+            saved = checkpointer.save(
+                self.version, state, meta, replace=self.version == self.checkpointed_version
+            )
+        except Exception as error:  # a full disk must not stop the server
+            warn(f"checkpoint {self.version} failed: {type(error).__name__}: {error}")
+            return False
+        if not saved:
+            warn(f"checkpoint {self.version} was not written (a newer one is on disk)")
+            return False
+        self.checkpointed_version = self.version
+        self._checkpointed_stops = frozenset(self.stopped_workers)
+        return True
 
     def checkpoint_due(self) -> bool:
-        """Every `checkpoint_every_updates` updates or `checkpoint_every_seconds` seconds."""
-        if self.version == self.checkpointed_version:
+        """Every `checkpoint_every_updates` updates or `checkpoint_every_seconds` seconds,
+        and as soon as a worker has stopped (a restarted server must know it)."""
+        if not self._unsaved():
             return False
+        if self.stopped_workers != self._checkpointed_stops:
+            return True
         updates = self.version - max(self.checkpointed_version, 0)
         return (
             updates >= self.config.checkpoint_every_updates
@@ -501,22 +619,40 @@ class ParameterServer:
         address: str,
         should_stop: Callable[[], bool],
         checkpointer=None,
+        *,
+        turn_seconds: float = TURN_SECONDS,
     ) -> None:
         """Answer requests until every bundle has stopped or `should_stop()` is true.
 
-        With a `checkpointer`, checkpoints are written when due and once at the end.
+        Each turn of the loop answers messages for at most `turn_seconds` (at least one),
+        then checkpoints when due, writes ps.json when due and looks at `should_stop`: a
+        flood of messages, bad or good, delays none of them by more than a turn. With a
+        `checkpointer`, checkpoints are written when due and once at the end.
         """
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         next_stats = 0.0
         while not should_stop() and not self.all_workers_stopped():
             if poller.poll(timeout=100):
+                turn_ends = time.monotonic() + turn_seconds
                 while True:
                     try:
-                        routing_id, frames = transport.recv(socket, zmq.NOBLOCK)
+                        routing_id, frames = transport.recv(
+                            socket,
+                            zmq.NOBLOCK,
+                            max_frames=MAX_REQUEST_FRAMES,
+                            max_bytes=self.max_bytes,
+                        )
                     except zmq.Again:
                         break
-                    transport.send(socket, self.handle(frames), routing_id, copy=False)
+                    except transport.OversizedMessage as error:
+                        routing_id = error.routing_id
+                        reply = self.reject(error.reason, None, error.message, authenticated=False)
+                    else:
+                        reply = self.handle(frames)
+                    transport.send(socket, reply, routing_id, copy=False)
+                    if time.monotonic() >= turn_ends:
+                        break
             if checkpointer is not None and self.checkpoint_due():
                 self.save_checkpoint(checkpointer)
             if self.clock() >= next_stats:
@@ -525,3 +661,16 @@ class ParameterServer:
         if checkpointer is not None:
             self.save_checkpoint(checkpointer)
         self.write_stats(address)
+
+
+def max_message_bytes(config: Config, num_params: int) -> int:
+    """The message size limit of both ends: `max_message_mb`, or when it is 0 the largest
+    legitimate message (the flat float32 params and a header) plus headroom."""
+    if config.max_message_mb:
+        return config.max_message_mb * 1024 * 1024
+    return transport.message_limit(4 * num_params)
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr."""
+    print(f"warning: [server] {message}", file=sys.stderr, flush=True)

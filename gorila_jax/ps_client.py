@@ -6,7 +6,8 @@ bundle's `Updater`: its jitted step computes the gradient (flattened, and cut to
 shard inside XLA) and hands it to a communication thread, which pushes it (up to
 `PUSHES_IN_FLIGHT` unacknowledged), pulls params every `sync_every` learner steps, and
 refreshes the target network every `target_period` server updates. The actors wait for the
-network only when `PUSH_QUEUE` more gradients are queued behind those in flight.
+network only when `PUSH_QUEUE` more gradients are queued behind those in flight. Once that
+thread runs, it is the only one that touches the socket, to the final stop and close.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from gorila_jax.replay import Sample
 
 PUSH_QUEUE = 2
 PUSHES_IN_FLIGHT = 2
+MAX_REPLY_FRAMES = 2  # a header and at most one array
+QUICK_STOP_SECONDS = 2.0  # how long a bundle stopped by a signal waits for the stop's ack
 
 
 class ServerError(RuntimeError):
@@ -42,7 +45,14 @@ class ServerError(RuntimeError):
 
 
 class ServerConnection:
-    """Request/reply with the parameter server for one worker."""
+    """Request/reply with the parameter server for one worker.
+
+    Sequence numbers start at the wall clock in nanoseconds, so a restarted bundle numbers
+    its requests above everything its earlier life sent (the server refuses any number it
+    has seen). The socket lets the server assign its routing id. One thread at a time
+    may use a connection; the tables of pending requests and early replies are guarded all
+    the same.
+    """
 
     def __init__(
         self,
@@ -54,6 +64,7 @@ class ServerConnection:
         num_params: int,
         max_bytes: int,
         timeout_seconds: float,
+        cancel: threading.Event | None = None,
     ):
         self.token = token
         self.worker = worker
@@ -61,16 +72,17 @@ class ServerConnection:
         self.num_params = num_params
         self.max_bytes = max_bytes
         self.timeout_seconds = timeout_seconds
-        self.seq = 0
-        self.cancel = threading.Event()
+        self.seq = time.time_ns()
+        self.cancel = cancel or threading.Event()
         self.endpoint = endpoint
+        self._lock = threading.Lock()
         self._pending: dict[int, tuple[str, float]] = {}
         self._replies: dict[int, transport.Message] = {}
         self._connect()
 
     def _connect(self) -> None:
         self._socket = transport.make_client_socket(
-            zmq.Context.instance(), self.endpoint, f"bundle-{self.worker}".encode(), self.max_bytes
+            zmq.Context.instance(), self.endpoint, None, self.max_bytes
         )
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
@@ -78,8 +90,9 @@ class ServerConnection:
     def reconnect(self) -> None:
         """A fresh socket: requests queued for a dead server are dropped, not replayed."""
         self._socket.close(linger=0)
-        self._pending.clear()
-        self._replies.clear()
+        with self._lock:
+            self._pending.clear()
+            self._replies.clear()
         self._connect()
 
     def _specs(self, header: dict):
@@ -105,7 +118,8 @@ class ServerConnection:
             **fields,
         )
         transport.send(self._socket, transport.encode(header, arrays), copy=False)
-        self._pending[self.seq] = (kind, time.monotonic() + self.timeout_seconds)
+        with self._lock:
+            self._pending[self.seq] = (kind, time.monotonic() + self.timeout_seconds)
         return self.seq
 
     def receive_reply(self, seq: int, *, interruptible: bool = True):
@@ -113,9 +127,10 @@ class ServerConnection:
 
         ServerError on an error reply, on a timeout (`lost`), or when cancelled.
         """
-        kind, deadline = self._pending[seq]
+        with self._lock:
+            kind, deadline = self._pending[seq]
         try:
-            while seq not in self._replies:
+            while not self._has_reply(seq):
                 remaining = deadline - time.monotonic()
                 if interruptible and self.cancel.is_set():
                     raise ServerError(f"{kind} cancelled: the bundle is stopping")
@@ -125,29 +140,37 @@ class ServerConnection:
                     )
                 if not self._poller.poll(timeout=min(remaining, 0.1) * 1000):
                     continue
-                _, frames = transport.recv(self._socket)
                 try:
-                    reply = transport.decode(
+                    _, frames = transport.recv(
+                        self._socket, max_frames=MAX_REPLY_FRAMES, max_bytes=self.max_bytes
+                    )
+                    reply = transport.decode_reply(
                         frames,
-                        expected_token=self.token,
                         expected_fingerprint=self.fingerprint,
                         layout_for=self._specs,
                         max_bytes=self.max_bytes,
                     )
                 except transport.ProtocolError as error:
                     raise ServerError(f"bad reply to {kind}: {error}") from None
-                if reply.header["seq"] in self._pending:
-                    self._replies[reply.header["seq"]] = reply
-                # else: a late reply to a request given up on; dropped
-            reply = self._replies.pop(seq)
+                with self._lock:
+                    if reply.header["seq"] in self._pending:
+                        self._replies[reply.header["seq"]] = reply
+                    # else: a late reply to a request given up on; dropped
+            with self._lock:
+                reply = self._replies.pop(seq)
         finally:
-            if seq not in self._replies:
-                self._pending.pop(seq, None)
+            with self._lock:
+                if seq not in self._replies:
+                    self._pending.pop(seq, None)
         if reply.header["kind"] == "error":
             raise ServerError(
                 f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
             )
         return reply
+
+    def _has_reply(self, seq: int) -> bool:
+        with self._lock:
+            return seq in self._replies
 
     def request(
         self,
@@ -277,8 +300,14 @@ class RemoteLearner:
         self._outbox: queue.Queue = queue.Queue(maxsize=PUSH_QUEUE)
         self._in_flight: list[tuple[int, np.ndarray]] = []
         self._pull_wanted = threading.Event()
-        self._incoming: tuple[Any, int, bool] | None = None
+        # Params pulled by the communication thread, waiting for the main thread: the newest
+        # (params, version), and the params of a target refresh, kept apart so a later pull
+        # cannot overwrite a refresh before it is taken.
+        self._incoming_lock = threading.Lock()
+        self._incoming: tuple[Any, int] | None = None
+        self._incoming_target: Any | None = None
         self._closing = threading.Event()
+        self._quick = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._communicate, name="ps-client", daemon=True)
         self._thread.start()
@@ -286,12 +315,21 @@ class RemoteLearner:
     def _to_device(self, flat: np.ndarray) -> Any:
         return jax.device_put(self._unravel(jnp.asarray(flat)), self._where.replicated)
 
-    def _take_incoming(self) -> None:
-        incoming, self._incoming = self._incoming, None
-        if incoming is not None:
-            self.params, self.params_version, refresh_target = incoming
+    def _deliver(self, params: Any, version: int, *, refresh_target: bool) -> None:
+        """Hand pulled params to the main thread (called by the communication thread)."""
+        with self._incoming_lock:
+            self._incoming = (params, version)
             if refresh_target:
-                self.target_params = self.params
+                self._incoming_target = params
+
+    def _take_incoming(self) -> None:
+        with self._incoming_lock:
+            incoming, self._incoming = self._incoming, None
+            target, self._incoming_target = self._incoming_target, None
+        if incoming is not None:
+            self.params, self.params_version = incoming
+        if target is not None:
+            self.target_params = target
 
     def acting_params(self) -> Any:
         """The newest params pulled from the server."""
@@ -337,6 +375,29 @@ class RemoteLearner:
                     self._reconnect(error)
         except BaseException as error:  # surfaced to the main thread through should_stop
             self.error = error
+        finally:
+            self._say_goodbye()
+
+    def _say_goodbye(self) -> None:
+        """Tell the server this bundle is done, then close the socket: in this thread, the
+        only one that uses the socket once it runs.
+
+        Stopped by a signal (`close(quick=True)`), wait only a moment for the server, which
+        is stopping too; after an error, the server is gone or refused: just close.
+        """
+        try:
+            if self._quick:
+                self.connection.timeout_seconds = min(
+                    self.connection.timeout_seconds, QUICK_STOP_SECONDS
+                )
+                with contextlib.suppress(ServerError):
+                    self.connection.stop()
+            elif self.error is None:
+                self.connection.stop()
+        except BaseException as error:
+            self.error = error
+        finally:
+            self.connection.close()
 
     def _exchange(self) -> None:
         """Send queued gradients (up to PUSHES_IN_FLIGHT unacknowledged), collect the oldest
@@ -389,12 +450,12 @@ class RemoteLearner:
                         raise ServerError(
                             f"the server did not come back within {retry:.0f}s ({attempt})"
                         ) from None
-                    time.sleep(delay)
+                    self._closing.wait(delay)
                     delay = min(2 * delay, 10.0)
                     continue
                 self.server_version = version
                 self._target_epoch = version // self.config.target_period
-                self._incoming = (self._to_device(flat), version, True)
+                self._deliver(self._to_device(flat), version, refresh_target=True)
                 self.reconnects += 1
                 print(f"[bundle {self.connection.worker + 1}] reconnected at version "
                       f"{version}", flush=True)  # fmt: skip
@@ -409,26 +470,22 @@ class RemoteLearner:
         if flat is not None:
             if refresh_target:
                 self._target_epoch = version // self.config.target_period
-            self._incoming = (self._to_device(flat), version, refresh_target)
+            self._deliver(self._to_device(flat), version, refresh_target=refresh_target)
 
     def close(self, *, quick: bool = False) -> None:
-        """Push what is queued, tell the server this bundle is done, close the socket.
+        """Push what is queued, tell the server this bundle is done, close the socket (all
+        done by the communication thread; this waits for it).
 
         `quick` (the run is being stopped by a signal): drop what is queued and give the
         server only a moment to acknowledge, since it is stopping too.
         """
+        self._quick = quick
         self._closing.set()
         if quick:
             self.connection.cancel.set()
-        self._thread.join(timeout=self.config.server_timeout_seconds + 5)
-        try:
-            if quick:
-                self.connection.timeout_seconds = min(self.connection.timeout_seconds, 2.0)
-                with contextlib.suppress(ServerError):
-                    self.connection.stop()
-            elif self.error is None:
-                self.connection.stop()
-        finally:
-            self.connection.close()
+        waits = QUICK_STOP_SECONDS + 1 if quick else 2 * self.config.server_timeout_seconds + 5
+        self._thread.join(timeout=waits)
+        if self._thread.is_alive() and self.error is None:
+            self.error = ServerError(f"the communication thread did not finish in {waits:.0f}s")
         if self.error is not None and not quick:
             raise ServerError(f"bundle lost the server: {self.error}") from self.error

@@ -19,10 +19,14 @@ field         type   meaning
 ============  =====  ===================================================================
 kind          str    one of ``REQUEST_KINDS`` or ``REPLY_KINDS``
 protocol      int    ``PROTOCOL_VERSION`` (``encode`` fills it)
-token         str    run token from ``new_run_token``; a reply echoes the request's
+token         str    requests only: the run token from ``new_run_token``. A reply never
+                     carries it (``decode_reply`` refuses one that does): a reply goes to
+                     the connection its request came from, so it needs no credential,
+                     and a peer that did not present the token is never sent it
 worker        int    worker id, >= 0; a reply echoes the request's
-seq           int    per-worker sequence number, >= 0, strictly increasing (the server
-                     enforces the ordering); a reply echoes the request's
+seq           int    per-worker sequence number, >= 0, strictly increasing over the
+                     worker's whole life, restarts included (the server enforces the
+                     ordering); a reply echoes the request's
 version       int    parameter version, >= ``NO_VERSION`` (-1, "no parameters yet").
                      pull: the version the worker holds; push: the version the
                      gradients were computed on; replies: the server's version
@@ -58,13 +62,17 @@ stats_reply   stats: dict       server -> client, a msgpack-able dict
 Reason codes
 ------------
 ``ProtocolError.reason`` and the ``reason`` of error/ack replies are short str codes.
-``decode`` raises: "malformed" (header is not msgpack / not a map / a field is missing,
-unknown or mistyped / unknown kind), "bad_protocol" (protocol version differs),
-"bad_token", "bad_fingerprint", "bad_frames" (array frame count or byte length wrong),
-"oversized" (message over ``max_bytes`` or header over ``MAX_HEADER_BYTES``). A
-``layout_for`` callback raises "bad_shard" for a shard it cannot resolve. The server
-adds "stale", "non_finite" and "outlier" for pushes it refuses. All are in ``REASONS``;
-other short codes are allowed in replies.
+``decode`` / ``decode_reply`` raise: "malformed" (header is not msgpack / not a map / a
+field is missing, unknown or mistyped / unknown kind / a reply where a request is
+expected or the reverse), "bad_protocol" (protocol version differs), "bad_token",
+"bad_fingerprint", "bad_frames" (array frame count or byte length wrong), "oversized"
+(message over ``max_bytes`` or header over ``MAX_HEADER_BYTES``; ``recv`` raises it too,
+for a message over its frame or byte bound). A ``layout_for`` callback raises "bad_shard"
+for a shard it cannot resolve. The server adds "stale", "non_finite" and "outlier" for
+pushes it refuses. All are in ``REASONS``; other short codes are allowed in replies.
+``ProtocolError.authenticated`` says whether the request's token had been verified
+before the error was found: only then may a receiver count it against the worker the
+header names.
 
 Gradient shards
 ---------------
@@ -80,11 +88,23 @@ Two schemes, the server picks one and tells workers in ``welcome.config``:
 Sockets
 -------
 ``make_server_socket`` / ``make_client_socket`` set ``zmq.MAXMSGSIZE`` so zmq itself
-drops peers that send an over-large frame (libzmq checks each frame, not the sum, so
-``decode`` also checks the total against ``max_bytes``; inproc transports skip the
-check). ``send`` is zero-copy by default: the arrays behind the frames must not be
-changed until zmq has sent them. ``recv`` returns zero-copy ``zmq.Frame`` objects, and
-the arrays ``decode`` returns are read-only views into them.
+drops peers that send an over-large frame (libzmq checks each frame, not the sum; inproc
+transports skip the check). ``message_limit`` sizes that limit from the model: the largest
+legitimate message plus one header of headroom. The server's ROUTER does not let a peer
+take over another's routing id (no ``ROUTER_HANDOVER``), and bundles let it assign their
+routing ids, so no peer can have replies meant for another routed to itself.
+
+zmq delivers a multipart message only once all of it has arrived, so one message of many
+frames, each under ``MAXMSGSIZE``, is buffered whole inside zmq before anything can read
+it; no socket option bounds that sum. ``recv`` bounds what this side holds: it receives
+frame by frame, and past ``max_frames`` frames or ``max_bytes`` bytes it releases each
+further frame as soon as it arrives and raises "oversized"; the server's small
+``RCVHWM`` bounds how many whole messages zmq queues per peer. Only an authenticated
+transport (zmq CURVE) keeps a peer without the keys from sending anything at all.
+
+``send`` is zero-copy by default: the arrays behind the frames must not be changed until
+zmq has sent them. ``recv`` returns zero-copy ``zmq.Frame`` objects, and the arrays
+``decode`` returns are read-only views into them.
 """
 
 from __future__ import annotations
@@ -103,9 +123,10 @@ import msgpack
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 NO_VERSION = -1
+SERVER_RECEIVE_QUEUE = 16  # whole messages zmq queues per peer on the server's socket
 
 REQUEST_KINDS = frozenset({"hello", "pull", "push", "stats", "stop"})
 REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error", "stats_reply"})
@@ -141,15 +162,24 @@ class ProtocolError(ValueError):
     """A message that breaks the wire format.
 
     ``reason`` is a short code (see ``REASONS``), ``message`` a readable detail and
-    ``header`` the decoded header when decoding got that far (unverified: use it only to
-    address an error reply, see ``reply_header``).
+    ``header`` the decoded header when decoding got that far (use it only to address an
+    error reply, see ``reply_header``). ``authenticated``: the header's token was checked
+    and right, so its ``worker`` is who sent it; otherwise nothing in it is trustworthy.
     """
 
-    def __init__(self, reason: str, message: str, header: dict | None = None):
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        header: dict | None = None,
+        *,
+        authenticated: bool = False,
+    ):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
         self.header = header
+        self.authenticated = authenticated
 
 
 # --------------------------------------------------------------------------------------
@@ -393,7 +423,6 @@ def _is_dict(value: Any) -> bool:
 _COMMON_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kind": (_is_str, "str"),
     "protocol": (_is_int, "int"),
-    "token": (_is_str, "str"),
     "worker": (_non_negative_int, "int >= 0"),
     "seq": (_non_negative_int, "int >= 0"),
     "version": (_version_int, f"int >= {NO_VERSION}"),
@@ -419,6 +448,7 @@ _KIND_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "stats_reply": {"stats": (_is_dict, "dict")},
 }
 assert set(_KIND_FIELDS) == KINDS
+_REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {"token": (_is_str, "str")}
 
 
 def _check_protocol(header: dict) -> None:
@@ -431,29 +461,36 @@ def _check_protocol(header: dict) -> None:
         )
 
 
-def _validate_header(header: dict) -> None:
-    """Check field names and types (not token or fingerprint values)."""
+def _validate_header(header: dict, *, authenticated: bool = False) -> None:
+    """Check field names and types (not token or fingerprint values); requests carry a
+    token, replies none."""
+
+    def refuse(message: str) -> ProtocolError:
+        return ProtocolError("malformed", message, header, authenticated=authenticated)
+
     for key in header:
         if not isinstance(key, str):
-            raise ProtocolError("malformed", f"header key {key!r} is not a str", header)
+            raise refuse(f"header key {key!r} is not a str")
     kind = header.get("kind")
     if kind not in _KIND_FIELDS:
-        raise ProtocolError("malformed", f"unknown kind {kind!r}", header)
+        raise refuse(f"unknown kind {kind!r}")
     fields = {**_COMMON_FIELDS, **_KIND_FIELDS[kind]}
+    if kind in REQUEST_KINDS:
+        fields |= _REQUEST_FIELDS
     for name, (is_valid, expected) in fields.items():
         if name not in header:
-            raise ProtocolError("malformed", f"{kind}: field {name!r} missing", header)
+            raise refuse(f"{kind}: field {name!r} missing")
         if not is_valid(header[name]):
-            raise ProtocolError("malformed", f"{kind}: field {name!r} must be {expected}", header)
+            raise refuse(f"{kind}: field {name!r} must be {expected}")
     unknown = sorted(set(header) - set(fields))
     if unknown:
-        raise ProtocolError("malformed", f"{kind}: unknown fields {unknown}", header)
+        raise refuse(f"{kind}: unknown fields {unknown}")
 
 
 def make_header(
     kind: str, *, token: str, worker: int, seq: int, version: int, fingerprint: str, **fields
 ) -> dict:
-    """A header dict for ``encode`` (which adds ``protocol`` and ``arrays``)."""
+    """A request header for ``encode`` (which adds ``protocol`` and ``arrays``)."""
     return {
         "kind": kind,
         "token": token,
@@ -468,26 +505,22 @@ def make_header(
 def reply_header(
     request: Mapping | None, kind: str, *, version: int, fingerprint: str, **fields
 ) -> dict:
-    """A reply header echoing ``token``, ``worker`` and ``seq`` of ``request``.
+    """A reply header echoing ``worker`` and ``seq`` of ``request`` (never a token).
 
     ``request`` may be a partial header (``ProtocolError.header``) or None; fields it
-    lacks or has mistyped become "" / 0 / 0, a reply the client will refuse, so a
-    server may as well drop such requests. The echo never reveals the server's token
-    to a sender that did not present it.
+    lacks or has mistyped become 0 / 0.
     """
     request = request if isinstance(request, Mapping) else {}
-    token = request.get("token")
     worker = request.get("worker")
     seq = request.get("seq")
-    return make_header(
-        kind,
-        token=token if _is_str(token) else "",
-        worker=worker if _non_negative_int(worker) else 0,
-        seq=seq if _non_negative_int(seq) else 0,
-        version=version,
-        fingerprint=fingerprint,
+    return {
+        "kind": kind,
+        "worker": worker if _non_negative_int(worker) else 0,
+        "seq": seq if _non_negative_int(seq) else 0,
+        "version": version,
+        "fingerprint": fingerprint,
         **fields,
-    )
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -554,24 +587,8 @@ def _unpack_header(view: memoryview) -> dict:
     return header
 
 
-def decode(
-    frames: Sequence[Any],
-    *,
-    expected_token: str,
-    expected_fingerprint: str | None,
-    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
-    max_bytes: int,
-) -> Message:
-    """Validate and decode a message, or raise ``ProtocolError``.
-
-    ``frames``: bytes, memoryviews or ``zmq.Frame`` (no routing id). Checks, in order:
-    total size <= ``max_bytes`` and header size; header is a msgpack map; protocol;
-    token (constant time); field names and types; fingerprint (skipped when
-    ``expected_fingerprint`` is None); array frame count; then ``layout_for(header)``
-    (called only on a valid header; None means no arrays; it may raise
-    ``ProtocolError("bad_shard", ...)``) gives the specs each frame's byte length must
-    match. Arrays are zero-copy, read-only views of the frames.
-    """
+def _open(frames: Sequence[Any], max_bytes: int) -> tuple[list[memoryview], dict]:
+    """Byte views of the frames and the unpacked header, after the size checks."""
     if not frames:
         raise ProtocolError("malformed", "empty message")
     views = [_as_byte_view(frame) for frame in frames]
@@ -580,42 +597,46 @@ def decode(
         raise ProtocolError("oversized", f"message of {total} bytes exceeds {max_bytes}")
     if views[0].nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("oversized", f"header of {views[0].nbytes} bytes")
-
     header = _unpack_header(views[0])
     _check_protocol(header)
-    token = header.get("token")
-    if not isinstance(token, str):
-        raise ProtocolError("malformed", "field 'token' missing or not a str", header)
-    if not hmac.compare_digest(token.encode("utf-8"), expected_token.encode("utf-8")):
-        raise ProtocolError("bad_token", "wrong run token", header)
-    _validate_header(header)
+    return views, header
+
+
+def _check_arrays(
+    header: dict,
+    array_views: list[memoryview],
+    *,
+    expected_fingerprint: str | None,
+    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
+    authenticated: bool,
+) -> Message:
+    """Fingerprint, frame count and frame sizes of a validated header; the message."""
+
+    def refuse(reason: str, message: str) -> ProtocolError:
+        return ProtocolError(reason, message, header, authenticated=authenticated)
+
     if expected_fingerprint is not None and header["fingerprint"] != expected_fingerprint:
-        raise ProtocolError(
+        raise refuse(
             "bad_fingerprint",
             f"fingerprint {header['fingerprint']!r}, expected {expected_fingerprint!r}",
-            header,
         )
-
-    array_views = views[1:]
     if header["arrays"] != len(array_views):
-        raise ProtocolError(
-            "bad_frames", f"header says {header['arrays']} arrays, got {len(array_views)}", header
-        )
-    specs = layout_for(header)
+        raise refuse("bad_frames", f"header says {header['arrays']} arrays, got {len(array_views)}")
+    try:
+        specs = layout_for(header)
+    except ProtocolError as error:
+        error.authenticated = authenticated
+        raise
     specs = () if specs is None else tuple(specs)
     if len(specs) != len(array_views):
-        raise ProtocolError(
-            "bad_frames",
-            f"{header['kind']}: expected {len(specs)} arrays, got {len(array_views)}",
-            header,
+        raise refuse(
+            "bad_frames", f"{header['kind']}: expected {len(specs)} arrays, got {len(array_views)}"
         )
     arrays = []
     for index, (spec, view) in enumerate(zip(specs, array_views, strict=True)):
         if view.nbytes != spec.nbytes:
-            raise ProtocolError(
-                "bad_frames",
-                f"array {index}: {view.nbytes} bytes, expected {spec.nbytes}",
-                header,
+            raise refuse(
+                "bad_frames", f"array {index}: {view.nbytes} bytes, expected {spec.nbytes}"
             )
         array = np.frombuffer(view, dtype=_wire_dtype(spec.dtype)).reshape(spec.shape)
         array.flags.writeable = False
@@ -623,6 +644,70 @@ def decode(
     if "loss" in header:
         header["loss"] = float(header["loss"])
     return Message(header, arrays)
+
+
+def decode(
+    frames: Sequence[Any],
+    *,
+    expected_token: str,
+    expected_fingerprint: str | None,
+    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
+    max_bytes: int,
+) -> Message:
+    """Validate and decode a request (the server's side), or raise ``ProtocolError``.
+
+    ``frames``: bytes, memoryviews or ``zmq.Frame`` (no routing id). Checks, in order:
+    total size <= ``max_bytes`` and header size; header is a msgpack map; protocol;
+    token (constant time); field names and types, the kind a request; fingerprint
+    (skipped when ``expected_fingerprint`` is None); array frame count; then
+    ``layout_for(header)`` (called only on a valid header; None means no arrays; it may
+    raise ``ProtocolError("bad_shard", ...)``) gives the specs each frame's byte length
+    must match. Errors raised after the token check are ``authenticated``. Arrays are
+    zero-copy, read-only views of the frames.
+    """
+    views, header = _open(frames, max_bytes)
+    token = header.get("token")
+    if not isinstance(token, str):
+        raise ProtocolError("malformed", "field 'token' missing or not a str", header)
+    if not hmac.compare_digest(token.encode("utf-8"), expected_token.encode("utf-8")):
+        raise ProtocolError("bad_token", "wrong run token", header)
+    if header.get("kind") in REPLY_KINDS:
+        raise ProtocolError(
+            "malformed", f"{header['kind']} is not a request", header, authenticated=True
+        )
+    _validate_header(header, authenticated=True)
+    return _check_arrays(
+        header,
+        views[1:],
+        expected_fingerprint=expected_fingerprint,
+        layout_for=layout_for,
+        authenticated=True,
+    )
+
+
+def decode_reply(
+    frames: Sequence[Any],
+    *,
+    expected_fingerprint: str | None,
+    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
+    max_bytes: int,
+) -> Message:
+    """Validate and decode a reply (the worker's side), or raise ``ProtocolError``.
+
+    The same checks as ``decode`` except the token: a reply carries none, and one that
+    does, or a request kind, is "malformed".
+    """
+    views, header = _open(frames, max_bytes)
+    if header.get("kind") in REQUEST_KINDS:
+        raise ProtocolError("malformed", f"{header['kind']} is not a reply", header)
+    _validate_header(header)
+    return _check_arrays(
+        header,
+        views[1:],
+        expected_fingerprint=expected_fingerprint,
+        layout_for=layout_for,
+        authenticated=False,
+    )
 
 
 def all_finite(arrays: Sequence[np.ndarray]) -> bool:
@@ -646,21 +731,34 @@ def new_run_token() -> str:
 # --------------------------------------------------------------------------------------
 
 
+def message_limit(array_bytes: int) -> int:
+    """The byte limit for messages whose arrays total at most ``array_bytes`` (the flat
+    float32 parameter vector: 4 bytes per parameter): the largest legitimate message, a
+    header and those arrays, plus one header's worth of headroom."""
+    return int(array_bytes) + 2 * MAX_HEADER_BYTES
+
+
 def make_server_socket(
-    context: zmq.Context, bind_address: str, max_message_bytes: int
+    context: zmq.Context,
+    bind_address: str,
+    max_message_bytes: int,
+    *,
+    receive_queue: int = SERVER_RECEIVE_QUEUE,
 ) -> tuple[zmq.Socket, str]:
     """A bound ROUTER socket and the endpoint it actually bound.
 
     A port of 0 or ``*`` (``tcp://127.0.0.1:0``) binds a random free port. Sets
     ``MAXMSGSIZE`` (zmq disconnects a tcp/ipc peer that sends a larger frame),
-    ``LINGER`` 0 and ``ROUTER_HANDOVER`` (a restarted worker reusing its identity takes
-    over the old connection).
+    ``RCVHWM`` to ``receive_queue`` (whole messages zmq queues per peer before it stops
+    reading from that peer) and ``LINGER`` 0. ``ROUTER_HANDOVER`` stays off: a peer that
+    claims a routing id already connected is ignored, so nobody can take over the route
+    of a bundle and receive its replies.
     """
     socket = context.socket(zmq.ROUTER)
     try:
         socket.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
+        socket.setsockopt(zmq.RCVHWM, int(receive_queue))
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         address = bind_address
         if address.startswith("tcp://") and address.endswith(":0"):
             address = address[:-2] + ":*"
@@ -675,22 +773,24 @@ def make_server_socket(
 def make_client_socket(
     context: zmq.Context,
     endpoint: str,
-    identity: bytes,
+    identity: bytes | None,
     max_message_bytes: int,
     *,
     receive_timeout_ms: int | None = None,
 ) -> zmq.Socket:
-    """A DEALER connected to ``endpoint`` with routing id ``identity``.
+    """A DEALER connected to ``endpoint``, with routing id ``identity``.
 
-    Sets ``MAXMSGSIZE``, ``LINGER`` 0 and, when given, ``RCVTIMEO`` (``recv`` then
-    raises ``zmq.Again`` on timeout; a late reply can still arrive afterwards, so
-    match replies to requests by ``seq``).
+    ``identity`` None (what bundles use) lets the server's ROUTER assign a fresh routing
+    id to the connection, one no other peer can claim. Sets ``MAXMSGSIZE``, ``LINGER`` 0
+    and, when given, ``RCVTIMEO`` (``recv`` then raises ``zmq.Again`` on timeout; a late
+    reply can still arrive afterwards, so match replies to requests by ``seq``).
     """
-    if not 1 <= len(identity) <= 255 or identity.startswith(b"\0"):
+    if identity is not None and (not 1 <= len(identity) <= 255 or identity.startswith(b"\0")):
         raise ValueError("identity must be 1..255 bytes and not start with a zero byte")
     socket = context.socket(zmq.DEALER)
     try:
-        socket.setsockopt(zmq.IDENTITY, identity)
+        if identity is not None:
+            socket.setsockopt(zmq.IDENTITY, identity)
         socket.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
         socket.setsockopt(zmq.LINGER, 0)
         if receive_timeout_ms is not None:
@@ -718,11 +818,54 @@ def send(
     socket.send_multipart(parts, copy=copy)
 
 
-def recv(socket: zmq.Socket, flags: int = 0) -> tuple[bytes | None, list[zmq.Frame]]:
+class OversizedMessage(ProtocolError):
+    """``recv`` refused a message over its frame or byte bound (already drained from the
+    socket); ``routing_id`` is the sender's, for the error reply."""
+
+    def __init__(self, message: str, routing_id: bytes | None):
+        super().__init__("oversized", message)
+        self.routing_id = routing_id
+
+
+def recv(
+    socket: zmq.Socket,
+    flags: int = 0,
+    *,
+    max_frames: int | None = None,
+    max_bytes: int | None = None,
+) -> tuple[bytes | None, list[zmq.Frame]]:
     """Receive one message: ``(routing_id, frames)`` from a ROUTER, ``(None, frames)``
     from a DEALER. Frames are zero-copy ``zmq.Frame``; ``frame.buffer`` is a memoryview.
+
+    Frame by frame: once the message has more than ``max_frames`` frames or
+    ``max_bytes`` bytes (the routing id not counted), what was kept is let go, every
+    further frame is received and let go at once, and ``OversizedMessage`` is raised
+    when the message is drained, so the socket is ready for the next one. ``flags``
+    apply to the first frame only (zmq delivers the rest of a message with it).
     """
-    parts = socket.recv_multipart(flags=flags, copy=False)
+    routing_id = None
     if socket.getsockopt(zmq.TYPE) == zmq.ROUTER:
-        return parts[0].bytes, parts[1:]
-    return None, parts
+        routing_id = socket.recv(flags)
+        flags = 0
+    frames: list[zmq.Frame] = []
+    count, total, refused = 0, 0, None
+    more = True
+    while more:
+        frame = socket.recv(flags, copy=False)
+        flags = 0
+        more = socket.getsockopt(zmq.RCVMORE)
+        count += 1
+        total += len(frame)
+        if refused is None:
+            if max_frames is not None and count > max_frames:
+                refused = f"more than {max_frames} frames"
+            elif max_bytes is not None and total > max_bytes:
+                refused = f"more than {max_bytes} bytes"
+            else:
+                frames.append(frame)
+                continue
+            frames.clear()
+        del frame
+    if refused is not None:
+        raise OversizedMessage(f"message of {refused}", routing_id)
+    return routing_id, frames

@@ -266,6 +266,108 @@ def test_checkpoint_of_other_training_settings_is_refused_unless_forced(tmp_path
     checkpointer.close()
 
 
+def test_stopped_workers_survive_a_restart_of_the_server(tmp_path):
+    """A bundle that finished before the server was restarted does not say stop again."""
+    config = dataclasses.replace(cartpole_defaults(), run_dir=str(tmp_path))
+    network = MLP(num_actions=2, hidden=(8,))
+    params = network.init(__import__("jax").random.key(0), np.zeros((1, 4), np.float32))
+    server = ParameterServer(config, params, num_workers=2, token="t" * 64, run_dir=tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    server.version = 3
+    assert server.save_checkpoint(checkpointer)
+    server.stopped_workers.add(0)  # bundle 1 is done; no update since the checkpoint
+    assert server.checkpoint_due()
+    assert server.save_checkpoint(checkpointer)
+    assert checkpointer.versions() == [3]
+    checkpointer.close()
+
+    restarted = ParameterServer(config, params, num_workers=2, token="t" * 64, run_dir=tmp_path)
+    state, _ = restarted.checkpoint_state()
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    restored = checkpointer.restore_latest(state, **expectations(config, restarted))
+    restarted.restore(restored.state, restored.meta)
+    assert restarted.stopped_workers == {0} and not restarted.checkpoint_due()
+    restarted.stopped_workers.add(1)  # the other bundle's stop ends the run
+    assert restarted.all_workers_stopped()
+    assert restarted.save_checkpoint(checkpointer)
+    checkpointer.close()
+
+    # Started again after the run had ended (every bundle stopped): it waits for hellos.
+    continued = ParameterServer(config, params, num_workers=2, token="t" * 64, run_dir=tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    restored = checkpointer.restore_latest(state, **expectations(config, continued))
+    assert restored.meta["stopped_workers"] == [0, 1]
+    continued.restore(restored.state, restored.meta)
+    assert continued.stopped_workers == set() and not continued.all_workers_stopped()
+    checkpointer.close()
+
+
+def test_after_a_fallback_new_checkpoints_are_written_and_only_those_reported(tmp_path, capsys):
+    config, _, _, server = small_server(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    for version in (1, 2):
+        server.version = version
+        server.params = server.params + 1.0
+        assert server.save_checkpoint(checkpointer)
+    checkpointer.close()
+    for path in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage")
+
+    _, _, _, resumed = small_server(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    state, _ = resumed.checkpoint_state()
+    restored = checkpointer.restore_latest(state, **expectations(config, resumed))
+    resumed.restore(restored.state, restored.meta)
+    assert resumed.version == 1 and "moved damaged checkpoint 2" in capsys.readouterr().err
+    resumed.version = 2  # an update after the fallback, then the final checkpoint
+    resumed.params = resumed.params + 5.0
+    assert resumed.save_checkpoint(checkpointer)
+    assert resumed.stats()["checkpointed_version"] == 2
+    checkpointer.close()
+
+    _, _, _, again = small_server(tmp_path)
+    state, _ = again.checkpoint_state()
+    restored = Checkpointer(tmp_path, keep=3).restore_latest(state, **expectations(config, again))
+    assert restored.version == 2
+    np.testing.assert_array_equal(np.asarray(restored.state["params"]), np.asarray(resumed.params))
+    assert len(list((tmp_path / "damaged_checkpoints").iterdir())) == 1
+
+
+class RefusingCheckpointer:
+    """A checkpointer whose writes do not happen: refused, or failing like a full disk."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def save(self, step, state, meta, *, replace=False):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+@pytest.mark.parametrize("outcome", [False, OSError(28, "No space left on device")])
+def test_a_checkpoint_that_was_not_written_is_never_reported(tmp_path, capsys, outcome):
+    _, _, _, server = small_server(tmp_path)
+    server.version = 4
+    assert not server.save_checkpoint(RefusingCheckpointer(outcome))
+    assert server.stats()["checkpointed_version"] == -1
+    assert "checkpoint 4" in capsys.readouterr().err
+    server.write_stats("tcp://x")
+    assert read_stats(tmp_path)["checkpointed_version"] == -1
+
+
+def test_non_finite_params_are_never_checkpointed(tmp_path, capsys):
+    _, _, _, server = small_server(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    server.version = 1
+    server.params = server.params.at[3].set(float("nan"))
+    assert not server.save_checkpoint(checkpointer)
+    assert checkpointer.versions() == [] and server.checkpointed_version == -1
+    assert "non-finite" in capsys.readouterr().err
+    checkpointer.close()
+
+
 def test_bundle_gives_up_with_a_clear_message_when_the_server_stays_away(tmp_path):
     config, network, params, server = small_server(
         tmp_path, server_timeout_seconds=1.0, server_retry_seconds=3.0, sync_every=1

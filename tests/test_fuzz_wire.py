@@ -31,7 +31,7 @@ from zmq.utils.monitor import recv_monitor_message
 from gorila_jax import transport
 from gorila_jax.config import Config
 from gorila_jax.networks import MLP
-from gorila_jax.parameter_server import ParameterServer
+from gorila_jax.parameter_server import MAX_REQUEST_FRAMES, ParameterServer
 from gorila_jax.ps_client import ServerConnection
 
 TOKEN = hashlib.sha256(b"gorila_jax fuzz token").hexdigest()
@@ -182,8 +182,7 @@ class Attacker:
         else:
             assert header["kind"] == "error", f"{category}: got a {header['kind']} reply"
         assert header["reason"] in reasons, f"{category}: {header}, expected {set(reasons)}"
-        if header["reason"] == "bad_token":
-            assert header["token"] != TOKEN  # the echo never hands out the run token
+        assert "token" not in header  # no reply carries a token
         self.reasons[header["reason"]] += 1
 
     def close(self) -> None:
@@ -261,6 +260,8 @@ class Fuzzer:
             else:
                 name = self._names[self.rng.choice(len(self._names), p=self._probabilities)]
             frames, reasons = self.categories[name][1]()
+            if len(frames) > MAX_REQUEST_FRAMES:
+                reasons = {"oversized"}  # refused as it is received, before decoding
             self.attacker.send_bad(name, frames, reasons)
 
     # ---- building blocks ------------------------------------------------------------------
@@ -340,7 +341,11 @@ class Fuzzer:
         return [b""] * (1 + self.number(4)), {"malformed"}
 
     def bad_protocol(self):
-        protocol = self.pick([0, 2, -1, 99, 2**63, U64, -(2**63), "1", 1.0, None, True, "drop"])
+        version = transport.PROTOCOL_VERSION
+        protocol = self.pick(
+            [0, version - 1, version + 1, -1, 99, 2**63, U64, -(2**63), "1", 1.0, None, True,
+             "drop"]
+        )  # fmt: skip
         header = self.header()
         if protocol == "drop":
             del header["protocol"]
@@ -519,7 +524,8 @@ class Fuzzer:
                 ("stats_reply", {"stats": {}}),
             ]
         )
-        return [pack(self.header(kind, seq=self.fresh_seq(), **fields))], {"malformed"}
+        # Refused while decoding, before the seq check: any seq, and last_seq stays.
+        return [pack(self.header(kind, **fields))], {"malformed"}
 
     def oversized_header(self):
         size = transport.MAX_HEADER_BYTES + 1 + self.number(4_000)

@@ -4,9 +4,13 @@
 directly; one test runs `serve` on a real socket against `ps_client.ServerConnection`.
 """
 
+import contextlib
 import dataclasses
 import json
+import subprocess
+import sys
 import threading
+import time
 
 import chex
 import jax
@@ -19,6 +23,7 @@ import zmq
 from jax.flatten_util import ravel_pytree
 
 from gorila_jax import transport
+from gorila_jax.checkpoint import Checkpointer
 from gorila_jax.config import Config
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
@@ -63,7 +68,7 @@ def make_server(num_workers: int = 2, **overrides) -> ParameterServer:
 
 
 def raw_header(frames) -> dict:
-    """The reply header without any validation (error replies may carry an empty token)."""
+    """The reply header without any validation."""
     return msgpack.unpackb(bytes(frames[0]), raw=False)
 
 
@@ -102,9 +107,8 @@ class Worker:
     def send(self, frames: list) -> transport.Message:
         """Hand frames to the server and decode its reply as a client would."""
         reply = self.server.handle(frames)
-        return transport.decode(
+        return transport.decode_reply(
             reply,
-            expected_token=self.token,
             expected_fingerprint=self.server.fingerprint,
             layout_for=self._reply_specs,
             max_bytes=1 << 20,
@@ -248,7 +252,9 @@ REJECTIONS = {
     "garbage_header": lambda w: [b"\xc1\xff not msgpack", *push_frames(w)[1:]],
     "header_not_a_map": lambda w: [msgpack.packb([1, 2, 3]), *push_frames(w)[1:]],
     "unknown_field": lambda w: replace_header(push_frames(w), surprise=1),
-    "reply_kind": lambda w: w.frames("ack", accepted=True, reason=None),
+    "reply_kind": lambda w: replace_header(
+        w.frames("hello"), kind="ack", accepted=True, reason=None
+    ),
     "bad_shard": lambda w: push_frames(w, shard=0),
 }
 EXPECTED_REASONS = {
@@ -298,15 +304,49 @@ def test_bad_message_gets_an_error_and_changes_nothing(case):
     expect_ack(worker.push(random_grad(9), base_version=version), accepted=True)
 
 
-def test_error_reply_never_reveals_the_token():
-    server, _ = primed_server()
+def test_no_reply_carries_a_token():
+    server, worker = primed_server()
     intruder = Worker(server, 0, token=OTHER_TOKEN)
     header = raw_header(server.handle(push_frames(intruder)))
-    assert header["reason"] == "bad_token"
-    assert header["token"] == OTHER_TOKEN
+    assert header["reason"] == "bad_token" and "token" not in header
     garbage = raw_header(server.handle([b"\xc1"]))
-    assert garbage["reason"] == "malformed" and garbage["token"] == ""
+    assert garbage["reason"] == "malformed" and "token" not in garbage
+    for reply in (worker.pull(-1), worker.request("stats"), worker.push(random_grad(3), 1)):
+        assert "token" not in reply.header
     assert TOKEN not in json.dumps(server.stats())
+
+
+def test_senders_without_the_token_move_no_worker_counter():
+    server, worker = primed_server()
+    before = dict(server.stats()["workers"]["0"])
+    for seq in (worker.seq + 1, 2**62):  # neither may eat into worker 0's sequence numbers
+        intruder = Worker(server, 0, token=OTHER_TOKEN)
+        reply = raw_header(server.handle(push_frames(intruder, seq=seq)))
+        assert reply["reason"] == "bad_token"
+    assert raw_header(server.handle([b"\xc1"]))["reason"] == "malformed"
+    stats = server.stats()
+    assert stats["workers"]["0"] == before
+    assert stats["unauthenticated"] == {"rejected": 3}
+    assert stats["rejections"] == {"bad_token": 2, "malformed": 1}
+    expect_ack(worker.push(random_grad(4), base_version=server.version), accepted=True)
+    # An authenticated error is the worker's own.
+    reply = raw_header(server.handle(push_frames(worker, fingerprint="0" * 32)))
+    assert reply["reason"] == "bad_fingerprint"
+    assert server.stats()["workers"]["0"]["rejected"] == 1
+
+
+def test_a_hello_does_not_reset_the_replay_protection():
+    server, worker = primed_server()  # hello at seq 1, push at seq 2
+    captured_hello, captured_push = worker.frames("hello", seq=1), push_frames(worker, seq=2)
+    expect_ack(worker.push(random_grad(5), base_version=server.version), accepted=True)
+    before, version = current(server), server.version
+    assert raw_header(server.handle(captured_hello))["reason"] == "replayed"
+    assert raw_header(server.handle(captured_push))["reason"] == "replayed"
+    # A later hello (a restarted bundle numbers on) is welcome, and still resets nothing.
+    assert worker.hello().header["kind"] == "welcome"
+    assert raw_header(server.handle(captured_push))["reason"] == "replayed"
+    assert server.rejections["replayed"] == 3
+    assert_unchanged(server, before, version)
 
 
 def test_oversized_message_is_refused():
@@ -428,6 +468,28 @@ def test_outlier_push_is_refused_after_warmup(loss):
     expect_ack(worker.push(random_grad(10), base_version=version, loss=1.05), accepted=True)
 
 
+@pytest.mark.parametrize("huge", [1e30, 1e300, float(np.finfo(np.float64).max)])
+def test_one_huge_loss_does_not_disable_the_outlier_filter(huge):
+    server = make_server(num_workers=1, outlier_k=3.0, outlier_warmup=6)
+    worker = Worker(server, 0)
+    worker.hello()
+    for step in range(20):
+        loss = 0.9 + 0.05 * (step % 5)  # 0.9 ... 1.1
+        expect_ack(worker.push(random_grad(step), base_version=step, loss=loss), accepted=True)
+    version = server.version
+    expect_ack(worker.push(random_grad(30), version, loss=huge), accepted=False, reason="outlier")
+    expect_ack(worker.push(random_grad(31), version, loss=50.0), accepted=False, reason="outlier")
+    expect_ack(worker.push(random_grad(32), version, loss=1.05), accepted=True)
+    assert server.outliers.threshold() < 2.0
+
+
+def test_a_lasting_change_of_the_loss_level_is_followed():
+    outliers = OutlierFilter(k=3.0, warmup=10, window=100)
+    assert not any(outliers.is_outlier(1.0 + 0.01 * (i % 7)) for i in range(100))
+    verdicts = [outliers.is_outlier(10.0 + 0.1 * (i % 7)) for i in range(100)]
+    assert verdicts[0] and not any(verdicts[60:])  # the median moves after half a window
+
+
 def test_outlier_filter_waits_for_warmup_and_can_be_disabled():
     warming = OutlierFilter(k=3.0, warmup=3)
     assert [warming.is_outlier(x) for x in (1.0, 1.0, 100.0)] == [False, False, False]
@@ -436,6 +498,32 @@ def test_outlier_filter_waits_for_warmup_and_can_be_disabled():
     judging = OutlierFilter(k=2.0, warmup=2)
     assert not judging.is_outlier(1.0) and not judging.is_outlier(1.2)
     assert judging.is_outlier(10.0)
+
+
+def test_an_update_that_would_overflow_the_params_is_refused():
+    server = make_server(num_workers=1, learning_rate=1.0)
+    worker = Worker(server, 0)
+    worker.hello()
+    push = np.full(NUM_PARAMS, -3e38, np.float32)  # finite, and so are params after one step
+    expect_ack(worker.push(push, base_version=0), accepted=True)
+    before, version = current(server), server.version
+    assert np.isfinite(before).all()
+    reply = worker.push(push, base_version=version)  # params would reach 6e38: inf in float32
+    expect_ack(reply, accepted=False, reason="non_finite_update")
+    assert server.stats()["rejections"] == {"non_finite_update": 1}
+    assert_unchanged(server, before, version)
+
+
+def test_an_overflowing_update_leaves_adam_state_and_dc_asgd_alone():
+    for overrides in ({"optimizer": "adam", "learning_rate": 1e-3}, {"dc_asgd": "constant"}):
+        server = make_server(num_workers=1, **overrides)
+        worker = Worker(server, 0)
+        worker.hello()
+        state = jax.tree.map(np.array, server.opt_state)
+        reply = worker.push(np.full(NUM_PARAMS, 3e38, np.float32), base_version=0)
+        expect_ack(reply, accepted=False, reason="non_finite_update")  # g * g overflows
+        chex.assert_trees_all_equal(jax.tree.map(np.array, server.opt_state), state)
+        assert_unchanged(server, INITIAL_FLAT, 0)
 
 
 def test_staleness_bins():
@@ -782,4 +870,99 @@ def test_serve_returns_when_asked_to_stop(tmp_path):
     finally:
         stop.set()
         thread.join(timeout=5)
+        socket.close(linger=0)
+
+
+FLOOD = """
+import sys, zmq
+context = zmq.Context()
+sockets = []
+for _ in range(4):
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(sys.argv[1])
+    sockets.append(socket)
+while True:
+    for socket in sockets:
+        try:
+            socket.send(b"\\xc1 not a header", zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+"""
+
+
+def test_serve_stays_in_charge_under_a_flood(tmp_path):
+    """Garbage from 4 connections faster than the server can answer it: ps.json and
+    checkpoints keep coming, a bundle keeps pushing, and a stop is obeyed at once."""
+    config = make_config(
+        stats_every_seconds=0.2, checkpoint_every_seconds=0.5, checkpoint_every_updates=10**6
+    )
+    server = ParameterServer(config, params_tree(), num_workers=1, token=TOKEN, run_dir=tmp_path)
+    socket, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
+    )
+    checkpointer = Checkpointer(tmp_path, keep=50)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=server.serve, args=(socket, endpoint, stop.is_set, checkpointer)
+    )
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, endpoint])
+    bundle = ServerConnection(
+        endpoint, token=TOKEN, worker=0, fingerprint=server.fingerprint, num_params=NUM_PARAMS,
+        max_bytes=server.max_bytes, timeout_seconds=20.0,
+    )  # fmt: skip
+    uptimes, saved = set(), set()
+    try:
+        time.sleep(1.0)  # the flood is queued before serving starts
+        thread.start()
+        _, version, _ = bundle.hello()
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            accepted, _, version = bundle.push(
+                random_grad(version), base_version=version, loss=1.0, frames=0, shard=None
+            )
+            assert accepted
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                uptimes.add(json.loads((tmp_path / "ps.json").read_text())["uptime_seconds"])
+            saved.update(checkpointer.versions())
+            time.sleep(0.1)
+        assert server.rejections["malformed"] > 1000, "the flood did not reach the server"
+        stopped = time.monotonic()
+        stop.set()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "serve ignored the stop under the flood"
+        assert time.monotonic() - stopped < 2.0
+    finally:
+        flood.kill()
+        flood.wait()
+        stop.set()
+        thread.join(timeout=10)
+        bundle.close()
+        socket.close(linger=0)
+    assert len(uptimes) >= 10, f"ps.json was rewritten {len(uptimes)} times in 6 s"
+    assert len(saved) >= 4, f"checkpoints during the flood: {sorted(saved)}"
+    assert checkpointer.versions()[-1] == server.version == version  # the final one
+    checkpointer.close()
+
+
+def test_a_message_of_many_frames_is_refused_as_it_is_received(tmp_path):
+    server = make_server(num_workers=1)
+    socket, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(socket, endpoint, stop.is_set))
+    thread.start()
+    peer = transport.make_client_socket(zmq.Context.instance(), endpoint, None, 1 << 20)
+    try:
+        peer.send_multipart([b"x"] * 10_000)  # each frame tiny, 10,000 of them
+        assert peer.poll(10_000)
+        reply = msgpack.unpackb(peer.recv_multipart()[0])
+        assert (reply["kind"], reply["reason"]) == ("error", "oversized")
+        assert server.stats()["rejections"] == {"oversized": 1}
+        assert server.stats()["unauthenticated"] == {"rejected": 1}
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        peer.close(linger=0)
         socket.close(linger=0)

@@ -1,18 +1,23 @@
-"""The bundle's connection: several requests in flight, replies matched by sequence number."""
+"""The bundle's connection: several requests in flight, replies matched by sequence number,
+no route another peer can take over; the remote learner's hand-over of pulled params."""
 
 import dataclasses
 import threading
+import time
 
 import jax
+import msgpack
 import numpy as np
 import pytest
 import zmq
+from jax.flatten_util import ravel_pytree
+from zmq.utils.monitor import recv_monitor_message
 
 from gorila_jax import transport
 from gorila_jax.config import cartpole_defaults
 from gorila_jax.networks import MLP
 from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.ps_client import ServerConnection, ServerError
+from gorila_jax.ps_client import RemoteLearner, ServerConnection, ServerError
 
 
 @pytest.fixture
@@ -64,3 +69,173 @@ def test_a_reply_that_never_comes_is_lost_and_cancel_stops_waiting(served):
     with pytest.raises(ServerError, match="no reply") as lost:
         connection.request("stats")
     assert lost.value.lost
+
+
+def impostor(context: zmq.Context, endpoint: str, identity: bytes) -> zmq.Socket:
+    """A DEALER with routing id `identity`, returned once its handshake with the server is
+    done (it sends nothing)."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, identity)
+    socket.setsockopt(zmq.LINGER, 0)
+    monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        socket.connect(endpoint)
+        assert monitor.poll(5000), "no handshake"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    finally:
+        socket.disable_monitor()
+        monitor.close(linger=0)
+    return socket
+
+
+def test_a_peer_claiming_a_bundles_identity_gets_nothing_meant_for_it(tmp_path):
+    config = dataclasses.replace(cartpole_defaults(), optimizer="sgd", max_grad_norm=0.0)
+    params = MLP(num_actions=2, hidden=(8,)).init(jax.random.key(0), np.zeros((1, 4)))
+    server = ParameterServer(config, params, num_workers=2, token="k" * 64, run_dir=tmp_path)
+    context = zmq.Context.instance()
+    sock, endpoint = transport.make_server_socket(context, "tcp://127.0.0.1:0", server.max_bytes)
+    connection = ServerConnection(
+        endpoint, token=server.token, worker=0, fingerprint=server.fingerprint,
+        num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=5.0,
+    )  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(sock, endpoint, stop.is_set))
+    impostors = []
+    try:
+        # The hello waits at the server while peers claiming bundle identities connect.
+        hello = connection.send_request("hello")
+        for identity in (b"bundle-0", b"bundle-1", b"worker-0", b"0"):
+            impostors.append(impostor(context, endpoint, identity))
+        thread.start()
+        welcome = connection.receive_reply(hello)
+        assert welcome.header["kind"] == "welcome"
+        np.testing.assert_array_equal(welcome.arrays[0], ravel_pytree(params)[0])
+        grads = np.ones(server.num_params, np.float32)
+        assert connection.push(grads, base_version=0, loss=1.0, frames=4, shard=None)[0]
+        assert connection.pull(0)[1] == 1
+        received = []
+        for peer in impostors:
+            assert not peer.poll(300), "a reply meant for the bundle reached another peer"
+            # What an impostor gets for a request of its own: an error, with no token.
+            header = transport.make_header(
+                "pull", token="x" * 64, worker=0, seq=1, version=-1,
+                fingerprint=server.fingerprint,
+            )  # fmt: skip
+            peer.send_multipart(transport.encode(header))
+            assert peer.poll(5000)
+            received.append(peer.recv_multipart())
+        for frames in received:
+            assert len(frames) == 1 and server.token.encode() not in frames[0]
+            reply = msgpack.unpackb(frames[0])
+            assert (reply["kind"], reply["reason"]) == ("error", "bad_token")
+        assert server.stats()["workers"]["0"]["accepted"] == 1
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=10)
+        for peer in impostors:
+            peer.close(linger=0)
+        connection.close()
+        sock.close(linger=0)
+
+
+class FakeConnection:
+    """A ServerConnection for RemoteLearner without a server: `pull` hands out the queued
+    params, pushes are acknowledged, and every call is recorded with its thread's name.
+    `hold` (when set) keeps `send_push` waiting, like a socket call that does not return."""
+
+    worker = 0
+
+    def __init__(self, num_params: int):
+        self.num_params = num_params
+        self.timeout_seconds = 5.0
+        self.cancel = threading.Event()
+        self.calls: list[tuple[str, str]] = []
+        self.pulls: list[tuple[np.ndarray, int]] = []
+        self.hold: threading.Event | None = None
+        self.seq = 0
+
+    def _record(self, name: str) -> None:
+        self.calls.append((name, threading.current_thread().name))
+
+    def hello(self):
+        self._record("hello")
+        info = {"shard_size": self.num_params, "frames": 0}
+        return np.zeros(self.num_params, np.float32), 0, info
+
+    def pull(self, have_version: int):
+        self._record("pull")
+        return self.pulls.pop(0)
+
+    def send_push(self, grads, **fields) -> int:
+        self._record("send_push")
+        if self.hold is not None:
+            self.hold.wait(30)
+        self.seq += 1
+        return self.seq
+
+    def receive_ack(self, seq: int):
+        self._record("receive_ack")
+        return True, None, seq
+
+    def stop(self) -> None:
+        self._record("stop")
+
+    def close(self) -> None:
+        self._record("close")
+
+
+def remote_learner(connection: FakeConnection, **overrides) -> tuple[RemoteLearner, dict]:
+    config = dataclasses.replace(cartpole_defaults(), **overrides)
+    network = MLP(num_actions=2, hidden=(8,))
+    params = network.init(jax.random.key(0), np.zeros((1, 4), np.float32))
+    return RemoteLearner(config, network, params, connection, num_workers=1), params
+
+
+def flat_params(tree) -> np.ndarray:
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+def test_a_target_refresh_is_not_lost_to_a_later_pull():
+    connection = FakeConnection(num_params=58)
+    learner, _ = remote_learner(connection)
+    try:
+        refreshed, newer = np.full(58, 1.0, np.float32), np.full(58, 2.0, np.float32)
+        connection.pulls = [(refreshed, 250), (newer, 251)]
+        learner._pull(True)  # a target refresh (target_period 250)...
+        learner._pull(False)  # ...then a plain pull, both before the main thread looks
+        learner.acting_params()
+        np.testing.assert_array_equal(flat_params(learner.params), newer)
+        np.testing.assert_array_equal(flat_params(learner.target_params), refreshed)
+        assert learner.params_version == 251
+    finally:
+        learner.close(quick=True)
+
+
+def test_only_the_communication_thread_touches_the_connection_after_it_starts():
+    connection = FakeConnection(num_params=58)
+    learner, _ = remote_learner(connection)
+    learner._outbox.put((np.zeros(58, np.float32), 0.5, 0))
+    learner.close()
+    assert [name for name, _ in connection.calls][-2:] == ["stop", "close"]
+    assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
+
+
+def test_close_leaves_the_socket_to_a_communication_thread_that_does_not_finish():
+    connection = FakeConnection(num_params=58)
+    learner, _ = remote_learner(connection)
+    connection.hold = threading.Event()
+    learner._outbox.put((np.zeros(58, np.float32), 0.5, 0))
+    deadline = time.monotonic() + 10
+    while ("send_push", "ps-client") not in connection.calls:  # stuck inside the socket call
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    learner.close(quick=True)
+    assert time.monotonic() - started < 10
+    assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
+    assert "close" not in [name for name, _ in connection.calls]  # not from this thread
+    connection.hold.set()  # the thread finishes its call, then says goodbye itself
+    learner._thread.join(timeout=10)
+    assert [name for name, _ in connection.calls][-2:] == ["stop", "close"]
+    assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}

@@ -1,6 +1,7 @@
 """Tests for gorila_jax.transport: encoding, validation, layouts, shards and sockets."""
 
 import random
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,11 @@ def layout_for(header: dict):
 
 
 def header_for(kind: str, **fields) -> dict:
-    common = {"token": TOKEN, "worker": 3, "seq": 11, "version": 5}
-    common["fingerprint"] = LAYOUT.fingerprint
-    return transport.make_header(kind, **(common | fields))
+    """A request header (with the token) or a reply header (without one)."""
+    common = {"worker": 3, "seq": 11, "version": 5, "fingerprint": LAYOUT.fingerprint}
+    if kind in transport.REQUEST_KINDS:
+        return transport.make_header(kind, **({"token": TOKEN} | common | fields))
+    return {"kind": kind, **(common | fields)}
 
 
 def sample_messages() -> dict[str, tuple[dict, list[np.ndarray]]]:
@@ -78,6 +81,7 @@ def sample_messages() -> dict[str, tuple[dict, list[np.ndarray]]]:
 
 
 def decode(frames, **overrides):
+    """Decode a request as the server does."""
     options = {
         "expected_token": TOKEN,
         "expected_fingerprint": LAYOUT.fingerprint,
@@ -86,6 +90,21 @@ def decode(frames, **overrides):
     }
     options.update(overrides)
     return transport.decode(frames, **options)
+
+
+def decode_reply(frames, **overrides):
+    """Decode a reply as a bundle does."""
+    options = {
+        "expected_fingerprint": LAYOUT.fingerprint,
+        "layout_for": layout_for,
+        "max_bytes": MAX_BYTES,
+    }
+    options.update(overrides)
+    return transport.decode_reply(frames, **options)
+
+
+def decode_any(frames, kind: str):
+    return (decode if kind in transport.REQUEST_KINDS else decode_reply)(frames)
 
 
 def to_wire(frames) -> list[bytes]:
@@ -111,8 +130,9 @@ def assert_same_message(message, header, arrays):
 @pytest.mark.parametrize("name", sorted(sample_messages()))
 def test_round_trip_every_kind(name):
     header, arrays = sample_messages()[name]
-    message = decode(to_wire(transport.encode(header, arrays)))
+    message = decode_any(to_wire(transport.encode(header, arrays)), header["kind"])
     assert_same_message(message, header, arrays)
+    assert ("token" in message.header) == (header["kind"] in transport.REQUEST_KINDS)
     assert all(not array.flags.writeable for array in message.arrays)
 
 
@@ -130,7 +150,7 @@ def test_encode_converts_big_endian_and_non_contiguous_arrays():
     leaves = LAYOUT.flatten(example_tree())
     sent = [leaf.astype(leaf.dtype.newbyteorder(">")) for leaf in leaves]
     sent[1] = np.asfortranarray(sent[1])
-    message = decode(to_wire(transport.encode(header_for("params"), sent)))
+    message = decode_reply(to_wire(transport.encode(header_for("params"), sent)))
     for got, leaf in zip(message.arrays, leaves, strict=True):
         np.testing.assert_array_equal(got, leaf)
 
@@ -145,23 +165,49 @@ def test_jax_arrays_encode_like_numpy():
 
 def test_decoded_arrays_rebuild_the_tree():
     tree = example_tree()
-    message = decode(to_wire(transport.encode(header_for("params"), LAYOUT.flatten(tree))))
+    message = decode_reply(to_wire(transport.encode(header_for("params"), LAYOUT.flatten(tree))))
     rebuilt = LAYOUT.unflatten(message.arrays)
     assert jax.tree.structure(rebuilt) == jax.tree.structure(tree)
     for got, sent in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(tree), strict=True):
         np.testing.assert_array_equal(got, sent)
 
 
-def test_reply_header_echoes_request():
+def test_reply_header_echoes_request_but_never_a_token():
     request = header_for("pull")
     reply = transport.reply_header(request, "not_modified", version=9, fingerprint="f")
-    assert (reply["token"], reply["worker"], reply["seq"]) == (TOKEN, 3, 11)
-    assert reply["version"] == 9
+    assert (reply["worker"], reply["seq"], reply["version"]) == (3, 11, 9)
+    assert "token" not in reply
     fallback = transport.reply_header(
         {"token": 5, "seq": -2}, "error", version=0, fingerprint="f", reason="malformed", message=""
     )
-    assert (fallback["token"], fallback["worker"], fallback["seq"]) == ("", 0, 0)
+    assert (fallback["worker"], fallback["seq"]) == (0, 0) and "token" not in fallback
     transport.encode(fallback)
+
+
+def test_requests_and_replies_are_not_interchangeable():
+    # A reply carrying a token, or without one where a request is expected, is malformed.
+    with pytest.raises(ProtocolError, match="unknown fields") as caught:
+        decode_reply([packed({**_hello_dict(), "kind": "not_modified"})])
+    assert caught.value.reason == "malformed"
+    with pytest.raises(ProtocolError, match="not a reply"):
+        decode_reply(to_wire(transport.encode(header_for("pull"))))
+    with pytest.raises(ProtocolError, match="token") as caught:
+        decode(to_wire(transport.encode(header_for("not_modified"))))
+    assert caught.value.reason == "malformed" and not caught.value.authenticated
+    with pytest.raises(ProtocolError, match="not a request") as caught:
+        decode([packed({**_hello_dict(), "kind": "not_modified"})])
+    assert caught.value.authenticated  # the token was right: the sender is the worker
+
+
+def test_only_errors_after_the_token_check_are_authenticated():
+    wrong_token = header_frame_with(_set("token", "0" * 64))
+    wrong_fingerprint = header_frame_with(_set("fingerprint", "x"))
+    with pytest.raises(ProtocolError) as before:
+        decode(wrong_token)
+    with pytest.raises(ProtocolError) as after:
+        decode(wrong_fingerprint)
+    assert (before.value.reason, before.value.authenticated) == ("bad_token", False)
+    assert (after.value.reason, after.value.authenticated) == ("bad_fingerprint", True)
 
 
 def test_new_run_token():
@@ -240,7 +286,10 @@ REJECTIONS = {
     "token_not_str": ("malformed", lambda: header_frame_with(_set("token", b"abc"))),
     "unknown_kind": ("malformed", lambda: header_frame_with(_set("kind", "gossip"))),
     "kind_not_str": ("malformed", lambda: header_frame_with(_set("kind", None))),
-    "wrong_protocol": ("bad_protocol", lambda: header_frame_with(_set("protocol", 2))),
+    "wrong_protocol": (
+        "bad_protocol",
+        lambda: header_frame_with(_set("protocol", transport.PROTOCOL_VERSION - 1)),
+    ),
     "protocol_missing": ("malformed", lambda: header_frame_with(_without("protocol"))),
     "arrays_count_negative": ("malformed", lambda: header_frame_with(_set("arrays", -1))),
     "header_too_big": (
@@ -524,7 +573,7 @@ def exchange(
     assert client.poll(2000), "client got no reply"
     no_routing_id, reply_frames = transport.recv(client)
     assert no_routing_id is None
-    return routing_id, request, decode(reply_frames)
+    return routing_id, request, decode_reply(reply_frames)
 
 
 def test_every_kind_over_inproc_sockets(context):
@@ -612,3 +661,48 @@ def test_client_identity_is_checked(context):
         transport.make_client_socket(context, "inproc://x", b"", MAX_BYTES)
     with pytest.raises(ValueError):
         transport.make_client_socket(context, "inproc://x", b"\0abc", MAX_BYTES)
+
+
+class CountingSocket(zmq.Socket):
+    """A socket that counts the zero-copy frames its `recv` returned that are still alive."""
+
+    live = 0
+    peak = 0
+
+    def recv(self, flags=0, copy=True, track=False):
+        part = super().recv(flags, copy=copy, track=track)
+        if not copy:
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(part, self._gone)
+        return part
+
+    def _gone(self):
+        self.live -= 1
+
+
+@pytest.mark.parametrize(
+    ("limits", "held"),
+    [({"max_frames": 2}, 3), ({"max_bytes": 3 * 16 * 1024}, 4)],
+)
+def test_recv_lets_go_of_a_message_over_its_bound_frame_by_frame(context, limits, held):
+    """64 frames of 16 KiB, each under MAXMSGSIZE: recv never holds more than its bound (plus
+    the frame in hand), drains the message and says who sent it; the next one is intact."""
+    server = context.socket(zmq.ROUTER, socket_class=CountingSocket)
+    server.setsockopt(zmq.LINGER, 0)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client = transport.make_client_socket(context, f"tcp://127.0.0.1:{port}", b"many", MAX_BYTES)
+    try:
+        client.send_multipart([b"h", *[bytes(16 * 1024)] * 63], copy=True)
+        client.send_multipart([b"next", b"x"], copy=True)
+        assert server.poll(2000)
+        with pytest.raises(transport.OversizedMessage) as caught:
+            transport.recv(server, **limits)
+        assert caught.value.reason == "oversized" and caught.value.routing_id == b"many"
+        assert server.peak <= held < 64
+        assert server.live == 0
+        routing_id, frames = transport.recv(server, max_frames=2, max_bytes=MAX_BYTES)
+        assert routing_id == b"many" and [bytes(f.buffer) for f in frames] == [b"next", b"x"]
+    finally:
+        client.close()
+        server.close()
