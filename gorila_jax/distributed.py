@@ -3,7 +3,8 @@
 Every process of a run calls `initialize()` once, before any other JAX call:
 - under SLURM (`srun`), `jax.distributed.initialize()` reads the job's variables itself;
 - under the local launcher, the parent passes the coordinator address, the process count
-  and the index through GORILA_* environment variables;
+  and the index through GORILA_* environment variables, and the coordinator listens on
+  127.0.0.1 only;
 - otherwise the process is alone (single-process training).
 
 Process 0 is the parameter server, every other process a bundle. The server publishes its
@@ -22,6 +23,8 @@ ENV_PROCESS_ID = "GORILA_PROCESS_ID"
 ENV_SERVER_PORT = "GORILA_SERVER_PORT"
 ENV_RUN_TOKEN = "GORILA_RUN_TOKEN"
 ENV_RESTARTED = "GORILA_RESTARTED"
+ENV_PORT_FILE = "GORILA_PORT_FILE"  # where the local server writes the port it bound
+ENV_LAUNCHER_PID = "GORILA_LAUNCHER_PID"
 KEY_ENDPOINT = "gorila/server_endpoint"
 KEY_TOKEN = "gorila/run_token"
 
@@ -61,11 +64,14 @@ def initialize(timeout_seconds: int = 120) -> ProcessInfo:
     # no longer reach launch.py's handler; the run stops through its own handler instead.
     jax.config.update("jax_enable_preemption_service", False)
     if launcher == "local":
+        coordinator = os.environ[ENV_COORDINATOR]
         jax.distributed.initialize(
-            coordinator_address=os.environ[ENV_COORDINATOR],
+            coordinator_address=coordinator,
             num_processes=int(os.environ[ENV_NUM_PROCESSES]),
             process_id=int(os.environ[ENV_PROCESS_ID]),
             initialization_timeout=timeout_seconds,
+            # jax's default binds the coordinator on every interface ([::]:port).
+            coordinator_bind_address=coordinator,
         )
     else:
         jax.distributed.initialize(initialization_timeout=timeout_seconds)

@@ -8,17 +8,22 @@
   `--workers` bundles on 127.0.0.1 (the same script, with GORILA_* variables), prefixes and
   forwards their output, stops all of them on Ctrl-C or SIGTERM, and when one dies
   unexpectedly stops the others and exits non-zero naming the process and its last error.
+  If the launcher itself dies (even by SIGKILL), every process it started stops and is
+  gone within `LAUNCHER_GONE_GRACE_SECONDS` plus a poll (`_die_with_launcher`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,8 +33,11 @@ from gorila_jax.checkpoint import CheckpointError
 from gorila_jax.config import Config, ConfigError, parse_cli, validate, write_resolved
 
 STOP_GRACE_SECONDS = 30.0
+LAUNCHER_GONE_GRACE_SECONDS = 15.0  # a child of a dead launcher exits this long after it
+LAUNCHER_POLL_SECONDS = 0.5
 EXIT_STOPPED = 143  # 128 + SIGTERM: a process that stopped because it was told to
 KEY_VALUE_TIMEOUT_SECONDS = 120.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def main(default: Config, *, description: str | None = None, args: list[str] | None = None) -> int:
@@ -74,6 +82,8 @@ def run_role(config: Config) -> int:
     launcher's environment instead.
     """
     stop = _stop_on_signals()
+    if distributed.ENV_LAUNCHER_PID in os.environ:
+        _die_with_launcher(int(os.environ[distributed.ENV_LAUNCHER_PID]), stop)
     if distributed.ENV_RESTARTED in os.environ:
         info = distributed.ProcessInfo(
             int(os.environ[distributed.ENV_PROCESS_ID]),
@@ -94,6 +104,32 @@ def run_role(config: Config) -> int:
     else:
         run_bundle(config, info, stop)
     return EXIT_STOPPED if stop.is_set() else 0
+
+
+def _die_with_launcher(launcher_pid: int, stop: threading.Event) -> None:
+    """In a process of the local launcher: stop when the launcher dies, and be gone
+    LAUNCHER_GONE_GRACE_SECONDS later whatever this process is waiting for.
+
+    The kernel sends SIGTERM (`_stop_on_signals`) the moment the launcher dies: the
+    parent-death signal, set here after exec (a `preexec_fn` runs between fork and exec,
+    where a lock held by another launcher thread can deadlock the child). A thread also
+    watches the parent pid, which catches a launcher that died before the signal was set,
+    then gives the process the grace to finish (the server's final checkpoint) and ends
+    it: a wait that does not look at `stop` (a rendezvous, a reply from a server that is
+    gone) cannot keep it alive.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # prctl is Linux only
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(LAUNCHER_POLL_SECONDS)
+        stop.set()
+        time.sleep(LAUNCHER_GONE_GRACE_SECONDS)
+        os._exit(EXIT_STOPPED)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _check_devices(config: Config) -> None:
@@ -120,7 +156,9 @@ def _rendezvous_server(endpoint: str, token: str) -> None:
 def _rendezvous_bundle() -> tuple[str, str]:
     """The server's endpoint and the run token (from the store, or the launcher's env)."""
     if distributed.ENV_RESTARTED in os.environ:
-        port = os.environ[distributed.ENV_SERVER_PORT]
+        port = os.environ.get(distributed.ENV_SERVER_PORT)
+        if not port:
+            raise ConfigError("restarted bundle: the server never said which port it bound")
         return f"tcp://127.0.0.1:{port}", os.environ[distributed.ENV_RUN_TOKEN]
     store = distributed.KeyValueStore()
     endpoint = store.get(distributed.KEY_ENDPOINT, KEY_VALUE_TIMEOUT_SECONDS)
@@ -157,6 +195,25 @@ def _server_host(info: distributed.ProcessInfo) -> str:
     return address
 
 
+def _count_params(network, example_obs) -> int:
+    """The network's parameter count, traced abstractly (starts no XLA backend, so it may
+    run before the process leaves jax.distributed)."""
+    import jax
+    import numpy as np
+
+    shapes = jax.eval_shape(lambda: network.init(jax.random.key(0), example_obs))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+
+
+def _publish_port(endpoint: str) -> None:
+    """Tell the local launcher the port the server bound (it restarts processes with it)."""
+    path = os.environ.get(distributed.ENV_PORT_FILE)
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(endpoint.rsplit(":", 1)[1])
+        tmp.replace(path)
+
+
 def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Event) -> None:
     """Process 0: hold the params, apply pushes, publish the address, answer until done."""
     import zmq
@@ -164,22 +221,24 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     from gorila_jax import transport
     from gorila_jax.checkpoint import Checkpointer, CheckpointError
     from gorila_jax.networks import make_network
-    from gorila_jax.parameter_server import ParameterServer
+    from gorila_jax.parameter_server import ParameterServer, max_message_bytes
     from gorila_jax.params_file import save_params
     from gorila_jax.single_process import init_params
 
     run_dir = Path(config.run_dir)
     token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()
+    # A first start binds a free port itself (no probing race); a restart takes it back.
     port = os.environ.get(distributed.ENV_SERVER_PORT, "0")
-    max_bytes = config.max_message_mb * 1024 * 1024
+    num_actions, example_obs = _probe_env(config, config.seed)
+    network = make_network(config, num_actions)
+    max_bytes = max_message_bytes(config, _count_params(network, example_obs))
     sock, endpoint = transport.make_server_socket(
         zmq.Context.instance(), f"tcp://{_server_host(info)}:{port}", max_bytes
     )
+    _publish_port(endpoint)
     # Bundles may connect now; their hellos wait in the socket until serve() starts.
     _rendezvous_server(endpoint, token)
     _check_devices(config)
-    num_actions, example_obs = _probe_env(config, config.seed)
-    network = make_network(config, num_actions)
     params = init_params(network, example_obs, config.seed)
     server = ParameterServer(
         config, params, num_workers=info.count - 1, token=token, run_dir=run_dir
@@ -228,6 +287,7 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     from gorila_jax.bundle import make_replay, run_actor_learner
     from gorila_jax.envs import make_env
     from gorila_jax.networks import make_network
+    from gorila_jax.parameter_server import max_message_bytes
     from gorila_jax.ps_client import RemoteLearner, ServerConnection
     from gorila_jax.replay_checkpoint import replay_saver, restore_replay
     from gorila_jax.single_process import init_params
@@ -245,14 +305,16 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         )
         network = make_network(config, env.num_actions)
         template = init_params(network, env.reset().obs, seed)
+        num_params = int(ravel_pytree(template)[0].size)
         connection = ServerConnection(
             endpoint,
             token=token,
             worker=worker,
             fingerprint=transport.tree_fingerprint(template),
-            num_params=int(ravel_pytree(template)[0].size),
-            max_bytes=config.max_message_mb * 1024 * 1024,
+            num_params=num_params,
+            max_bytes=max_message_bytes(config, num_params),
             timeout_seconds=config.server_timeout_seconds,
+            cancel=stop,  # a signal ends any wait for the server, the first hello's too
         )
         learner = RemoteLearner(
             config,
@@ -303,19 +365,11 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now (for the jax.distributed coordinator,
+    whose port every process must know before any starts; the server binds its own)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM if the launcher dies, so no process is left behind."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class Child:
@@ -333,7 +387,6 @@ class Child:
             text=True,
             bufsize=1,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         self._reader = threading.Thread(target=self._forward, daemon=True)
         self._reader.start()
@@ -381,17 +434,22 @@ def launch_local(config: Config, argv: list[str]) -> int:
 
     A process that dies unexpectedly (a signal, or an exit status other than 0 and 2) is
     restarted up to `config.max_restarts` times: a bundle rejoins the server, the server
-    resumes from its last checkpoint on the same port. Past that, or for a configuration
-    error (status 2), every process is stopped and the exit is non-zero.
+    resumes from its last checkpoint on the same port (the port its first start bound and
+    wrote into a file of this launcher's private temporary directory). Past that, or for
+    a configuration error (status 2), every process is stopped and the exit is non-zero.
     """
     from gorila_jax import transport
 
     count = config.workers + 1
+    private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
+    port_file = private / "server_port"
     environ = dict(os.environ)
     environ[distributed.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
     environ[distributed.ENV_NUM_PROCESSES] = str(count)
-    environ[distributed.ENV_SERVER_PORT] = str(free_port())
     environ[distributed.ENV_RUN_TOKEN] = transport.new_run_token()
+    environ[distributed.ENV_PORT_FILE] = str(port_file)
+    environ[distributed.ENV_LAUNCHER_PID] = str(os.getpid())
+    environ.pop(distributed.ENV_SERVER_PORT, None)
     environ["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
     print(
@@ -411,6 +469,8 @@ def launch_local(config: Config, argv: list[str]) -> int:
         child_environ = {**environ, distributed.ENV_PROCESS_ID: str(index)}
         if restarted:
             child_environ[distributed.ENV_RESTARTED] = "1"
+            if port_file.exists():
+                child_environ[distributed.ENV_SERVER_PORT] = port_file.read_text()
         return Child(name, command, child_environ)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -464,6 +524,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
                 child.process.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 __all__ = ["Child", "free_port", "launch_local", "main", "run_role", "stop_children"]

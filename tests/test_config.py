@@ -38,6 +38,7 @@ BAD_VALUES = [
     ("shard_factor", "1.5", "shard_factor"),
     ("env_id", "Pongg-v5", "env_id"),
     ("max_staleness", 0, "max_staleness"),
+    ("max_message_mb", -1, "max_message_mb"),
 ]
 
 

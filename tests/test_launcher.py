@@ -1,5 +1,7 @@
 """The local launcher: a server and bundles as real processes, and none left behind."""
 
+import contextlib
+import ipaddress
 import json
 import signal
 import subprocess
@@ -69,3 +71,115 @@ def test_ctrl_c_stops_every_process(tmp_path):
     assert launcher.returncode == 130
     assert "stopping" in err
     assert_all_gone(children)
+
+
+def gone_or_zombie(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def listening_ports(process: psutil.Process) -> set[int]:
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        connections = process.net_connections(kind="inet")
+        return {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+    return set()
+
+
+def describe(process: psutil.Process) -> str:
+    """Pid, index and state of a process, for a failure message."""
+    with contextlib.suppress(psutil.Error):
+        return f"{process.pid} (index {process_index(process)}, {process.status()})"
+    return str(process.pid)
+
+
+def freeze_the_server_after_the_rendezvous(launcher: subprocess.Popen) -> psutil.Process:
+    """SIGSTOP the server once the coordinator it hosts has closed (every process has the
+    server's address and left jax.distributed) and before it answers: the bundles wait for
+    a reply that will not come."""
+    deadline = time.monotonic() + 90
+    coordinator = None  # the first port the server listens on
+    while time.monotonic() < deadline and launcher.poll() is None:
+        server = next(
+            (p for p in psutil.Process(launcher.pid).children() if process_index(p) == 0), None
+        )
+        ports = set() if server is None else listening_ports(server)
+        if coordinator is None and ports:
+            coordinator = min(ports)  # (the zmq socket, if already bound, came later)
+        if coordinator is not None and ports and coordinator not in ports:
+            server.suspend()
+            return server
+        time.sleep(0.01)
+    raise AssertionError("did not see the server leave jax.distributed")
+
+
+@pytest.mark.parametrize("moment", ["starting", "training", "waiting_for_a_dead_server"])
+def test_every_process_is_gone_soon_after_the_launcher_is_killed(tmp_path, moment):
+    """SIGKILL to the launcher, whatever its processes are doing (joining the run, training,
+    waiting for a server that is gone): all of them are gone within 30 s."""
+    launcher = start_local_run(
+        tmp_path, "--total-frames", "10000000", "--learning-starts", "300",
+        "--server-timeout-seconds", "300", "--stats-every-seconds", "0.5",
+    )  # fmt: skip
+    processes = []
+    try:
+        if moment == "starting":
+            deadline = time.monotonic() + 60
+            while len(psutil.Process(launcher.pid).children()) < 3:
+                assert time.monotonic() < deadline and launcher.poll() is None
+                time.sleep(0.05)
+            time.sleep(1.0)  # joining jax.distributed
+            assert not (tmp_path / "ps.json").exists()
+        elif moment == "training":
+            wait_for_children(launcher, 3, tmp_path)
+            deadline = time.monotonic() + 120
+            while json.loads((tmp_path / "ps.json").read_text())["updates"] < 20:
+                assert time.monotonic() < deadline and launcher.poll() is None
+                time.sleep(0.25)
+        processes = psutil.Process(launcher.pid).children(recursive=True)
+        if moment == "waiting_for_a_dead_server":
+            server = freeze_the_server_after_the_rendezvous(launcher)
+            processes = psutil.Process(launcher.pid).children(recursive=True)
+            time.sleep(3.0)  # the bundles build their learners and say hello
+            server.kill()
+        launcher.kill()
+        launcher.wait()
+        killed = time.monotonic()
+        while not all(gone_or_zombie(p) for p in processes):
+            alive = [describe(p) for p in processes if not gone_or_zombie(p)]
+            assert time.monotonic() - killed < 30, f"still running 30 s later: {alive}"
+            time.sleep(0.2)
+    finally:
+        for process in processes:  # orphans are no longer the test's children
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+
+def test_every_socket_of_a_local_run_listens_on_loopback_only(tmp_path):
+    """The jax.distributed coordinator (while the processes join) and the server's socket."""
+    launcher = start_local_run(tmp_path, "--total-frames", "10000000")
+    listening: set[tuple[str, int]] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "ps.json").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None
+            for child in psutil.Process(launcher.pid).children():
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    for connection in child.net_connections(kind="inet"):
+                        if connection.status == psutil.CONN_LISTEN:
+                            listening.add((connection.laddr.ip, connection.laddr.port))
+            time.sleep(0.02)
+        address = json.loads((tmp_path / "ps.json").read_text())["address"]
+        server_port = int(address.rsplit(":", 1)[1])
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.communicate(timeout=60)
+    ports = {port for _, port in listening}
+    assert server_port in ports and len(ports) >= 2, listening  # the coordinator was seen
+    assert all(is_loopback(ip) for ip, _ in listening), listening
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback

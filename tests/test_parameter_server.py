@@ -27,7 +27,12 @@ from gorila_jax.checkpoint import Checkpointer
 from gorila_jax.config import Config
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
-from gorila_jax.parameter_server import OutlierFilter, ParameterServer, staleness_bin
+from gorila_jax.parameter_server import (
+    OutlierFilter,
+    ParameterServer,
+    max_message_bytes,
+    staleness_bin,
+)
 from gorila_jax.ps_client import ServerConnection
 
 TOKEN = transport.new_run_token()
@@ -943,6 +948,22 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
     assert len(saved) >= 4, f"checkpoints during the flood: {sorted(saved)}"
     assert checkpointer.versions()[-1] == server.version == version  # the final one
     checkpointer.close()
+
+
+def test_the_default_message_limit_is_sized_from_the_model():
+    server = make_server(max_message_mb=0)  # the default
+    largest = NUM_PARAMS * 4 + transport.MAX_HEADER_BYTES  # params and a header
+    assert largest < server.max_bytes <= largest + transport.MAX_HEADER_BYTES
+    assert Config().max_message_mb == 0
+    nature = max_message_bytes(Config(), 1_686_180)  # the Nature CNN for Pong
+    assert 6.7e6 < nature < 6.9e6  # not 256 MiB
+    assert max_message_bytes(make_config(max_message_mb=3), NUM_PARAMS) == 3 * 1024 * 1024
+    worker = Worker(server, 0)
+    worker.hello()
+    expect_ack(worker.push(random_grad(1), base_version=0), accepted=True)
+    too_big = push_frames(worker)
+    too_big[1] = bytes(server.max_bytes)  # frame by frame: refused before it is decoded
+    assert raw_header(server.handle(too_big))["reason"] == "oversized"
 
 
 def test_a_message_of_many_frames_is_refused_as_it_is_received(tmp_path):
