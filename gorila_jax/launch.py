@@ -322,7 +322,6 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
             template,
             connection,
             num_workers=num_workers,
-            replay=replay,
             stop_event=stop,
         )
         import jax

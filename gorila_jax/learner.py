@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -119,10 +120,8 @@ def shardings(mesh: Mesh) -> Shardings:
 def make_grad_step(
     network: nn.Module, *, double_dqn: bool, huber_delta: float, mesh: Mesh
 ) -> Callable:
-    """Jitted grad_step(params, target_params, batch, weights) -> (grads, StepMetrics).
-
-    Used by bundles, which push the gradients to the parameter server.
-    """
+    """Jitted grad_step(params, target_params, batch, weights) -> (grads, StepMetrics),
+    the pytree gradient (benchmarks and tests; bundles push `make_flat_grad_step`'s)."""
     loss_fn = make_loss_fn(network, double_dqn=double_dqn, huber_delta=huber_delta)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     where = shardings(mesh)
@@ -133,6 +132,37 @@ def make_grad_step(
         grad_fn,
         in_shardings=(where.replicated, where.replicated, where.batch, where.batch),
         out_shardings=(where.replicated, metrics_sharding),
+    )
+
+
+def make_flat_grad_step(
+    network: nn.Module,
+    *,
+    double_dqn: bool,
+    huber_delta: float,
+    mesh: Mesh,
+    owned: np.ndarray | None = None,
+) -> Callable:
+    """Jitted flat_grad_step(params, target, batch, weights) -> (flat gradient, StepMetrics).
+
+    The gradient a Gorila bundle pushes: the pytree gradient of `make_grad_step` raveled
+    into one float32 vector (`ravel_pytree` order, the server's layout) and, under gradient
+    sharding, restricted to the `owned` flat indices. Replicated over the mesh, like params.
+    """
+    loss_fn = make_loss_fn(network, double_dqn=double_dqn, huber_delta=huber_delta)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    owned_indices = None if owned is None else jnp.asarray(owned)
+
+    def flat_grad_step(params, target_params, batch, weights):
+        grads, metrics = grad_fn(params, target_params, batch, weights)
+        flat, _ = ravel_pytree(grads)
+        return (flat if owned_indices is None else flat[owned_indices]), metrics
+
+    where = shardings(mesh)
+    return jax.jit(
+        flat_grad_step,
+        in_shardings=(where.replicated, where.replicated, where.batch, where.batch),
+        out_shardings=where.replicated,
     )
 
 

@@ -1,10 +1,11 @@
 """The parameter server: holds the Q-network, applies pushed gradients, answers pulls.
 
-State: the parameters as one flat float32 vector (`ravel_pytree` order), the optax state of
-the optimizer the config names (DC-ASGD chained in front when configured), and `version`,
-the number of updates applied. Each accepted push is applied by one jitted function; a
-partial push (gradient sharding) updates only the owned elements of the parameters and of
-every element-wise optimizer statistic.
+State: a `ShardState` (`gorila_jax.shard_state`): the parameters as one flat float32 vector
+(`ravel_pytree` order), the optax state of the optimizer the config names (DC-ASGD chained
+in front when configured), and `version`, the number of updates applied. Each accepted push
+goes through the shard state's pure jitted apply; a partial push (gradient sharding)
+updates only the owned elements of the parameters and of every element-wise optimizer
+statistic. This class is the stateful shell around it: validation, safeguards, counters.
 
 The paper's safeguards, each counted in the statistics:
 - "stale": the gradient was computed on params more than `max_staleness` versions old;
@@ -47,6 +48,7 @@ from gorila_jax.checkpoint import run_meta
 from gorila_jax.config import Config, dc_asgd_lambda
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
+from gorila_jax.shard_state import init_shard_state, make_apply
 
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 OUTLIER_WINDOW = 512  # recent push losses the outlier filter judges against
@@ -125,78 +127,6 @@ def make_server_optimizer(config: Config) -> optax.GradientTransformationExtraAr
     )
 
 
-def make_apply_fns(
-    tx: optax.GradientTransformationExtraArgs, num_params: int, *, compensated: bool
-):
-    """Jitted full and partial applies over the flat parameter vector.
-
-    compensated (DC-ASGD):
-        apply_full(params, opt_state, grads, stale) -> (params, opt_state, finite)
-        apply_part(params, opt_state, indices, grads_part, stale) -> (params, opt_state, finite)
-    otherwise the same without `stale`, and params and optimizer state are donated (updated
-    in place: no 6.7 MB allocation per push for the Nature CNN). With DC-ASGD they are not
-    donated, because the server keeps references to params it sent for use as `stale`.
-    The partial apply gathers the owned elements of params, stale and every (num_params,)
-    optimizer leaf, updates them and scatters them back; scalar leaves (adam's count) advance.
-    `finite` is False when the update would have left a NaN or an infinity in the params or
-    the optimizer state; then the returned params and state are the ones passed in.
-    """
-
-    def is_elementwise(leaf) -> bool:
-        return getattr(leaf, "shape", None) == (num_params,)
-
-    def apply_full(params, opt_state, grads, stale):
-        updates, opt_state = tx.update(grads, opt_state, params, stale_params=stale)
-        return optax.apply_updates(params, updates), opt_state
-
-    def apply_part(params, opt_state, indices, grads_part, stale):
-        owned = params[indices]
-        owned_state = jax.tree.map(lambda x: x[indices] if is_elementwise(x) else x, opt_state)
-        updates, new_owned_state = tx.update(
-            grads_part, owned_state, owned, stale_params=stale[indices]
-        )
-        params = params.at[indices].set(owned + updates)
-        opt_state = jax.tree.map(
-            lambda full, new: full.at[indices].set(new) if is_elementwise(full) else new,
-            opt_state,
-            new_owned_state,
-        )
-        return params, opt_state
-
-    def guarded(apply):
-        def apply_or_keep(params, opt_state, *args):
-            new_params, new_state = apply(params, opt_state, *args)
-            floating = [
-                leaf
-                for leaf in jax.tree.leaves((new_params, new_state))
-                if jnp.issubdtype(leaf.dtype, jnp.inexact)
-            ]
-            finite = jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in floating]))
-            keep = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
-                (new_params, new_state),
-                (params, opt_state),
-            )
-            return *keep, finite
-
-        return apply_or_keep
-
-    apply_full, apply_part = guarded(apply_full), guarded(apply_part)
-    if compensated:
-        return jax.jit(apply_full), jax.jit(apply_part)
-
-    def apply_full_plain(params, opt_state, grads):
-        return apply_full(params, opt_state, grads, params)
-
-    def apply_part_plain(params, opt_state, indices, grads_part):
-        return apply_part(params, opt_state, indices, grads_part, params)
-
-    return (
-        jax.jit(apply_full_plain, donate_argnums=(0, 1)),
-        jax.jit(apply_part_plain, donate_argnums=(0, 1)),
-    )
-
-
 class ParameterServer:
     """Server state and message handling (sockets are in `serve`), testable without a network."""
 
@@ -218,13 +148,9 @@ class ParameterServer:
         flat, self.unravel = ravel_pytree(params_tree)
         self.num_params = int(flat.size)
         self.fingerprint = transport.tree_fingerprint(params_tree)
-        self.params = jnp.asarray(flat, jnp.float32)
         self.tx = make_server_optimizer(config)
-        self.opt_state = self.tx.init(self.params)
-        self.version = 0
-        self._apply_full, self._apply_part = make_apply_fns(
-            self.tx, self.num_params, compensated=config.dc_asgd != "off"
-        )
+        self.state = init_shard_state(self.tx, flat)
+        self._apply = make_apply(self.tx, self.num_params, compensated=config.dc_asgd != "off")
         self.shards = {
             w: shard_indices(self.num_params, num_workers, w, config.shard_factor, config.seed)
             for w in range(num_workers)
@@ -264,6 +190,33 @@ class ParameterServer:
         }
 
     # ---- state ---------------------------------------------------------------------------
+
+    @property
+    def params(self) -> jax.Array:
+        """The flat params (the shard state's)."""
+        return self.state.params
+
+    @params.setter
+    def params(self, value) -> None:
+        self.state = self.state._replace(params=jnp.asarray(value, jnp.float32))
+
+    @property
+    def opt_state(self) -> Any:
+        """The optimizer state (the shard state's)."""
+        return self.state.opt_state
+
+    @opt_state.setter
+    def opt_state(self, value) -> None:
+        self.state = self.state._replace(opt_state=value)
+
+    @property
+    def version(self) -> int:
+        """Updates applied so far (the shard state's)."""
+        return self.state.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self.state = self.state._replace(version=int(value))
 
     def params_tree(self) -> Any:
         """The current params as the network's pytree."""
@@ -445,19 +398,10 @@ class ParameterServer:
         indices = self._device_shards[worker]
         # device_put uses an aligned host buffer in place, where jnp.asarray would copy it.
         grads = jax.device_put(np.asarray(grads, np.float32))
-        extra = (stale,) if self.uses_dc_asgd else ()
-        if indices is None:
-            self.params, self.opt_state, finite = self._apply_full(
-                self.params, self.opt_state, grads, *extra
-            )
-        else:
-            self.params, self.opt_state, finite = self._apply_part(
-                self.params, self.opt_state, indices, grads, *extra
-            )
-        if not bool(finite):
-            return False
-        self.version += 1
-        return True
+        self.state, finite = self._apply(
+            self.state, grads, indices, stale if self.uses_dc_asgd else None
+        )
+        return finite
 
     # ---- statistics ----------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from jax.flatten_util import ravel_pytree
 from gorila_jax import transport
 from gorila_jax.config import Config
 from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.learner import local_mesh, make_loss_fn, shardings
+from gorila_jax.learner import local_mesh, make_flat_grad_step, shardings
 from gorila_jax.replay import Sample
 
 PUSH_QUEUE = 2
@@ -234,25 +234,6 @@ class ServerConnection:
         self._socket.close(linger=0)
 
 
-def make_flat_grad_step(network, config: Config, mesh, indices: np.ndarray | None):
-    """Jitted step -> (flat gradient of this bundle's shard, metrics), over the local mesh."""
-    loss_fn = make_loss_fn(network, double_dqn=config.double_dqn, huber_delta=config.huber_delta)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-    owned = None if indices is None else jnp.asarray(indices)
-
-    def flat_grad_step(params, target_params, batch, weights):
-        grads, metrics = grad_fn(params, target_params, batch, weights)
-        flat, _ = ravel_pytree(grads)
-        return (flat if owned is None else flat[owned]), metrics
-
-    where = shardings(mesh)
-    return jax.jit(
-        flat_grad_step,
-        in_shardings=(where.replicated, where.replicated, where.batch, where.batch),
-        out_shardings=where.replicated,
-    )
-
-
 class RemoteLearner:
     """The Updater of a Gorila bundle: gradients go to the server, params come back."""
 
@@ -264,12 +245,10 @@ class RemoteLearner:
         connection: ServerConnection,
         *,
         num_workers: int,
-        replay=None,
         stop_event: threading.Event | None = None,
     ):
         self.config = config
         self.connection = connection
-        self.replay = replay
         self._stop = stop_event or threading.Event()
         _, self._unravel = ravel_pytree(params_template)
         mesh = local_mesh()
@@ -287,7 +266,13 @@ class RemoteLearner:
             raise ServerError(
                 "the server's gradient shard differs from this bundle's; same config?"
             )
-        self._grad_step = make_flat_grad_step(network, config, mesh, self._indices)
+        self._grad_step = make_flat_grad_step(
+            network,
+            double_dqn=config.double_dqn,
+            huber_delta=config.huber_delta,
+            mesh=mesh,
+            owned=self._indices,
+        )
         self.params = self._to_device(flat)
         self.target_params = self.params
         self.params_version = version
@@ -356,8 +341,6 @@ class RemoteLearner:
         self.updates += 1
         if self.updates % self.config.sync_every == 0:
             self._pull_wanted.set()
-        if self.replay is not None and self.config.prioritized:
-            self.replay.update_priorities(sample.indices, np.asarray(metrics.td_errors))
         return metrics
 
     def should_stop(self) -> bool:

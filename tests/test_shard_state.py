@@ -44,10 +44,10 @@ def test_three_shards_apply_exactly_what_one_server_applies(name, dc_asgd):
     for step in range(6):
         grads = clipped(rng.normal(size=NUM_PARAMS).astype(np.float32) * 5, max_norm=10.0)
         stale = history[max(0, step - 2)]  # computed on params 2 versions old
-        whole = whole_apply(whole, jnp.asarray(grads), stale=stale if compensated else None)
+        whole, _ = whole_apply(whole, jnp.asarray(grads), stale=stale if compensated else None)
         for k in range(3):
             part_stale = layout.split(stale)[k] if compensated else None
-            shards[k] = shard_applies[k](
+            shards[k], _ = shard_applies[k](
                 shards[k], jnp.asarray(layout.split(grads)[k]), stale=part_stale
             )
         history.append(np.asarray(whole.params))
@@ -69,9 +69,9 @@ def test_partial_pushes_update_only_owned_elements_and_match_across_shards():
     applies = [make_apply(tx, layout.size(k), compensated=False) for k in range(3)]
     for _ in range(3):
         grads = rng.normal(size=owned.size).astype(np.float32)
-        whole = whole_apply(whole, jnp.asarray(grads), jnp.asarray(owned))
+        whole, _ = whole_apply(whole, jnp.asarray(grads), jnp.asarray(owned))
         for k, (positions, local) in enumerate(layout.split_indices(owned)):
-            shards[k] = applies[k](shards[k], jnp.asarray(grads[positions]), jnp.asarray(local))
+            shards[k], _ = applies[k](shards[k], jnp.asarray(grads[positions]), jnp.asarray(local))
     params = np.asarray(whole.params)
     untouched = np.setdiff1d(np.arange(NUM_PARAMS), owned)
     np.testing.assert_array_equal(params[untouched], start[untouched])
@@ -86,9 +86,14 @@ def test_apply_is_a_function_of_its_inputs():
     apply = make_apply(tx, 8, compensated=True)
     state = init_shard_state(tx, np.ones(8, np.float32))
     grads = jnp.arange(8.0)
-    first, second = apply(state, grads, stale=state.params), apply(state, grads, stale=state.params)
+    first, finite = apply(state, grads, stale=state.params)
+    second, _ = apply(state, grads, stale=state.params)
     chex.assert_trees_all_equal(first, second)
-    assert isinstance(first, ShardState) and first.version == 1 and state.version == 0
+    assert finite and isinstance(first, ShardState) and first.version == 1
+    assert state.version == 0
+    kept, finite = apply(first, grads.at[2].set(jnp.nan), stale=first.params)
+    assert not finite and kept.version == 1  # a NaN update is undone in the same program
+    chex.assert_trees_all_equal(kept.params, first.params)
     with pytest.raises(ValueError, match="stale"):
         apply(state, grads)
     assert jax.tree.structure(first.opt_state) == jax.tree.structure(state.opt_state)
