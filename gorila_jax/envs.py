@@ -12,11 +12,25 @@ from the training signal: unclipped rewards, summed over all lives of an Atari g
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from gorila_jax.config import CARTPOLE_IDS, Config, is_atari
+if TYPE_CHECKING:  # config imports this module for the environment ids
+    from gorila_jax.config import Config
+
+CARTPOLE_IDS = ("CartPole-v1", "CartPole-v0")
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether the id names an Atari game (run through envpool) rather than CartPole."""
+    return env_id not in CARTPOLE_IDS
+
+
+def stack_size(env_id: str) -> int:
+    """Observations stacked per state: 4 Atari frames, 1 CartPole vector."""
+    return ATARI_STACK if is_atari(env_id) else 1
+
 
 ATARI_FRAME_SKIP = 4
 ATARI_STACK = 4

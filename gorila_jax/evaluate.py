@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import tyro
 
-from gorila_jax.config import Config, ConfigError, is_atari, load_yaml, validate
+from gorila_jax.config import Config, ConfigError, load_yaml, validate
+from gorila_jax.envs import is_atari
 from gorila_jax.files import write_atomically
 from gorila_jax.params_file import ParamsError, load_params
 from gorila_jax.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gorila_jax.config import Config, is_atari
+from gorila_jax.config import Config
+from gorila_jax.envs import is_atari
 
 
 class QHead(nn.Module):

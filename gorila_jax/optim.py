@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("adam", "rmsprop", "sgd", "adagrad")
+from gorila_jax.config import OPTIMIZERS as OPTIMIZER_NAMES
+from gorila_jax.config import Config, dc_asgd_lambda
+
 """Base optimizer names accepted by `make_optimizer`."""
 
 RMSPROP_DECAY = 0.95
@@ -242,3 +244,18 @@ def make_optimizer(
     # optax.chain wraps every member with optax.with_extra_args_support, so members that do not
     # take extra keywords (clip_by_global_norm) simply never see `stale_params`.
     return optax.chain(*transforms)
+
+
+def config_optimizer(config: Config, *, server: bool) -> optax.GradientTransformationExtraArgs:
+    """The optimizer a run's config names, the one factory for the server and the single
+    process: clipping when configured, then (on the server only, where gradients arrive
+    late) DC-ASGD when configured, then the base optimizer."""
+    compensate = server and config.dc_asgd != "off"
+    return make_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        eps=config.optimizer_eps,
+        max_grad_norm=config.max_grad_norm or None,
+        dc_asgd_lambda=dc_asgd_lambda(config) if compensate else None,
+        dc_asgd_adaptive=config.dc_asgd == "adaptive",
+    )

@@ -39,15 +39,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import zmq
 from jax.flatten_util import ravel_pytree
 
 from gorila_jax import transport
 from gorila_jax.checkpoint import run_meta
-from gorila_jax.config import Config, dc_asgd_lambda
+from gorila_jax.config import Config
+from gorila_jax.files import write_atomically
 from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.optim import make_optimizer
+from gorila_jax.optim import config_optimizer
 from gorila_jax.shard_state import init_shard_state, make_apply
 
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -115,18 +115,6 @@ class OutlierFilter:
             self.count = int(state.get("count", len(losses)))
 
 
-def make_server_optimizer(config: Config) -> optax.GradientTransformationExtraArgs:
-    """The server's optax chain: clipping, DC-ASGD when configured, then the optimizer."""
-    return make_optimizer(
-        config.optimizer,
-        config.learning_rate,
-        eps=config.optimizer_eps,
-        max_grad_norm=config.max_grad_norm or None,
-        dc_asgd_lambda=dc_asgd_lambda(config),
-        dc_asgd_adaptive=config.dc_asgd == "adaptive",
-    )
-
-
 class ParameterServer:
     """Server state and message handling (sockets are in `serve`), testable without a network."""
 
@@ -148,7 +136,7 @@ class ParameterServer:
         flat, self.unravel = ravel_pytree(params_tree)
         self.num_params = int(flat.size)
         self.fingerprint = transport.tree_fingerprint(params_tree)
-        self.tx = make_server_optimizer(config)
+        self.tx = config_optimizer(config, server=True)
         self.state = init_shard_state(self.tx, flat)
         self._apply = make_apply(self.tx, self.num_params, compensated=config.dc_asgd != "off")
         self.shards = {
@@ -437,10 +425,8 @@ class ParameterServer:
         if self.run_dir is None:
             return
         stats = self.stats()
-        path = self.run_dir / "ps.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"address": address, **stats}, indent=1))
-        tmp.replace(path)
+        text = json.dumps({"address": address, **stats}, indent=1)
+        write_atomically(self.run_dir / "ps.json", text)
         if self._tensorboard is None:
             from gorila_jax.metrics import open_tensorboard
 

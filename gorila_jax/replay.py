@@ -144,7 +144,7 @@ class Replay:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if num_actions < 1:
             raise ValueError(f"num_actions must be >= 1, got {num_actions}")
-        min_capacity = num_envs * (stack_size + n_step + 1)
+        min_capacity = self.min_capacity(num_envs, stack_size, n_step)
         if capacity < min_capacity:
             raise ValueError(
                 f"replay capacity {capacity} is too small: it must be at least "
@@ -180,6 +180,12 @@ class Replay:
         self._stack_positions = np.arange(self.stack_size, dtype=np.int64)
 
     # ----------------------------------------------------------------------------------- sizing
+
+    @staticmethod
+    def min_capacity(num_envs: int, stack_size: int, n_step: int) -> int:
+        """The smallest capacity that can hold one whole transition per env: a stack's
+        history, the n-step lookahead and the slot being written."""
+        return num_envs * (stack_size + n_step + 1)
 
     @staticmethod
     def bytes_needed(

@@ -20,20 +20,10 @@ from gorila_jax.config import Config, validate, write_resolved
 from gorila_jax.envs import make_env
 from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
 from gorila_jax.networks import make_network
-from gorila_jax.optim import make_optimizer
+from gorila_jax.optim import config_optimizer
 from gorila_jax.params_file import save_params
 from gorila_jax.replay import Sample
 from gorila_jax.replay_checkpoint import replay_saver, restore_replay
-
-
-def make_config_optimizer(config: Config):
-    """The optax optimizer the config names, with gradient clipping when configured."""
-    return make_optimizer(
-        config.optimizer,
-        config.learning_rate,
-        eps=config.optimizer_eps,
-        max_grad_norm=config.max_grad_norm or None,
-    )
 
 
 def init_params(network, example_obs: np.ndarray, seed: int) -> Any:
@@ -49,7 +39,7 @@ class LocalLearner:
         mesh = local_mesh()
         self._where = shardings(mesh)
         self.params_sharding = self._where.replicated
-        optimizer = make_config_optimizer(config)
+        optimizer = config_optimizer(config, server=False)
         self.params = jax.device_put(params, self._where.replicated)
         self.target_params = copy_params(self.params)
         self.opt_state = jax.device_put(optimizer.init(self.params), self._where.replicated)

@@ -256,7 +256,7 @@ def test_evaluate_refuses_params_of_another_network(tmp_path, cartpole_run, caps
     main = load_script("evaluate.py").main
     assert main([str(cartpole_run), "--params", str(params), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert err.count("\n") == 1 and err.startswith("error: "), err
     assert "does not fit" in err and "MLP (128, 128)" in err
     assert not (tmp_path / "evaluation.json").exists()
 
