@@ -8,8 +8,9 @@ Every process of a run calls `initialize()` once, before any other JAX call:
 - otherwise the process is alone (single-process training).
 
 Process 0 is the parameter server, every other process a bundle. The server publishes its
-address and the run token through jax.distributed's key-value store; this module is the
-only place that touches that (private) JAX API.
+address and the run token through jax.distributed's key-value store (and, with
+`--wire-security curve`, every process its CURVE public key; secret keys never leave the
+process that made them); this module is the only place that touches that (private) JAX API.
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ ENV_RUN_TOKEN = "GORILA_RUN_TOKEN"
 ENV_RESTARTED = "GORILA_RESTARTED"
 ENV_PORT_FILE = "GORILA_PORT_FILE"  # where the local server writes the port it bound
 ENV_LAUNCHER_PID = "GORILA_LAUNCHER_PID"
+# --wire-security curve under the local launcher: this process's CURVE key pair, the
+# server's public key (bundles) and the bundles' public keys, comma-separated (server).
+ENV_CURVE_PUBLIC = "GORILA_CURVE_PUBLIC"
+ENV_CURVE_SECRET = "GORILA_CURVE_SECRET"
+ENV_CURVE_SERVER = "GORILA_CURVE_SERVER"
+ENV_CURVE_CLIENTS = "GORILA_CURVE_CLIENTS"
 KEY_ENDPOINT = "gorila/server_endpoint"
 KEY_TOKEN = "gorila/run_token"
+KEY_SERVER_CURVE = "gorila/curve/server"  # the server's CURVE public key
+KEY_BUNDLE_CURVE = "gorila/curve/bundle"  # + the process index: a bundle's public key
 
 
 class ProcessInfo(NamedTuple):

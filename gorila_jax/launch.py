@@ -139,32 +139,64 @@ def _check_devices(config: Config) -> None:
     validate(config, local_device_count=jax.local_device_count())
 
 
-def _rendezvous_server(endpoint: str, token: str) -> None:
-    """Publish the server's address and token, then leave jax.distributed.
+def _rendezvous_server(
+    endpoint: str, token: str, curve_public: bytes | None, num_bundles: int
+) -> list[bytes]:
+    """Publish the server's address and token (and CURVE public key), collect the bundles'
+    CURVE public keys (with `curve_public`), then leave jax.distributed; the keys.
 
     Leaving means processes live and die independently afterwards: jax's health check
     would otherwise take every process down with any one of them.
     """
     if distributed.ENV_RESTARTED in os.environ:
-        return
+        return []
     store = distributed.KeyValueStore()
     store.set(distributed.KEY_ENDPOINT, endpoint)
     store.set(distributed.KEY_TOKEN, token)
+    keys = []
+    if curve_public is not None:
+        store.set(distributed.KEY_SERVER_CURVE, curve_public.decode())
+        for index in range(1, num_bundles + 1):
+            key = store.get(f"{distributed.KEY_BUNDLE_CURVE}{index}", KEY_VALUE_TIMEOUT_SECONDS)
+            keys.append(key.encode())
     distributed.shutdown()
+    return keys
 
 
-def _rendezvous_bundle() -> tuple[str, str]:
-    """The server's endpoint and the run token (from the store, or the launcher's env)."""
+def _rendezvous_bundle(index: int, curve_public: bytes | None) -> tuple[str, str, bytes | None]:
+    """The server's endpoint, the run token and, when this bundle has a CURVE public key
+    (published here), the server's (from the store, or the launcher's env)."""
     if distributed.ENV_RESTARTED in os.environ:
         port = os.environ.get(distributed.ENV_SERVER_PORT)
         if not port:
             raise ConfigError("restarted bundle: the server never said which port it bound")
-        return f"tcp://127.0.0.1:{port}", os.environ[distributed.ENV_RUN_TOKEN]
+        server_key = os.environ.get(distributed.ENV_CURVE_SERVER)
+        return (
+            f"tcp://127.0.0.1:{port}",
+            os.environ[distributed.ENV_RUN_TOKEN],
+            server_key.encode() if curve_public is not None and server_key else None,
+        )
     store = distributed.KeyValueStore()
+    server_key = None
+    if curve_public is not None:
+        store.set(f"{distributed.KEY_BUNDLE_CURVE}{index}", curve_public.decode())
+        server_key = store.get(distributed.KEY_SERVER_CURVE, KEY_VALUE_TIMEOUT_SECONDS).encode()
     endpoint = store.get(distributed.KEY_ENDPOINT, KEY_VALUE_TIMEOUT_SECONDS)
     token = store.get(distributed.KEY_TOKEN, KEY_VALUE_TIMEOUT_SECONDS)
     distributed.shutdown()
-    return endpoint, token
+    return endpoint, token, server_key
+
+
+def _own_curve_keys() -> tuple[bytes, bytes]:
+    """This process's CURVE key pair: the local launcher's (it restarts processes with
+    the same keys), or a new one."""
+    import zmq
+
+    public = os.environ.get(distributed.ENV_CURVE_PUBLIC)
+    secret = os.environ.get(distributed.ENV_CURVE_SECRET)
+    if public and secret:
+        return public.encode(), secret.encode()
+    return zmq.curve_keypair()
 
 
 def _probe_env(config: Config, seed: int):
@@ -232,12 +264,20 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     num_actions, example_obs = _probe_env(config, config.seed)
     network = make_network(config, num_actions)
     max_bytes = max_message_bytes(config, _count_params(network, example_obs))
+    context = zmq.Context.instance()
+    curve, authenticator, clients = None, None, set()
+    if config.wire_security == "curve":
+        curve = transport.ServerCurve(*_own_curve_keys())
+        clients.update(k.encode() for k in _env_list(distributed.ENV_CURVE_CLIENTS))
+        authenticator = transport.start_curve_authenticator(context, clients)
     sock, endpoint = transport.make_server_socket(
-        zmq.Context.instance(), f"tcp://{_server_host(info)}:{port}", max_bytes
+        context, f"tcp://{_server_host(info)}:{port}", max_bytes, curve=curve
     )
     _publish_port(endpoint)
-    # Bundles may connect now; their hellos wait in the socket until serve() starts.
-    _rendezvous_server(endpoint, token)
+    # Bundles may connect now; their hellos wait in the socket until serve() starts (with
+    # CURVE, they connect once the rendezvous has given this server their keys).
+    public = None if curve is None else curve.public
+    clients.update(_rendezvous_server(endpoint, token, public, info.count - 1))
     _check_devices(config)
     params = init_params(network, example_obs, config.seed)
     server = ParameterServer(
@@ -268,6 +308,8 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         server.serve(sock, endpoint, stop.is_set, checkpointer=checkpointer)
     finally:
         sock.close(linger=2000)  # let the last stop ack leave before closing
+        if authenticator is not None:
+            authenticator.stop()
         if checkpointer is not None:
             checkpointer.close()
     save_params(server.params_tree(), run_dir / "params.msgpack")
@@ -295,7 +337,11 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     num_workers = info.count - 1
     worker = info.index - 1
     seed = config.seed + info.index + 1000 * int(distributed.ENV_RESTARTED in os.environ)
-    endpoint, token = _rendezvous_bundle()
+    own_curve = _own_curve_keys() if config.wire_security == "curve" else None
+    endpoint, token, server_key = _rendezvous_bundle(
+        info.index, None if own_curve is None else own_curve[0]
+    )
+    curve = None if own_curve is None else transport.ClientCurve(*own_curve, server_key)
     _check_devices(config)
     env = make_env(config, seed=seed, training=True)
     try:
@@ -315,6 +361,7 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
             max_bytes=max_message_bytes(config, num_params),
             timeout_seconds=config.server_timeout_seconds,
             cancel=stop,  # a signal ends any wait for the server, the first hello's too
+            curve=curve,
         )
         learner = RemoteLearner(
             config,
@@ -411,6 +458,29 @@ class Child:
         self._reader.join(timeout=5)
 
 
+def _env_list(name: str) -> list[str]:
+    """A comma-separated environment variable as a list (empty when unset)."""
+    return [item for item in os.environ.get(name, "").split(",") if item]
+
+
+def _launcher_curve_keys(count: int) -> dict[int, dict[str, str]]:
+    """The CURVE environment of each process index: its key pair, and the server's public
+    key (bundles) or every bundle's (server). Made once, so restarts reuse them."""
+    import zmq
+
+    pairs = [tuple(key.decode() for key in zmq.curve_keypair()) for _ in range(count)]
+    server_public = pairs[0][0]
+    environs = {}
+    for index, (public, secret) in enumerate(pairs):
+        own = {distributed.ENV_CURVE_PUBLIC: public, distributed.ENV_CURVE_SECRET: secret}
+        if index == 0:
+            own[distributed.ENV_CURVE_CLIENTS] = ",".join(pair[0] for pair in pairs[1:])
+        else:
+            own[distributed.ENV_CURVE_SERVER] = server_public
+        environs[index] = own
+    return environs
+
+
 def stop_children(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
     """SIGTERM every live child, wait up to `grace` seconds, then SIGKILL what is left."""
     for child in children:
@@ -450,6 +520,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
     environ[distributed.ENV_LAUNCHER_PID] = str(os.getpid())
     environ.pop(distributed.ENV_SERVER_PORT, None)
     environ["PYTHONUNBUFFERED"] = "1"
+    curve_keys = _launcher_curve_keys(count) if config.wire_security == "curve" else {}
     command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
     print(
         f"local run: 1 parameter server + {config.workers} bundle(s) on 127.0.0.1, "
@@ -465,7 +536,11 @@ def launch_local(config: Config, argv: list[str]) -> int:
 
     def start(index: int, restarted: bool) -> Child:
         name = "server" if index == 0 else f"bundle {index}"
-        child_environ = {**environ, distributed.ENV_PROCESS_ID: str(index)}
+        child_environ = {
+            **environ,
+            distributed.ENV_PROCESS_ID: str(index),
+            **curve_keys.get(index, {}),
+        }
         if restarted:
             child_environ[distributed.ENV_RESTARTED] = "1"
             if port_file.exists():

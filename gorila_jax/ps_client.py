@@ -49,7 +49,8 @@ class ServerConnection:
 
     Sequence numbers start at the wall clock in nanoseconds, so a restarted bundle numbers
     its requests above everything its earlier life sent (the server refuses any number it
-    has seen). The socket lets the server assign its routing id. One thread at a time
+    has seen). The socket lets the server assign its routing id; with `curve` keys it is
+    encrypted and speaks only to the server holding that key. One thread at a time
     may use a connection; the tables of pending requests and early replies are guarded all
     the same.
     """
@@ -65,6 +66,7 @@ class ServerConnection:
         max_bytes: int,
         timeout_seconds: float,
         cancel: threading.Event | None = None,
+        curve: transport.ClientCurve | None = None,
     ):
         self.token = token
         self.worker = worker
@@ -75,6 +77,7 @@ class ServerConnection:
         self.seq = time.time_ns()
         self.cancel = cancel or threading.Event()
         self.endpoint = endpoint
+        self.curve = curve
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[str, float]] = {}
         self._replies: dict[int, transport.Message] = {}
@@ -82,7 +85,7 @@ class ServerConnection:
 
     def _connect(self) -> None:
         self._socket = transport.make_client_socket(
-            zmq.Context.instance(), self.endpoint, None, self.max_bytes
+            zmq.Context.instance(), self.endpoint, None, self.max_bytes, curve=self.curve
         )
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)

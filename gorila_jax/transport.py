@@ -100,7 +100,11 @@ it; no socket option bounds that sum. ``recv`` bounds what this side holds: it r
 frame by frame, and past ``max_frames`` frames or ``max_bytes`` bytes it releases each
 further frame as soon as it arrives and raises "oversized"; the server's small
 ``RCVHWM`` bounds how many whole messages zmq queues per peer. Only an authenticated
-transport (zmq CURVE) keeps a peer without the keys from sending anything at all.
+transport keeps a peer without the keys from sending anything at all: with
+``ServerCurve`` / ``ClientCurve`` keys the sockets speak zmq CURVE (every frame encrypted
+and authenticated; the client checks the server's public key, and the server's ZAP handler,
+``start_curve_authenticator``, completes the handshake only for the client public keys it
+was given), so a peer without one of those keys never gets a message in.
 
 ``send`` is zero-copy by default: the arrays behind the frames must not be changed until
 zmq has sent them. ``recv`` returns zero-copy ``zmq.Frame`` objects, and the arrays
@@ -114,7 +118,7 @@ import hmac
 import json
 import secrets
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -731,6 +735,48 @@ def new_run_token() -> str:
 # --------------------------------------------------------------------------------------
 
 
+ZAP_DOMAIN = "gorila"
+
+
+class ServerCurve(NamedTuple):
+    """The server's zmq CURVE key pair (z85 bytes, as `zmq.curve_keypair` makes them); the
+    client keys it lets in are `start_curve_authenticator`'s."""
+
+    public: bytes
+    secret: bytes
+
+
+class ClientCurve(NamedTuple):
+    """A client's zmq CURVE key pair and the server public key it insists on (z85)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+
+class _AllowedKeys:
+    """The ZAP callback of `start_curve_authenticator`: membership in a set of keys."""
+
+    def __init__(self, keys: Collection[bytes]):
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
+def start_curve_authenticator(context: zmq.Context, clients: Collection[bytes]):
+    """Start the ZAP handler of `context` (a thread; `stop()` it when done) that admits a
+    CURVE client only if its public key (z85) is in `clients`, looked up at every
+    handshake (so a set filled in later counts). Start it before the server socket binds:
+    a CURVE handshake without a ZAP handler admits any client key."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    authenticator = ThreadAuthenticator(context)
+    authenticator.start()
+    authenticator.configure_curve_callback(ZAP_DOMAIN, _AllowedKeys(clients))
+    return authenticator
+
+
 def message_limit(array_bytes: int) -> int:
     """The byte limit for messages whose arrays total at most ``array_bytes`` (the flat
     float32 parameter vector: 4 bytes per parameter): the largest legitimate message, a
@@ -744,6 +790,7 @@ def make_server_socket(
     max_message_bytes: int,
     *,
     receive_queue: int = SERVER_RECEIVE_QUEUE,
+    curve: ServerCurve | None = None,
 ) -> tuple[zmq.Socket, str]:
     """A bound ROUTER socket and the endpoint it actually bound.
 
@@ -752,13 +799,19 @@ def make_server_socket(
     ``RCVHWM`` to ``receive_queue`` (whole messages zmq queues per peer before it stops
     reading from that peer) and ``LINGER`` 0. ``ROUTER_HANDOVER`` stays off: a peer that
     claims a routing id already connected is ignored, so nobody can take over the route
-    of a bundle and receive its replies.
+    of a bundle and receive its replies. With ``curve`` the socket is a CURVE server in
+    the ZAP domain of `start_curve_authenticator`, which must be running in ``context``.
     """
     socket = context.socket(zmq.ROUTER)
     try:
         socket.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
         socket.setsockopt(zmq.RCVHWM, int(receive_queue))
         socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            socket.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+            socket.setsockopt(zmq.CURVE_SERVER, 1)
+            socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+            socket.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
         address = bind_address
         if address.startswith("tcp://") and address.endswith(":0"):
             address = address[:-2] + ":*"
@@ -777,13 +830,16 @@ def make_client_socket(
     max_message_bytes: int,
     *,
     receive_timeout_ms: int | None = None,
+    curve: ClientCurve | None = None,
 ) -> zmq.Socket:
     """A DEALER connected to ``endpoint``, with routing id ``identity``.
 
     ``identity`` None (what bundles use) lets the server's ROUTER assign a fresh routing
     id to the connection, one no other peer can claim. Sets ``MAXMSGSIZE``, ``LINGER`` 0
     and, when given, ``RCVTIMEO`` (``recv`` then raises ``zmq.Again`` on timeout; a late
-    reply can still arrive afterwards, so match replies to requests by ``seq``).
+    reply can still arrive afterwards, so match replies to requests by ``seq``). With
+    ``curve`` the connection is CURVE-encrypted and made only to the server holding the
+    secret key of ``curve.server``.
     """
     if identity is not None and (not 1 <= len(identity) <= 255 or identity.startswith(b"\0")):
         raise ValueError("identity must be 1..255 bytes and not start with a zero byte")
@@ -791,6 +847,10 @@ def make_client_socket(
     try:
         if identity is not None:
             socket.setsockopt(zmq.IDENTITY, identity)
+        if curve is not None:
+            socket.setsockopt(zmq.CURVE_SERVERKEY, curve.server)
+            socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+            socket.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
         socket.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
         socket.setsockopt(zmq.LINGER, 0)
         if receive_timeout_ms is not None:

@@ -122,8 +122,12 @@ def test_sigterm_to_the_server_checkpoints_and_stops_everything(tmp_path):
     assert "[server] stopped" in out
 
 
-def test_killed_bundle_is_restarted_and_rejoins(tmp_path):
-    launcher = start_run(tmp_path, "--total-frames", "10000000", "--learning-starts", "300")
+@pytest.mark.parametrize("wire_security", ["token", "curve"])
+def test_killed_bundle_is_restarted_and_rejoins(tmp_path, wire_security):
+    launcher = start_run(
+        tmp_path, "--total-frames", "10000000", "--learning-starts", "300",
+        "--wire-security", wire_security,
+    )  # fmt: skip
     wait_until(lambda: read_stats(tmp_path).get("updates", 0) > 50, 120, "updates", launcher)
     victim = child_by_index(launcher, 2)
     os.kill(victim.pid, signal.SIGKILL)

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
+
+from gorila_jax import transport
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
@@ -183,3 +186,36 @@ def test_every_socket_of_a_local_run_listens_on_loopback_only(tmp_path):
 def is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_a_curve_run_trains_and_lets_in_no_peer_without_a_key(tmp_path):
+    launcher = start_local_run(
+        tmp_path, "--total-frames", "10000000", "--learning-starts", "300",
+        "--wire-security", "curve", "--stats-every-seconds", "0.5",
+    )  # fmt: skip
+    try:
+        wait_for_children(launcher, 3, tmp_path)
+        deadline = time.monotonic() + 120
+        while (stats := json.loads((tmp_path / "ps.json").read_text()))["updates"] < 30:
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.25)
+        server = next(p for p in psutil.Process(launcher.pid).children() if process_index(p) == 0)
+        token = server.environ()["GORILA_RUN_TOKEN"]
+        # Even with the token, a peer without an admitted CURVE key gets nothing in.
+        context = zmq.Context.instance()
+        for curve in (None, transport.ClientCurve(*zmq.curve_keypair(), zmq.curve_keypair()[0])):
+            peer = transport.make_client_socket(
+                context, stats["address"], None, 1 << 20, curve=curve
+            )
+            header = transport.make_header(
+                "stats", token=token, worker=0, seq=2**62, version=-1, fingerprint=""
+            )
+            peer.send_multipart(transport.encode(header))
+            assert not peer.poll(2000), "a peer without a CURVE key got an answer"
+            peer.close(linger=0)
+        later = json.loads((tmp_path / "ps.json").read_text())
+        assert later["rejections"].get("bad_fingerprint", 0) == 0  # it never reached the server
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        _out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, err[-2000:]

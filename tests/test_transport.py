@@ -706,3 +706,42 @@ def test_recv_lets_go_of_a_message_over_its_bound_frame_by_frame(context, limits
     finally:
         client.close()
         server.close()
+
+
+def test_curve_admits_only_the_given_client_keys(context):
+    """Encrypted sockets: the allowed client talks; a client with another key pair, or a
+    plain one, never gets a message in; a client pinned to another server key gets no
+    connection."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    authenticator = transport.start_curve_authenticator(context, {client_public})
+    curve = transport.ServerCurve(server_public, server_secret)
+    server, endpoint = transport.make_server_socket(
+        context, "tcp://127.0.0.1:0", MAX_BYTES, curve=curve
+    )
+    allowed = transport.ClientCurve(client_public, client_secret, server_public)
+    stranger = transport.ClientCurve(*zmq.curve_keypair(), server_public)
+    impostor_server = transport.ClientCurve(client_public, client_secret, zmq.curve_keypair()[0])
+    clients = [
+        transport.make_client_socket(context, endpoint, None, MAX_BYTES, curve=keys)
+        for keys in (stranger, impostor_server, None)
+    ]
+    good = transport.make_client_socket(context, endpoint, None, MAX_BYTES, curve=allowed)
+    try:
+        hello = transport.encode(header_for("hello"))
+        for client in clients:
+            transport.send(client, hello)
+        assert not server.poll(1000), "a client without an admitted key got a message in"
+        header, arrays = sample_messages()["push"]
+        _, request, reply = exchange(server, good, header, arrays, "ack", _ACK, [])
+        assert_same_message(request, header, arrays)
+        assert reply.header["kind"] == "ack"
+        assert not server.poll(200)  # still nothing from the others
+    finally:
+        for client in (*clients, good):
+            client.close()
+        server.close()
+        authenticator.stop()
+
+
+_ACK = {"accepted": True, "reason": None}
