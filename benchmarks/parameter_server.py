@@ -228,9 +228,14 @@ def component_costs(server, grads: np.ndarray) -> dict[str, float]:
         )
 
     view = decode().arrays[0]
-    reply = {**header, "kind": "ack", "accepted": True, "reason": None}
-    for key in ("loss", "shard", "frames"):
-        reply.pop(key)
+    reply = transport.reply_header(
+        header,
+        "ack",
+        version=header["version"],
+        fingerprint=header["fingerprint"],
+        accepted=True,
+        reason=None,
+    )
 
     def as_device():
         jnp.asarray(view).block_until_ready()
