@@ -190,7 +190,7 @@ def cartpole_defaults() -> Config:
     """Settings that solve CartPole-v1 in a couple of minutes on 2 cores."""
     return Config(
         env_id="CartPole-v1",
-        total_frames=60_000,
+        total_frames=100_000,
         run_dir="runs/cartpole",
         num_envs=4,
         double_dqn=True,

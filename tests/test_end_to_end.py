@@ -58,7 +58,10 @@ def test_cartpole_single_process_learns(tmp_path):
 
 
 def test_cartpole_server_and_two_bundles_learn(tmp_path):
-    run("cartpole.py", "--seed", "0", "--total-frames", "60000", "--run-dir", str(tmp_path))
+    # Asynchronous: the order of pushes varies from run to run, and so does the speed of
+    # learning; 60k frames usually suffice (best window 176.8 in one CI run), 100k always
+    # have so far.
+    run("cartpole.py", "--seed", "0", "--total-frames", "100000", "--run-dir", str(tmp_path))
     stats = json.loads((tmp_path / "ps.json").read_text())
     assert stats["workers"]["0"]["accepted"] > 0 and stats["workers"]["1"]["accepted"] > 0
     returns = episode_returns(tmp_path / "bundle1/episodes.csv", tmp_path / "bundle2/episodes.csv")
