@@ -8,19 +8,17 @@ one-line :class:`ConfigError` naming the field and the rule, before anything is 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
-import tyro
 import yaml
 
+from gorila_jax.cli import CommandLineError, parse
 from gorila_jax.envs import CARTPOLE_IDS, atari_env_ids, stack_size
 from gorila_jax.files import write_atomically
 from gorila_jax.replay import Replay
@@ -450,33 +448,6 @@ def write_resolved(config: Config, run_dir: Path) -> Path:
     return path
 
 
-def _tyro_parse(base: Config, args: list[str], description: str | None) -> Config:
-    """tyro's parse; its boxed multi-line errors become one line (help is shown as is)."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-            return tyro.cli(Config, default=base, args=args, description=description)
-    except SystemExit as done:
-        text = captured.getvalue()
-        if not done.code:
-            sys.stdout.write(text)
-            raise
-        raise ConfigError(_first_message(text)) from None
-
-
-def _first_message(text: str) -> str:
-    """The first message inside tyro's error box, joined onto one line."""
-    parts = []
-    for line in text.splitlines()[1:]:
-        content = line.strip().strip("│╭╮╰╯").strip()
-        if not content or set(content) <= set("─━-"):
-            if parts:
-                break
-            continue
-        parts.append(content)
-    return " ".join(parts) or "invalid command line"
-
-
 def parse_cli(
     default: Config, args: Sequence[str] | None = None, description: str | None = None
 ) -> Config:
@@ -493,7 +464,10 @@ def parse_cli(
                 raise ConfigError("--config: needs a path to a YAML file")
             base = load_yaml(args[at + 1], default)
             del args[at : at + 2]
-        config = _tyro_parse(base, args, description)
+        try:
+            config = parse(Config, args, default=base, description=description)
+        except CommandLineError as error:
+            raise ConfigError(str(error)) from None
         return validate(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
