@@ -1,16 +1,48 @@
 """Wire format between the parameter server (zmq ROUTER) and the bundles (zmq DEALER).
 
-This module only encodes, decodes and validates messages, and wraps the few socket calls
-both ends need; the server and bundle logic live elsewhere and build on it.
+This module holds the codec (``encode``, ``decode`` for requests, ``decode_reply`` for
+replies, with the header schema they enforce), ``tree_fingerprint`` and the few socket
+calls both ends need. What the server does with a message is in
+``gorila_jax.parameter_server``, what a bundle sends and expects in ``gorila_jax.ps_client``;
+this docstring describes the protocol they speak.
+
+Protocol
+--------
+``PROTOCOL_VERSION`` is 2 (protocol 1 replies carried the run token). Every header says
+its version and a message of another version is refused ("bad_protocol"). Each request
+of a bundle gets exactly one reply, sent back on the connection the request came from:
+
+=======  ==========================  ===================================================
+request  replies                     what the server does
+=======  ==========================  ===================================================
+hello    welcome                     registers the worker (again, after a restart: this
+                                     also clears its ``stop``); sends its info and the
+                                     params
+pull     params or not_modified      params when the request's ``version`` differs from
+                                     the server's, ``not_modified`` when it is the same
+                                     (a bundle asks with ``NO_VERSION`` for params it
+                                     must get, such as a target network refresh)
+push     ack                         applies the gradient, or refuses it (ack with
+                                     ``accepted`` false and the reason)
+stats    stats_reply                 sends its statistics (the counters of ps.json)
+stop     ack                         records that this worker is done; the server's
+                                     ``serve`` returns once every bundle has stopped
+=======  ==========================  ===================================================
+
+Any request can instead get an ``error`` reply, when it breaks the wire format or the
+server refuses it before its handler runs (see the reason codes below); a request that
+gets one is only counted in the statistics, it never changes the parameters.
 
 Message layout
 --------------
 A message is a list of frames. Frame 0 is a msgpack-encoded header (a map with str keys,
 at most ``MAX_HEADER_BYTES``). Then comes one frame per array: the array's raw
-little-endian, C-ordered bytes, in canonical tree order (the order of
-``jax.tree_util.tree_flatten_with_path``). Shapes and dtypes never travel: the receiver
-takes them from its own ``TreeLayout`` through the ``layout_for`` callback of ``decode``,
-so a sender cannot make the receiver allocate or interpret anything it did not expect.
+little-endian, C-ordered bytes. Shapes and dtypes never travel: the receiver passes
+``decode`` / ``decode_reply`` a ``layout_for`` callback that gives, from the validated
+header, the ``ArraySpec`` of every frame it expects, so a sender cannot make the receiver
+allocate or interpret anything it did not expect. In this project every message carries at
+most one array, a 1-D float32 vector (``vector_spec``): the parameters or a gradient,
+flattened in ``jax.flatten_util.ravel_pytree`` order.
 
 Header fields carried by every message
 --------------------------------------
@@ -23,67 +55,85 @@ token         str    requests only: the run token from ``new_run_token``. A repl
                      carries it (``decode_reply`` refuses one that does): a reply goes to
                      the connection its request came from, so it needs no credential,
                      and a peer that did not present the token is never sent it
-worker        int    worker id, >= 0; a reply echoes the request's
+worker        int    worker id, >= 0 (the server refuses one that is not below its number
+                     of workers, "bad_worker", except in ``stats``); a reply echoes the
+                     request's
 seq           int    per-worker sequence number, >= 0, strictly increasing over the
-                     worker's whole life, restarts included (the server enforces the
-                     ordering); a reply echoes the request's
-version       int    parameter version, >= ``NO_VERSION`` (-1, "no parameters yet").
-                     pull: the version the worker holds; push: the version the
-                     gradients were computed on; replies: the server's version
-fingerprint   str    ``tree_fingerprint`` of the model's parameter tree
+                     worker's whole life, restarts included: a bundle starts from the
+                     wall clock in nanoseconds and the server refuses a number it has
+                     seen, "replayed". A reply echoes the request's, so a bundle with
+                     several requests in flight matches replies by it
+version       int    parameter version, >= ``NO_VERSION`` (-1, "no parameters").
+                     pull: the version the worker holds; push: the version the gradient
+                     was computed on; replies: the server's version (updates applied)
+fingerprint   str    ``tree_fingerprint`` of the Q-network's parameter tree; the server
+                     checks it on every request, a bundle on every reply (checkpoints
+                     record it too)
 arrays        int    number of array frames that follow (``encode`` fills it)
 ============  =====  ===================================================================
+
+A reply to a request whose header could not be read echoes worker 0 and seq 0
+(``reply_header``).
 
 Kind-specific fields (all listed fields are required; no other field is accepted)
 ---------------------------------------------------------------------------------
 ============  ================  =========================================================
 kind          field: type       meaning / array frames
 ============  ================  =========================================================
-hello         -                 worker -> server, first contact; no arrays
-welcome       config: dict      server -> worker; run settings the worker needs (e.g.
-                                shard count); arrays: whatever the server's layout says
-pull          -                 worker -> server, asks for parameters newer than version
-params        -                 server -> worker; arrays: every parameter leaf
+hello         -                 worker -> server, first contact (and after a lost
+                                connection); no arrays
+welcome       config: dict      server -> worker, the info dict ``ParameterServer.
+                                _on_hello`` builds for that worker: ``num_params``
+                                (elements of the parameter vector the server holds),
+                                ``num_workers``, ``shard`` (the worker's gradient shard
+                                index, None when it pushes whole gradients),
+                                ``shard_size`` (elements of each of its pushes) and
+                                ``frames`` (environment frames the server has recorded
+                                for it, so a restarted bundle counts on);
+                                arrays: the parameters (``num_params`` float32)
+pull          -                 worker -> server; no arrays
+params        -                 server -> worker; arrays: the parameters
 not_modified  -                 server -> worker, the worker's version is current
-push          loss: float       mean absolute TD error of the batch (outlier filter)
-              shard: int|None   which gradient shard the arrays cover (None: all
-                                leaves); the server resolves what a shard index means
+push          loss: float       the mean absolute TD error of the batch the gradient
+                                comes from; the server's outlier filter refuses a push
+                                whose loss is far above those of recent pushes, and a
+                                non-finite one as "non_finite"
+              shard: int|None   None: the gradient of every parameter; otherwise the
+                                worker's own index, and the gradient only of the
+                                elements it owns (``gorila_jax.gradient_shards``; both
+                                ends compute them from the config, the wire carries
+                                only the values); any other value is "bad_shard"
               frames: int       environment frames the worker has done, >= 0
-                                arrays: the gradient leaves (or shard)
-ack           accepted: bool    whether the push was applied
+                                arrays: the gradient, ``shard_size`` float32
+ack           accepted: bool    whether the push was applied (a ``stop`` is always
+                                acknowledged with true)
               reason: str|None  why not, a reason code (None when accepted)
 error         reason: str       a reason code (see below)
-              message: str      human-readable detail
-stats         -                 any client -> server, asks for statistics
-stop          -                 controller -> server, asks it to shut down (reply: ack)
-stats_reply   stats: dict       server -> client, a msgpack-able dict
+              message: str      human-readable detail (the server cuts it short)
+stats         -                 worker -> server (any worker id); no arrays
+stop          -                 worker -> server: this worker is done (a bundle sends it
+                                when it closes); no arrays
+stats_reply   stats: dict       server -> worker, a msgpack-able dict
 ============  ================  =========================================================
 
 Reason codes
 ------------
-``ProtocolError.reason`` and the ``reason`` of error/ack replies are short str codes.
-``decode`` / ``decode_reply`` raise: "malformed" (header is not msgpack / not a map / a
-field is missing, unknown or mistyped / unknown kind / a reply where a request is
-expected or the reverse), "bad_protocol" (protocol version differs), "bad_token",
-"bad_fingerprint", "bad_frames" (array frame count or byte length wrong), "oversized"
-(message over ``max_bytes`` or header over ``MAX_HEADER_BYTES``; ``recv`` raises it too,
-for a message over its frame or byte bound). A ``layout_for`` callback raises "bad_shard"
-for a shard it cannot resolve. The server adds "stale", "non_finite" and "outlier" for
-pushes it refuses. All are in ``REASONS``; other short codes are allowed in replies.
-``ProtocolError.authenticated`` says whether the request's token had been verified
-before the error was found: only then may a receiver count it against the worker the
-header names.
-
-Gradient shards
----------------
-Two schemes, the server picks one and tells workers in ``welcome.config``:
-
-* by leaves: ``TreeLayout.shard_leaf_indices(n)`` partitions leaf indices into ``n``
-  byte-balanced groups; a shard's frames are those leaves, ``layout.subset(indices)``
-  gives their specs;
-* by elements: ``TreeLayout.flat_shard_indices(n, seed)`` splits a fixed random
-  permutation of all parameter elements; a shard is sent as one float32 frame,
-  ``vector_spec(len(indices))``, holding ``layout.to_flat_vector(grads)[indices]``.
+``ProtocolError.reason`` and the ``reason`` of error/ack replies are short str codes, all
+in ``REASONS``. ``decode`` / ``decode_reply`` raise: "malformed" (header is not msgpack /
+not a map / a field is missing, unknown or mistyped / unknown kind / a reply where a
+request is expected or the reverse), "bad_protocol" (protocol version differs),
+"bad_token", "bad_fingerprint", "bad_frames" (array frame count or byte length wrong),
+"oversized" (message over ``max_bytes`` or header over ``MAX_HEADER_BYTES``; ``recv``
+raises it too, for a message over its frame or byte bound). The server's ``layout_for``
+raises "bad_worker" (no such worker) and "bad_shard" (not the worker's shard); the server
+answers "bad_worker" and "replayed" (a sequence number already seen) in error replies too.
+A refused push gets an ack with "stale" (computed on parameters more than
+``max_staleness`` versions old, or on a version the server has not made),
+"non_finite" (a NaN or an infinity in the gradient or the loss), "outlier" (the loss) or
+"non_finite_update" (the update would have made the parameters or the optimizer state
+non-finite). ``ProtocolError.authenticated`` says whether the request's token had been
+verified before the error was found: only then may a receiver count it against the
+worker the header names.
 
 Sockets
 -------
@@ -119,7 +169,6 @@ import json
 import secrets
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -145,9 +194,12 @@ REASONS = frozenset(
         "bad_frames",
         "bad_shard",
         "oversized",
+        "bad_worker",
+        "replayed",
         "stale",
         "non_finite",
         "outlier",
+        "non_finite_update",
     }
 )
 
@@ -187,7 +239,7 @@ class ProtocolError(ValueError):
 
 
 # --------------------------------------------------------------------------------------
-# Array specs and tree layouts
+# Array specs and tree fingerprints
 # --------------------------------------------------------------------------------------
 
 
@@ -207,7 +259,7 @@ class ArraySpec(NamedTuple):
 
 
 def vector_spec(length: int) -> ArraySpec:
-    """Spec of a 1-D float32 frame of ``length`` elements (an element-shard frame)."""
+    """Spec of a 1-D float32 frame of ``length`` elements (params or a gradient)."""
     return ArraySpec((int(length),), FLOAT32)
 
 
@@ -240,129 +292,6 @@ def _is_spec_leaf(node: Any) -> bool:
     return isinstance(node, ArraySpec)
 
 
-@dataclass(frozen=True)
-class TreeLayout:
-    """The flat structure of a pytree of arrays: built once, shared by both ends.
-
-    ``paths[i]`` and ``specs[i]`` describe leaf ``i`` in canonical order;
-    ``offsets[i]`` is where leaf ``i`` starts in the flat element vector.
-    """
-
-    treedef: Any
-    paths: tuple[str, ...]
-    specs: tuple[ArraySpec, ...]
-    offsets: tuple[int, ...]
-    fingerprint: str
-    size: int
-    nbytes: int
-
-    @classmethod
-    def from_tree(cls, tree: Any) -> TreeLayout:
-        """Layout of ``tree``, whose leaves are arrays (numpy or jax),
-        ``jax.ShapeDtypeStruct`` or ``ArraySpec``."""
-        with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
-        paths = tuple(jax.tree_util.keystr(path) for path, _ in with_paths)
-        specs = tuple(
-            _spec_of(leaf, path) for path, (_, leaf) in zip(paths, with_paths, strict=True)
-        )
-        offsets, total = [], 0
-        for spec in specs:
-            offsets.append(total)
-            total += spec.size
-        return cls(
-            treedef=treedef,
-            paths=paths,
-            specs=specs,
-            offsets=tuple(offsets),
-            fingerprint=_fingerprint(paths, specs),
-            size=total,
-            nbytes=sum(spec.nbytes for spec in specs),
-        )
-
-    @property
-    def num_leaves(self) -> int:
-        return len(self.specs)
-
-    def flatten(self, tree: Any) -> list[np.ndarray]:
-        """Leaves of ``tree`` as numpy arrays, checked against this layout."""
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        if treedef != self.treedef:
-            raise ValueError(f"tree structure {treedef} differs from layout {self.treedef}")
-        arrays = [np.asarray(leaf) for leaf in jax.device_get(leaves)]
-        self._check_arrays(arrays)
-        return arrays
-
-    def unflatten(self, arrays: Sequence[np.ndarray]) -> Any:
-        """The pytree whose leaves are ``arrays`` (canonical order), checked first."""
-        arrays = list(arrays)
-        self._check_arrays(arrays)
-        return jax.tree_util.tree_unflatten(self.treedef, arrays)
-
-    def _check_arrays(self, arrays: Sequence[np.ndarray]) -> None:
-        if len(arrays) != len(self.specs):
-            raise ValueError(f"{len(arrays)} arrays for a layout of {len(self.specs)} leaves")
-        for path, spec, array in zip(self.paths, self.specs, arrays, strict=True):
-            if tuple(array.shape) != spec.shape or np.dtype(array.dtype) != spec.dtype:
-                raise ValueError(
-                    f"leaf {path}: got {array.dtype}{list(array.shape)}, "
-                    f"expected {spec.dtype}{list(spec.shape)}"
-                )
-
-    # -- gradient shards by leaves ------------------------------------------------------
-
-    def subset(self, leaf_indices: Sequence[int]) -> tuple[ArraySpec, ...]:
-        """Specs of the given leaves, in the given order (the frames of a leaf shard)."""
-        indices = [int(i) for i in leaf_indices]
-        if len(set(indices)) != len(indices):
-            raise ValueError(f"repeated leaf index in {indices}")
-        for index in indices:
-            if not 0 <= index < len(self.specs):
-                raise ValueError(f"leaf index {index} outside 0..{len(self.specs) - 1}")
-        return tuple(self.specs[i] for i in indices)
-
-    def shard_leaf_indices(self, num_shards: int) -> tuple[tuple[int, ...], ...]:
-        """Deterministic partition of leaf indices into ``num_shards`` byte-balanced,
-        non-empty groups, each sorted (largest leaf first into the lightest group)."""
-        if not 1 <= num_shards <= len(self.specs):
-            raise ValueError(f"num_shards must be in 1..{len(self.specs)}, got {num_shards}")
-        order = sorted(range(len(self.specs)), key=lambda i: (-self.specs[i].nbytes, i))
-        groups: list[list[int]] = [[] for _ in range(num_shards)]
-        loads = [0] * num_shards
-        for index in order:
-            lightest = min(range(num_shards), key=lambda g: (loads[g], len(groups[g]), g))
-            groups[lightest].append(index)
-            loads[lightest] += self.specs[index].nbytes
-        return tuple(tuple(sorted(group)) for group in groups)
-
-    # -- gradient shards by elements -----------------------------------------------------
-
-    def to_flat_vector(self, tree: Any) -> np.ndarray:
-        """All elements of ``tree`` concatenated in canonical order, cast to float32."""
-        arrays = self.flatten(tree)
-        if not arrays:
-            return np.zeros(0, FLOAT32)
-        return np.concatenate([array.astype(FLOAT32, copy=False).ravel() for array in arrays])
-
-    def from_flat_vector(self, vector: np.ndarray) -> Any:
-        """Inverse of ``to_flat_vector``: a tree of numpy arrays with this layout's dtypes."""
-        vector = np.asarray(vector)
-        if vector.shape != (self.size,):
-            raise ValueError(f"flat vector of shape {vector.shape}, expected ({self.size},)")
-        arrays = [
-            vector[offset : offset + spec.size].reshape(spec.shape).astype(spec.dtype)
-            for offset, spec in zip(self.offsets, self.specs, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(self.treedef, arrays)
-
-    def flat_shard_indices(self, num_shards: int, seed: int) -> tuple[np.ndarray, ...]:
-        """Split a fixed random permutation of element indices (from ``seed``) into
-        ``num_shards`` near-equal parts, each sorted; both ends must use the same seed."""
-        if not 1 <= num_shards <= max(self.size, 1):
-            raise ValueError(f"num_shards must be in 1..{self.size}, got {num_shards}")
-        permutation = np.random.default_rng(seed).permutation(self.size)
-        return tuple(np.sort(part) for part in np.array_split(permutation, num_shards))
-
-
 def _fingerprint(paths: Sequence[str], specs: Sequence[ArraySpec]) -> str:
     description = [
         [path, list(spec.shape), np.dtype(spec.dtype).name]
@@ -373,14 +302,16 @@ def _fingerprint(paths: Sequence[str], specs: Sequence[ArraySpec]) -> str:
 
 
 def tree_fingerprint(tree: Any) -> str:
-    """Hash of a tree's leaf paths, shapes and dtypes (not values, not byte order).
+    """Hash of a pytree's leaf paths, shapes and dtypes (not values, not byte order).
 
-    ``tree`` is a ``TreeLayout`` or a pytree of arrays / ``ShapeDtypeStruct`` /
-    ``ArraySpec``; numpy and jax leaves of the same spec give the same fingerprint.
+    Leaves are arrays (numpy or jax), ``jax.ShapeDtypeStruct`` or ``ArraySpec``; numpy and
+    jax leaves of the same spec give the same fingerprint. Both ends of the wire compute it
+    from their own copy of the model, and checkpoints record it: the string must not change.
     """
-    if isinstance(tree, TreeLayout):
-        return tree.fingerprint
-    return TreeLayout.from_tree(tree).fingerprint
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
+    paths = [jax.tree_util.keystr(path) for path, _ in with_paths]
+    specs = [_spec_of(leaf, path) for path, (_, leaf) in zip(paths, with_paths, strict=True)]
+    return _fingerprint(paths, specs)
 
 
 # --------------------------------------------------------------------------------------

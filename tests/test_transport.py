@@ -1,4 +1,4 @@
-"""Tests for gorila_jax.transport: encoding, validation, layouts, shards and sockets."""
+"""Tests for gorila_jax.transport: encoding, validation, fingerprints, shards and sockets."""
 
 import random
 import weakref
@@ -11,7 +11,8 @@ import pytest
 import zmq
 
 from gorila_jax import transport
-from gorila_jax.transport import ArraySpec, ProtocolError, TreeLayout
+from gorila_jax.gradient_shards import shard_indices
+from gorila_jax.transport import ArraySpec, ProtocolError
 
 TOKEN = transport.new_run_token()
 MAX_BYTES = 1 << 20
@@ -32,38 +33,59 @@ def example_tree(rng: np.random.Generator | None = None) -> dict:
     }
 
 
-LAYOUT = TreeLayout.from_tree(example_tree())
-LEAF_SHARDS = LAYOUT.shard_leaf_indices(2)
+def leaves_of(tree) -> list[np.ndarray]:
+    """The leaves of ``tree`` as numpy arrays, in canonical order (the frames' order)."""
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def specs_of(tree) -> tuple[ArraySpec, ...]:
+    """What a receiver expects for the leaves of ``tree``: one spec per frame."""
+    return tuple(ArraySpec(leaf.shape, leaf.dtype) for leaf in leaves_of(tree))
+
+
+SPECS = specs_of(example_tree())
+FINGERPRINT = transport.tree_fingerprint(example_tree())
+# Two shards of whole leaves, of different frame counts, for a receiver whose frames
+# depend on the header: shard 0 is conv.w, shard 1 every other leaf.
+LEAF_SHARDS = ((1,), (0, 2, 3, 4))
+
+
+def shard_specs(shard: int) -> tuple[ArraySpec, ...]:
+    return tuple(SPECS[i] for i in LEAF_SHARDS[shard])
 
 
 def layout_for(header: dict):
     """The receiver-side layout callback used throughout the tests."""
     if header["kind"] in ("params", "welcome"):
-        return LAYOUT.specs if header["arrays"] else None
+        return SPECS if header["arrays"] else None
     if header["kind"] == "push":
         shard = header["shard"]
         if shard is None:
-            return LAYOUT.specs
+            return SPECS
         if shard >= len(LEAF_SHARDS):
             raise ProtocolError("bad_shard", f"no shard {shard}")
-        return LAYOUT.subset(LEAF_SHARDS[shard])
+        return shard_specs(shard)
     return None
 
 
 def header_for(kind: str, **fields) -> dict:
     """A request header (with the token) or a reply header (without one)."""
-    common = {"worker": 3, "seq": 11, "version": 5, "fingerprint": LAYOUT.fingerprint}
+    common = {"worker": 3, "seq": 11, "version": 5, "fingerprint": FINGERPRINT}
     if kind in transport.REQUEST_KINDS:
         return transport.make_header(kind, **({"token": TOKEN} | common | fields))
     return {"kind": kind, **(common | fields)}
 
 
+# What the server's welcome says (ParameterServer._on_hello).
+WELCOME_CONFIG = {"num_params": 351, "num_workers": 2, "shard": 1, "shard_size": 176, "frames": 0}
+
+
 def sample_messages() -> dict[str, tuple[dict, list[np.ndarray]]]:
-    leaves = LAYOUT.flatten(example_tree())
+    leaves = leaves_of(example_tree())
     shard_arrays = [leaves[i] for i in LEAF_SHARDS[1]]
     return {
         "hello": (header_for("hello"), []),
-        "welcome": (header_for("welcome", config={"num_shards": 2, "scheme": "leaves"}), []),
+        "welcome": (header_for("welcome", config=WELCOME_CONFIG), []),
         "pull": (header_for("pull", version=transport.NO_VERSION), []),
         "params": (header_for("params"), leaves),
         "not_modified": (header_for("not_modified"), []),
@@ -84,7 +106,7 @@ def decode(frames, **overrides):
     """Decode a request as the server does."""
     options = {
         "expected_token": TOKEN,
-        "expected_fingerprint": LAYOUT.fingerprint,
+        "expected_fingerprint": FINGERPRINT,
         "layout_for": layout_for,
         "max_bytes": MAX_BYTES,
     }
@@ -95,7 +117,7 @@ def decode(frames, **overrides):
 def decode_reply(frames, **overrides):
     """Decode a reply as a bundle does."""
     options = {
-        "expected_fingerprint": LAYOUT.fingerprint,
+        "expected_fingerprint": FINGERPRINT,
         "layout_for": layout_for,
         "max_bytes": MAX_BYTES,
     }
@@ -147,7 +169,7 @@ def test_encode_does_not_copy_contiguous_little_endian_arrays():
 
 
 def test_encode_converts_big_endian_and_non_contiguous_arrays():
-    leaves = LAYOUT.flatten(example_tree())
+    leaves = leaves_of(example_tree())
     sent = [leaf.astype(leaf.dtype.newbyteorder(">")) for leaf in leaves]
     sent[1] = np.asfortranarray(sent[1])
     message = decode_reply(to_wire(transport.encode(header_for("params"), sent)))
@@ -158,15 +180,15 @@ def test_encode_converts_big_endian_and_non_contiguous_arrays():
 def test_jax_arrays_encode_like_numpy():
     tree = example_tree()
     jax_tree = jax.tree.map(jnp.asarray, tree)
-    frames_np = to_wire(transport.encode(header_for("params"), LAYOUT.flatten(tree)))
-    frames_jax = to_wire(transport.encode(header_for("params"), LAYOUT.flatten(jax_tree)))
+    frames_np = to_wire(transport.encode(header_for("params"), leaves_of(tree)))
+    frames_jax = to_wire(transport.encode(header_for("params"), leaves_of(jax_tree)))
     assert frames_np == frames_jax
 
 
 def test_decoded_arrays_rebuild_the_tree():
     tree = example_tree()
-    message = decode_reply(to_wire(transport.encode(header_for("params"), LAYOUT.flatten(tree))))
-    rebuilt = LAYOUT.unflatten(message.arrays)
+    message = decode_reply(to_wire(transport.encode(header_for("params"), leaves_of(tree))))
+    rebuilt = jax.tree.unflatten(jax.tree.structure(tree), message.arrays)
     assert jax.tree.structure(rebuilt) == jax.tree.structure(tree)
     for got, sent in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(tree), strict=True):
         np.testing.assert_array_equal(got, sent)
@@ -357,23 +379,23 @@ def test_encode_rejects_bad_headers():
 def test_fuzzed_push_only_raises_protocol_error():
     rng = random.Random(1234)
     small = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
-    small_layout = TreeLayout.from_tree(small)
+    small_fingerprint = transport.tree_fingerprint(small)
     header = transport.make_header(
         "push",
         token=TOKEN,
         worker=1,
         seq=2,
         version=3,
-        fingerprint=small_layout.fingerprint,
+        fingerprint=small_fingerprint,
         loss=0.5,
         shard=None,
         frames=10,
     )
-    valid = to_wire(transport.encode(header, small_layout.flatten(small)))
+    valid = to_wire(transport.encode(header, leaves_of(small)))
 
     def small_layout_for(decoded):
         if decoded["kind"] == "push" and decoded["shard"] is None:
-            return small_layout.specs
+            return specs_of(small)
         if decoded["kind"] == "push":
             raise ProtocolError("bad_shard", "no shards")
         return None
@@ -402,7 +424,7 @@ def test_fuzzed_push_only_raises_protocol_error():
             transport.decode(
                 [bytes(frame) for frame in frames],
                 expected_token=TOKEN,
-                expected_fingerprint=small_layout.fingerprint,
+                expected_fingerprint=small_fingerprint,
                 layout_for=small_layout_for,
                 max_bytes=4096,
             )
@@ -414,7 +436,7 @@ def test_fuzzed_push_only_raises_protocol_error():
 
 
 # --------------------------------------------------------------------------------------
-# Layouts, fingerprints and shards
+# Fingerprints and shards
 # --------------------------------------------------------------------------------------
 
 
@@ -427,9 +449,14 @@ def test_fingerprint_stable_across_numpy_jax_and_specs():
     fingerprints = {
         transport.tree_fingerprint(t) for t in (tree, jax_tree, spec_tree, struct_tree, big_endian)
     }
-    assert fingerprints == {LAYOUT.fingerprint}
-    assert transport.tree_fingerprint(LAYOUT) == LAYOUT.fingerprint
-    assert TreeLayout.from_tree(spec_tree) == LAYOUT
+    assert fingerprints == {FINGERPRINT}
+
+
+def test_fingerprint_string_never_changes():
+    """Checkpoints and the peers of a running server hold fingerprints: the same tree must
+    keep giving the same string (this one is the value since protocol 1)."""
+    assert FINGERPRINT == "7d20f16f547b5756e0e87e96995fbb35"
+    assert transport.tree_fingerprint({}) == "4f53cda18c2baa0c0354bb5f9a3ecbe5"
 
 
 def test_fingerprint_changes_with_shape_dtype_or_path():
@@ -449,58 +476,13 @@ def test_fingerprint_changes_with_shape_dtype_or_path():
     assert len(set(fingerprints)) == len(fingerprints)
 
 
-def test_layout_describes_leaves_in_canonical_order():
-    tree = example_tree()
-    assert LAYOUT.paths == tuple(
-        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    )
-    assert [spec.shape for spec in LAYOUT.specs] == [leaf.shape for leaf in jax.tree.leaves(tree)]
-    assert LAYOUT.size == sum(leaf.size for leaf in jax.tree.leaves(tree))
-    assert LAYOUT.nbytes == sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
-
-
-def test_flatten_and_unflatten_check_the_tree():
-    wrong_shape = example_tree()
-    wrong_shape["conv"]["b"] = np.zeros(5, np.float32)
-    with pytest.raises(ValueError, match="conv"):
-        LAYOUT.flatten(wrong_shape)
-    wrong_dtype = example_tree()
-    wrong_dtype["conv"]["b"] = np.zeros(4, np.float64)
-    with pytest.raises(ValueError, match="float64"):
-        LAYOUT.flatten(wrong_dtype)
-    with pytest.raises(ValueError, match="structure"):
-        LAYOUT.flatten({"conv": example_tree()["conv"]})
-    with pytest.raises(ValueError, match="leaves"):
-        LAYOUT.unflatten(LAYOUT.flatten(example_tree())[:-1])
-
-
-def test_flat_vector_round_trip():
-    tree = example_tree()
-    vector = LAYOUT.to_flat_vector(tree)
-    assert vector.dtype == np.float32 and vector.shape == (LAYOUT.size,)
-    np.testing.assert_array_equal(vector[: tree["conv"]["b"].size], tree["conv"]["b"])
-    rebuilt = LAYOUT.from_flat_vector(vector)
-    for got, sent in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(tree), strict=True):
-        assert got.dtype == sent.dtype
-        np.testing.assert_array_equal(got, sent)
-    with pytest.raises(ValueError, match="shape"):
-        LAYOUT.from_flat_vector(vector[:-1])
-
-
-def test_flat_shards_partition_every_element_and_round_trip():
-    tree = example_tree()
-    shards = LAYOUT.flat_shard_indices(3, seed=42)
-    assert [len(s) for s in shards] == [len(s) for s in LAYOUT.flat_shard_indices(3, seed=42)]
-    assert all(
-        np.array_equal(a, b) for a, b in zip(shards, LAYOUT.flat_shard_indices(3, 42), strict=True)
-    )
-    assert not np.array_equal(shards[0], LAYOUT.flat_shard_indices(3, seed=43)[0])
-    joined = np.concatenate(shards)
-    np.testing.assert_array_equal(np.sort(joined), np.arange(LAYOUT.size))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-    vector = LAYOUT.to_flat_vector(tree)
-    received = np.zeros_like(vector)
+def test_element_shards_round_trip():
+    """Pushes of gradient shards (``gorila_jax.gradient_shards``): each a float32 frame
+    whose length the receiver takes from the shard index; together, the whole vector."""
+    vector = np.concatenate([leaf.astype(np.float32).ravel() for leaf in leaves_of(example_tree())])
+    shards = [shard_indices(vector.size, 3, worker, "default", seed=42) for worker in range(3)]
+    assert len({len(shard) for shard in shards}) > 1  # the last shard takes the remainder
+    received = np.full_like(vector, np.nan)
     for index, shard in enumerate(shards):
         header = header_for("push", loss=0.0, shard=index, frames=0)
         message = decode(
@@ -511,24 +493,10 @@ def test_flat_shards_partition_every_element_and_round_trip():
     np.testing.assert_array_equal(received, vector)
 
 
-def test_leaf_shards_and_subset():
-    shards = LAYOUT.shard_leaf_indices(3)
-    assert sorted(i for shard in shards for i in shard) == list(range(LAYOUT.num_leaves))
-    assert all(shard and list(shard) == sorted(shard) for shard in shards)
-    assert shards == LAYOUT.shard_leaf_indices(3)
-    assert LAYOUT.subset([4, 0]) == (LAYOUT.specs[4], LAYOUT.specs[0])
-    with pytest.raises(ValueError, match="repeated"):
-        LAYOUT.subset([1, 1])
-    with pytest.raises(ValueError, match="outside"):
-        LAYOUT.subset([LAYOUT.num_leaves])
-    with pytest.raises(ValueError):
-        LAYOUT.shard_leaf_indices(LAYOUT.num_leaves + 1)
-
-
 def test_push_of_a_leaf_shard_round_trips():
     header, arrays = sample_messages()["push_shard"]
     message = decode(to_wire(transport.encode(header, arrays)))
-    assert [a.shape for a in message.arrays] == [s.shape for s in LAYOUT.subset(LEAF_SHARDS[1])]
+    assert [a.shape for a in message.arrays] == [s.shape for s in shard_specs(1)]
     assert len(LEAF_SHARDS[0]) != len(LEAF_SHARDS[1])
     wrong = to_wire(transport.encode({**header, "shard": 0}, arrays))
     with pytest.raises(ProtocolError) as caught:
@@ -537,7 +505,7 @@ def test_push_of_a_leaf_shard_round_trips():
 
 
 def test_all_finite():
-    leaves = LAYOUT.flatten(example_tree())
+    leaves = leaves_of(example_tree())
     assert transport.all_finite(leaves)
     assert transport.all_finite([np.zeros(0, np.float32), np.arange(3)])
     for bad in (np.nan, np.inf, -np.inf):
@@ -567,7 +535,7 @@ def exchange(
     routing_id, frames = transport.recv(server)
     request = decode(frames)
     reply = transport.reply_header(
-        request.header, reply_kind, version=6, fingerprint=LAYOUT.fingerprint, **reply_fields
+        request.header, reply_kind, version=6, fingerprint=FINGERPRINT, **reply_fields
     )
     transport.send(server, transport.encode(reply, reply_arrays), routing_id)
     assert client.poll(2000), "client got no reply"
@@ -621,7 +589,7 @@ def test_tcp_loopback_with_random_port(context):
     )
     try:
         header, arrays = sample_messages()["push"]
-        leaves = LAYOUT.flatten(example_tree(np.random.default_rng(1)))
+        leaves = leaves_of(example_tree(np.random.default_rng(1)))
         routing_id, request, reply = exchange(server, client, header, arrays, "params", {}, leaves)
         assert routing_id == b"worker-1"
         assert_same_message(request, header, arrays)
