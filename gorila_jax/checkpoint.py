@@ -21,7 +21,6 @@ written again; when none is readable the error says so in one line.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any, NamedTuple
 import orbax.checkpoint as ocp
 
 from gorila_jax.config import Config, fingerprint, resume_differences, to_dict
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -157,11 +158,13 @@ class Checkpointer:
                     version, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
                 )["meta"]
             except Exception as error:  # orbax/tensorstore raise many types on bad files
-                warn(f"checkpoint {version} is unreadable ({_first_line(error)}); trying older")
+                log.warning(
+                    f"checkpoint {version} is unreadable ({_first_line(error)}); trying older"
+                )
                 damaged.append(version)
                 continue
             if not isinstance(meta, dict):
-                warn(f"checkpoint {version} has no metadata; trying older")
+                log.warning(f"checkpoint {version} has no metadata; trying older")
                 damaged.append(version)
                 continue
             if not force:
@@ -178,7 +181,9 @@ class Checkpointer:
                     version, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
                 )["state"]
             except Exception as error:
-                warn(f"checkpoint {version} is unreadable ({_first_line(error)}); trying older")
+                log.warning(
+                    f"checkpoint {version} is unreadable ({_first_line(error)}); trying older"
+                )
                 damaged.append(version)
                 continue
             self._move_aside(damaged)
@@ -197,7 +202,7 @@ class Checkpointer:
         for step in steps:
             target = self.damaged_directory / f"{step}-{stamp}"
             (self.directory / str(step)).rename(target)
-            warn(f"moved damaged checkpoint {step} to {target}")
+            log.warning(f"moved damaged checkpoint {step} to {target}")
         self._manager.reload()
 
     def close(self) -> None:
@@ -209,8 +214,3 @@ class Checkpointer:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
-
-
-def warn(message: str) -> None:
-    """A one-line warning on stderr."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from gorila_jax.envs import Episode
+
+log = logging.getLogger(__name__)
 
 EPISODE_FIELDS = ("time", "frames", "bundle", "env", "return", "length")
 
@@ -46,7 +49,7 @@ def open_tensorboard(log_dir: Path):
     try:
         from tensorboardX import SummaryWriter
     except ImportError as error:
-        print(f"note: no TensorBoard events ({error})", file=sys.stderr, flush=True)
+        log.warning(f"no TensorBoard events ({error})")
         return None
     return SummaryWriter(logdir=str(log_dir), flush_secs=TENSORBOARD_FLUSH_SECONDS)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -35,6 +35,8 @@ from gorila_jax.bundle import LoopCounters
 from gorila_jax.config import Config
 from gorila_jax.files import atomic_writer
 from gorila_jax.replay import Replay
+
+log = logging.getLogger(__name__)
 
 REPLAY_DIR = "replay"
 COMPRESS_LEVEL = 1
@@ -75,11 +77,6 @@ def replay_fingerprint(config: Config) -> str:
     )
     values = {key: getattr(config, key) for key in keys}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def warn(message: str) -> None:
-    """A one-line warning on stderr."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _first_line(error: BaseException) -> str:
@@ -141,8 +138,10 @@ class ReplayCheckpointer:
         except OSError as error:
             previous = self.checkpoints()
             kept = previous[-1].name if previous else "none"
-            warn(f"replay checkpoint {path.name} not written ({_first_line(error)}); "
-                 f"the previous one is kept ({kept})")  # fmt: skip
+            log.warning(
+                f"replay checkpoint {path.name} not written ({_first_line(error)}); "
+                f"the previous one is kept ({kept})"
+            )
             return None
         self.last_seconds = time.perf_counter() - start
         self.last_bytes = path.stat().st_size
@@ -175,8 +174,10 @@ class ReplayCheckpointer:
             try:
                 restored = self._load(path, replay)
             except _Foreign as foreign:
-                warn(f"replay checkpoint {path} was made for another run ({foreign} differ); "
-                     "starting with an empty replay")  # fmt: skip
+                log.warning(
+                    f"replay checkpoint {path} was made for another run ({foreign} differ); "
+                    "starting with an empty replay"
+                )
                 for other in candidates[at:]:
                     self._set_aside(other, None)
                 return None
@@ -186,10 +187,14 @@ class ReplayCheckpointer:
                 continue
             return restored
         if frames is not None and self.checkpoints():
-            warn(f"no replay checkpoint in {self.directory} pairs with the learner's "
-                 f"({frames:,} frames); starting with an empty replay")  # fmt: skip
+            log.warning(
+                f"no replay checkpoint in {self.directory} pairs with the learner's "
+                f"({frames:,} frames); starting with an empty replay"
+            )
         elif candidates:
-            warn(f"no usable replay checkpoint in {self.directory}; starting with an empty replay")
+            log.warning(
+                f"no usable replay checkpoint in {self.directory}; starting with an empty replay"
+            )
         return None
 
     def _load(self, path: Path, replay: Replay) -> ReplayRestored:
@@ -229,7 +234,7 @@ class ReplayCheckpointer:
         except OSError as error:
             where = f"could not be moved aside: {_first_line(error)}"
         if reason is not None:
-            warn(f"replay checkpoint {path} is {reason}; {where}")
+            log.warning(f"replay checkpoint {path} is {reason}; {where}")
 
 
 class _Foreign(Exception):
@@ -282,19 +287,18 @@ def restore_replay(
     if restored is None:
         return checkpointer, None
     resume = restored.counters
-    name = "single process" if bundle == 0 else f"bundle {bundle}"
-    print(
-        f"[{name}] resumed its replay from {restored.path.name}: {len(replay):,} transitions, "
-        f"{resume.frames:,} frames, {resume.episodes:,} episodes",
-        flush=True,
+    log.info(
+        f"resumed its replay from {restored.path.name}: {len(replay):,} transitions, "
+        f"{resume.frames:,} frames, {resume.episodes:,} episodes"
     )
     return checkpointer, resume
 
 
 def replay_saver(
-    checkpointer: ReplayCheckpointer | None, replay: Replay, prefix: str
+    checkpointer: ReplayCheckpointer | None, replay: Replay, prefix: str | None = None
 ) -> Callable[..., None] | None:
-    """The loop's checkpoint callback: save the replay and counters, report size and time."""
+    """The loop's checkpoint callback: save the replay and counters, report size and time
+    (an INFO record). `prefix` is ignored: the log format names the process."""
     if checkpointer is None:
         return None
 
@@ -302,12 +306,11 @@ def replay_saver(
         path = checkpointer.save(replay, counters, extra)
         if path is not None:
             ratio = checkpointer.last_raw_bytes / max(checkpointer.last_bytes, 1)
-            print(
-                f"{prefix} replay checkpoint {path.name}: {len(replay):,} transitions, "
+            log.info(
+                f"replay checkpoint {path.name}: {len(replay):,} transitions, "
                 f"{checkpointer.last_raw_bytes / 1e6:,.0f} MB -> "
                 f"{checkpointer.last_bytes / 1e6:,.1f} MB ({ratio:.0f}x) "
-                f"in {checkpointer.last_seconds:.1f} s",
-                flush=True,
+                f"in {checkpointer.last_seconds:.1f} s"
             )
 
     return save

@@ -6,7 +6,7 @@ on a laptop, for debugging, and as the baseline that the distributed runs are co
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gorila_jax import logs
 from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_learner
 from gorila_jax.checkpoint import Checkpointer, CheckpointError, run_meta
 from gorila_jax.config import Config, validate, write_resolved
@@ -24,6 +25,8 @@ from gorila_jax.optim import config_optimizer
 from gorila_jax.params_file import save_params
 from gorila_jax.replay import Sample
 from gorila_jax.replay_checkpoint import replay_saver, restore_replay
+
+log = logging.getLogger(__name__)
 
 
 def init_params(network, example_obs: np.ndarray, seed: int) -> Any:
@@ -110,8 +113,10 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
     The learner (params, target, optimizer state, update count) is checkpointed with orbax
     in RUN_DIR/checkpoints and the replay with its counters in RUN_DIR/replay/single, every
     `checkpoint_every_seconds` and when the loop ends; a run directory holding them is
-    resumed from them.
+    resumed from them. This is the single process's role: its log records are named
+    "single process" (`logs.setup`).
     """
+    logs.setup("single process")
     validate(config, local_device_count=jax.local_device_count())
     run_dir = Path(config.run_dir)
     env = make_env(config, seed=config.seed, training=True)
@@ -126,15 +131,14 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
         checkpointer = Checkpointer(run_dir, keep=config.checkpoint_keep)
         learner_frames = restore_learner(config, learner, checkpointer)
         if learner_frames is not None:
-            print(f"[single process] resumed its learner at {learner.updates:,} updates",
-                  flush=True)  # fmt: skip
+            log.info(f"resumed its learner at {learner.updates:,} updates")
         # Only the replay saved together with that learner checkpoint (same frames) is
         # loaded; without a learner checkpoint, none is.
         replay_checkpointer, resume = restore_replay(
             config, replay, bundle=0, bundles=1, frames=learner_frames or 0
         )
         write_resolved(config, run_dir)
-        save_replay = replay_saver(replay_checkpointer, replay, "[single process]")
+        save_replay = replay_saver(replay_checkpointer, replay)
 
         def save_checkpoint(counters: LoopCounters) -> None:
             # The replay first: a learner checkpoint on disk always has its replay beside it.
@@ -144,9 +148,11 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
             try:
                 checkpointer.save(learner.updates, jax.device_get(learner_state(learner)), meta)
             except Exception as error:  # orbax raises many types (a full disk among them)
-                print(f"warning: learner checkpoint at {learner.updates:,} updates not written "
-                      f"({type(error).__name__}: {str(error)[:150]}); the previous one is kept",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                log.warning(
+                    f"learner checkpoint at {learner.updates:,} updates not written "
+                    f"({type(error).__name__}: {str(error)[:150]}); "
+                    "the previous one is kept"
+                )
 
         print(
             f"single-process DQN on {config.env_id}: {env.num_envs} envs, "

@@ -5,6 +5,7 @@ Real processes, killed by pid, every wait bounded in time.
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -225,7 +226,7 @@ def test_checkpoint_round_trip_and_keep(tmp_path):
     checkpointer.close()
 
 
-def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
     for version in (1, 2):
@@ -238,7 +239,10 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     state, _ = server.checkpoint_state()
     restored = Checkpointer(tmp_path, keep=3).restore_latest(state, **expectations(config, server))
     assert restored.version == 1
-    assert "checkpoint 2 is unreadable" in capsys.readouterr().err
+    assert any(
+        r.levelno == logging.WARNING and "checkpoint 2 is unreadable" in r.getMessage()
+        for r in caplog.records
+    )
     for path in (tmp_path / "checkpoints" / "1").rglob("*"):
         if path.is_file():
             path.write_bytes(b"")
@@ -306,7 +310,7 @@ def test_stopped_workers_survive_a_restart_of_the_server(tmp_path):
     checkpointer.close()
 
 
-def test_after_a_fallback_new_checkpoints_are_written_and_only_those_reported(tmp_path, capsys):
+def test_after_a_fallback_new_checkpoints_are_written_and_only_those_reported(tmp_path, caplog):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
     for version in (1, 2):
@@ -323,7 +327,11 @@ def test_after_a_fallback_new_checkpoints_are_written_and_only_those_reported(tm
     state, _ = resumed.checkpoint_state()
     restored = checkpointer.restore_latest(state, **expectations(config, resumed))
     resumed.restore(restored.state, restored.meta)
-    assert resumed.version == 1 and "moved damaged checkpoint 2" in capsys.readouterr().err
+    assert resumed.version == 1
+    assert any(
+        r.levelno == logging.WARNING and "moved damaged checkpoint 2" in r.getMessage()
+        for r in caplog.records
+    )
     resumed.version = 2  # an update after the fallback, then the final checkpoint
     resumed.params = resumed.params + 5.0
     assert resumed.save_checkpoint(checkpointer)
@@ -386,7 +394,7 @@ def test_bundle_gives_up_with_a_clear_message_when_the_server_stays_away(tmp_pat
         endpoint, token=server.token, worker=0, fingerprint=server.fingerprint,
         num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=1.0,
     )  # fmt: skip
-    learner = RemoteLearner(config, network, params, connection, num_workers=1)
+    learner = RemoteLearner(config, network, params, [connection], num_workers=1)
     stop.set()
     thread.join(timeout=10)
     sock.close(linger=0)
@@ -435,7 +443,7 @@ def test_sigterm_then_resume_brings_back_the_replays_and_learns_at_once(tmp_path
     assert stats["frames"] - stopped_frames < learning_starts
     out, err = stop_and_check(launcher, all_descendants(launcher))
     for name, index in (("bundle1", 1), ("bundle2", 2)):
-        assert f"[bundle {index}] resumed its replay from replay-" in out, out[-3000:]
+        assert f"[bundle {index}] INFO: resumed its replay from replay-" in out, out[-3000:]
         assert f"{saved[name]['frames']:,} frames" in out
 
 
@@ -470,8 +478,11 @@ def test_single_process_sigterm_checkpoints_and_resumes(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed its learner at {versions[-1]:,} updates" in resumed.stdout
-    assert "[single process] resumed its replay from" in resumed.stdout
+    # Log records (stderr) name the process and the level.
+    assert f"[single process] INFO: resumed its learner at {versions[-1]:,} updates" in (
+        resumed.stderr
+    )
+    assert "[single process] INFO: resumed its replay from" in resumed.stderr
     done = [line for line in resumed.stdout.splitlines() if line.startswith("done:")][-1]
     updates = int(done.split(" frames, ")[1].split(" updates")[0].replace(",", ""))
     assert updates >= versions[-1] + 400  # one update per 4 agent steps of 4 envs at once
@@ -501,6 +512,6 @@ def test_a_run_directory_is_resumed_only_with_the_same_training_settings(tmp_pat
 
     longer = run("--total-frames", "2000")  # a setting that is safe to change
     assert longer.returncode == 0, longer.stderr[-2000:]
-    assert "resumed its learner" in longer.stdout
+    assert "[single process] INFO: resumed its learner" in longer.stderr
     assert (tmp_path / "config.1.yaml").read_text() == trained_with
     assert "total_frames: 2000" in (tmp_path / "config.yaml").read_text()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import logging
 import zipfile
 
 import jax
@@ -130,7 +131,14 @@ def test_only_the_last_k_are_kept_and_the_newest_is_restored(tmp_path):
     assert_same_state(replay, fresh)
 
 
-def test_a_damaged_newest_file_falls_back_to_the_previous_one(tmp_path, capsys):
+def warnings_of(caplog) -> list[str]:
+    """The warning messages logged since the last call (then forgotten)."""
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    caplog.clear()
+    return messages
+
+
+def test_a_damaged_newest_file_falls_back_to_the_previous_one(tmp_path, caplog):
     replay = make(True)
     saver = checkpointer(tmp_path)
     fill(replay, 30, seed=1)
@@ -146,9 +154,9 @@ def test_a_damaged_newest_file_falls_back_to_the_previous_one(tmp_path, capsys):
     fresh = make(True)
     assert saver.restore(fresh).counters == at(1)
     assert_same_state(kept, fresh)
-    err = capsys.readouterr().err
-    assert "replay-000000000002.zip is damaged" in err and err.count("\n") == 1
-    assert "moved to" in err and (saver.directory / "refused" / newest.name).exists()
+    (warning,) = warnings_of(caplog)  # one line
+    assert "replay-000000000002.zip is damaged" in warning and "\n" not in warning
+    assert "moved to" in warning and (saver.directory / "refused" / newest.name).exists()
     assert [p.name for p in saver.checkpoints()] == ["replay-000000000001.zip"]
 
 
@@ -157,7 +165,7 @@ def test_a_damaged_newest_file_falls_back_to_the_previous_one(tmp_path, capsys):
     ["truncated", "not a zip", "no meta", "bad shape", "bad flags", "pickled array"],
 )
 def test_every_damaged_file_is_refused_with_one_line_and_leaves_an_empty_replay(
-    tmp_path, capsys, damage
+    tmp_path, caplog, damage
 ):
     replay = make(True)
     fill(replay, 30, seed=1)
@@ -193,13 +201,14 @@ def test_every_damaged_file_is_refused_with_one_line_and_leaves_an_empty_replay(
     fresh = make(True)
     fill(fresh, 3, seed=3)  # whatever it held before is forgotten or kept consistent
     assert saver.restore(fresh) is None
-    err = capsys.readouterr().err.strip().splitlines()
-    assert any("is damaged" in line for line in err), err
-    assert "Traceback" not in "\n".join(err)
+    warnings = warnings_of(caplog)
+    assert any("is damaged" in line for line in warnings), warnings
+    assert not any("\n" in line for line in warnings), warnings  # no traceback
+    assert not any(record.exc_info for record in caplog.records)
     fresh.check_valid()
 
 
-def test_a_checkpoint_of_another_config_or_bundle_count_is_refused(tmp_path, capsys):
+def test_a_checkpoint_of_another_config_or_bundle_count_is_refused(tmp_path, caplog):
     config = cartpole_defaults()
     replay = make(False)
     fill(replay, 20, seed=1)
@@ -209,7 +218,7 @@ def test_a_checkpoint_of_another_config_or_bundle_count_is_refused(tmp_path, cap
     other_count = ReplayCheckpointer(tmp_path, keep=2, expect={**expect, "bundles": 3})
     fresh = make(False)
     assert other_count.restore(fresh) is None and len(fresh) == 0
-    assert "made for another run (bundles differ)" in capsys.readouterr().err
+    assert "made for another run (bundles differ)" in " ".join(warnings_of(caplog))
     ReplayCheckpointer(tmp_path, keep=2, expect=expect).save(replay, at(3))  # set aside: again
 
     other_config = dataclasses.replace(config, n_step=5)
@@ -219,10 +228,10 @@ def test_a_checkpoint_of_another_config_or_bundle_count_is_refused(tmp_path, cap
     )
     foreign = {**expect, "replay_fingerprint": replay_fingerprint(other_config)}
     assert ReplayCheckpointer(tmp_path, keep=2, expect=foreign).restore(fresh) is None
-    assert "replay_fingerprint differ" in capsys.readouterr().err
+    assert "replay_fingerprint differ" in " ".join(warnings_of(caplog))
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, caplog, monkeypatch):
     replay = make(False)
     fill(replay, 20, seed=1)
     saver = checkpointer(tmp_path)
@@ -233,16 +242,17 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(np.lib.format, "write_array", no_space)
     assert saver.save(replay, at(2)) is None
-    err = capsys.readouterr().err
-    assert "replay-000000000002.zip not written" in err and "No space left" in err
-    assert "previous one is kept (replay-000000000001.zip)" in err
+    (warning,) = warnings_of(caplog)
+    assert "replay-000000000002.zip not written" in warning and "No space left" in warning
+    assert "previous one is kept (replay-000000000001.zip)" in warning
     assert saver.checkpoints() == [first]
     assert not list(saver.directory.glob("*.tmp"))
     monkeypatch.undo()
     assert saver.restore(make(False)).counters == at(1)
 
 
-def test_a_bundle_whose_replay_is_lost_starts_empty_while_the_other_resumes(tmp_path, capsys):
+def test_a_bundle_whose_replay_is_lost_starts_empty_while_the_other_resumes(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gorila_jax")
     config = dataclasses.replace(Config(), run_dir=str(tmp_path), num_envs=NUM_ENVS)
     counters = LoopCounters(400, 100, 3, (1, 2))
     for bundle in (1, 2):
@@ -253,11 +263,17 @@ def test_a_bundle_whose_replay_is_lost_starts_empty_while_the_other_resumes(tmp_
         saver.save(replay, counters)
     for path in replay_dir(tmp_path, 2).iterdir():
         path.unlink()  # bundle 2's checkpoints are lost
+    caplog.clear()
     _, resume_1 = restore_replay(config, make(False), bundle=1, bundles=2)
     assert resume_1 == LoopCounters(400, 100, 3, (1, 2))
+    (resumed,) = caplog.records  # bundle 2 has nothing to resume: not a word
+    assert resumed.levelno == logging.INFO
+    assert resumed.getMessage().startswith("resumed its replay from replay-000000000400.zip: ")
+    assert resumed.getMessage().endswith(" transitions, 400 frames, 3 episodes")
     replay_2 = make(False)
     _, resume_2 = restore_replay(config, replay_2, bundle=2, bundles=2)
     assert resume_2 is None and len(replay_2) == 0
+    assert len(caplog.records) == 1
     off = dataclasses.replace(config, checkpoint_replay=False)
     assert restore_replay(off, make(False), bundle=1, bundles=2) == (None, None)
 
@@ -306,7 +322,7 @@ def write_members(path, members: dict) -> None:
             archive.writestr(name, data)
 
 
-def test_crafted_files_are_refused_without_allocating_what_they_claim(tmp_path, capsys):
+def test_crafted_files_are_refused_without_allocating_what_they_claim(tmp_path, caplog):
     import io
     import json
 
@@ -347,10 +363,11 @@ def test_crafted_files_are_refused_without_allocating_what_they_claim(tmp_path, 
         fresh = make(False)
         assert saver.restore(fresh) is None, case
         assert fresh.num_adds == 0 and len(fresh) == 0, case
-        err = capsys.readouterr().err
-        assert "Traceback" not in err, case
+        assert not any(record.exc_info for record in caplog.records), case
+        warnings = " ".join(warnings_of(caplog))
+        assert "Traceback" not in warnings, case
         if case == "huge shape":  # refused from its header, before any allocation
-            assert "frames.npy holds (2000000000000,) uint8, expected" in err
+            assert "frames.npy holds (2000000000000,) uint8, expected" in warnings
         for moved in (saver.directory / "refused").glob("*"):
             moved.unlink()
 
@@ -383,7 +400,7 @@ def test_leftover_temporary_files_are_removed(tmp_path):
     assert not leftover.exists()
 
 
-def test_a_single_process_replay_pairs_with_its_learner_by_frames(tmp_path, capsys):
+def test_a_single_process_replay_pairs_with_its_learner_by_frames(tmp_path, caplog):
     replay = make(False)
     saver = checkpointer(tmp_path)
     for frames in (10, 20, 30):
@@ -392,7 +409,7 @@ def test_a_single_process_replay_pairs_with_its_learner_by_frames(tmp_path, caps
     saver.keep = 5
     fresh = make(False)
     assert saver.restore(fresh, frames=20).counters == at(20)  # 30 is newer than the learner
-    assert "newer than the learner's checkpoint" in capsys.readouterr().err
+    assert "newer than the learner's checkpoint" in " ".join(warnings_of(caplog))
     assert saver.restore(make(False), frames=15) is None  # no replay was saved at 15
     assert saver.restore(make(False), frames=0) is None  # no learner: no replay either
 
