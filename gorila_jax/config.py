@@ -119,6 +119,11 @@ class Config:
     """Epsilon-greedy: frames over which epsilon falls linearly from start to end."""
 
     # --- parameter server (distributed runs) --------------------------------------------
+    server_shards: int = 1
+    """Parameter-server processes, each owning a contiguous slice of the parameters (as in
+    the Gorila paper). Under SLURM tasks 0..S-1 are the shards and the rest bundles; the
+    local launcher starts S shards and `workers` bundles. A run resumes only with the same
+    number of shards."""
     sync_every: int = 4
     """Bundles pull fresh params from the server every this many learner steps."""
     max_staleness: int = 64
@@ -226,6 +231,7 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         "epsilon_decay_frames",
         "max_episode_frames",
         "workers",
+        "server_shards",
         "sync_every",
         "max_staleness",
         "outlier_warmup",

@@ -7,10 +7,11 @@ Every process of a run calls `initialize()` once, before any other JAX call:
   127.0.0.1 only;
 - otherwise the process is alone (single-process training).
 
-Process 0 is the parameter server, every other process a bundle. The server publishes its
-address and the run token through jax.distributed's key-value store (and, with
-`--wire-security curve`, every process its CURVE public key; secret keys never leave the
-process that made them); this module is the only place that touches that (private) JAX API.
+Processes 0..S-1 are the parameter server's shards (`--server-shards S`, default 1), every
+other process a bundle. Each shard publishes its address and run token through
+jax.distributed's key-value store (and, with `--wire-security curve`, every process its
+CURVE public key; secret keys never leave the process that made them); this module is the
+only place that touches that (private) JAX API.
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ from typing import NamedTuple
 ENV_COORDINATOR = "GORILA_COORDINATOR"
 ENV_NUM_PROCESSES = "GORILA_NUM_PROCESSES"
 ENV_PROCESS_ID = "GORILA_PROCESS_ID"
+# A restarted process of the local launcher: the port a server shard bound before (its
+# own), or every shard's, comma-separated (a bundle).
 ENV_SERVER_PORT = "GORILA_SERVER_PORT"
 ENV_RUN_TOKEN = "GORILA_RUN_TOKEN"
 ENV_RESTARTED = "GORILA_RESTARTED"
 ENV_PORT_FILE = "GORILA_PORT_FILE"  # where the local server writes the port it bound
 ENV_LAUNCHER_PID = "GORILA_LAUNCHER_PID"
 # --wire-security curve under the local launcher: this process's CURVE key pair, the
-# server's public key (bundles) and the bundles' public keys, comma-separated (server).
+# server shards' public keys (bundles) and the bundles' (shards), comma-separated.
 ENV_CURVE_PUBLIC = "GORILA_CURVE_PUBLIC"
 ENV_CURVE_SECRET = "GORILA_CURVE_SECRET"
 ENV_CURVE_SERVER = "GORILA_CURVE_SERVER"
 ENV_CURVE_CLIENTS = "GORILA_CURVE_CLIENTS"
-KEY_ENDPOINT = "gorila/server_endpoint"
-KEY_TOKEN = "gorila/run_token"
-KEY_SERVER_CURVE = "gorila/curve/server"  # the server's CURVE public key
+KEY_ENDPOINT = "gorila/server_endpoint"  # + "/k": server shard k's address
+KEY_TOKEN = "gorila/run_token"  # + "/k": server shard k's run token
+KEY_SERVER_CURVE = "gorila/curve/server"  # + "/k": server shard k's CURVE public key
 KEY_BUNDLE_CURVE = "gorila/curve/bundle"  # + the process index: a bundle's public key
 
 
@@ -44,11 +47,6 @@ class ProcessInfo(NamedTuple):
     index: int
     count: int
     launcher: str  # "slurm", "local" or "none"
-
-    @property
-    def is_server(self) -> bool:
-        """Process 0 hosts the parameter server."""
-        return self.index == 0
 
 
 def detect_launcher(environ: dict | None = None) -> str:
@@ -121,5 +119,12 @@ def shutdown() -> None:
     checks, and libraries such as orbax see a single-process program.
     """
     import jax
+    from jax._src import distributed
 
     jax.distributed.shutdown()
+    # jax keeps this process's index and the group's size after the shutdown, and builds
+    # the backend from them: a process other than 0 would then see a multi-process
+    # program without a group (orbax's barriers fail: "cannot reshape array of size 1
+    # into shape (2,1)"). Alone from here on, it is process 0 of 1.
+    distributed.global_state.process_id = 0
+    distributed.global_state.num_processes = 1

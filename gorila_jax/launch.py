@@ -3,10 +3,11 @@
 `main` parses the config, then:
 - `--single-process`: trains here (`gorila_jax.single_process`);
 - started by srun or by the local launcher: joins jax.distributed and plays its role,
-  process 0 the parameter server, every other process a bundle;
-- started by hand without SLURM: becomes the local launcher, which starts a server and
-  `--workers` bundles on 127.0.0.1 (the same script, with GORILA_* variables), prefixes and
-  forwards their output, stops all of them on Ctrl-C or SIGTERM, and when one dies
+  processes 0..S-1 the parameter server's shards (`--server-shards`, default 1), every
+  other process a bundle;
+- started by hand without SLURM: becomes the local launcher, which starts the server's
+  shards and `--workers` bundles on 127.0.0.1 (the same script, with GORILA_* variables),
+  prefixes and forwards their output, stops all of them on Ctrl-C or SIGTERM, and when one dies
   unexpectedly stops the others and exits non-zero naming the process and its last error.
   If the launcher itself dies (even by SIGKILL), every process it started stops and is
   gone within `LAUNCHER_GONE_GRACE_SECONDS` plus a poll (`_die_with_launcher`).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -27,8 +29,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from gorila_jax import distributed
+from gorila_jax import distributed, logs
 from gorila_jax.checkpoint import CheckpointError
 from gorila_jax.config import Config, ConfigError, parse_cli, validate, write_resolved
 
@@ -37,6 +40,8 @@ LAUNCHER_GONE_GRACE_SECONDS = 15.0  # a child of a dead launcher exits this long
 LAUNCHER_POLL_SECONDS = 0.5
 EXIT_STOPPED = 143  # 128 + SIGTERM: a process that stopped because it was told to
 KEY_VALUE_TIMEOUT_SECONDS = 120.0
+
+log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -75,7 +80,8 @@ def _stop_on_signals() -> threading.Event:
 
 
 def run_role(config: Config) -> int:
-    """Join the run and be its parameter server (process 0) or one of its bundles.
+    """Join the run and be one of its parameter-server shards (processes 0..S-1) or one of
+    its bundles.
 
     A process the local launcher restarts cannot rejoin jax.distributed (the group is left
     after the rendezvous); it takes its index, the server's port and the token from the
@@ -92,18 +98,45 @@ def run_role(config: Config) -> int:
         )
     else:
         info = distributed.initialize()
-    if info.count < 2:
+    shards = config.server_shards
+    logs.setup(process_name(info.index, shards))
+    if info.count <= shards:
         print(
-            "error: a Gorila run needs at least 2 processes (a server and a bundle); "
-            "use srun -n 3 or more, or --single-process",
+            f"error: a Gorila run needs its {shards} server process(es) and at least one "
+            f"bundle, and {info.count} process(es) were started; use srun -n "
+            f"{shards + 2} or more, or --single-process",
             file=sys.stderr,
         )
         return 2
-    if info.is_server:
-        run_server(config, info, stop)
+    if shards > 1:
+        _check_shard_layout(config)
+    if info.index < shards:
+        run_server(config, info, stop, shard=info.index)
     else:
         run_bundle(config, info, stop)
     return EXIT_STOPPED if stop.is_set() else 0
+
+
+def _check_shard_layout(config: Config) -> None:
+    """Refuse (ConfigError) more server shards than the network has parameters, in every
+    process before the rendezvous, so that all of them exit with the one line."""
+    from gorila_jax.networks import make_network
+    from gorila_jax.shard_layout import ShardLayout
+
+    num_actions, example_obs = _probe_env(config, config.seed)
+    num_params = _count_params(make_network(config, num_actions), example_obs)
+    try:
+        ShardLayout.even(num_params, config.server_shards)
+    except ValueError as error:
+        raise ConfigError(f"config.server_shards: {error}") from None
+
+
+def process_name(index: int, shards: int) -> str:
+    """How a process of the run is named in its output: "server" (or "shard k" of a split
+    server), or "bundle i" (i from 1)."""
+    if index < shards:
+        return "server" if shards == 1 else f"shard {index}"
+    return f"bundle {index - shards + 1}"
 
 
 def _die_with_launcher(launcher_pid: int, stop: threading.Event) -> None:
@@ -140,10 +173,11 @@ def _check_devices(config: Config) -> None:
 
 
 def _rendezvous_server(
-    endpoint: str, token: str, curve_public: bytes | None, num_bundles: int
+    shard: int, endpoint: str, token: str, curve_public: bytes | None, bundles: range
 ) -> list[bytes]:
-    """Publish the server's address and token (and CURVE public key), collect the bundles'
-    CURVE public keys (with `curve_public`), then leave jax.distributed; the keys.
+    """Publish this server shard's address and token (and CURVE public key), collect the
+    bundles' CURVE public keys (with `curve_public`; `bundles` are their process
+    indices), then leave jax.distributed; the keys.
 
     Leaving means processes live and die independently afterwards: jax's health check
     would otherwise take every process down with any one of them.
@@ -151,40 +185,59 @@ def _rendezvous_server(
     if distributed.ENV_RESTARTED in os.environ:
         return []
     store = distributed.KeyValueStore()
-    store.set(distributed.KEY_ENDPOINT, endpoint)
-    store.set(distributed.KEY_TOKEN, token)
+    store.set(f"{distributed.KEY_ENDPOINT}/{shard}", endpoint)
+    store.set(f"{distributed.KEY_TOKEN}/{shard}", token)
     keys = []
     if curve_public is not None:
-        store.set(distributed.KEY_SERVER_CURVE, curve_public.decode())
-        for index in range(1, num_bundles + 1):
+        store.set(f"{distributed.KEY_SERVER_CURVE}/{shard}", curve_public.decode())
+        for index in bundles:
             key = store.get(f"{distributed.KEY_BUNDLE_CURVE}{index}", KEY_VALUE_TIMEOUT_SECONDS)
             keys.append(key.encode())
     distributed.shutdown()
     return keys
 
 
-def _rendezvous_bundle(index: int, curve_public: bytes | None) -> tuple[str, str, bytes | None]:
-    """The server's endpoint, the run token and, when this bundle has a CURVE public key
-    (published here), the server's (from the store, or the launcher's env)."""
+class ServerAddress(NamedTuple):
+    """How a bundle reaches one server shard."""
+
+    endpoint: str
+    token: str
+    curve_key: bytes | None  # the shard's CURVE public key (with --wire-security curve)
+
+
+def _rendezvous_bundle(index: int, shards: int, curve_public: bytes | None) -> list[ServerAddress]:
+    """Every server shard's endpoint, token and, when this bundle has a CURVE public key
+    (published here), CURVE public key: from the store, or from the launcher's env."""
     if distributed.ENV_RESTARTED in os.environ:
-        port = os.environ.get(distributed.ENV_SERVER_PORT)
-        if not port:
-            raise ConfigError("restarted bundle: the server never said which port it bound")
-        server_key = os.environ.get(distributed.ENV_CURVE_SERVER)
-        return (
-            f"tcp://127.0.0.1:{port}",
-            os.environ[distributed.ENV_RUN_TOKEN],
-            server_key.encode() if curve_public is not None and server_key else None,
-        )
+        ports = _env_list(distributed.ENV_SERVER_PORT)
+        if len(ports) != shards:
+            raise ConfigError("restarted bundle: a server shard never said which port it bound")
+        keys = _env_list(distributed.ENV_CURVE_SERVER) or [""] * shards
+        return [
+            ServerAddress(
+                f"tcp://127.0.0.1:{port}",
+                os.environ[distributed.ENV_RUN_TOKEN],
+                key.encode() if curve_public is not None and key else None,
+            )
+            for port, key in zip(ports, keys, strict=True)
+        ]
     store = distributed.KeyValueStore()
-    server_key = None
     if curve_public is not None:
         store.set(f"{distributed.KEY_BUNDLE_CURVE}{index}", curve_public.decode())
-        server_key = store.get(distributed.KEY_SERVER_CURVE, KEY_VALUE_TIMEOUT_SECONDS).encode()
-    endpoint = store.get(distributed.KEY_ENDPOINT, KEY_VALUE_TIMEOUT_SECONDS)
-    token = store.get(distributed.KEY_TOKEN, KEY_VALUE_TIMEOUT_SECONDS)
+    addresses = []
+    for shard in range(shards):
+        key = None
+        if curve_public is not None:
+            key = store.get(f"{distributed.KEY_SERVER_CURVE}/{shard}", KEY_VALUE_TIMEOUT_SECONDS)
+        addresses.append(
+            ServerAddress(
+                store.get(f"{distributed.KEY_ENDPOINT}/{shard}", KEY_VALUE_TIMEOUT_SECONDS),
+                store.get(f"{distributed.KEY_TOKEN}/{shard}", KEY_VALUE_TIMEOUT_SECONDS),
+                None if key is None else key.encode(),
+            )
+        )
     distributed.shutdown()
-    return endpoint, token, server_key
+    return addresses
 
 
 def _own_curve_keys() -> tuple[bytes, bytes]:
@@ -246,8 +299,11 @@ def _publish_port(endpoint: str) -> None:
         tmp.replace(path)
 
 
-def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Event) -> None:
-    """Process 0: hold the params, apply pushes, publish the address, answer until done."""
+def run_server(
+    config: Config, info: distributed.ProcessInfo, stop: threading.Event, *, shard: int = 0
+) -> None:
+    """Process `shard` (< server_shards): hold its slice of the params, apply pushes,
+    publish its address, answer until done."""
     import zmq
 
     from gorila_jax import transport
@@ -255,9 +311,11 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     from gorila_jax.networks import make_network
     from gorila_jax.parameter_server import ParameterServer, max_message_bytes
     from gorila_jax.params_file import save_params
+    from gorila_jax.server_stats import server_dir
     from gorila_jax.single_process import init_params
 
     run_dir = Path(config.run_dir)
+    _check_server_files(run_dir, config.server_shards)
     token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()
     # A first start binds a free port itself (no probing race); a restart takes it back.
     port = os.environ.get(distributed.ENV_SERVER_PORT, "0")
@@ -277,15 +335,17 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     # Bundles may connect now; their hellos wait in the socket until serve() starts (with
     # CURVE, they connect once the rendezvous has given this server their keys).
     public = None if curve is None else curve.public
-    clients.update(_rendezvous_server(endpoint, token, public, info.count - 1))
+    bundles = range(config.server_shards, info.count)
+    clients.update(_rendezvous_server(shard, endpoint, token, public, bundles))
     _check_devices(config)
     params = init_params(network, example_obs, config.seed)
     server = ParameterServer(
-        config, params, num_workers=info.count - 1, token=token, run_dir=run_dir
+        config, params, num_workers=len(bundles), token=token, run_dir=run_dir, shard=shard
     )
+    own_dir = server_dir(run_dir, shard, config.server_shards)
     checkpointer = None
     try:
-        checkpointer = Checkpointer(run_dir, keep=config.checkpoint_keep)
+        checkpointer = Checkpointer(own_dir, keep=config.checkpoint_keep)
         state, _ = server.checkpoint_state()
         restored = checkpointer.restore_latest(
             state,
@@ -295,15 +355,17 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         )
         if restored is None and config.resume:
             raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}")
-        write_resolved(config, run_dir)
+        if shard == 0:
+            write_resolved(config, run_dir)
         if restored is not None:
             server.restore(restored.state, restored.meta)
-            print(f"[server] resumed from checkpoint {restored.version}", flush=True)
-        print(
-            f"[server] {config.env_id}: {server.num_params:,} params, {server.num_workers} "
-            f"bundle(s), optimizer {config.optimizer}, dc_asgd {config.dc_asgd}, "
-            f"shard_factor {config.shard_factor}, listening on {endpoint}",
-            flush=True,
+            log.info(f"resumed from checkpoint {restored.version}")
+        held = server.layout.slice(shard)
+        log.info(
+            f"{config.env_id}: {server.total_params:,} params (this process holds "
+            f"{held.start:,}..{held.stop - 1:,}), {server.num_workers} bundle(s), optimizer "
+            f"{config.optimizer}, dc_asgd {config.dc_asgd}, shard_factor "
+            f"{config.shard_factor}, listening on {endpoint}"
         )
         server.serve(sock, endpoint, stop.is_set, checkpointer=checkpointer)
     finally:
@@ -312,17 +374,87 @@ def run_server(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
             authenticator.stop()
         if checkpointer is not None:
             checkpointer.close()
-    save_params(server.params_tree(), run_dir / "params.msgpack")
+    if config.server_shards == 1:
+        save_params(server.params_tree(), run_dir / "params.msgpack")
+    else:
+        _save_sharded_params(server, run_dir)
     stats = server.stats()
-    print(
-        f"[server] {'stopped' if stop.is_set() else 'done'}: {stats['updates']:,} updates, "
-        f"checkpoint {server.checkpointed_version}, rejections {stats['rejections'] or 'none'}",
-        flush=True,
+    log.info(
+        f"{'stopped' if stop.is_set() else 'done'}: {stats['updates']:,} updates, "
+        f"checkpoint {server.checkpointed_version}, rejections {stats['rejections'] or 'none'}"
     )
 
 
+PARAMS_SLICE = "params_slice.npy"
+GATHER_SECONDS = 30.0  # how long shard 0 waits for the others' final slices
+
+
+def _check_server_files(run_dir: Path, shards: int) -> None:
+    """Refuse (CheckpointError, one line) a run directory whose server checkpoints were
+    written by a server split another way: a run resumes only with the same shard count
+    (the shards' own checkpoints also record their layout)."""
+    from gorila_jax.checkpoint import CheckpointError, has_checkpoint
+
+    sharded = sorted(p.name for p in run_dir.glob("shard*") if has_checkpoint(p))
+    if shards == 1 and sharded:
+        raise CheckpointError(
+            f"{run_dir} holds the checkpoints of a server split in {len(sharded)} shards "
+            f"({', '.join(sharded)}); resume with --server-shards {len(sharded)}, or use "
+            "another --run-dir"
+        )
+    if shards > 1 and has_checkpoint(run_dir):
+        raise CheckpointError(
+            f"{run_dir} holds the checkpoint of an unsharded server; resume with "
+            "--server-shards 1, or use another --run-dir"
+        )
+
+
+def _save_sharded_params(server, run_dir: Path) -> None:
+    """Every shard writes its final slice; shard 0 waits for the others' (written after it
+    started) and saves the whole params as RUN_DIR/params.msgpack."""
+    import io
+
+    import numpy as np
+
+    from gorila_jax.files import write_atomically
+    from gorila_jax.params_file import save_params
+    from gorila_jax.server_stats import server_dir
+
+    shards = server.layout.num_shards
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(server.params, np.float32), allow_pickle=False)
+    write_atomically(server.own_dir / PARAMS_SLICE, buffer.getvalue())
+    if server.shard != 0:
+        return
+    deadline = time.monotonic() + GATHER_SECONDS
+    slices: dict[int, np.ndarray] = {}
+    while len(slices) < shards and time.monotonic() < deadline:
+        for shard in range(shards):
+            path = server_dir(run_dir, shard, shards) / PARAMS_SLICE
+            if shard in slices or not path.exists() or path.stat().st_mtime < server.started:
+                continue
+            try:
+                values = np.load(path, allow_pickle=False)
+            except (OSError, ValueError):
+                continue
+            if values.dtype == np.float32 and values.shape == (server.layout.size(shard),):
+                slices[shard] = values
+        if len(slices) < shards:
+            time.sleep(0.2)
+    missing = sorted(set(range(shards)) - set(slices))
+    if missing:
+        log.warning(
+            f"no final params from shard(s) {missing} within {GATHER_SECONDS:.0f}s; "
+            "params.msgpack not written"
+        )
+        return
+    flat = server.layout.join([slices[k] for k in range(shards)])
+    save_params(server.unravel(flat), run_dir / "params.msgpack")
+
+
 def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Event) -> None:
-    """Process i > 0: actors, replay and learner, pushing gradients to the server."""
+    """A process past the server shards: actors, replay and learner, pushing gradients to
+    every server shard."""
     from jax.flatten_util import ravel_pytree
 
     from gorila_jax import transport
@@ -332,51 +464,56 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     from gorila_jax.parameter_server import max_message_bytes
     from gorila_jax.ps_client import RemoteLearner, ServerConnection
     from gorila_jax.replay_checkpoint import replay_saver, restore_replay
+    from gorila_jax.shard_layout import ShardLayout
     from gorila_jax.single_process import init_params
 
-    num_workers = info.count - 1
-    worker = info.index - 1
-    seed = config.seed + info.index + 1000 * int(distributed.ENV_RESTARTED in os.environ)
+    shards = config.server_shards
+    num_workers = info.count - shards
+    worker = info.index - shards
+    bundle = worker + 1  # its number in names and directories: bundle1, bundle2, ...
+    seed = config.seed + bundle + 1000 * int(distributed.ENV_RESTARTED in os.environ)
     own_curve = _own_curve_keys() if config.wire_security == "curve" else None
-    endpoint, token, server_key = _rendezvous_bundle(
-        info.index, None if own_curve is None else own_curve[0]
-    )
-    curve = None if own_curve is None else transport.ClientCurve(*own_curve, server_key)
+    addresses = _rendezvous_bundle(info.index, shards, None if own_curve is None else own_curve[0])
     _check_devices(config)
     env = make_env(config, seed=seed, training=True)
     try:
         replay = make_replay(config, env, seed=seed)
         replay_checkpointer, resume = restore_replay(
-            config, replay, bundle=info.index, bundles=num_workers
+            config, replay, bundle=bundle, bundles=num_workers
         )
         network = make_network(config, env.num_actions)
         template = init_params(network, env.reset().obs, seed)
         num_params = int(ravel_pytree(template)[0].size)
-        connection = ServerConnection(
-            endpoint,
-            token=token,
-            worker=worker,
-            fingerprint=transport.tree_fingerprint(template),
-            num_params=num_params,
-            max_bytes=max_message_bytes(config, num_params),
-            timeout_seconds=config.server_timeout_seconds,
-            cancel=stop,  # a signal ends any wait for the server, the first hello's too
-            curve=curve,
-        )
+        layout = ShardLayout.even(num_params, shards)
+        connections = [
+            ServerConnection(
+                address.endpoint,
+                token=address.token,
+                worker=worker,
+                fingerprint=transport.tree_fingerprint(template),
+                num_params=layout.size(shard),
+                max_bytes=max_message_bytes(config, num_params),
+                timeout_seconds=config.server_timeout_seconds,
+                cancel=stop,  # a signal ends any wait for the server, the first hello's too
+                curve=None
+                if own_curve is None
+                else transport.ClientCurve(*own_curve, address.curve_key),
+            )
+            for shard, address in enumerate(addresses)
+        ]
         learner = RemoteLearner(
             config,
             network,
             template,
-            connection,
+            connections,
             num_workers=num_workers,
             stop_event=stop,
         )
         import jax
 
-        print(
-            f"[bundle {info.index}] {env.num_envs} envs, learner over "
-            f"{jax.local_device_count()} local device(s), replay {config.replay_capacity:,}",
-            flush=True,
+        log.info(
+            f"{env.num_envs} envs, learner over {jax.local_device_count()} local device(s), "
+            f"replay {config.replay_capacity:,}"
         )
         budget = config.total_frames // num_workers
         try:
@@ -386,22 +523,21 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
                 env,
                 replay,
                 seed=seed,
-                run_dir=Path(config.run_dir) / f"bundle{info.index}",
-                bundle=info.index,
+                run_dir=Path(config.run_dir) / f"bundle{bundle}",
+                bundle=bundle,
                 frame_budget=budget,
                 epsilon_frame_scale=num_workers,
                 start_frames=learner.start_frames,
                 stop_event=stop,
                 resume=resume,
-                checkpoint=replay_saver(replay_checkpointer, replay, f"[bundle {info.index}]"),
+                checkpoint=replay_saver(replay_checkpointer, replay),
             )
         finally:
             learner.close(quick=stop.is_set())
-        print(
-            f"[bundle {info.index}] done: {result.frames:,} frames, {result.updates:,} pushes "
+        log.info(
+            f"done: {result.frames:,} frames, {result.updates:,} pushes "
             f"({learner.accepted:,} accepted, rejected {learner.rejected or 'none'}), "
-            f"mean return of the last 20: {result.mean_recent_return:.2f}",
-            flush=True,
+            f"mean return of the last 20: {result.mean_recent_return:.2f}"
         )
     finally:
         env.close()
@@ -463,20 +599,21 @@ def _env_list(name: str) -> list[str]:
     return [item for item in os.environ.get(name, "").split(",") if item]
 
 
-def _launcher_curve_keys(count: int) -> dict[int, dict[str, str]]:
-    """The CURVE environment of each process index: its key pair, and the server's public
-    key (bundles) or every bundle's (server). Made once, so restarts reuse them."""
+def _launcher_curve_keys(count: int, shards: int) -> dict[int, dict[str, str]]:
+    """The CURVE environment of each process index: its key pair, and every server shard's
+    public key (bundles) or every bundle's (shards). Made once, so restarts reuse them."""
     import zmq
 
     pairs = [tuple(key.decode() for key in zmq.curve_keypair()) for _ in range(count)]
-    server_public = pairs[0][0]
+    shard_keys = ",".join(pair[0] for pair in pairs[:shards])
+    bundle_keys = ",".join(pair[0] for pair in pairs[shards:])
     environs = {}
     for index, (public, secret) in enumerate(pairs):
         own = {distributed.ENV_CURVE_PUBLIC: public, distributed.ENV_CURVE_SECRET: secret}
-        if index == 0:
-            own[distributed.ENV_CURVE_CLIENTS] = ",".join(pair[0] for pair in pairs[1:])
+        if index < shards:
+            own[distributed.ENV_CURVE_CLIENTS] = bundle_keys
         else:
-            own[distributed.ENV_CURVE_SERVER] = server_public
+            own[distributed.ENV_CURVE_SERVER] = shard_keys
         environs[index] = own
     return environs
 
@@ -499,32 +636,36 @@ def stop_children(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> N
 
 
 def launch_local(config: Config, argv: list[str]) -> int:
-    """Start a server and `config.workers` bundles here and supervise them.
+    """Start `config.server_shards` server processes and `config.workers` bundles here and
+    supervise them.
 
     A process that dies unexpectedly (a signal, or an exit status other than 0 and 2) is
-    restarted up to `config.max_restarts` times: a bundle rejoins the server, the server
-    resumes from its last checkpoint on the same port (the port its first start bound and
-    wrote into a file of this launcher's private temporary directory). Past that, or for
-    a configuration error (status 2), every process is stopped and the exit is non-zero.
+    restarted up to `config.max_restarts` times: a bundle rejoins the server, a server
+    shard resumes from its last checkpoint on the same port (the port its first start
+    bound and wrote into a file of this launcher's private temporary directory) while the
+    others go on. Past that, every process is stopped and the exit is 1; a configuration
+    error (status 2) of any process stops all and the exit is 2.
     """
     from gorila_jax import transport
 
-    count = config.workers + 1
+    logs.setup("launcher")
+    shards = config.server_shards
+    count = config.workers + shards
     private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
-    port_file = private / "server_port"
+    port_files = [private / f"server_port.{shard}" for shard in range(shards)]
     environ = dict(os.environ)
     environ[distributed.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
     environ[distributed.ENV_NUM_PROCESSES] = str(count)
     environ[distributed.ENV_RUN_TOKEN] = transport.new_run_token()
-    environ[distributed.ENV_PORT_FILE] = str(port_file)
     environ[distributed.ENV_LAUNCHER_PID] = str(os.getpid())
     environ.pop(distributed.ENV_SERVER_PORT, None)
+    environ.pop(distributed.ENV_PORT_FILE, None)
     environ["PYTHONUNBUFFERED"] = "1"
-    curve_keys = _launcher_curve_keys(count) if config.wire_security == "curve" else {}
+    curve_keys = _launcher_curve_keys(count, shards) if config.wire_security == "curve" else {}
     command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
+    servers = "1 parameter server" if shards == 1 else f"a parameter server in {shards} shards"
     print(
-        f"local run: 1 parameter server + {config.workers} bundle(s) on 127.0.0.1, "
-        f"run dir {config.run_dir}",
+        f"local run: {servers} + {config.workers} bundle(s) on 127.0.0.1, run dir {config.run_dir}",
         flush=True,
     )
     interrupted = threading.Event()
@@ -535,17 +676,21 @@ def launch_local(config: Config, argv: list[str]) -> int:
         interrupted.set()
 
     def start(index: int, restarted: bool) -> Child:
-        name = "server" if index == 0 else f"bundle {index}"
         child_environ = {
             **environ,
             distributed.ENV_PROCESS_ID: str(index),
             **curve_keys.get(index, {}),
         }
+        if index < shards:
+            child_environ[distributed.ENV_PORT_FILE] = str(port_files[index])
         if restarted:
             child_environ[distributed.ENV_RESTARTED] = "1"
-            if port_file.exists():
-                child_environ[distributed.ENV_SERVER_PORT] = port_file.read_text()
-        return Child(name, command, child_environ)
+            # A shard takes back its own port; a bundle gets every shard's.
+            mine = port_files[index : index + 1] if index < shards else port_files
+            ports = [path.read_text() for path in mine if path.exists()]
+            if len(ports) == len(mine):
+                child_environ[distributed.ENV_SERVER_PORT] = ",".join(ports)
+        return Child(process_name(index, shards), command, child_environ)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []
@@ -560,35 +705,30 @@ def launch_local(config: Config, argv: list[str]) -> int:
                 child.finish_output()
                 if code == EXIT_STOPPED:
                     # SIGTERM / SIGINT reached this process (preemption): stop the whole run.
-                    print(f"stopping: {child.name} was stopped by a signal, stopping the run",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    log.warning(f"stopping: {child.name} was stopped by a signal, stopping the run")
                     stop_children(children)
                     return EXIT_STOPPED
                 if code != 2 and restarts[index] < config.max_restarts:
                     restarts[index] += 1
-                    print(
-                        f"warning: {child.name} (pid {child.process.pid}) died with status "
+                    log.warning(
+                        f"{child.name} (pid {child.process.pid}) died with status "
                         f"{code}: {child.last_error()}; restarting it "
-                        f"({restarts[index]}/{config.max_restarts})",
-                        file=sys.stderr,
-                        flush=True,
+                        f"({restarts[index]}/{config.max_restarts})"
                     )
                     children[index] = start(index, restarted=True)
                     continue
                 stop_children(children)
-                print(
-                    f"error: {child.name} (pid {child.process.pid}) exited with status "
-                    f"{code}: {child.last_error()}",
-                    file=sys.stderr,
-                    flush=True,
+                log.error(
+                    f"{child.name} (pid {child.process.pid}) exited with status "
+                    f"{code}: {child.last_error()}"
                 )
-                return 1
+                return 2 if code == 2 else 1
             if all(child.process.poll() == 0 for child in children):
                 for child in children:
                     child.finish_output()
                 return 0
             interrupted.wait(0.2)
-        print("stopping: signal received, stopping every process", file=sys.stderr, flush=True)
+        log.warning("stopping: signal received, stopping every process")
         stop_children(children)
         return 128 + (received[0] if received else signal.SIGINT)
     finally:

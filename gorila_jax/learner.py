@@ -142,21 +142,29 @@ def make_flat_grad_step(
     huber_delta: float,
     mesh: Mesh,
     owned: np.ndarray | None = None,
+    max_grad_norm: float | None = None,
 ) -> Callable:
     """Jitted flat_grad_step(params, target, batch, weights) -> (flat gradient, StepMetrics).
 
     The gradient a Gorila bundle pushes: the pytree gradient of `make_grad_step` raveled
-    into one float32 vector (`ravel_pytree` order, the server's layout) and, under gradient
-    sharding, restricted to the `owned` flat indices. Replicated over the mesh, like params.
+    into one float32 vector (`ravel_pytree` order, the server's layout), under gradient
+    sharding restricted to the `owned` flat indices, and clipped to `max_grad_norm` (its
+    global norm: the norm of what is pushed). Clipping happens here, before the vector is
+    split between server shards, so that S shards apply what one server would (the
+    server's optimizer chain does not clip again). Replicated over the mesh, like params.
     """
     loss_fn = make_loss_fn(network, double_dqn=double_dqn, huber_delta=huber_delta)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     owned_indices = None if owned is None else jnp.asarray(owned)
+    clip = None if not max_grad_norm else optax.clip_by_global_norm(max_grad_norm)
 
     def flat_grad_step(params, target_params, batch, weights):
         grads, metrics = grad_fn(params, target_params, batch, weights)
         flat, _ = ravel_pytree(grads)
-        return (flat if owned_indices is None else flat[owned_indices]), metrics
+        pushed = flat if owned_indices is None else flat[owned_indices]
+        if clip is not None:
+            pushed, _ = clip.update(pushed, clip.init(pushed))
+        return pushed, metrics
 
     where = shardings(mesh)
     return jax.jit(

@@ -190,6 +190,7 @@ def make_optimizer(
     dc_asgd_adaptive: bool = False,
     dc_asgd_momentum: float = 0.95,
     max_grad_norm: float | None = None,
+    clipped_upstream: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds the parameter server's optimizer.
 
@@ -216,6 +217,11 @@ def make_optimizer(
         dc_asgd_momentum: running-mean-square decay of the adaptive DC-ASGD form.
         max_grad_norm: clip gradients to this global norm before anything else; ``None``
             disables clipping.
+        clipped_upstream: the gradients arrive already clipped to ``max_grad_norm`` (a
+            parameter server's: the bundle clips the whole gradient before the shards split
+            it, see `gorila_jax.shard_layout`); the chain holds ``optax.identity()`` where
+            the clipping would be, so its state has the same structure either way (both
+            states are empty) and checkpoints load across the two.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` (an ``optax.chain``).
@@ -235,7 +241,8 @@ def make_optimizer(
 
     transforms: list[optax.GradientTransformation] = []
     if max_grad_norm is not None:
-        transforms.append(optax.clip_by_global_norm(max_grad_norm))
+        clip = optax.identity() if clipped_upstream else optax.clip_by_global_norm(max_grad_norm)
+        transforms.append(clip)
     if dc_asgd_lambda is not None:
         transforms.append(
             dc_asgd(dc_asgd_lambda, adaptive=dc_asgd_adaptive, momentum=dc_asgd_momentum)
@@ -248,8 +255,9 @@ def make_optimizer(
 
 def config_optimizer(config: Config, *, server: bool) -> optax.GradientTransformationExtraArgs:
     """The optimizer a run's config names, the one factory for the server and the single
-    process: clipping when configured, then (on the server only, where gradients arrive
-    late) DC-ASGD when configured, then the base optimizer."""
+    process: clipping when configured (on the server, in the bundle before the push: the
+    chain keeps an identity in its place), then (on the server only, where gradients
+    arrive late) DC-ASGD when configured, then the base optimizer."""
     compensate = server and config.dc_asgd != "off"
     return make_optimizer(
         config.optimizer,
@@ -258,4 +266,5 @@ def config_optimizer(config: Config, *, server: bool) -> optax.GradientTransform
         max_grad_norm=config.max_grad_norm or None,
         dc_asgd_lambda=dc_asgd_lambda(config) if compensate else None,
         dc_asgd_adaptive=config.dc_asgd == "adaptive",
+        clipped_upstream=server,
     )

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
-import sys
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
@@ -43,12 +43,16 @@ import zmq
 from jax.flatten_util import ravel_pytree
 
 from gorila_jax import transport
-from gorila_jax.checkpoint import run_meta
+from gorila_jax.checkpoint import CheckpointError, run_meta
 from gorila_jax.config import Config
 from gorila_jax.files import write_atomically
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import config_optimizer
+from gorila_jax.server_stats import SHARD_STATS, combine, read_shard_stats, server_dir
+from gorila_jax.shard_layout import ShardLayout
 from gorila_jax.shard_state import init_shard_state, make_apply
+
+log = logging.getLogger(__name__)
 
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 OUTLIER_WINDOW = 512  # recent push losses the outlier filter judges against
@@ -127,6 +131,7 @@ class ParameterServer:
         token: str,
         run_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
+        shard: int = 0,
     ):
         self.config = config
         self.num_workers = num_workers
@@ -134,15 +139,23 @@ class ParameterServer:
         self.run_dir = run_dir
         self.clock = clock
         flat, self.unravel = ravel_pytree(params_tree)
-        self.num_params = int(flat.size)
+        self.total_params = int(flat.size)
+        # ValueError (one line) for 0 shards or more shards than parameters.
+        self.layout = ShardLayout.even(self.total_params, config.server_shards)
+        if not 0 <= shard < self.layout.num_shards:
+            raise ValueError(f"shard {shard} is outside 0..{self.layout.num_shards - 1}")
+        self.shard = shard
+        # This process's files: RUN_DIR itself, or RUN_DIR/shard{k} for a sharded server.
+        self.own_dir = None if run_dir is None else server_dir(run_dir, shard, config.server_shards)
+        flat = flat[self.layout.slice(shard)]
+        self.num_params = int(flat.size)  # the elements this shard holds
         self.fingerprint = transport.tree_fingerprint(params_tree)
         self.tx = config_optimizer(config, server=True)
         self.state = init_shard_state(self.tx, flat)
         self._apply = make_apply(self.tx, self.num_params, compensated=config.dc_asgd != "off")
-        self.shards = {
-            w: shard_indices(self.num_params, num_workers, w, config.shard_factor, config.seed)
-            for w in range(num_workers)
-        }
+        # Gradient sharding: the elements of this shard's slice each worker pushes (None:
+        # all of them), relative to the slice's start.
+        self.shards = {w: self._owned_here(w) for w in range(num_workers)}
         self._device_shards = {
             w: (None if idx is None else jnp.asarray(idx)) for w, idx in self.shards.items()
         }
@@ -177,6 +190,15 @@ class ParameterServer:
             "stop": self._on_stop,
         }
 
+    def _owned_here(self, worker: int) -> np.ndarray | None:
+        owned = shard_indices(
+            self.total_params, self.num_workers, worker, self.config.shard_factor,
+            self.config.seed,
+        )  # fmt: skip
+        if owned is None:
+            return None
+        return self.layout.split_indices(owned)[self.shard][1]
+
     # ---- state ---------------------------------------------------------------------------
 
     @property
@@ -207,7 +229,9 @@ class ParameterServer:
         self.state = self.state._replace(version=int(value))
 
     def params_tree(self) -> Any:
-        """The current params as the network's pytree."""
+        """The current params as the network's pytree (an unsharded server only)."""
+        if self.layout.num_shards != 1:
+            raise ValueError("a server shard holds a slice of the params, not the tree")
         return self.unravel(self.params)
 
     def host_params(self) -> np.ndarray:
@@ -322,6 +346,8 @@ class ParameterServer:
         indices = self.shards[worker]
         info = {
             "num_params": self.num_params,
+            "server_shard": self.shard,
+            "shard_layout": list(self.layout.bounds),
             "num_workers": self.num_workers,
             "shard": None if indices is None else worker,
             "shard_size": self.num_params if indices is None else len(indices),
@@ -415,22 +441,30 @@ class ParameterServer:
             "checkpointed_version": self.checkpointed_version,
             "num_workers": self.num_workers,
             "num_params": self.num_params,
+            "server_shard": self.shard,
+            "server_shards": self.layout.num_shards,
             "shard_factor": self.config.shard_factor,
             "dc_asgd": self.config.dc_asgd,
         }
 
     def write_stats(self, address: str) -> None:
-        """Write ps.json (address, version, counters) atomically into the run dir, and the
-        same counters to TensorBoard (RUN_DIR/server), against the server's version."""
-        if self.run_dir is None:
+        """Write ps.json (address, version, counters) atomically into this server's
+        directory, and the same counters to TensorBoard (its `server/`), against its
+        version. Shard 0 of a sharded server also writes RUN_DIR/ps.json, the whole
+        server's figures (`gorila_jax.server_stats.combine`)."""
+        if self.own_dir is None:
             return
-        stats = self.stats()
-        text = json.dumps({"address": address, **stats}, indent=1)
-        write_atomically(self.run_dir / "ps.json", text)
+        stats = {"address": address, **self.stats()}
+        write_atomically(self.own_dir / SHARD_STATS, json.dumps(stats, indent=1))
+        if self.shard == 0 and self.layout.num_shards > 1:
+            shards = read_shard_stats(self.run_dir, self.layout.num_shards)
+            if shards is not None:
+                combined = json.dumps(combine(shards), indent=1)
+                write_atomically(Path(self.run_dir) / SHARD_STATS, combined)
         if self._tensorboard is None:
             from gorila_jax.metrics import open_tensorboard
 
-            self._tensorboard = open_tensorboard(self.run_dir / "server") or False
+            self._tensorboard = open_tensorboard(self.own_dir / "server") or False
         if self._tensorboard:
             version = stats["version"]
             board = self._tensorboard
@@ -454,6 +488,8 @@ class ParameterServer:
             "version": self.version,
             **run_meta(self.config),
             "tree_fingerprint": self.fingerprint,
+            "server_shard": self.shard,
+            "shard_layout": list(self.layout.bounds),
             "num_workers": self.num_workers,
             "workers": {str(w): dict(c) for w, c in self.workers.items()},
             "frames": {str(w): f for w, f in self.frames.items()},
@@ -470,7 +506,16 @@ class ParameterServer:
     def restore(self, state: dict, meta: dict) -> None:
         """Continue from a checkpoint: params, optimizer state, version and every counter,
         the workers that had stopped (unless all had) and each worker's last sequence
-        number."""
+        number. A checkpoint of another shard or shard layout is refused (CheckpointError)
+        before anything changes; one that predates shards is one unsharded server's."""
+        layout = meta.get("shard_layout", [0, self.total_params])
+        shard = meta.get("server_shard", 0)
+        if layout != list(self.layout.bounds) or shard != self.shard:
+            raise CheckpointError(
+                f"the checkpoint holds shard {shard} of layout {layout}, this process is shard "
+                f"{self.shard} of {list(self.layout.bounds)}; resume with the same "
+                "--server-shards, or use another --run-dir"
+            )
         self.params = jnp.asarray(state["params"], jnp.float32)
         self.opt_state = state["opt_state"]
         self.version = int(meta["version"])
@@ -511,7 +556,7 @@ class ParameterServer:
         if not self._unsaved():
             return False
         if not bool(jnp.isfinite(self.params).all()):
-            warn(f"version {self.version} has non-finite params; not checkpointed")
+            log.warning(f"version {self.version} has non-finite params; not checkpointed")
             return False
         state, meta = self.checkpoint_state()
         try:
@@ -519,10 +564,10 @@ class ParameterServer:
                 self.version, state, meta, replace=self.version == self.checkpointed_version
             )
         except Exception as error:  # a full disk must not stop the server
-            warn(f"checkpoint {self.version} failed: {type(error).__name__}: {error}")
+            log.warning(f"checkpoint {self.version} failed: {type(error).__name__}: {error}")
             return False
         if not saved:
-            warn(f"checkpoint {self.version} was not written (a newer one is on disk)")
+            log.warning(f"checkpoint {self.version} was not written (a newer one is on disk)")
             return False
         self.checkpointed_version = self.version
         self._checkpointed_stops = frozenset(self.stopped_workers)
@@ -599,8 +644,3 @@ def max_message_bytes(config: Config, num_params: int) -> int:
     if config.max_message_mb:
         return config.max_message_mb * 1024 * 1024
     return transport.message_limit(4 * num_params)
-
-
-def warn(message: str) -> None:
-    """A one-line warning on stderr."""
-    print(f"warning: [server] {message}", file=sys.stderr, flush=True)

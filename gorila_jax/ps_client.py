@@ -13,10 +13,11 @@ thread runs, it is the only one that touches the socket, to the final stop and c
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from gorila_jax.config import Config
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.learner import local_mesh, make_flat_grad_step, shardings
 from gorila_jax.replay import Sample
+from gorila_jax.shard_layout import ShardLayout
+
+log = logging.getLogger(__name__)
 
 PUSH_QUEUE = 2
 PUSHES_IN_FLIGHT = 2
@@ -198,7 +202,15 @@ class ServerConnection:
 
     def pull(self, have_version: int) -> tuple[np.ndarray | None, int]:
         """Params newer than `have_version` (None if not modified) and the server's version."""
-        reply = self.request("pull", version=have_version)
+        return self.receive_pulled(self.send_pull(have_version))
+
+    def send_pull(self, have_version: int) -> int:
+        """Ask for params newer than `have_version` without waiting; returns the seq."""
+        return self.send_request("pull", version=have_version)
+
+    def receive_pulled(self, seq: int) -> tuple[np.ndarray | None, int]:
+        """The reply to the pull `seq`: (params, or None if not modified; server version)."""
+        reply = self.receive_reply(seq)
         params = reply.arrays[0] if reply.header["kind"] == "params" else None
         return params, reply.header["version"]
 
@@ -237,62 +249,100 @@ class ServerConnection:
         self._socket.close(linger=0)
 
 
+class _Lost(NamedTuple):
+    """A server shard this bundle has lost: when it gives up, when it next says hello."""
+
+    deadline: float
+    next_attempt: float
+    delay: float
+
+
 class RemoteLearner:
-    """The Updater of a Gorila bundle: gradients go to the server, params come back."""
+    """The Updater of a Gorila bundle: gradients go to the server, params come back.
+
+    The server may be split into S shards (`gorila_jax.shard_layout`), one connection each:
+    a push sends every shard its slice of the gradient (all in flight at once, then the
+    acknowledgements are collected), a pull gathers every slice. The bundle keeps the
+    version of each shard's slice it holds, and each shard judges staleness on its own.
+    The target network is refreshed every `target_period` server updates, counted as the
+    mean of the shards' versions (with one shard, the server's version). A shard that stops
+    answering is said hello to again, with backoff, for up to `server_retry_seconds`, while
+    pushes and pulls go on with the others; a shard that refuses a push does not undo the
+    others' updates (as in the paper).
+    """
 
     def __init__(
         self,
         config: Config,
         network,
         params_template: Any,
-        connection: ServerConnection,
+        connections: list[ServerConnection],
         *,
         num_workers: int,
         stop_event: threading.Event | None = None,
     ):
         self.config = config
-        self.connection = connection
+        self.connections = list(connections)
+        self.worker = self.connections[0].worker
         self._stop = stop_event or threading.Event()
-        _, self._unravel = ravel_pytree(params_template)
+        flat_template, self._unravel = ravel_pytree(params_template)
+        self.layout = ShardLayout.even(int(flat_template.size), len(self.connections))
         mesh = local_mesh()
         self._where = shardings(mesh)
-        flat, version, info = connection.hello()
-        self._indices = shard_indices(
-            connection.num_params, num_workers, connection.worker, config.shard_factor, config.seed
+        owned = shard_indices(
+            self.layout.num_params, num_workers, self.worker, config.shard_factor, config.seed
         )
-        self._shard = None if self._indices is None else connection.worker
-        self.start_frames = int(info.get("frames", 0))
+        self._shard = None if owned is None else self.worker
+        # Per server shard: the positions of the pushed vector it gets (None: nothing).
+        if owned is None:
+            self._pieces: list[slice | None] = [
+                self.layout.slice(k) for k in range(self.layout.num_shards)
+            ]
+        else:
+            self._pieces = [
+                positions if positions.stop > positions.start else None
+                for positions, _ in self.layout.split_indices(owned)
+            ]
+        slices, versions, frames = [], [], []
+        for shard, connection in enumerate(self.connections):
+            flat, version, info = connection.hello()
+            self._check_welcome(shard, info)
+            slices.append(flat)
+            versions.append(version)
+            frames.append(int(info.get("frames", 0)))
+        self.start_frames = max(frames)
         self.reconnects = 0
-        if info["shard_size"] != (
-            connection.num_params if self._indices is None else len(self._indices)
-        ):
-            raise ServerError(
-                "the server's gradient shard differs from this bundle's; same config?"
-            )
         self._grad_step = make_flat_grad_step(
             network,
             double_dqn=config.double_dqn,
             huber_delta=config.huber_delta,
             mesh=mesh,
-            owned=self._indices,
+            owned=owned,
+            max_grad_norm=config.max_grad_norm or None,
         )
-        self.params = self._to_device(flat)
+        # The communication thread's copy of the params (host, flat) and of each slice's
+        # version; the main thread's are `params` / `params_versions`, handed over whole.
+        self._host = self.layout.join(slices)
+        self._host_versions = list(versions)
+        self.params = self._to_device(self._host)
         self.target_params = self.params
-        self.params_version = version
-        self._target_epoch = version // config.target_period
+        self.params_versions = tuple(versions)
+        self.server_versions = list(versions)
+        self._target_epoch = self.server_version // config.target_period
         self.updates = 0
         self.frames = 0
-        self.server_version = version
         self.accepted = 0
         self.rejected: dict[str, int] = {}
+        self._lost: dict[int, _Lost] = {}
         self._outbox: queue.Queue = queue.Queue(maxsize=PUSH_QUEUE)
-        self._in_flight: list[tuple[int, np.ndarray]] = []
+        self._in_flight: list[dict[int, int]] = []  # per push: shard -> seq of its slice
+        self._sent: list[list] = []  # the arrays those frames are sent from, kept alive
         self._pull_wanted = threading.Event()
         # Params pulled by the communication thread, waiting for the main thread: the newest
-        # (params, version), and the params of a target refresh, kept apart so a later pull
-        # cannot overwrite a refresh before it is taken.
+        # (params, versions), and the params of a target refresh, kept apart so a later
+        # pull cannot overwrite a refresh before it is taken.
         self._incoming_lock = threading.Lock()
-        self._incoming: tuple[Any, int] | None = None
+        self._incoming: tuple[Any, tuple[int, ...]] | None = None
         self._incoming_target: Any | None = None
         self._closing = threading.Event()
         self._quick = False
@@ -300,13 +350,40 @@ class RemoteLearner:
         self._thread = threading.Thread(target=self._communicate, name="ps-client", daemon=True)
         self._thread.start()
 
+    def _check_welcome(self, shard: int, info: dict) -> None:
+        """The server shard at this connection holds the slice this bundle expects."""
+        layout = info.get("shard_layout", [0, self.layout.num_params])
+        if info.get("server_shard", 0) != shard or layout != list(self.layout.bounds):
+            raise ServerError(
+                f"server shard {shard} answered as shard {info.get('server_shard', 0)} of "
+                f"layout {layout}, expected {list(self.layout.bounds)}; same config?"
+            )
+        piece = self._pieces[shard]
+        expected = 0 if piece is None else piece.stop - piece.start
+        if self._shard is None:
+            expected = self.layout.size(shard)
+        if info["shard_size"] != expected:
+            raise ServerError(
+                "the server's gradient shard differs from this bundle's; same config?"
+            )
+
+    @property
+    def server_version(self) -> int:
+        """Server updates: the mean of the shards' versions (the only version of one)."""
+        return sum(self.server_versions) // len(self.server_versions)
+
+    @property
+    def params_version(self) -> int:
+        """The server updates the acting params stem from (the mean over their slices)."""
+        return sum(self.params_versions) // len(self.params_versions)
+
     def _to_device(self, flat: np.ndarray) -> Any:
         return jax.device_put(self._unravel(jnp.asarray(flat)), self._where.replicated)
 
-    def _deliver(self, params: Any, version: int, *, refresh_target: bool) -> None:
+    def _deliver(self, params: Any, versions: tuple[int, ...], *, refresh_target: bool) -> None:
         """Hand pulled params to the main thread (called by the communication thread)."""
         with self._incoming_lock:
-            self._incoming = (params, version)
+            self._incoming = (params, versions)
             if refresh_target:
                 self._incoming_target = params
 
@@ -315,7 +392,7 @@ class RemoteLearner:
             incoming, self._incoming = self._incoming, None
             target, self._incoming_target = self._incoming_target, None
         if incoming is not None:
-            self.params, self.params_version = incoming
+            self.params, self.params_versions = incoming
         if target is not None:
             self.target_params = target
 
@@ -331,10 +408,11 @@ class RemoteLearner:
         batch = jax.device_put(sample.transition, self._where.batch)
         weights = jax.device_put(sample.weights, self._where.batch)
         grads, metrics = self._grad_step(self.params, self.target_params, batch, weights)
-        item = (grads, metrics.mean_abs_td, self.params_version)
+        item = (grads, metrics.mean_abs_td, self.params_versions)
         while not self._closing.is_set() and self.error is None:
             if self._stop.is_set():  # a signal: abandon in-flight requests, stop soon
-                self.connection.cancel.set()
+                for connection in self.connections:
+                    connection.cancel.set()
                 break
             try:
                 self._outbox.put(item, timeout=0.1)
@@ -353,113 +431,184 @@ class RemoteLearner:
     def _communicate(self) -> None:
         try:
             while not (self._closing.is_set() and self._outbox.empty() and not self._in_flight):
-                try:
-                    self._exchange()
-                except ServerError as error:
-                    if not error.lost or self._closing.is_set():
-                        raise
-                    self._reconnect(error)
+                if self._lost:
+                    self._say_hello_again()
+                if len(self._lost) == len(self.connections):  # nothing to talk to yet
+                    if self._closing.is_set():
+                        raise ServerError(
+                            f"closing with {self._outbox.qsize()} gradient(s) not pushed: "
+                            "no server shard is reachable"
+                        )
+                    self._closing.wait(0.05)
+                    continue
+                self._exchange()
         except BaseException as error:  # surfaced to the main thread through should_stop
             self.error = error
         finally:
             self._say_goodbye()
 
     def _say_goodbye(self) -> None:
-        """Tell the server this bundle is done, then close the socket: in this thread, the
-        only one that uses the socket once it runs.
+        """Tell every shard this bundle is done, then close the sockets: in this thread,
+        the only one that uses them once it runs.
 
         Stopped by a signal (`close(quick=True)`), wait only a moment for the server, which
         is stopping too; after an error, the server is gone or refused: just close.
         """
         try:
-            if self._quick:
-                self.connection.timeout_seconds = min(
-                    self.connection.timeout_seconds, QUICK_STOP_SECONDS
-                )
-                with contextlib.suppress(ServerError):
-                    self.connection.stop()
-            elif self.error is None:
-                self.connection.stop()
+            for shard, connection in enumerate(self.connections):
+                if self._quick:
+                    connection.timeout_seconds = min(connection.timeout_seconds, QUICK_STOP_SECONDS)
+                    with contextlib.suppress(ServerError):
+                        connection.stop()
+                elif self.error is None and shard not in self._lost:
+                    connection.stop()
         except BaseException as error:
             self.error = error
         finally:
-            self.connection.close()
+            for connection in self.connections:
+                connection.close()
+
+    def _call(self, shard: int, method, *args, **kwargs):
+        """`method(*args, **kwargs)` of a shard's connection; a lost reply marks the shard
+        lost (None is returned), any other refusal is raised."""
+        try:
+            return method(*args, **kwargs)
+        except ServerError as error:
+            if not error.lost or self._closing.is_set():
+                raise
+            self._lose(shard, error)
+            return None
+
+    def _split(self, grads: np.ndarray) -> list[np.ndarray | None]:
+        """The pushed vector cut into each shard's piece (views; None: nothing there)."""
+        return [None if piece is None else grads[piece] for piece in self._pieces]
 
     def _exchange(self) -> None:
         """Send queued gradients (up to PUSHES_IN_FLIGHT unacknowledged), collect the oldest
-        acknowledgement, and pull when due. Keeping a second push in flight lets the server
+        acknowledgements, and pull when due. Keeping a second push in flight lets the server
         apply one gradient while the next one crosses the network."""
         while len(self._in_flight) < PUSHES_IN_FLIGHT:
             try:
-                grads, loss, base_version = self._outbox.get(
+                grads, loss, base_versions = self._outbox.get(
                     timeout=0.0 if self._in_flight else 0.05
                 )
             except queue.Empty:
                 break
-            grads = np.asarray(grads)
-            seq = self.connection.send_push(
-                grads, base_version=base_version, loss=float(loss), frames=self.frames,
-                shard=self._shard,
-            )  # fmt: skip
-            self._in_flight.append((seq, grads))  # the frame is sent from this array
+            pieces = self._split(np.asarray(grads))
+            sent: dict[int, int] = {}
+            for shard, piece in enumerate(pieces):
+                if piece is None or shard in self._lost:
+                    continue
+                sent[shard] = self.connections[shard].send_push(
+                    piece, base_version=base_versions[shard], loss=float(loss),
+                    frames=self.frames, shard=self._shard,
+                )  # fmt: skip
+            self._in_flight.append(sent)
+            self._sent.append(pieces)  # the frames are sent from these arrays
         if self._in_flight:
-            seq, _ = self._in_flight[0]
-            accepted, reason, version = self.connection.receive_ack(seq)
+            sent = self._in_flight[0]
+            results = {}
+            for shard, seq in sent.items():
+                if shard in self._lost:
+                    continue
+                ack = self._call(shard, self.connections[shard].receive_ack, seq)
+                if ack is not None:
+                    accepted, reason, version = ack
+                    self.server_versions[shard] = max(self.server_versions[shard], version)
+                    results[shard] = (accepted, reason)
             self._in_flight.pop(0)
-            self.server_version = max(self.server_version, version)
-            if accepted:
+            self._sent.pop(0)
+            if results and all(accepted for accepted, _ in results.values()):
                 self.accepted += 1
-            else:
+            for reason in {reason for accepted, reason in results.values() if not accepted}:
                 self.rejected[reason] = self.rejected.get(reason, 0) + 1
         refresh = self.server_version // self.config.target_period > self._target_epoch
         if refresh or self._pull_wanted.is_set():
             self._pull_wanted.clear()
             self._pull(refresh)
 
-    def _reconnect(self, error: ServerError) -> None:
-        """Say hello again, with backoff, for up to `server_retry_seconds`."""
-        retry = self.config.server_retry_seconds
-        deadline = time.monotonic() + retry
-        delay = 0.5
-        timeout = self.connection.timeout_seconds
-        print(f"[bundle {self.connection.worker + 1}] lost the server ({error}); "
-              f"reconnecting for up to {retry:.0f}s", flush=True)  # fmt: skip
-        self.connection.timeout_seconds = min(timeout, 5.0)
-        try:
-            while not self._closing.is_set():
-                self._in_flight.clear()  # their acknowledgements died with the connection
-                self.connection.reconnect()
-                try:
-                    flat, version, _ = self.connection.hello()
-                except ServerError as attempt:
-                    if not attempt.lost or time.monotonic() + delay > deadline:
-                        raise ServerError(
-                            f"the server did not come back within {retry:.0f}s ({attempt})"
-                        ) from None
-                    self._closing.wait(delay)
-                    delay = min(2 * delay, 10.0)
-                    continue
-                self.server_version = version
-                self._target_epoch = version // self.config.target_period
-                self._deliver(self._to_device(flat), version, refresh_target=True)
-                self.reconnects += 1
-                print(f"[bundle {self.connection.worker + 1}] reconnected at version "
-                      f"{version}", flush=True)  # fmt: skip
-                return
-        finally:
-            self.connection.timeout_seconds = timeout
-
     def _pull(self, refresh_target: bool) -> None:
-        have = -1 if refresh_target else self.params_version
-        flat, version = self.connection.pull(have)
-        self.server_version = version
-        if flat is not None:
+        """Ask every shard for its newer slice at once, then gather the replies."""
+        asked = {
+            shard: self.connections[shard].send_pull(
+                -1 if refresh_target else self._host_versions[shard]
+            )
+            for shard in range(len(self.connections))
+            if shard not in self._lost
+        }
+        host = None
+        for shard, seq in asked.items():
+            if shard in self._lost:
+                continue
+            reply = self._call(shard, self.connections[shard].receive_pulled, seq)
+            if reply is None:
+                continue
+            flat, version = reply
+            self.server_versions[shard] = version
+            if flat is not None:
+                host = self._host.copy() if host is None else host  # the old one may be in use
+                host[self.layout.slice(shard)] = flat
+                self._host_versions[shard] = version
+        if host is not None:
+            self._host = host
             if refresh_target:
-                self._target_epoch = version // self.config.target_period
-            self._deliver(self._to_device(flat), version, refresh_target=refresh_target)
+                self._target_epoch = self.server_version // self.config.target_period
+            self._deliver(
+                self._to_device(host), tuple(self._host_versions), refresh_target=refresh_target
+            )
+
+    def _lose(self, shard: int, error: ServerError) -> None:
+        """Mark a shard lost: its pending acknowledgements died with the connection."""
+        retry = self.config.server_retry_seconds
+        now = time.monotonic()
+        self._lost[shard] = _Lost(now + retry, now, 0.5)
+        for sent in self._in_flight:
+            sent.pop(shard, None)
+        log.warning(
+            f"lost {self._shard_name(shard)} ({error}); reconnecting for up to {retry:.0f}s"
+        )
+
+    def _shard_name(self, shard: int) -> str:
+        return "the server" if len(self.connections) == 1 else f"server shard {shard}"
+
+    def _say_hello_again(self) -> None:
+        """One hello to every lost shard whose backoff has passed; a shard past its
+        deadline ends the bundle (ServerError)."""
+        for shard, lost in list(self._lost.items()):
+            if time.monotonic() < lost.next_attempt or self._closing.is_set():
+                continue
+            connection = self.connections[shard]
+            timeout = connection.timeout_seconds
+            # One shard of several: keep each attempt short, the others are waiting.
+            connection.timeout_seconds = min(timeout, 5.0 if len(self.connections) == 1 else 2.0)
+            try:
+                connection.reconnect()
+                flat, version, info = connection.hello()
+            except ServerError as attempt:
+                if not attempt.lost or time.monotonic() + lost.delay > lost.deadline:
+                    raise ServerError(
+                        f"{self._shard_name(shard)} did not come back within "
+                        f"{self.config.server_retry_seconds:.0f}s ({attempt})"
+                    ) from None
+                self._lost[shard] = lost._replace(
+                    next_attempt=time.monotonic() + lost.delay, delay=min(2 * lost.delay, 10.0)
+                )
+                continue
+            finally:
+                connection.timeout_seconds = timeout
+            self._check_welcome(shard, info)
+            del self._lost[shard]
+            self.server_versions[shard] = version
+            host = self._host.copy()
+            host[self.layout.slice(shard)] = flat
+            self._host, self._host_versions[shard] = host, version
+            self._target_epoch = self.server_version // self.config.target_period
+            self._deliver(self._to_device(host), tuple(self._host_versions), refresh_target=True)
+            self.reconnects += 1
+            log.info(f"reconnected to {self._shard_name(shard)} at version {version}")
 
     def close(self, *, quick: bool = False) -> None:
-        """Push what is queued, tell the server this bundle is done, close the socket (all
+        """Push what is queued, tell the server this bundle is done, close the sockets (all
         done by the communication thread; this waits for it).
 
         `quick` (the run is being stopped by a signal): drop what is queued and give the
@@ -468,8 +617,13 @@ class RemoteLearner:
         self._quick = quick
         self._closing.set()
         if quick:
-            self.connection.cancel.set()
-        waits = QUICK_STOP_SECONDS + 1 if quick else 2 * self.config.server_timeout_seconds + 5
+            for connection in self.connections:
+                connection.cancel.set()
+        waits = (
+            (QUICK_STOP_SECONDS + 1) * len(self.connections)
+            if quick
+            else (2 * self.config.server_timeout_seconds + 5)
+        )
         self._thread.join(timeout=waits)
         if self._thread.is_alive() and self.error is None:
             self.error = ServerError(f"the communication thread did not finish in {waits:.0f}s")

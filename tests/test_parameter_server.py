@@ -164,6 +164,8 @@ def test_hello_pull_stats_stop_round_trip():
     np.testing.assert_array_equal(welcome.arrays[0], INITIAL_FLAT)
     assert welcome.header["config"] == {
         "num_params": NUM_PARAMS,
+        "server_shard": 0,
+        "shard_layout": [0, NUM_PARAMS],
         "num_workers": 2,
         "shard": None,
         "shard_size": NUM_PARAMS,
@@ -216,9 +218,13 @@ def test_push_applies_the_same_update_as_optax(optimizer, max_grad_norm):
     state = tx.init(params)
     worker = Worker(server, 0)
     worker.hello()
+    # The bundle clips before it pushes (so that server shards apply what one server
+    # would); the server's chain keeps an identity in the clipping's place.
+    clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
     for step in range(4):
         grads = 3.0 * random_grad(step)  # norm ~13: clipped when max_grad_norm is 1
-        reply = worker.push(grads, base_version=step)
+        pushed, _ = clip.update(jnp.asarray(grads), clip.init(grads))
+        reply = worker.push(np.asarray(pushed), base_version=step)
         expect_ack(reply, accepted=True)
         assert reply.header["version"] == step + 1 == server.version
         updates, state = tx.update(jnp.asarray(grads), state, params)

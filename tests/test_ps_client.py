@@ -163,8 +163,13 @@ class FakeConnection:
         info = {"shard_size": self.num_params, "frames": 0}
         return np.zeros(self.num_params, np.float32), 0, info
 
-    def pull(self, have_version: int):
-        self._record("pull")
+    def send_pull(self, have_version: int) -> int:
+        self._record("send_pull")
+        self.seq += 1
+        return self.seq
+
+    def receive_pulled(self, seq: int):
+        self._record("receive_pulled")
         return self.pulls.pop(0)
 
     def send_push(self, grads, **fields) -> int:
@@ -189,7 +194,7 @@ def remote_learner(connection: FakeConnection, **overrides) -> tuple[RemoteLearn
     config = dataclasses.replace(cartpole_defaults(), **overrides)
     network = MLP(num_actions=2, hidden=(8,))
     params = network.init(jax.random.key(0), np.zeros((1, 4), np.float32))
-    return RemoteLearner(config, network, params, connection, num_workers=1), params
+    return RemoteLearner(config, network, params, [connection], num_workers=1), params
 
 
 def flat_params(tree) -> np.ndarray:
@@ -215,7 +220,7 @@ def test_a_target_refresh_is_not_lost_to_a_later_pull():
 def test_only_the_communication_thread_touches_the_connection_after_it_starts():
     connection = FakeConnection(num_params=58)
     learner, _ = remote_learner(connection)
-    learner._outbox.put((np.zeros(58, np.float32), 0.5, 0))
+    learner._outbox.put((np.zeros(58, np.float32), 0.5, (0,)))
     learner.close()
     assert [name for name, _ in connection.calls][-2:] == ["stop", "close"]
     assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
@@ -225,7 +230,7 @@ def test_close_leaves_the_socket_to_a_communication_thread_that_does_not_finish(
     connection = FakeConnection(num_params=58)
     learner, _ = remote_learner(connection)
     connection.hold = threading.Event()
-    learner._outbox.put((np.zeros(58, np.float32), 0.5, 0))
+    learner._outbox.put((np.zeros(58, np.float32), 0.5, (0,)))
     deadline = time.monotonic() + 10
     while ("send_push", "ps-client") not in connection.calls:  # stuck inside the socket call
         assert time.monotonic() < deadline
