@@ -650,6 +650,8 @@ def launch_local(config: Config, argv: list[str]) -> int:
 
     logs.setup("launcher")
     shards = config.server_shards
+    if shards > 1:
+        _check_shard_layout(config)  # before starting anything
     count = config.workers + shards
     private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
     port_files = [private / f"server_port.{shard}" for shard in range(shards)]

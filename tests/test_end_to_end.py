@@ -68,9 +68,27 @@ def test_cartpole_server_and_two_bundles_learn(tmp_path):
     assert best_window_mean(returns) >= SOLVED
 
 
+def test_cartpole_two_server_shards_and_two_bundles_learn(tmp_path):
+    """The same run as above with the server split in two processes: the same return in
+    the same frames, each shard applying every push to its half of the params."""
+    run(
+        "cartpole.py", "--seed", "0", "--total-frames", "100000", "--server-shards", "2",
+        "--run-dir", str(tmp_path),
+    )  # fmt: skip
+    stats = json.loads((tmp_path / "ps.json").read_text())
+    assert stats["server_shards"] == 2 and len(stats["shards"]) == 2
+    halves = [shard["num_params"] for shard in stats["shards"]]
+    assert sum(halves) == stats["num_params"] and abs(halves[0] - halves[1]) <= 1
+    assert all(shard["version"] > 1000 for shard in stats["shards"])
+    assert stats["workers"]["0"]["accepted"] > 0 and stats["workers"]["1"]["accepted"] > 0
+    assert (tmp_path / "params.msgpack").stat().st_size > 4 * stats["num_params"]
+    returns = episode_returns(tmp_path / "bundle1/episodes.csv", tmp_path / "bundle2/episodes.csv")
+    assert best_window_mean(returns) >= SOLVED
+
+
 def test_pong_local_default_runs_end_to_end(tmp_path):
     result = run("pong.py", "--total-frames", "20000", "--run-dir", str(tmp_path), timeout=600)
-    assert "[server] done" in result.stdout
+    assert "[server] INFO: done" in result.stdout
     stats = json.loads((tmp_path / "ps.json").read_text())
     assert stats["num_workers"] == 2 and stats["frames"] >= 0
     for bundle in ("bundle1", "bundle2"):

@@ -515,3 +515,51 @@ def test_a_run_directory_is_resumed_only_with_the_same_training_settings(tmp_pat
     assert "[single process] INFO: resumed its learner" in longer.stderr
     assert (tmp_path / "config.1.yaml").read_text() == trained_with
     assert "total_frames: 2000" in (tmp_path / "config.yaml").read_text()
+
+
+def read_shard_stats(run_dir: Path, shard: int) -> dict:
+    try:
+        return json.loads((run_dir / f"shard{shard}" / "ps.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_a_killed_shard_comes_back_while_the_other_goes_on(tmp_path):
+    """kill -9 of server shard 1 of 2: the launcher restarts it from its checkpoint, the
+    bundles keep pushing to shard 0 meanwhile and reconnect to shard 1; SIGINT then stops
+    every process within 30 s."""
+    launcher = start_run(
+        tmp_path, "--server-shards", "2", "--total-frames", "10000000",
+        "--learning-starts", "300", "--checkpoint-every-seconds", "1",
+        "--server-timeout-seconds", "3",
+    )  # fmt: skip
+    wait_until(
+        lambda: all(read_shard_stats(tmp_path, k).get("checkpointed_version", -1) > 20
+                    for k in (0, 1)),
+        180, "a checkpoint of both shards", launcher,
+    )  # fmt: skip
+    survivor, victim = child_by_index(launcher, 0), child_by_index(launcher, 1)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = read_shard_stats(tmp_path, 0)["version"]
+    during_outage = killed_at
+    deadline = time.monotonic() + 180
+    while not read_shard_stats(tmp_path, 1).get("events", {}).get("resumed"):
+        assert time.monotonic() < deadline, "shard 1 did not come back"
+        assert launcher.poll() is None, launcher.communicate()
+        during_outage = max(during_outage, read_shard_stats(tmp_path, 0).get("version", 0))
+        time.sleep(0.25)
+    assert during_outage > killed_at + 10, (killed_at, during_outage)
+    resumed_at = read_shard_stats(tmp_path, 1)["version"]
+    wait_until(
+        lambda: read_shard_stats(tmp_path, 1).get("version", 0) > resumed_at + 50,
+        120, "the restarted shard to apply pushes", launcher,
+    )  # fmt: skip
+    assert child_by_index(launcher, 0).pid == survivor.pid and survivor.is_running()
+    combined = read_stats(tmp_path)
+    assert combined["server_shards"] == 2 and len(combined["shards"]) == 2
+    processes = all_descendants(launcher)
+    started = time.monotonic()
+    out, err = stop_and_check(launcher, processes)
+    assert time.monotonic() - started < 30
+    assert "lost server shard 1" in out and "reconnected to server shard 1" in out
+    assert "shard 1 (pid" in err and "restarting it (1/3)" in err
