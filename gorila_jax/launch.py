@@ -537,6 +537,7 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         log.info(
             f"done: {result.frames:,} frames, {result.updates:,} pushes "
             f"({learner.accepted:,} accepted, rejected {learner.rejected or 'none'}), "
+            f"{learner.reconnects} reconnect(s) to the server, "
             f"mean return of the last 20: {result.mean_recent_return:.2f}"
         )
     finally:
