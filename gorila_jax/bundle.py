@@ -38,7 +38,8 @@ class Updater(Protocol):
     updates: int
     """Learner steps this process has taken."""
     server_version: int | None
-    """The newest parameter-server version seen (None without a server)."""
+    """Server updates seen so far: the newest version, or with a sharded server the mean
+    of the shards' versions (None without a server)."""
 
     def acting_params(self) -> Any:
         """The params the policy acts with now."""
