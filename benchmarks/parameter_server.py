@@ -451,10 +451,10 @@ def main() -> None:
         f"{'/'.join(f'{b / 1e9:.2f}' for b in bandwidths)}) "
         f"{copy_bytes / bandwidth * 1e3:.3f} ms = {floor_seconds * 1e3:.3f} ms"
     )
-    rejected = dict(server.rejections)
+    rejected = dict(server.counters.rejections)
     print(
         f"server: {end_version - start_version} updates in {end - start:.2f} s, "
-        f"rejections {rejected or 'none'}, staleness {dict(server.staleness)}"
+        f"rejections {rejected or 'none'}, staleness {dict(server.counters.staleness)}"
     )
     for worker, timed in sorted(clients.items()):
         pushes, pulls = timed["pushes"], timed["pulls"]

@@ -5,7 +5,14 @@ State: a `ShardState` (`gorila_jax.shard_state`): the parameters as one flat flo
 in front when configured), and `version`, the number of updates applied. Each accepted push
 goes through the shard state's pure jitted apply; a partial push (gradient sharding)
 updates only the owned elements of the parameters and of every element-wise optimizer
-statistic. This class is the stateful shell around it: validation, safeguards, counters.
+statistic.
+
+`ParameterServer` is the stateful shell around it, testable without a network: it validates
+each message and answers it through a table of handlers (`handle`), applies the safeguards,
+keeps the protocol's state (each worker's last sequence number, the workers that stopped,
+DC-ASGD's record of the params each worker was sent) and writes checkpoints. Its counters
+and statistics are a `ServerStats` (`gorila_jax.server_stats`), `counters`. The socket loop
+is the function `serve`.
 
 The paper's safeguards, each counted in the statistics:
 - "stale": the gradient was computed on params more than `max_staleness` versions old;
@@ -26,12 +33,10 @@ time under any load. Statistics are written to RUN_DIR/ps.json every few seconds
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import math
 import time
-from collections import Counter, defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,31 +50,20 @@ from jax.flatten_util import ravel_pytree
 from gorila_jax import transport
 from gorila_jax.checkpoint import CheckpointError, run_meta
 from gorila_jax.config import Config
-from gorila_jax.files import write_atomically
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import config_optimizer
-from gorila_jax.server_stats import SHARD_STATS, combine, read_shard_stats, server_dir
+from gorila_jax.server_stats import ServerStats, server_dir
 from gorila_jax.shard_layout import ShardLayout
 from gorila_jax.shard_state import init_shard_state, make_apply
 
 log = logging.getLogger(__name__)
 
-STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 OUTLIER_WINDOW = 512  # recent push losses the outlier filter judges against
 MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation of a normal
 MIN_RELATIVE_SPREAD = 0.01  # the filter's spread is at least this fraction of the median
-MAX_REPORTED_FRAMES = 2**53
 MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
 MAX_REQUEST_FRAMES = 2  # a header and at most one array
 TURN_SECONDS = 0.05  # the most time `serve` spends on messages before its other duties
-
-
-def staleness_bin(staleness: int) -> str:
-    """Histogram label of a staleness value: "0", "1", "2-3", "4-7", ..., "256+"."""
-    for low, high in itertools.pairwise(STALENESS_BINS):
-        if staleness < high:
-            return str(low) if high - low == 1 else f"{low}-{high - 1}"
-    return f"{STALENESS_BINS[-1]}+"
 
 
 class OutlierFilter:
@@ -120,7 +114,7 @@ class OutlierFilter:
 
 
 class ParameterServer:
-    """Server state and message handling (sockets are in `serve`), testable without a network."""
+    """One server process's state and message handling (the socket loop is `serve`)."""
 
     def __init__(
         self,
@@ -168,20 +162,12 @@ class ParameterServer:
         self.outliers = OutlierFilter(config.outlier_k, config.outlier_warmup)
         self.max_bytes = max_message_bytes(config, self.num_params)
         self.started = clock()
-        self.rejections: Counter[str] = Counter()
-        self.unauthenticated: Counter[str] = Counter()
-        self.staleness: Counter[str] = Counter()
-        self.workers: dict[int, Counter[str]] = defaultdict(Counter)
+        self.counters = ServerStats(clock, self.started)
         self.last_seq: dict[int, int] = {}
         self.stopped_workers: set[int] = set()
-        self.frames: dict[int, int] = {}
-        self.events: Counter[str] = Counter()
-        self._tensorboard = None
         self.checkpointed_version = -1
         self._checkpointed_stops: frozenset[int] = frozenset()
         self.checkpointed_at = clock()
-        self._rate_window: tuple[float, int] = (self.started, 0)
-        self.updates_per_second = 0.0
         self._handlers: dict[str, Callable[[dict, list], list]] = {
             "hello": self._on_hello,
             "pull": self._on_pull,
@@ -267,12 +253,10 @@ class ParameterServer:
         Only an `authenticated` request (its token was right) is counted against the worker
         it names; any other is counted under "unauthenticated", whatever worker it claims.
         """
-        self.rejections[reason] += 1
         worker = request.get("worker") if request else None
-        if authenticated and isinstance(worker, int) and 0 <= worker < self.num_workers:
-            self.workers[worker]["rejected"] += 1
-        elif not authenticated:
-            self.unauthenticated["rejected"] += 1
+        if not (isinstance(worker, int) and 0 <= worker < self.num_workers):
+            worker = None
+        self.counters.refused(reason, worker, authenticated=authenticated)
         if len(message) > MAX_ERROR_MESSAGE:  # details may quote the request at length
             message = message[:MAX_ERROR_MESSAGE] + "..."
         return transport.encode(
@@ -327,21 +311,18 @@ class ParameterServer:
 
     def _send_params(self, request: dict, kind: str, **fields) -> list:
         worker = request["worker"]
-        self.workers[worker]["pulls"] += 1
+        self.counters.pulled(worker, self.version)
         if self.uses_dc_asgd:
             held = self.pulled.setdefault(worker, {})
             held[self.version] = self.params  # a reference: jax arrays are immutable
             too_old = self.version - self.config.max_staleness  # pushes on these are refused
             for version in [v for v in held if v < too_old]:
                 del held[version]
-        self.workers[worker]["last_version_pulled"] = self.version
         return self._reply(request, kind, [self.host_params()], **fields)
 
     def _on_hello(self, header: dict, arrays) -> list:
         worker = header["worker"]
-        if self.workers[worker]["hellos"] > 0:
-            self.events["bundle_rejoined"] += 1
-        self.workers[worker]["hellos"] += 1
+        self.counters.hello(worker)
         self.stopped_workers.discard(worker)
         indices = self.shards[worker]
         info = {
@@ -351,7 +332,7 @@ class ParameterServer:
             "num_workers": self.num_workers,
             "shard": None if indices is None else worker,
             "shard_size": self.num_params if indices is None else len(indices),
-            "frames": self.frames.get(worker, 0),
+            "frames": self.counters.frames.get(worker, 0),
         }
         return self._send_params(header, "welcome", config=info)
 
@@ -369,8 +350,7 @@ class ParameterServer:
 
     def _on_push(self, header: dict, arrays) -> list:
         worker = header["worker"]
-        # Clamped so that a bogus count cannot overflow the statistics' msgpack integers.
-        self.frames[worker] = min(header["frames"], MAX_REPORTED_FRAMES)
+        self.counters.frames_reported(worker, header["frames"])
         staleness = self.version - header["version"]
         if header["version"] < 0 or staleness < 0:
             return self._refuse_push(header, "stale", "version from the future")
@@ -383,13 +363,11 @@ class ParameterServer:
             return self._refuse_push(header, "outlier", f"loss {header['loss']:.4g}")
         if not self.apply(worker, grads, header["version"]):
             return self._refuse_push(header, "non_finite_update", "the update was not finite")
-        self.staleness[staleness_bin(staleness)] += 1
-        self.workers[worker]["accepted"] += 1
+        self.counters.accepted(worker, staleness)
         return self._reply(header, "ack", accepted=True, reason=None)
 
     def _refuse_push(self, header: dict, reason: str, message: str) -> list:
-        self.rejections[reason] += 1
-        self.workers[header["worker"]]["rejected"] += 1
+        self.counters.refused(reason, header["worker"], authenticated=True)
         return self._reply(header, "ack", accepted=False, reason=reason)
 
     def apply(self, worker: int, grads: np.ndarray, base_version: int | None = None) -> bool:
@@ -420,60 +398,32 @@ class ParameterServer:
     # ---- statistics ----------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Counters for ps.json and the stats reply (plain msgpack/JSON values)."""
-        now = self.clock()
-        since, at_version = self._rate_window
-        if now - since >= 1.0:
-            self.updates_per_second = (self.version - at_version) / (now - since)
-            self._rate_window = (now, self.version)
-        return {
-            "version": self.version,
-            "updates": self.version,
-            "updates_per_second": round(self.updates_per_second, 3),
-            "uptime_seconds": round(now - self.started, 3),
-            "staleness_histogram": dict(self.staleness),
-            "rejections": dict(self.rejections),
-            "workers": {str(w): dict(c) for w, c in sorted(self.workers.items())},
-            "unauthenticated": dict(self.unauthenticated),
-            "stopped_workers": sorted(self.stopped_workers),
-            "frames": sum(self.frames.values()),
-            "events": dict(self.events),
-            "checkpointed_version": self.checkpointed_version,
-            "num_workers": self.num_workers,
-            "num_params": self.num_params,
-            "server_shard": self.shard,
-            "server_shards": self.layout.num_shards,
-            "shard_factor": self.config.shard_factor,
-            "dc_asgd": self.config.dc_asgd,
-        }
+        """The statistics of ps.json and the stats reply (`ServerStats.snapshot`)."""
+        return self.counters.snapshot(
+            self.version,
+            stopped_workers=sorted(self.stopped_workers),
+            checkpointed_version=self.checkpointed_version,
+            num_workers=self.num_workers,
+            num_params=self.num_params,
+            server_shard=self.shard,
+            server_shards=self.layout.num_shards,
+            shard_factor=self.config.shard_factor,
+            dc_asgd=self.config.dc_asgd,
+        )
 
     def write_stats(self, address: str) -> None:
-        """Write ps.json (address, version, counters) atomically into this server's
-        directory, and the same counters to TensorBoard (its `server/`), against its
-        version. Shard 0 of a sharded server also writes RUN_DIR/ps.json, the whole
-        server's figures (`gorila_jax.server_stats.combine`)."""
+        """Write ps.json and TensorBoard's figures into this server's directory (none without
+        a run directory); see `ServerStats.write`."""
         if self.own_dir is None:
             return
-        stats = {"address": address, **self.stats()}
-        write_atomically(self.own_dir / SHARD_STATS, json.dumps(stats, indent=1))
-        if self.shard == 0 and self.layout.num_shards > 1:
-            shards = read_shard_stats(self.run_dir, self.layout.num_shards)
-            if shards is not None:
-                combined = json.dumps(combine(shards), indent=1)
-                write_atomically(Path(self.run_dir) / SHARD_STATS, combined)
-        if self._tensorboard is None:
-            from gorila_jax.metrics import open_tensorboard
-
-            self._tensorboard = open_tensorboard(self.own_dir / "server") or False
-        if self._tensorboard:
-            version = stats["version"]
-            board = self._tensorboard
-            board.add_scalar("server/updates_per_second", stats["updates_per_second"], version)
-            board.add_scalar("server/frames", stats["frames"], version)
-            for reason, count in stats["rejections"].items():
-                board.add_scalar(f"server/rejected/{reason}", count, version)
-            for label, count in stats["staleness_histogram"].items():
-                board.add_scalar(f"server/staleness/{label}", count, version)
+        self.counters.write(
+            self.stats(),
+            address=address,
+            own_dir=self.own_dir,
+            run_dir=self.run_dir,
+            shard=self.shard,
+            shards=self.layout.num_shards,
+        )
 
     def all_workers_stopped(self) -> bool:
         """Every bundle has said it is done."""
@@ -491,14 +441,9 @@ class ParameterServer:
             "server_shard": self.shard,
             "shard_layout": list(self.layout.bounds),
             "num_workers": self.num_workers,
-            "workers": {str(w): dict(c) for w, c in self.workers.items()},
-            "frames": {str(w): f for w, f in self.frames.items()},
+            **self.counters.state(),
             "last_seq": {str(w): s for w, s in self.last_seq.items()},
             "stopped_workers": sorted(self.stopped_workers),
-            "rejections": dict(self.rejections),
-            "unauthenticated": dict(self.unauthenticated),
-            "staleness_histogram": dict(self.staleness),
-            "events": dict(self.events),
             "outliers": self.outliers.state(),
         }
         return state, meta
@@ -519,24 +464,15 @@ class ParameterServer:
         self.params = jnp.asarray(state["params"], jnp.float32)
         self.opt_state = state["opt_state"]
         self.version = int(meta["version"])
-        self.workers = defaultdict(
-            Counter, {int(w): Counter(c) for w, c in meta["workers"].items()}
-        )
-        self.frames = {int(w): int(f) for w, f in meta["frames"].items()}
+        self.counters.load(meta)
         self.last_seq = {int(w): int(s) for w, s in meta.get("last_seq", {}).items()}
         stopped = {int(w) for w in meta.get("stopped_workers", [])}
         # Every worker had stopped: the run had ended, and this start continues it with
         # bundles that will say hello. Otherwise those that stopped will not stop again.
         self.stopped_workers = set() if len(stopped) >= self.num_workers else stopped
-        self.rejections = Counter(meta["rejections"])
-        self.unauthenticated = Counter(meta.get("unauthenticated", {}))
-        self.staleness = Counter(meta["staleness_histogram"])
-        self.events = Counter(meta["events"])
-        self.events["resumed"] += 1
         self.outliers.load(meta.get("outliers"))
         self.checkpointed_version = self.version
         self._checkpointed_stops = frozenset(self.stopped_workers)
-        self._rate_window = (self.clock(), self.version)
 
     def _unsaved(self) -> bool:
         return (
@@ -588,54 +524,61 @@ class ParameterServer:
 
     # ---- serving -------------------------------------------------------------------------
 
-    def serve(
-        self,
-        socket: zmq.Socket,
-        address: str,
-        should_stop: Callable[[], bool],
-        checkpointer=None,
-        *,
-        turn_seconds: float = TURN_SECONDS,
-    ) -> None:
-        """Answer requests until every bundle has stopped or `should_stop()` is true.
+    def serve(self, socket, address, should_stop, checkpointer=None, *, turn_seconds=TURN_SECONDS):
+        """Answer requests on `socket` until done: the module's `serve` with this server."""
+        serve(self, socket, address, should_stop, checkpointer, turn_seconds=turn_seconds)
 
-        Each turn of the loop answers messages for at most `turn_seconds` (at least one),
-        then checkpoints when due, writes ps.json when due and looks at `should_stop`: a
-        flood of messages, bad or good, delays none of them by more than a turn. With a
-        `checkpointer`, checkpoints are written when due and once at the end.
-        """
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        next_stats = 0.0
-        while not should_stop() and not self.all_workers_stopped():
-            if poller.poll(timeout=100):
-                turn_ends = time.monotonic() + turn_seconds
-                while True:
-                    try:
-                        routing_id, frames = transport.recv(
-                            socket,
-                            zmq.NOBLOCK,
-                            max_frames=MAX_REQUEST_FRAMES,
-                            max_bytes=self.max_bytes,
-                        )
-                    except zmq.Again:
-                        break
-                    except transport.OversizedMessage as error:
-                        routing_id = error.routing_id
-                        reply = self.reject(error.reason, None, error.message, authenticated=False)
-                    else:
-                        reply = self.handle(frames)
-                    transport.send(socket, reply, routing_id, copy=False)
-                    if time.monotonic() >= turn_ends:
-                        break
-            if checkpointer is not None and self.checkpoint_due():
-                self.save_checkpoint(checkpointer)
-            if self.clock() >= next_stats:
-                self.write_stats(address)
-                next_stats = self.clock() + self.config.stats_every_seconds
-        if checkpointer is not None:
-            self.save_checkpoint(checkpointer)
-        self.write_stats(address)
+
+def serve(
+    server: ParameterServer,
+    socket: zmq.Socket,
+    address: str,
+    should_stop: Callable[[], bool],
+    checkpointer=None,
+    *,
+    turn_seconds: float = TURN_SECONDS,
+) -> None:
+    """Answer requests until every bundle has stopped or `should_stop()` is true.
+
+    Each turn of the loop answers messages for at most `turn_seconds` (at least one), then
+    checkpoints when due, writes ps.json when due and looks at `should_stop`: a flood of
+    messages, bad or good, delays none of them by more than a turn. With a `checkpointer`,
+    checkpoints are written when due and once at the end.
+    """
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    next_stats = 0.0
+    while not should_stop() and not server.all_workers_stopped():
+        if poller.poll(timeout=100):
+            _answer(server, socket, time.monotonic() + turn_seconds)
+        if checkpointer is not None and server.checkpoint_due():
+            server.save_checkpoint(checkpointer)
+        if server.clock() >= next_stats:
+            server.write_stats(address)
+            next_stats = server.clock() + server.config.stats_every_seconds
+    if checkpointer is not None:
+        server.save_checkpoint(checkpointer)
+    server.write_stats(address)
+
+
+def _answer(server: ParameterServer, socket: zmq.Socket, turn_ends: float) -> None:
+    """Receive, handle and reply to waiting messages until none is left or `turn_ends`
+    (monotonic time) has passed; at least one message when one is waiting."""
+    while True:
+        try:
+            routing_id, frames = transport.recv(
+                socket, zmq.NOBLOCK, max_frames=MAX_REQUEST_FRAMES, max_bytes=server.max_bytes
+            )
+        except zmq.Again:
+            return
+        except transport.OversizedMessage as error:
+            routing_id = error.routing_id
+            reply = server.reject(error.reason, None, error.message, authenticated=False)
+        else:
+            reply = server.handle(frames)
+        transport.send(socket, reply, routing_id, copy=False)
+        if time.monotonic() >= turn_ends:
+            return
 
 
 def max_message_bytes(config: Config, num_params: int) -> int:

@@ -1,4 +1,14 @@
-"""Where a parameter server's files go, and RUN_DIR/ps.json of a server split in shards.
+"""A parameter server's statistics (`ServerStats`), where its files go, and RUN_DIR/ps.json
+of a server split in shards.
+
+`ServerStats` holds the counters of one server process, apart from its protocol state:
+rejections by reason, refusals of requests without the run token ("unauthenticated"), the
+staleness histogram of accepted pushes, per bundle (`workers`) its hellos, pulls, accepted
+and rejected pushes and the last version it was sent, the frames each bundle reported,
+events ("bundle_rejoined", "resumed") and the update rate. The server tells it what happened
+(`refused`, `accepted`, `pulled`, `hello`, `frames_reported`); it makes the statistics
+(`snapshot`: the stats reply and ps.json), writes them (`write`: ps.json and TensorBoard)
+and gives and takes its part of a checkpoint's meta (`state`, `load`).
 
 One unsharded server (`server_shards` 1) keeps the run directory's historical layout: its
 checkpoints in RUN_DIR/checkpoints, its statistics in RUN_DIR/ps.json, TensorBoard in
@@ -22,14 +32,158 @@ How the figures combine:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gorila_jax.files import write_atomically
+
 SUMMED = ("rejections", "staleness_histogram", "events", "unauthenticated")
 SHARD_STATS = "ps.json"
+STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_REPORTED_FRAMES = 2**53
+
+
+def staleness_bin(staleness: int) -> str:
+    """Histogram label of a staleness value: "0", "1", "2-3", "4-7", ..., "256+"."""
+    for low, high in itertools.pairwise(STALENESS_BINS):
+        if staleness < high:
+            return str(low) if high - low == 1 else f"{low}-{high - 1}"
+    return f"{STALENESS_BINS[-1]}+"
+
+
+class ServerStats:
+    """The counters of one server process, its statistics and the files they go to."""
+
+    def __init__(self, clock: Callable[[], float], started: float):
+        self.clock = clock
+        self.started = started
+        self.rejections: Counter[str] = Counter()
+        self.unauthenticated: Counter[str] = Counter()
+        self.staleness: Counter[str] = Counter()
+        self.workers: dict[int, Counter[str]] = defaultdict(Counter)
+        self.frames: dict[int, int] = {}
+        self.events: Counter[str] = Counter()
+        self.updates_per_second = 0.0
+        self._rate_window: tuple[float, int] = (started, 0)
+        self._tensorboard = None
+
+    # ---- what happened -------------------------------------------------------------------
+
+    def refused(self, reason: str, worker: int | None, *, authenticated: bool) -> None:
+        """A request refused for `reason`: counted against `worker` (None: a worker the
+        server does not have) when the request presented the run token, else under
+        "unauthenticated", whatever worker it claims."""
+        self.rejections[reason] += 1
+        if not authenticated:
+            self.unauthenticated["rejected"] += 1
+        elif worker is not None:
+            self.workers[worker]["rejected"] += 1
+
+    def accepted(self, worker: int, staleness: int) -> None:
+        """A push applied, computed on params `staleness` versions old."""
+        self.staleness[staleness_bin(staleness)] += 1
+        self.workers[worker]["accepted"] += 1
+
+    def hello(self, worker: int) -> None:
+        """A bundle said hello; a second hello is a bundle that rejoined."""
+        if self.workers[worker]["hellos"] > 0:
+            self.events["bundle_rejoined"] += 1
+        self.workers[worker]["hellos"] += 1
+
+    def pulled(self, worker: int, version: int) -> None:
+        """A bundle was sent the params of `version`."""
+        self.workers[worker]["pulls"] += 1
+        self.workers[worker]["last_version_pulled"] = version
+
+    def frames_reported(self, worker: int, frames: int) -> None:
+        """A bundle's frame count (with its pushes), clamped so that a bogus count cannot
+        overflow the statistics' msgpack integers."""
+        self.frames[worker] = min(frames, MAX_REPORTED_FRAMES)
+
+    # ---- statistics ----------------------------------------------------------------------
+
+    def snapshot(self, version: int, *, stopped_workers: list[int], **fixed: Any) -> dict:
+        """The statistics of the stats reply and ps.json (plain msgpack/JSON values) at
+        `version`, the `fixed` fields (the server's settings) last. The update rate is
+        measured over at least a second between calls."""
+        now = self.clock()
+        since, at_version = self._rate_window
+        if now - since >= 1.0:
+            self.updates_per_second = (version - at_version) / (now - since)
+            self._rate_window = (now, version)
+        return {
+            "version": version,
+            "updates": version,
+            "updates_per_second": round(self.updates_per_second, 3),
+            "uptime_seconds": round(now - self.started, 3),
+            "staleness_histogram": dict(self.staleness),
+            "rejections": dict(self.rejections),
+            "workers": {str(w): dict(c) for w, c in sorted(self.workers.items())},
+            "unauthenticated": dict(self.unauthenticated),
+            "stopped_workers": stopped_workers,
+            "frames": sum(self.frames.values()),
+            "events": dict(self.events),
+            **fixed,
+        }
+
+    def write(
+        self, stats: dict, *, address: str, own_dir: Path, run_dir: Path, shard: int, shards: int
+    ) -> None:
+        """Write `stats` (a `snapshot`) and `address` atomically to own_dir/ps.json, and the
+        same figures to TensorBoard (own_dir/server) against their version. Shard 0 of a
+        sharded server also writes RUN_DIR/ps.json, the whole server's figures (`combine`)."""
+        stats = {"address": address, **stats}
+        write_atomically(own_dir / SHARD_STATS, json.dumps(stats, indent=1))
+        if shard == 0 and shards > 1:
+            found = read_shard_stats(run_dir, shards)
+            if found is not None:
+                write_atomically(Path(run_dir) / SHARD_STATS, json.dumps(combine(found), indent=1))
+        if self._tensorboard is None:
+            from gorila_jax.metrics import open_tensorboard
+
+            self._tensorboard = open_tensorboard(own_dir / "server") or False
+        if self._tensorboard:
+            version = stats["version"]
+            board = self._tensorboard
+            board.add_scalar("server/updates_per_second", stats["updates_per_second"], version)
+            board.add_scalar("server/frames", stats["frames"], version)
+            for reason, count in stats["rejections"].items():
+                board.add_scalar(f"server/rejected/{reason}", count, version)
+            for label, count in stats["staleness_histogram"].items():
+                board.add_scalar(f"server/staleness/{label}", count, version)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The counters as JSON values, for a checkpoint's meta."""
+        return {
+            "workers": {str(w): dict(c) for w, c in self.workers.items()},
+            "frames": {str(w): f for w, f in self.frames.items()},
+            "rejections": dict(self.rejections),
+            "unauthenticated": dict(self.unauthenticated),
+            "staleness_histogram": dict(self.staleness),
+            "events": dict(self.events),
+        }
+
+    def load(self, meta: dict) -> None:
+        """Continue the counters of a checkpoint's meta (`state()`'s keys and its version;
+        "unauthenticated" may be missing), counting the event "resumed"; the update rate is
+        measured afresh from now."""
+        self.workers = defaultdict(
+            Counter, {int(w): Counter(c) for w, c in meta["workers"].items()}
+        )
+        self.frames = {int(w): int(f) for w, f in meta["frames"].items()}
+        self.rejections = Counter(meta["rejections"])
+        self.unauthenticated = Counter(meta.get("unauthenticated", {}))
+        self.staleness = Counter(meta["staleness_histogram"])
+        self.events = Counter(meta["events"])
+        self.events["resumed"] += 1
+        self._rate_window = (self.clock(), int(meta["version"]))
 
 
 def server_dir(run_dir: Path, shard: int, shards: int) -> Path:

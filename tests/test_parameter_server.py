@@ -27,13 +27,9 @@ from gorila_jax.checkpoint import Checkpointer
 from gorila_jax.config import Config
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
-from gorila_jax.parameter_server import (
-    OutlierFilter,
-    ParameterServer,
-    max_message_bytes,
-    staleness_bin,
-)
+from gorila_jax.parameter_server import OutlierFilter, ParameterServer, max_message_bytes
 from gorila_jax.ps_client import ServerConnection
+from gorila_jax.server_stats import staleness_bin
 
 TOKEN = transport.new_run_token()
 OTHER_TOKEN = transport.new_run_token()
@@ -356,7 +352,7 @@ def test_a_hello_does_not_reset_the_replay_protection():
     # A later hello (a restarted bundle numbers on) is welcome, and still resets nothing.
     assert worker.hello().header["kind"] == "welcome"
     assert raw_header(server.handle(captured_push))["reason"] == "replayed"
-    assert server.rejections["replayed"] == 3
+    assert server.counters.rejections["replayed"] == 3
     assert_unchanged(server, before, version)
 
 
@@ -368,7 +364,7 @@ def test_oversized_message_is_refused():
     server.max_bytes = push_bytes - 1
     header = raw_header(server.handle(push))
     assert (header["kind"], header["reason"]) == ("error", "oversized")
-    assert server.rejections["oversized"] == 1
+    assert server.counters.rejections["oversized"] == 1
     assert_unchanged(server, before, version)
     # A smaller request still fits, and so does the same push at the limit.
     assert worker.pull(version=-1).header["kind"] == "params"
@@ -379,7 +375,7 @@ def test_oversized_message_is_refused():
 def test_empty_message_is_refused():
     server, _ = primed_server()
     assert raw_header(server.handle([]))["reason"] == "malformed"
-    assert server.rejections["malformed"] == 1
+    assert server.counters.rejections["malformed"] == 1
 
 
 @pytest.mark.parametrize(
@@ -426,7 +422,7 @@ def test_replayed_and_out_of_order_seq_are_refused():
     assert raw_header(server.handle(replay))["reason"] == "replayed"
     older = push_frames(worker, seq=worker.seq - 1)
     assert raw_header(server.handle(older))["reason"] == "replayed"
-    assert server.rejections["replayed"] == 2
+    assert server.counters.rejections["replayed"] == 2
     assert_unchanged(server, before, version)
     # Another worker's sequence numbers are its own.
     other = Worker(server, 1)
@@ -454,7 +450,7 @@ def test_unauthenticated_senders_do_not_grow_the_worker_table():
         header = raw_header(server.handle(push_frames(Worker(server, worker, OTHER_TOKEN))))
         assert header["reason"] == "bad_token"
     assert set(server.stats()["workers"]) == {"0"}
-    assert server.rejections["bad_token"] == 3
+    assert server.counters.rejections["bad_token"] == 3
 
 
 @pytest.mark.parametrize("loss", [50.0, -50.0])  # the filter looks at |loss|
@@ -937,7 +933,7 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
                 uptimes.add(json.loads((tmp_path / "ps.json").read_text())["uptime_seconds"])
             saved.update(checkpointer.versions())
             time.sleep(0.1)
-        assert server.rejections["malformed"] > 1000, "the flood did not reach the server"
+        assert server.counters.rejections["malformed"] > 1000, "the flood did not reach the server"
         stopped = time.monotonic()
         stop.set()
         thread.join(timeout=10)
