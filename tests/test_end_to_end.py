@@ -120,7 +120,7 @@ def test_sharded_compensated_run_on_four_devices_per_bundle(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=400, env=environ,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[bundle 1] 4 envs, learner over 4 local device(s)" in result.stdout
+    assert "[bundle 1] INFO: 4 envs, learner over 4 local device(s)" in result.stdout
     stats = json.loads((tmp_path / "ps.json").read_text())
     assert stats["shard_factor"] == "default" and stats["dc_asgd"] == "adaptive"
     assert stats["workers"]["0"]["accepted"] > 100 and stats["workers"]["1"]["accepted"] > 100

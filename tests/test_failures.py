@@ -120,7 +120,7 @@ def test_sigterm_to_the_server_checkpoints_and_stops_everything(tmp_path):
     assert launcher.returncode == 143, err[-2000:]
     stats = read_stats(tmp_path)
     assert stats["checkpointed_version"] == stats["version"] > 50
-    assert "[server] stopped" in out
+    assert "[server] INFO: stopped" in out
 
 
 @pytest.mark.parametrize("wire_security", ["token", "curve"])

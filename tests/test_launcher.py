@@ -56,7 +56,8 @@ def test_success_leaves_no_process(tmp_path):
     children = wait_for_children(launcher, 3, tmp_path)
     out, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err
-    assert "[server] done" in out and "[bundle 1] done" in out and "[bundle 2] done" in out
+    assert "[server] INFO: done" in out and "[bundle 1] INFO: done" in out
+    assert "[bundle 2] INFO: done" in out
     assert_all_gone(children)
     stats = json.loads((tmp_path / "ps.json").read_text())
     assert stats["updates"] > 0

@@ -61,5 +61,5 @@ def test_the_local_launcher_runs_from_another_directory(tmp_path):
         timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "[server] done" in result.stdout
+    assert "[server] INFO: done" in result.stdout
     assert (tmp_path / "run" / "params.msgpack").exists()
