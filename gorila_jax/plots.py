@@ -4,7 +4,8 @@ A run directory is read in either layout:
 
 - single process: ``episodes.csv`` and ``learner.jsonl`` at the top;
 - distributed: ``bundle*/episodes.csv`` and ``bundle*/learner.jsonl``, plus the server's
-  ``ps.json``.
+  ``ps.json`` (of a server split in shards: the whole server's figures plus a ``shards`` list
+  of each shard's own, see gorila_jax.server_stats).
 
 Bundles are merged in order of wall time. Each bundle logs time since its own start and
 the frames it collected itself, so the x axis "frames" of a distributed run is the sum over
@@ -28,11 +29,13 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import to_rgb
 from matplotlib.ticker import FuncFormatter
 
 DPI = 100
 RETURN_FIGSIZE = (10.0, 5.5)
 PANEL_FIGSIZE = (15.0, 4.5)
+SHARDED_PANEL_FIGSIZE = (20.0, 4.5)  # the server figure with its 4th, per-shard, panel
 RETURNS_BY_EPISODE = "returns_by_episode.png"
 RETURNS_BY_FRAME = "returns_by_frame.png"
 RETURNS_BY_HOUR = "returns_by_hour.png"
@@ -356,15 +359,89 @@ def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list[float]
     ax.set_xticks(x, categories)
 
 
+class ShardRate(NamedTuple):
+    """One server shard's update rates, from its own statistics in ps.json's `shards` list."""
+
+    shard: int
+    whole_run: float  # its version / its uptime (0 before it has been up)
+    last_window: float  # its updates_per_second: the rate over its last stats window
+    num_params: int  # the parameters the shard holds (0 when not given)
+
+
+def _finite(value: object) -> float:
+    """A number from JSON as a float; 0 for anything else (missing, text, NaN, infinite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if math.isfinite(value) else 0.0
+
+
+def shard_rates(stats: dict | None) -> list[ShardRate]:
+    """Each shard's update rates from a ps.json of a server split in shards (its `shards`
+    list), in shard order; empty for an unsharded server's ps.json (no such list). A shard is
+    numbered by its `server_shard` (its place in the list when that is missing)."""
+    shards = (stats or {}).get("shards")
+    if not isinstance(shards, list):
+        return []
+    rates = []
+    for place, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            continue
+        number = shard.get("server_shard")
+        uptime = _finite(shard.get("uptime_seconds"))
+        version = _finite(shard.get("version", shard.get("updates")))
+        rates.append(
+            ShardRate(
+                shard=number if isinstance(number, int) and not isinstance(number, bool) else place,
+                whole_run=version / uptime if uptime > 0 else 0.0,
+                last_window=_finite(shard.get("updates_per_second")),
+                num_params=int(_finite(shard.get("num_params"))),
+            )
+        )
+    return sorted(rates, key=lambda rate: rate.shard)
+
+
+def _shard_panel(ax, served: list[tuple[Run, object]]) -> None:
+    """Updates per second of every shard: whole run (solid) and last window (faint) per run."""
+    per_run = [(run, color, {r.shard: r for r in shard_rates(run.server)}) for run, color in served]
+    shards = sorted({shard for _, _, rates in per_run for shard in rates})
+    params = {shard: rates[shard].num_params for _, _, rates in per_run for shard in rates}
+    series = []
+    for run, color, rates in per_run:
+        if not rates:
+            continue
+        whole = [rates[s].whole_run if s in rates else 0.0 for s in shards]
+        last = [rates[s].last_window if s in rates else 0.0 for s in shards]
+        series.append((f"{run.label} whole run", whole, color))
+        series.append((f"{run.label} last window", last, (*to_rgb(color), 0.45)))
+    labels = [
+        f"shard {s}\n({_format_count(params[s])} params)" if params.get(s) else f"shard {s}"
+        for s in shards
+    ]
+    _grouped_bars(ax, labels, series)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.0f", fontsize="small")
+    ax.set_ylabel("shard updates per second")
+    ax.set_title("Updates per second by shard")
+    ax.margins(y=0.25)  # room above the bars for the legend
+    ax.legend(loc="upper right", fontsize="small")
+
+
 def _server_figure(runs: list[Run], *, path: Path) -> Path:
     served = [
         (run, color)
         for run, color in zip(runs, _colors(len(runs)), strict=True)
         if run.server is not None
     ]
-    fig, axes = plt.subplots(1, 3, figsize=PANEL_FIGSIZE, dpi=DPI, layout="constrained")
+    sharded = any(shard_rates(run.server) for run, _ in served)
+    fig, axes = plt.subplots(
+        1,
+        4 if sharded else 3,
+        figsize=SHARDED_PANEL_FIGSIZE if sharded else PANEL_FIGSIZE,
+        dpi=DPI,
+        layout="constrained",
+    )
 
-    rate_ax, stale_ax, worker_ax = axes
+    rate_ax, stale_ax, worker_ax = axes[:3]
     rates = []
     for run, color in served:
         stats = run.server
@@ -415,6 +492,8 @@ def _server_figure(runs: list[Run], *, path: Path) -> Path:
     worker_ax.set_title("Pushes accepted per bundle")
     worker_ax.yaxis.set_major_formatter(FuncFormatter(_format_count))
     worker_ax.legend(loc="lower right", fontsize="small")
+    if sharded:
+        _shard_panel(axes[3], served)
     for ax in axes:
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("Parameter server (ps.json at the end of the run)")
@@ -427,7 +506,11 @@ def make_plots(run_dirs: list[Path | str], out_dir: Path | str, *, window: int =
     """Write the figures of the runs (overlaid) into out_dir; returns the files written.
 
     Always: returns by episode, by frame and by hour. With learner.jsonl: learner statistics. With
-    ps.json in any run: the server's update rate, staleness histogram and pushes per bundle.
+    ps.json in any run: the server's update rate, staleness histogram and pushes per bundle
+    (of a sharded server: the whole server's, as combined in ps.json), and, when any run's
+    server was split in shards (a `shards` list in ps.json), a 4th panel with each shard's
+    updates per second, over the whole run and over its last stats window (`shard_rates`);
+    the figure is then SHARDED_PANEL_FIGSIZE wide instead of PANEL_FIGSIZE.
     """
     if window < 1:
         raise PlotError(f"--smooth must be >= 1, got {window}")

@@ -1,7 +1,8 @@
 """The user-facing outputs: TensorBoard events, plots of runs, evaluation of saved params.
 
 One short real single-process CartPole run (3,000 frames) is shared by the tests; a
-distributed layout (bundle*/episodes.csv, learner.jsonl, ps.json) is written synthetically.
+distributed layout (bundle*/episodes.csv, learner.jsonl, ps.json) is written synthetically,
+also with the ps.json of a server split in 2 shards.
 """
 
 import csv
@@ -21,6 +22,7 @@ from gorila_jax.envs import Episode
 from gorila_jax.metrics import RunLogger
 from gorila_jax.params_file import describe_mismatch
 from gorila_jax.recording import Recorder
+from gorila_jax.server_stats import combine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +89,37 @@ def write_distributed_run(run_dir: Path, bundles: int = 2, episodes: int = 60) -
         "frames": 6000,
     }
     (run_dir / "ps.json").write_text(json.dumps(stats))
+
+
+SHARD_STATS = (  # (version, uptime_seconds, updates_per_second, num_params) of shards 0 and 1
+    (1200, 8.0, 310.5, 100),
+    (1190, 7.0, 290.0, 98),
+)
+
+
+def write_sharded_ps_json(run_dir: Path) -> dict:
+    """Replace the run's ps.json by that of a server in 2 shards (combined as shard 0 does)."""
+    shards = []
+    for shard, (version, uptime, rate, num_params) in enumerate(SHARD_STATS):
+        shards.append(
+            {
+                "version": version,
+                "updates": version,
+                "updates_per_second": rate,
+                "uptime_seconds": uptime,
+                "staleness_histogram": {"0": 3, "1": 20, "2-3": 100},
+                "rejections": {"stale": shard},
+                "workers": {"0": {"accepted": 600}, "1": {"accepted": version - 600}},
+                "frames": 6000,
+                "num_workers": 2,
+                "num_params": num_params,
+                "server_shard": shard,
+                "server_shards": 2,
+            }
+        )
+    stats = combine(shards)
+    (run_dir / "ps.json").write_text(json.dumps(stats))
+    return stats
 
 
 def read_tensorboard_tags(directory: Path) -> dict[str, list[tuple[int, float]]]:
@@ -172,6 +205,41 @@ def test_plot_script_writes_pngs_for_both_layouts(tmp_path, cartpole_run):
             assert image.format == "PNG"
             assert image.size == (round(width * plots.DPI), round(height * plots.DPI))
         assert f"wrote {out / name}" in result.stdout
+
+
+def test_sharded_server_figure_has_a_panel_of_rates_by_shard(tmp_path, monkeypatch):
+    run_dir = tmp_path / "sharded"
+    write_distributed_run(run_dir)
+    stats = write_sharded_ps_json(run_dir)
+    assert stats["server_shards"] == 2 and len(stats["shards"]) == 2
+    # Whole run: each shard's version / its uptime; last window: its updates_per_second.
+    expected = [
+        plots.ShardRate(0, 1200 / 8.0, 310.5, 100),
+        plots.ShardRate(1, 1190 / 7.0, 290.0, 98),
+    ]
+    assert plots.shard_rates(stats) == expected  # the same arithmetic, so exactly
+    assert plots.shard_rates(stats)[1].whole_run == pytest.approx(170.0)
+    assert plots.shard_rates({"version": 3, "server_shards": 1}) == []  # unsharded ps.json
+    assert plots.shard_rates(None) == []
+
+    figures = []
+    close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    written = plots.make_plots([run_dir], tmp_path / "plots", window=5)
+    assert tmp_path / "plots" / plots.SERVER in written
+    with Image.open(tmp_path / "plots" / plots.SERVER) as image:
+        width, height = plots.SHARDED_PANEL_FIGSIZE
+        assert image.size == (round(width * plots.DPI), round(height * plots.DPI))
+    server = next(f for f in figures if f.get_suptitle().startswith("Parameter server"))
+    titles = [ax.get_title() for ax in server.axes]
+    assert len(titles) == 4 and titles[3] == "Updates per second by shard", titles
+    shard_ax = server.axes[3]
+    whole, last = (
+        [bar.get_height() for bar in container] for container in shard_ax.containers
+    )  # one series per measure of the one run, one bar per shard
+    assert whole == pytest.approx([150.0, 170.0]) and last == pytest.approx([310.5, 290.0])
+    ticks = [tick.get_text() for tick in shard_ax.get_xticklabels()]
+    assert ticks == ["shard 0\n(100 params)", "shard 1\n(98 params)"]
 
 
 def test_plot_one_run_writes_into_its_directory_without_server_plot(cartpole_run, capsys):

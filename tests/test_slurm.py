@@ -1,5 +1,9 @@
-"""End-to-end runs under a real SLURM: `srun -n 3` of the CartPole script, and the Pong sbatch
-example submitted with `sbatch --wait`.
+"""End-to-end runs under a real SLURM: `srun -n 3` of the CartPole script, `srun -n 5` of it with
+the server split in 2 shards, and the Pong sbatch example submitted with `sbatch --wait`.
+
+Every process logs `[<process>] LEVEL: message` (gorila_jax.logs): `[server]` (or `[shard k]`
+of a server in S shards, tasks 0..S-1) and `[bundle i]` (task S+i-1), so a finished run
+says `[server] INFO: done: ...`, `[shard 0] INFO: done: ...`, `[bundle 1] INFO: done: ...`.
 
 Both skip where SLURM is not installed and running with an idle node; on a Debian machine as
 root, `bash .ci/slurm.sh install start` sets up a one-node SLURM for them.
@@ -77,15 +81,14 @@ def _read_ps(run_dir: Path, output: str) -> dict:
     return json.loads(ps_path.read_text())
 
 
-def test_srun_three_tasks_trains_cartpole(tmp_path):
-    """srun -n 3: task 0 serves the params, tasks 1 and 2 push accepted gradients."""
-    _require_slurm("srun")
-    run_dir = tmp_path / "run"
-    job_name = _job_name("srun")
+def _srun_cartpole(run_dir: Path, tasks: int, *extra: str) -> str:
+    """`srun -n tasks -l` of experiments/cartpole.py with tiny settings; its output, once it
+    has exited 0 (the test fails otherwise, and a job left running is cancelled)."""
+    job_name = _job_name(f"srun{tasks}")
     command = [
         "srun",
         "-n",
-        "3",
+        str(tasks),
         "-l",
         f"--job-name={job_name}",
         sys.executable,
@@ -98,6 +101,7 @@ def test_srun_three_tasks_trains_cartpole(tmp_path):
         "500",
         "--log-every-seconds",
         "2",
+        *extra,
     ]
     try:
         result = subprocess.run(
@@ -114,6 +118,22 @@ def test_srun_three_tasks_trains_cartpole(tmp_path):
         pytest.fail(f"srun ran past {SRUN_TIMEOUT_SECONDS}s; output:\n{_tail(error.stdout)}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"srun exited {result.returncode}:\n{_tail(output)}"
+    return output
+
+
+def _assert_done(output: str, task: int, process: str) -> None:
+    """srun -l prefixes each line with its task number: `<task>: [<process>] INFO: done: ...`."""
+    prefix = f"{task}: [{process}] INFO: done"
+    assert any(line.startswith(prefix) for line in output.splitlines()), (
+        f"no line starting {prefix!r}:\n{_tail(output)}"
+    )
+
+
+def test_srun_three_tasks_trains_cartpole(tmp_path):
+    """srun -n 3: task 0 serves the params, tasks 1 and 2 push accepted gradients."""
+    _require_slurm("srun")
+    run_dir = tmp_path / "run"
+    output = _srun_cartpole(run_dir, 3)
 
     ps = _read_ps(run_dir, output)
     assert ps["updates"] > 0, ps
@@ -121,11 +141,33 @@ def test_srun_three_tasks_trains_cartpole(tmp_path):
     for worker in ("0", "1"):
         assert ps["workers"][worker]["accepted"] > 0, (worker, ps["workers"])
     assert (run_dir / "params.msgpack").is_file()
-    # srun -l prefixes each line with its task number: 0 is the server, 1 and 2 bundles.
-    assert any(line.startswith("0: [server] done") for line in output.splitlines()), _tail(output)
-    for task in ("1", "2"):
-        prefix = f"{task}: [bundle {task}] done"
-        assert any(line.startswith(prefix) for line in output.splitlines()), _tail(output)
+    _assert_done(output, 0, "server")
+    for task in (1, 2):
+        _assert_done(output, task, f"bundle {task}")
+
+
+def test_srun_two_shards_three_bundles_trains_cartpole(tmp_path):
+    """srun -n 5 with --server-shards 2: tasks 0 and 1 are the server's shards, each applying
+    pushes to its slice; tasks 2, 3 and 4 are bundles 1 to 3, every one pushing to both."""
+    _require_slurm("srun")
+    run_dir = tmp_path / "run"
+    output = _srun_cartpole(run_dir, 5, "--server-shards", "2")
+
+    ps = _read_ps(run_dir, output)
+    assert ps["server_shards"] == 2, ps
+    assert len(ps["shards"]) == 2, ps
+    for shard, stats in enumerate(ps["shards"]):
+        assert stats["server_shard"] == shard, stats
+        assert stats["version"] > 0, (shard, stats)
+        assert (run_dir / f"shard{shard}" / "ps.json").is_file()
+    assert ps["num_workers"] == 3, ps
+    for worker in ("0", "1", "2"):
+        assert ps["workers"][worker]["accepted"] > 0, (worker, ps["workers"])
+    assert (run_dir / "params.msgpack").is_file()
+    for shard in (0, 1):
+        _assert_done(output, shard, f"shard {shard}")
+    for bundle in (1, 2, 3):
+        _assert_done(output, bundle + 1, f"bundle {bundle}")
 
 
 def test_pong_sbatch_example_runs(tmp_path):
@@ -169,4 +211,4 @@ def test_pong_sbatch_example_runs(tmp_path):
     assert ps["num_workers"] == 2, ps
     assert ps["frames"] > 0, ps
     assert ps["updates"] > 0, ps
-    assert "[server] done" in job_log, _tail(job_log)
+    assert "[server] INFO: done" in job_log, _tail(job_log)
