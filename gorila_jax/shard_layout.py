@@ -2,7 +2,8 @@
 
 The network's parameters travel and live as one flat float32 vector (ravel_pytree order).
 With S server shards, shard k owns the contiguous slice `bounds[k]:bounds[k+1]`; the slices
-differ in size by at most one element, so with one dtype they are byte-balanced. Every
+differ in size by at most 16 elements (their boundaries are 64-byte aligned, see `even`), so
+with one dtype they are byte-balanced. Every
 optimizer in this project (adam, rmsprop, sgd, adagrad, DC-ASGD) acts element by element;
 only global-norm clipping looks at the whole gradient. So S shards apply exactly what one
 server would provided the gradient is clipped before it is split, in the bundle, and the
@@ -20,6 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+ALIGN = 16  # elements (64 bytes of float32): slice boundaries fall on multiples of this...
+ALIGN_MIN_SLICES = 4  # ...when every slice can hold at least this many such units
+
 
 class ShardLayout(NamedTuple):
     """Slice boundaries of the flat parameter vector, one slice per server shard."""
@@ -28,7 +32,14 @@ class ShardLayout(NamedTuple):
 
     @classmethod
     def even(cls, num_params: int, shards: int) -> ShardLayout:
-        """S contiguous slices whose sizes differ by at most one element."""
+        """S contiguous slices of nearly equal size, their boundaries on multiples of
+        `ALIGN` elements when every slice can hold `ALIGN_MIN_SLICES` of them (sizes then
+        differ by at most `ALIGN`, else by at most one element).
+
+        The alignment is for speed: the jitted apply over a slice whose length is odd ran
+        about 1.7x slower per element than over an even one (`benchmarks/sharded_server.py`,
+        843,603 against 843,602 elements).
+        """
         if not isinstance(shards, int) or shards < 1:
             raise ValueError(f"server shards must be a positive integer, got {shards!r}")
         if shards > num_params:
@@ -36,7 +47,10 @@ class ShardLayout(NamedTuple):
                 f"{shards} server shards for {num_params} parameters: each shard needs at "
                 "least one parameter"
             )
-        return cls(tuple(int(b) for b in np.linspace(0, num_params, shards + 1).round()))
+        unit = ALIGN if num_params >= ALIGN * ALIGN_MIN_SLICES * shards else 1
+        cuts = (np.linspace(0, num_params / unit, shards + 1).round() * unit).astype(np.int64)
+        cuts[-1] = num_params
+        return cls(tuple(int(b) for b in cuts))
 
     @classmethod
     def from_list(cls, values: object) -> ShardLayout:

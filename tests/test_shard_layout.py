@@ -7,12 +7,18 @@ from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.shard_layout import ShardLayout
 
 
-@pytest.mark.parametrize(("num_params", "shards"), [(10, 1), (10, 3), (1_687_206, 4), (7, 7)])
-def test_even_layout_covers_everything_once_and_balances(num_params, shards):
+@pytest.mark.parametrize(
+    ("num_params", "shards", "spread"),
+    [(10, 1, 0), (10, 3, 1), (1_687_206, 4, 16), (1_687_206, 2, 16), (17_410, 2, 16), (7, 7, 0),
+     (127, 2, 1), (128, 2, 0)],
+)  # fmt: skip
+def test_even_layout_covers_everything_once_and_balances(num_params, shards, spread):
     layout = ShardLayout.even(num_params, shards)
     sizes = [layout.size(k) for k in range(shards)]
     assert layout.num_shards == shards and layout.num_params == num_params
-    assert sum(sizes) == num_params and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert sum(sizes) == num_params and max(sizes) - min(sizes) <= spread and min(sizes) >= 1
+    if spread == 16:  # large enough to align: every inner boundary on 16 elements
+        assert all(b % 16 == 0 for b in layout.bounds[:-1])
     flat = np.arange(num_params, dtype=np.float32)
     parts = layout.split(flat)
     assert all(np.shares_memory(p, flat) for p in parts)  # views, no copy
