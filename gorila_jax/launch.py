@@ -110,6 +110,8 @@ def run_role(config: Config) -> int:
         return 2
     if shards > 1:
         _check_shard_layout(config)
+    # Every process, before the rendezvous: all of them stop with the one line at once.
+    _check_server_files(Path(config.run_dir), shards)
     if info.index < shards:
         run_server(config, info, stop, shard=info.index)
     else:
@@ -315,7 +317,6 @@ def run_server(
     from gorila_jax.single_process import init_params
 
     run_dir = Path(config.run_dir)
-    _check_server_files(run_dir, config.server_shards)
     token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()
     # A first start binds a free port itself (no probing race); a restart takes it back.
     port = os.environ.get(distributed.ENV_SERVER_PORT, "0")
@@ -377,7 +378,7 @@ def run_server(
     if config.server_shards == 1:
         save_params(server.params_tree(), run_dir / "params.msgpack")
     else:
-        _save_sharded_params(server, run_dir)
+        _save_sharded_params(server, run_dir, endpoint)
     stats = server.stats()
     log.info(
         f"{'stopped' if stop.is_set() else 'done'}: {stats['updates']:,} updates, "
@@ -409,7 +410,7 @@ def _check_server_files(run_dir: Path, shards: int) -> None:
         )
 
 
-def _save_sharded_params(server, run_dir: Path) -> None:
+def _save_sharded_params(server, run_dir: Path, address: str) -> None:
     """Every shard writes its final slice; shard 0 waits for the others' (written after it
     started) and saves the whole params as RUN_DIR/params.msgpack."""
     import io
@@ -450,6 +451,7 @@ def _save_sharded_params(server, run_dir: Path) -> None:
         return
     flat = server.layout.join([slices[k] for k in range(shards)])
     save_params(server.unravel(flat), run_dir / "params.msgpack")
+    server.write_stats(address)  # every shard has written its final figures by now
 
 
 def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Event) -> None:
@@ -653,6 +655,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
     shards = config.server_shards
     if shards > 1:
         _check_shard_layout(config)  # before starting anything
+    _check_server_files(Path(config.run_dir), shards)
     count = config.workers + shards
     private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
     port_files = [private / f"server_port.{shard}" for shard in range(shards)]

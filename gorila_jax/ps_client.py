@@ -1,13 +1,15 @@
 """A bundle's side of the parameter server: the connection and the remote learner.
 
-`ServerConnection` speaks the wire protocol over one DEALER socket (every request gets one
-reply, matched by sequence number, so several can be in flight). `RemoteLearner` is the
-bundle's `Updater`: its jitted step computes the gradient (flattened, and cut to the bundle's
-shard inside XLA) and hands it to a communication thread, which pushes it (up to
-`PUSHES_IN_FLIGHT` unacknowledged), pulls params every `sync_every` learner steps, and
-refreshes the target network every `target_period` server updates. The actors wait for the
-network only when `PUSH_QUEUE` more gradients are queued behind those in flight. Once that
-thread runs, it is the only one that touches the socket, to the final stop and close.
+`ServerConnection` speaks the wire protocol with one server process (a shard, or the whole
+server) over one DEALER socket: every request gets one reply, matched by sequence number, so
+several can be in flight. `RemoteLearner` is the bundle's `Updater`: its jitted step
+computes the gradient (flattened, cut to the bundle's gradient shard and clipped inside XLA)
+and hands it to a communication thread, which pushes every server shard its slice (up to
+`PUSHES_IN_FLIGHT` unacknowledged pushes), pulls params from every shard every `sync_every`
+learner steps, and refreshes the target network every `target_period` server updates. The
+actors wait for the network only when `PUSH_QUEUE` more gradients are queued behind those
+in flight. Once that thread runs, it is the only one that touches the sockets, to the final
+stop and close.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ PUSH_QUEUE = 2
 PUSHES_IN_FLIGHT = 2
 MAX_REPLY_FRAMES = 2  # a header and at most one array
 QUICK_STOP_SECONDS = 2.0  # how long a bundle stopped by a signal waits for the stop's ack
+HELLO_AGAIN_SECONDS = 5.0  # how long a hello to a lost server shard may take to be answered
 
 
 class ServerError(RuntimeError):
@@ -129,13 +132,16 @@ class ServerConnection:
             self._pending[self.seq] = (kind, time.monotonic() + self.timeout_seconds)
         return self.seq
 
-    def receive_reply(self, seq: int, *, interruptible: bool = True):
-        """Wait for the reply to request `seq` (replies to other pending requests are kept).
+    def receive_reply(self, seq: int, *, interruptible: bool = True, wait: bool = True):
+        """Wait for the reply to request `seq` (replies to other pending requests are kept);
+        with `wait=False`, take what has arrived and return None if that reply has not
+        (the request stays pending).
 
         ServerError on an error reply, on a timeout (`lost`), or when cancelled.
         """
         with self._lock:
             kind, deadline = self._pending[seq]
+        settled = False  # answered, refused or given up: no longer pending
         try:
             while not self._has_reply(seq):
                 remaining = deadline - time.monotonic()
@@ -145,7 +151,9 @@ class ServerConnection:
                     raise ServerError(
                         f"no reply to {kind} within {self.timeout_seconds:.0f}s", lost=True
                     )
-                if not self._poller.poll(timeout=min(remaining, 0.1) * 1000):
+                if not self._poller.poll(timeout=min(remaining, 0.1) * 1000 if wait else 0):
+                    if not wait:
+                        return None
                     continue
                 try:
                     _, frames = transport.recv(
@@ -165,10 +173,15 @@ class ServerConnection:
                     # else: a late reply to a request given up on; dropped
             with self._lock:
                 reply = self._replies.pop(seq)
+            settled = True
+        except BaseException:
+            settled = True
+            raise
         finally:
-            with self._lock:
-                if seq not in self._replies:
-                    self._pending.pop(seq, None)
+            if settled:
+                with self._lock:
+                    if seq not in self._replies:
+                        self._pending.pop(seq, None)
         if reply.header["kind"] == "error":
             raise ServerError(
                 f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
@@ -250,11 +263,13 @@ class ServerConnection:
 
 
 class _Lost(NamedTuple):
-    """A server shard this bundle has lost: when it gives up, when it next says hello."""
+    """A server shard this bundle has lost: when it gives up, when it next says hello, the
+    backoff after that, and the hello waiting for an answer (its seq)."""
 
     deadline: float
     next_attempt: float
     delay: float
+    hello: int | None = None
 
 
 class RemoteLearner:
@@ -430,16 +445,18 @@ class RemoteLearner:
 
     def _communicate(self) -> None:
         try:
-            while not (self._closing.is_set() and self._outbox.empty() and not self._in_flight):
-                if self._lost:
+            while True:
+                if self._lost and not self._quick:
                     self._say_hello_again()
-                if len(self._lost) == len(self.connections):  # nothing to talk to yet
-                    if self._closing.is_set():
-                        raise ServerError(
-                            f"closing with {self._outbox.qsize()} gradient(s) not pushed: "
-                            "no server shard is reachable"
-                        )
-                    self._closing.wait(0.05)
+                drained = (
+                    self._closing.is_set() and self._outbox.empty() and not any(self._in_flight)
+                )
+                # A normal close waits for lost shards to come back (or for their deadline,
+                # an error), so that every shard hears this bundle's stop.
+                if drained and (self._quick or not self._lost):
+                    break
+                if drained or len(self._lost) == len(self.connections):
+                    time.sleep(0.05)  # nothing to talk to yet
                     continue
                 self._exchange()
         except BaseException as error:  # surfaced to the main thread through should_stop
@@ -454,27 +471,27 @@ class RemoteLearner:
         Stopped by a signal (`close(quick=True)`), wait only a moment for the server, which
         is stopping too; after an error, the server is gone or refused: just close.
         """
-        try:
-            for shard, connection in enumerate(self.connections):
+        for shard, connection in enumerate(self.connections):
+            try:
                 if self._quick:
                     connection.timeout_seconds = min(connection.timeout_seconds, QUICK_STOP_SECONDS)
                     with contextlib.suppress(ServerError):
                         connection.stop()
                 elif self.error is None and shard not in self._lost:
                     connection.stop()
-        except BaseException as error:
-            self.error = error
-        finally:
-            for connection in self.connections:
-                connection.close()
+            except BaseException as error:  # the other shards still get their stop
+                self.error = self.error or error
+        for connection in self.connections:
+            connection.close()
 
     def _call(self, shard: int, method, *args, **kwargs):
         """`method(*args, **kwargs)` of a shard's connection; a lost reply marks the shard
-        lost (None is returned), any other refusal is raised."""
+        lost (None is returned; closing or not, it is said hello again until its deadline),
+        any other refusal is raised."""
         try:
             return method(*args, **kwargs)
         except ServerError as error:
-            if not error.lost or self._closing.is_set():
+            if not error.lost:
                 raise
             self._lose(shard, error)
             return None
@@ -508,7 +525,7 @@ class RemoteLearner:
         if self._in_flight:
             sent = self._in_flight[0]
             results = {}
-            for shard, seq in sent.items():
+            for shard, seq in list(sent.items()):  # a lost shard leaves `sent`
                 if shard in self._lost:
                     continue
                 ack = self._call(shard, self.connections[shard].receive_ack, seq)
@@ -572,18 +589,24 @@ class RemoteLearner:
         return "the server" if len(self.connections) == 1 else f"server shard {shard}"
 
     def _say_hello_again(self) -> None:
-        """One hello to every lost shard whose backoff has passed; a shard past its
-        deadline ends the bundle (ServerError)."""
+        """Say hello again to every lost shard whose backoff has passed, without waiting
+        for the answer (the others are being pushed to meanwhile); take the answers that
+        have come. A shard past its deadline ends the bundle (ServerError)."""
         for shard, lost in list(self._lost.items()):
-            if time.monotonic() < lost.next_attempt or self._closing.is_set():
-                continue
             connection = self.connections[shard]
-            timeout = connection.timeout_seconds
-            # One shard of several: keep each attempt short, the others are waiting.
-            connection.timeout_seconds = min(timeout, 5.0 if len(self.connections) == 1 else 2.0)
-            try:
+            if lost.hello is None:
+                if time.monotonic() < lost.next_attempt:
+                    continue
                 connection.reconnect()
-                flat, version, info = connection.hello()
+                timeout = connection.timeout_seconds
+                connection.timeout_seconds = min(timeout, HELLO_AGAIN_SECONDS)
+                try:
+                    self._lost[shard] = lost._replace(hello=connection.send_request("hello"))
+                finally:
+                    connection.timeout_seconds = timeout
+                continue
+            try:
+                reply = connection.receive_reply(lost.hello, wait=False)
             except ServerError as attempt:
                 if not attempt.lost or time.monotonic() + lost.delay > lost.deadline:
                     raise ServerError(
@@ -591,11 +614,14 @@ class RemoteLearner:
                         f"{self.config.server_retry_seconds:.0f}s ({attempt})"
                     ) from None
                 self._lost[shard] = lost._replace(
-                    next_attempt=time.monotonic() + lost.delay, delay=min(2 * lost.delay, 10.0)
+                    hello=None,
+                    next_attempt=time.monotonic() + lost.delay,
+                    delay=min(2 * lost.delay, 10.0),
                 )
                 continue
-            finally:
-                connection.timeout_seconds = timeout
+            if reply is None:
+                continue
+            flat, version, info = reply.arrays[0], reply.header["version"], reply.header["config"]
             self._check_welcome(shard, info)
             del self._lost[shard]
             self.server_versions[shard] = version

@@ -245,7 +245,7 @@ def combine(shards: list[dict]) -> dict:
 
 def read_shard_stats(run_dir: Path, shards: int) -> list[dict] | None:
     """Every shard's ps.json under RUN_DIR/shard{k}/, or None while any is missing or is not
-    a JSON object naming its shard."""
+    a JSON object naming its shard and this shard count."""
     found = []
     for shard in range(shards):
         path = server_dir(run_dir, shard, shards) / SHARD_STATS
@@ -253,7 +253,11 @@ def read_shard_stats(run_dir: Path, shards: int) -> list[dict] | None:
             stats = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(stats, dict) or stats.get("server_shard") != shard:
+        if (
+            not isinstance(stats, dict)
+            or stats.get("server_shard") != shard
+            or stats.get("server_shards") != shards  # a leftover of another layout
+        ):
             return None
         found.append(stats)
     return found

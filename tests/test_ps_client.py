@@ -18,6 +18,7 @@ from gorila_jax.config import cartpole_defaults
 from gorila_jax.networks import MLP
 from gorila_jax.parameter_server import ParameterServer
 from gorila_jax.ps_client import RemoteLearner, ServerConnection, ServerError
+from gorila_jax.shard_layout import ShardLayout
 
 
 @pytest.fixture
@@ -244,3 +245,110 @@ def test_close_leaves_the_socket_to_a_communication_thread_that_does_not_finish(
     learner._thread.join(timeout=10)
     assert [name for name, _ in connection.calls][-2:] == ["stop", "close"]
     assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
+
+
+class ShardConnection:
+    """One server shard as RemoteLearner sees it, without a server: acks every push (the
+    first one lost when `lose_first_ack`), answers a hello sent again on the third look
+    (never when `never_back`)."""
+
+    worker = 0
+
+    def __init__(self, shard: int, layout, *, lose_first_ack=False, never_back=False):
+        self.shard, self.layout = shard, layout
+        self.num_params = layout.size(shard)
+        self.timeout_seconds = 5.0
+        self.cancel = threading.Event()
+        self.calls: list[str] = []
+        self.pushed: list[int] = []
+        self.seq = self.version = self.looks = 0
+        self.lose, self.never_back = lose_first_ack, never_back
+
+    def _info(self) -> dict:
+        bounds = list(self.layout.bounds)
+        return {"server_shard": self.shard, "shard_layout": bounds,
+                "shard_size": self.num_params, "frames": 0}  # fmt: skip
+
+    def _next(self, call: str) -> int:
+        self.calls.append(call)
+        self.seq += 1
+        return self.seq
+
+    def hello(self):
+        self.calls.append("hello")
+        return np.zeros(self.num_params, np.float32), self.version, self._info()
+
+    def send_push(self, grads, **fields) -> int:
+        self.pushed.append(len(grads))
+        return self._next("send_push")
+
+    def receive_ack(self, seq: int):
+        if self.lose:
+            self.lose = False
+            raise ServerError("no reply to push within 3s", lost=True)
+        self.version += 1
+        return True, None, self.version
+
+    def send_pull(self, have_version: int) -> int:
+        return self._next("send_pull")
+
+    def receive_pulled(self, seq: int):
+        return None, self.version
+
+    def reconnect(self) -> None:
+        self.calls.append("reconnect")
+
+    def send_request(self, kind: str, arrays=(), **fields) -> int:
+        return self._next(f"send_{kind}")
+
+    def receive_reply(self, seq: int, *, interruptible=True, wait=True):
+        self.looks += 1
+        if self.never_back:
+            raise ServerError("no reply to hello within 5s", lost=True)
+        if self.looks < 3:
+            return None  # not yet: the learner goes on with the other shard
+        header = {"kind": "welcome", "seq": seq, "version": self.version, "config": self._info()}
+        return transport.Message(header, [np.full(self.num_params, 7.0, np.float32)])
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def sharded_learner(*connections, **overrides) -> RemoteLearner:
+    config = dataclasses.replace(cartpole_defaults(), server_shards=2, **overrides)
+    network = MLP(num_actions=2, hidden=(8,))
+    params = network.init(jax.random.key(0), np.zeros((1, 4), np.float32))
+    return RemoteLearner(config, network, params, list(connections), num_workers=1)
+
+
+def test_a_lost_shard_is_said_hello_again_while_the_other_gets_every_push():
+    layout = ShardLayout.even(58, 2)
+    kept, lost = ShardConnection(0, layout), ShardConnection(1, layout, lose_first_ack=True)
+    learner = sharded_learner(kept, lost)
+    for _ in range(6):
+        learner._outbox.put((np.ones(58, np.float32), 0.5, (0, 0)))
+    learner.close()  # a normal close waits for the lost shard, then stops both
+    assert learner.error is None and learner.reconnects == 1
+    assert kept.pushed == [29] * 6  # every push reached the shard that stayed
+    assert lost.calls.count("reconnect") == 1 and "send_hello" in lost.calls
+    assert kept.calls[-2:] == ["stop", "close"] and lost.calls[-2:] == ["stop", "close"]
+    # The slice the shard sent back with its welcome replaced the bundle's copy of it.
+    flat = flat_params(learner.acting_params())
+    np.testing.assert_array_equal(flat[29:], 7.0)
+    np.testing.assert_array_equal(flat[:29], 0.0)
+
+
+def test_a_shard_that_never_comes_back_ends_the_bundle_with_its_name():
+    layout = ShardLayout.even(58, 2)
+    kept = ShardConnection(0, layout)
+    lost = ShardConnection(1, layout, lose_first_ack=True, never_back=True)
+    learner = sharded_learner(kept, lost, server_retry_seconds=1.0)
+    learner._outbox.put((np.ones(58, np.float32), 0.5, (0, 0)))
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="server shard 1 did not come back within 1s"):
+        learner.close()
+    assert time.monotonic() - started < 10
+    assert "stop" not in lost.calls and lost.calls[-1] == "close"

@@ -184,13 +184,15 @@ def test_a_shard_holds_only_its_slice_and_says_so_in_its_welcome():
 
 def test_combined_stats_keep_the_meaning_of_one_servers(tmp_path):
     shards = [
-        {"server_shard": 0, "version": 100, "updates_per_second": 30.0, "uptime_seconds": 9.0,
+        {"server_shard": 0, "server_shards": 2, "version": 100, "updates_per_second": 30.0,
+         "uptime_seconds": 9.0,
          "rejections": {"stale": 2}, "staleness_histogram": {"0": 50, "1": 48},
          "events": {"resumed": 1}, "unauthenticated": {}, "stopped_workers": [0, 1],
          "workers": {"0": {"accepted": 60, "pulls": 9}, "1": {"accepted": 40}},
          "frames": 4000, "checkpointed_version": 100, "num_params": 12, "num_workers": 2,
          "address": "tcp://a:1"},
-        {"server_shard": 1, "version": 96, "updates_per_second": 26.0, "uptime_seconds": 8.0,
+        {"server_shard": 1, "server_shards": 2, "version": 96, "updates_per_second": 26.0,
+         "uptime_seconds": 8.0,
          "rejections": {"stale": 1, "outlier": 3}, "staleness_histogram": {"0": 96},
          "events": {}, "unauthenticated": {"rejected": 1}, "stopped_workers": [1],
          "workers": {"0": {"accepted": 58, "pulls": 11}, "1": {"accepted": 38}},
@@ -208,12 +210,14 @@ def test_combined_stats_keep_the_meaning_of_one_servers(tmp_path):
     assert combined["frames"] == 4000 and combined["checkpointed_version"] == 90
     assert combined["num_params"] == 23 and combined["server_shards"] == 2
     assert combined["shards"] == shards
+    assert read_shard_stats(tmp_path, 3) is None
     # Shard 0 reads the others' files and skips the run's ps.json until every one is there.
     for k, stats in enumerate(shards):
         assert read_shard_stats(tmp_path, 2) is None
         (server_dir(tmp_path, k, 2)).mkdir()
         (server_dir(tmp_path, k, 2) / "ps.json").write_text(json.dumps(stats))
     assert read_shard_stats(tmp_path, 2) == shards
+    assert read_shard_stats(tmp_path, 3) is None  # a leftover of 2 shards is not one of 3
     (server_dir(tmp_path, 1, 2) / "ps.json").write_text('{"server_shard": 0}')  # the wrong one
     assert read_shard_stats(tmp_path, 2) is None
 
