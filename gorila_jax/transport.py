@@ -84,7 +84,10 @@ hello         -                 worker -> server, first contact (and after a los
                                 connection); no arrays
 welcome       config: dict      server -> worker, the info dict ``ParameterServer.
                                 _on_hello`` builds for that worker: ``num_params``
-                                (elements of the parameter vector the server holds),
+                                (elements of the parameter vector the server holds: its
+                                slice when it is one of several server shards),
+                                ``server_shard`` (which one, 0 when it is alone),
+                                ``shard_layout`` (the slices' bounds, ``[0, N]`` alone),
                                 ``num_workers``, ``shard`` (the worker's gradient shard
                                 index, None when it pushes whole gradients),
                                 ``shard_size`` (elements of each of its pushes) and
