@@ -352,3 +352,18 @@ def test_a_shard_that_never_comes_back_ends_the_bundle_with_its_name():
         learner.close()
     assert time.monotonic() - started < 10
     assert "stop" not in lost.calls and lost.calls[-1] == "close"
+
+
+def test_a_reply_can_be_looked_for_without_waiting(served):
+    server, connection = served
+    seq = connection.send_request("hello")
+    reply = None
+    deadline = time.monotonic() + 10
+    while reply is None:
+        assert time.monotonic() < deadline
+        reply = connection.receive_reply(seq, wait=False)  # None until it has come
+        time.sleep(0.001)
+    assert reply.header["kind"] == "welcome" and reply.header["seq"] == seq
+    assert len(reply.arrays[0]) == server.num_params
+    with pytest.raises(KeyError):  # answered: no longer pending
+        connection.receive_reply(seq, wait=False)
