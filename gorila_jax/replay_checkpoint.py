@@ -295,10 +295,10 @@ def restore_replay(
 
 
 def replay_saver(
-    checkpointer: ReplayCheckpointer | None, replay: Replay, prefix: str | None = None
+    checkpointer: ReplayCheckpointer | None, replay: Replay
 ) -> Callable[..., None] | None:
     """The loop's checkpoint callback: save the replay and counters, report size and time
-    (an INFO record). `prefix` is ignored: the log format names the process."""
+    (an INFO record; the log format names the process)."""
     if checkpointer is None:
         return None
 
