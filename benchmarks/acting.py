@@ -10,19 +10,32 @@ Here the ratio is value/floor and higher is better (goal: at least 0.85).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 from common import raw_envpool_rate, result_line
 
+from gorila_jax import cli
 from gorila_jax.actor import make_policy
 from gorila_jax.config import Config
 from gorila_jax.envs import make_env
 from gorila_jax.networks import make_network
+
+
+@dataclasses.dataclass(frozen=True)
+class ActingArgs:
+    """Time the acting loop against raw envpool."""
+
+    num_envs: int = 8
+    """Envs stepped together (the same for the policy loop and raw envpool)."""
+    steps: int = 400
+    """Vector steps timed per measurement."""
+    repeats: int = 3
+    """Measurements of each, interleaved; the medians are compared."""
 
 
 def actor_rate(config: Config, steps: int) -> float:
@@ -52,12 +65,7 @@ def actor_rate(config: Config, steps: int) -> float:
     return steps * config.num_envs / seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-envs", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def benchmark(args: ActingArgs) -> int:
     config = dataclasses.replace(Config(), num_envs=args.num_envs)
     raw, actor = [], []
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
@@ -67,7 +75,13 @@ def main() -> None:
     print(f"policy + envpool:             {[round(r) for r in actor]} env steps/s")
     print("higher is better; goal: ratio >= 0.85")
     print(result_line("acting", statistics.median(actor), statistics.median(raw)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the benchmark; the exit status."""
+    return cli.run(benchmark, ActingArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

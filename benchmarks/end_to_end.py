@@ -15,8 +15,8 @@ Here the ratio is value/floor and higher is better; the goal is a value of at le
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from common import compiled_flops, matmul_flops_per_second, raw_envpool_rate, result_line
 
+from gorila_jax import cli
 from gorila_jax.bundle import make_replay, run_actor_learner
 from gorila_jax.config import Config
 from gorila_jax.envs import make_env
@@ -31,6 +32,18 @@ from gorila_jax.learner import local_mesh, make_grad_step
 from gorila_jax.networks import NatureCNNReference, make_network
 from gorila_jax.replay import Transition
 from gorila_jax.single_process import LocalLearner, init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class EndToEndArgs:
+    """Time single-process learning on Pong against its floor."""
+
+    frames: int = 8_000
+    """timed window, in frames"""
+    dqn: bool = False
+    """plain DQN target, as CleanRL"""
+    num_envs: int = 8
+    """Envs stepped together (the same for the run and raw envpool)."""
 
 
 def learner_floor_seconds(config: Config, num_actions: int) -> float:
@@ -52,12 +65,7 @@ def learner_floor_seconds(config: Config, num_actions: int) -> float:
     return flops / matmul_flops_per_second()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=8_000, help="timed window, in frames")
-    parser.add_argument("--dqn", action="store_true", help="plain DQN target, as CleanRL")
-    parser.add_argument("--num-envs", type=int, default=8)
-    args = parser.parse_args()
+def benchmark(args: EndToEndArgs) -> int:
     config = dataclasses.replace(
         Config(),
         num_envs=args.num_envs,
@@ -91,7 +99,13 @@ def main() -> None:
     print(f"raw envpool: {raw:,.0f} env steps/s; learner floor: {learner_floor * 1e3:.1f} ms")
     print("higher is better; goal: value >= 150 env steps/s")
     print(result_line("end_to_end", rate, floor))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the benchmark; the exit status."""
+    return cli.run(benchmark, EndToEndArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

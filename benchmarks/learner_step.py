@@ -12,29 +12,34 @@ lower is better. Prints `RESULT learner_step value=<ms> floor=<ms> ratio=<value/
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import sys
 
 import jax
 import numpy as np
 from common import compiled_flops, matmul_flops_per_second, median_seconds, result_line
 
+from gorila_jax import cli
 from gorila_jax.learner import local_mesh, make_grad_step
 from gorila_jax.networks import NatureCNN, NatureCNNReference
 from gorila_jax.replay import Transition
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dqn", action="store_true", help="plain DQN target instead of Double DQN")
-    parser.add_argument(
-        "--reference",
-        action="store_true",
-        help="time NatureCNNReference (plain flax convolutions) instead, for comparison",
-    )
-    args = parser.parse_args()
+@dataclasses.dataclass(frozen=True)
+class LearnerStepArgs:
+    """Time one learner step against its matmul-rate floor."""
 
+    repeats: int = 30
+    """Timed steps; the median is reported."""
+    batch_size: int = 32
+    """Transitions per step."""
+    dqn: bool = False
+    """plain DQN target instead of Double DQN"""
+    reference: bool = False
+    """time NatureCNNReference (plain flax convolutions) instead, for comparison"""
+
+
+def benchmark(args: LearnerStepArgs) -> int:
     rng = np.random.default_rng(0)
     batch_size = args.batch_size
     frames = lambda: rng.integers(0, 256, (batch_size, 4, 84, 84), dtype=np.uint8)  # noqa: E731
@@ -76,7 +81,13 @@ def main() -> None:
         f"step rate: {flops / step_seconds / 1e9:.1f} GFLOP/s"
     )
     print(result_line("learner_step", step_seconds * 1e3, floor_seconds * 1e3))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the benchmark; the exit status."""
+    return cli.run(benchmark, LearnerStepArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,20 +29,36 @@ is the last line.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import multiprocessing as mp
 import queue
 import statistics
+import sys
 import threading
 import time
 
 import numpy as np
 from common import median_seconds, result_line
 
+from gorila_jax import cli
+
 LOSS = 1.0
 MAX_BYTES = 256 * 1024 * 1024
 TIMEOUT_SECONDS = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterServerArgs:
+    """Time pushes to a parameter server against the apply and copy floor."""
+
+    seconds: float = 15.0
+    """timed window"""
+    warmup: float = 3.0
+    """seconds before the window"""
+    sync_every: int = 8
+    """pushes per pull, per client"""
+    roundtrips: int = 30
+    """Push + pull round trips timed with one client alone (and raw zmq ones)."""
 
 
 def _gradient(num_params: int, seed: int) -> np.ndarray:
@@ -291,13 +307,7 @@ def handle_rate(server, grads: np.ndarray, sync_every: int, seconds: float) -> f
     return (server.version - first) / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15.0, help="timed window")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before the window")
-    parser.add_argument("--sync-every", type=int, default=8, help="pushes per pull, per client")
-    parser.add_argument("--roundtrips", type=int, default=30)
-    args = parser.parse_args()
+def benchmark(args: ParameterServerArgs) -> int:
 
     import jax
     import zmq
@@ -471,7 +481,13 @@ def main() -> None:
     )
     print("ps_push ratio is value/floor: higher is better, goal >= 0.7")
     print(result_line("ps_push", value, floor))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the benchmark; the exit status."""
+    return cli.run(benchmark, ParameterServerArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

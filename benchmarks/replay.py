@@ -10,11 +10,15 @@ the same size).
 The last line is `RESULT replay_bytes value=<bytes> floor=7056 ratio=<value/7056>`.
 """
 
+import dataclasses
 import sys
 import time
+from typing import Annotated
 
 import numpy as np
+import tyro
 
+from gorila_jax import cli
 from gorila_jax.replay import PrioritizedReplay, Replay
 
 FRAME_SHAPE = (84, 84)
@@ -25,6 +29,14 @@ N_STEP = 3
 NUM_ACTIONS = 18
 BATCH_SIZE = 32
 REPETITIONS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayArgs:
+    """Time an Atari-shaped replay: bytes per transition, add and sample times."""
+
+    capacity: Annotated[tyro.conf.Positional[int], tyro.conf.arg(metavar="[CAPACITY]")] = 100_000
+    """Transitions the replays hold (over all envs)."""
 
 
 def median_seconds(function, repetitions: int = REPETITIONS) -> float:
@@ -86,9 +98,9 @@ def measure_replay(replay: Replay, rng: np.random.Generator) -> tuple[float, flo
     return add_seconds, sample_seconds, replay.nbytes / replay.capacity
 
 
-def main() -> None:
+def benchmark(args: ReplayArgs) -> int:
     """Build, fill and time the replays, then print the result lines."""
-    capacity = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    capacity = args.capacity
     rng = np.random.default_rng(0)
     common = dict(
         capacity=capacity,
@@ -120,7 +132,13 @@ def main() -> None:
         f"RESULT replay_bytes value={prioritized_bytes:.1f} floor={FRAME_BYTES} "
         f"ratio={prioritized_bytes / FRAME_BYTES:.4f}"
     )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the benchmark; the exit status."""
+    return cli.run(benchmark, ReplayArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

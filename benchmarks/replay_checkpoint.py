@@ -12,10 +12,10 @@ cost of putting the bytes on this disk at all, measured in the same run. Ends wi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +23,21 @@ from pathlib import Path
 import numpy as np
 from common import result_line
 
+from gorila_jax import cli
 from gorila_jax.bundle import make_replay
 from gorila_jax.config import Config
 from gorila_jax.envs import make_env
 from gorila_jax.replay_checkpoint import ReplayCheckpointer
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayCheckpointArgs:
+    """Time saving and loading a full Pong replay against writing its bytes uncompressed."""
+
+    capacity: int = Config().replay_capacity
+    """Transitions in the replay (the Pong config's replay_capacity)."""
+    repeats: int = 3
+    """Saves and loads timed; the medians are reported."""
 
 
 def fill_with_pong(config: Config):
@@ -67,11 +78,7 @@ def raw_write_seconds(replay, directory: Path) -> float:
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capacity", type=int, default=Config().replay_capacity)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def benchmark(args: ReplayCheckpointArgs) -> int:
     config = dataclasses.replace(Config(), replay_capacity=args.capacity)
     started = time.perf_counter()
     replay, target = fill_with_pong(config)
@@ -96,7 +103,13 @@ def main() -> None:
     print(f"save {save:.2f} s, load {load:.2f} s (medians of {args.repeats}); "
           f"floor: the same bytes written uncompressed {floor:.2f} s")  # fmt: skip
     print(result_line("replay_checkpoint_save", save, floor))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the benchmark; the exit status."""
+    return cli.run(benchmark, ReplayCheckpointArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -45,22 +45,41 @@ On a machine with fewer cores than shards + bundles the absorb rates do not scal
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import multiprocessing as mp
 import os
 import queue
 import statistics
+import sys
 import time
 from collections import Counter
 
 import numpy as np
 from common import result_line
 
+from gorila_jax import cli
+
 LOSS = 1.0
 TIMEOUT_SECONDS = 120.0
 STARTUP_SECONDS = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedServerArgs:
+    """CPU per push of a parameter server split into shards."""
+
+    seconds: float = 10.0
+    """timed window per S"""
+    warmup: float = 2.0
+    """seconds of pushes before it"""
+    bundles: int = 2
+    """fake bundle processes"""
+    shards: tuple[int, ...] = (1, 2, 4)
+    """Server shard counts S to measure, one phase each (must include 1 and 2)."""
+    alone: tuple[int, ...] = (2, 256)
+    """also run shard 0 of S alone, for each S given: S=2 without its sibling competing for
+    memory bandwidth, the largest (a tiny slice) for the fixed cost"""
 
 
 def _config(shards: int):
@@ -370,23 +389,9 @@ def print_phase(phase: dict) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed window per S")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of pushes before it")
-    parser.add_argument("--bundles", type=int, default=2, help="fake bundle processes")
-    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument(
-        "--alone",
-        type=int,
-        nargs="*",
-        default=[2, 256],
-        help="also run shard 0 of S alone, for each S given: S=2 without its sibling "
-        "competing for memory bandwidth, the largest (a tiny slice) for the fixed cost",
-    )
-    args = parser.parse_args()
+def benchmark(args: ShardedServerArgs) -> int:
     if not {1, 2} <= set(args.shards):
-        parser.error("--shards must include 1 and 2 (the figure and its floor)")
+        raise cli.CommandLineError("--shards must include 1 and 2 (the figure and its floor)")
 
     import jax
 
@@ -456,6 +461,7 @@ def main() -> None:
     floor = phases[1]["cpu_per_push"] / 2
     print("\nshard_cpu_per_push (s): per-shard CPU per push at S=2 vs half of S=1's; goal <= 1.2")
     print(result_line("shard_cpu_per_push", value, floor))
+    return 0
 
 
 # (label, bundles, pushes/s per bundle) for the printed model: CPU bundles at the measured
@@ -534,5 +540,10 @@ def summarize(phases: dict, alone: dict, num_params: int) -> None:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the benchmark; the exit status."""
+    return cli.run(benchmark, ShardedServerArgs, argv, description=__doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,7 +26,6 @@ the run's output (run.log) into --out; the run directory is OUT/run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -41,10 +40,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import psutil
 from common import ROOT, result_line
+
+from gorila_jax import cli
 
 ENV_PROCESS_ID = "GORILA_PROCESS_ID"
 HUGE_FRAMES = 10**12
@@ -62,7 +64,8 @@ class EnvSetup:
     extra: tuple[str, ...]
 
 
-ENVS = {
+EnvName = Literal["cartpole", "pong"]
+ENVS: dict[EnvName, EnvSetup] = {
     "cartpole": EnvSetup("experiments/cartpole.py", 1, 20_000, ()),
     # Learning starts well before the ring is full, so the learner is warm by then.
     "pong": EnvSetup("experiments/pong.py", 4, 20_000, ("--learning-starts", "8000")),
@@ -94,23 +97,30 @@ class RunOutput:
         return thread
 
 
-def parse_args() -> tuple[argparse.Namespace, list[str]]:
-    argv = sys.argv[1:]
-    extra: list[str] = []
+@dataclass(frozen=True)
+class SoakArgs:
+    """Soak a local run and record the RSS of its processes."""
+
+    minutes: float = 3.0
+    """length of the run"""
+    env: EnvName = "cartpole"
+    """Launcher to run: experiments/cartpole.py or experiments/pong.py."""
+    interval: float = 2.0
+    """seconds between samples"""
+    out: Path = ROOT / "runs" / "soak"
+    """Directory for soak.csv, soak.png and run.log; the run directory is OUT/run."""
+    workers: int = 2
+    """bundle processes"""
+    replay_capacity: int | None = None
+    """per bundle (default: per env)"""
+
+
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The soak's own flags and, after `--`, those passed on to the launcher as they are."""
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=3.0, help="length of the run")
-    parser.add_argument("--env", choices=sorted(ENVS), default="cartpole")
-    parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "soak")
-    parser.add_argument("--workers", type=int, default=2, help="bundle processes")
-    parser.add_argument(
-        "--replay-capacity", type=int, default=None, help="per bundle (default: per env)"
-    )
-    args = parser.parse_args(argv)
-    return args, extra
+        return argv[:cut], argv[cut + 1 :]
+    return argv, []
 
 
 def process_name(process: psutil.Process, launcher_pid: int) -> str:
@@ -235,8 +245,7 @@ def plot(
     plt.close(fig)
 
 
-def main() -> int:
-    args, extra = parse_args()
+def soak(args: SoakArgs, extra: list[str]) -> int:
     setup = ENVS[args.env]
     capacity = args.replay_capacity or setup.replay_capacity
     out = args.out.resolve()
@@ -390,6 +399,13 @@ def main() -> int:
     print("lower is better; ratio < 1: drift below one step of measurement noise per window")
     print(result_line("soak_rss_growth", worst.slope, worst.floor))
     return 1 if left else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and soak; the exit status."""
+    own, extra = split_extra(list(sys.argv[1:] if argv is None else argv))
+    description = __doc__.splitlines()[0]
+    return cli.run(lambda args: soak(args, extra), SoakArgs, own, description=description)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ python experiments/dc_asgd_delay.py --quick --out /tmp/dc   # seconds, for the s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gorila_jax import cli
 from gorila_jax.optim import dc_asgd
 
 PAPER_LAMBDA = {"dc_c": 0.04, "dc_a": 2.0}
@@ -723,24 +723,30 @@ def _band(ax, steps, curves, color, ls, label, width=1.4) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="number of reported seeds 0..n-1 (default 5)"
-    )
-    parser.add_argument("--updates", type=int, default=None, help="updates per run")
-    parser.add_argument("--out", type=Path, default=Path("docs/dc_asgd"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class DelayArgs:
+    """Run the DC-ASGD delay experiment."""
 
+    seeds: int | None = None
+    """number of reported seeds 0..n-1 (default 5)"""
+    updates: int | None = None
+    """updates per run"""
+    out: Path = Path("docs/dc_asgd")
+    """output folder"""
+    quick: bool = False
+    """tiny settings (smoke test)"""
+
+
+def experiment(args: DelayArgs) -> int:
+    """Run the experiment with the settings the flags give; write the plot and results.md."""
     s = quick_settings() if args.quick else Settings()
     if args.seeds is not None:
         if args.seeds < 1:
-            parser.error("--seeds must be >= 1")
+            raise cli.CommandLineError("--seeds must be >= 1")
         s = dataclasses.replace(s, seeds=tuple(range(args.seeds)))
     if args.updates is not None:
         if args.updates < s.eval_every or args.updates % s.eval_every:
-            parser.error(f"--updates must be a positive multiple of {s.eval_every}")
+            raise cli.CommandLineError(f"--updates must be a positive multiple of {s.eval_every}")
         s = dataclasses.replace(s, updates=args.updates)
 
     exp = run_experiment(s)
@@ -752,6 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(write_results(exp, command))
     print((args.out / "results.md").read_text())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (default: sys.argv) and run the experiment; the exit status."""
+    return cli.run(experiment, DelayArgs, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """One command-line style for every entry point: a typed dataclass parsed by tyro.
 
-Training (`gorila_jax.config.Config`), evaluation and plotting all describe their flags as a
-dataclass whose field docstrings are the `--help` text. tyro reports a bad command line in
-a multi-line box; :func:`parse` turns it into one line (:class:`CommandLineError`), so every
-program refuses bad input the same way: one line naming what is wrong, exit status 2.
+Training (`gorila_jax.config.Config`), evaluation, plotting, the DC-ASGD delay experiment and
+every benchmark describe their flags as a dataclass whose field docstrings are the `--help`
+text. tyro reports a bad command line in a multi-line box; :func:`parse` turns it into one
+line (:class:`CommandLineError`), so every program refuses bad input the same way: one line
+naming what is wrong, exit status 2.
 """
 
 from __future__ import annotations
