@@ -24,7 +24,7 @@ import numpy as np
 from common import result_line
 
 from gorila_jax import cli
-from gorila_jax.bundle import make_replay
+from gorila_jax.bundle import LoopCounters, make_replay
 from gorila_jax.config import Config
 from gorila_jax.envs import make_env
 from gorila_jax.replay_checkpoint import ReplayCheckpointer
@@ -90,7 +90,7 @@ def benchmark(args: ReplayCheckpointArgs) -> int:
         for repeat in range(args.repeats):
             raw_times.append(raw_write_seconds(replay, directory))
             start = time.perf_counter()
-            saver.save(repeat, replay, {})
+            saver.save(replay, LoopCounters(repeat, repeat, 0, (0, 0)))
             save_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             assert saver.restore(target) is not None
