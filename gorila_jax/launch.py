@@ -344,6 +344,8 @@ def run_server(
         config, params, num_workers=len(bundles), token=token, run_dir=run_dir, shard=shard
     )
     own_dir = server_dir(run_dir, shard, config.server_shards)
+    # A final slice left by an earlier sitting must not be gathered as this one's.
+    (own_dir / PARAMS_SLICE).unlink(missing_ok=True)
     checkpointer = None
     try:
         checkpointer = Checkpointer(own_dir, keep=config.checkpoint_keep)
@@ -411,8 +413,10 @@ def _check_server_files(run_dir: Path, shards: int) -> None:
 
 
 def _save_sharded_params(server, run_dir: Path, address: str) -> None:
-    """Every shard writes its final slice; shard 0 waits for the others' (written after it
-    started) and saves the whole params as RUN_DIR/params.msgpack."""
+    """Every shard writes its final slice; shard 0 waits for the others' and saves the
+    whole params as RUN_DIR/params.msgpack. Each shard deletes its own slice file when it
+    starts, so a file found here was written by this sitting (even when shard 0 itself was
+    restarted after another shard had finished)."""
     import io
 
     import numpy as np
@@ -432,7 +436,7 @@ def _save_sharded_params(server, run_dir: Path, address: str) -> None:
     while len(slices) < shards and time.monotonic() < deadline:
         for shard in range(shards):
             path = server_dir(run_dir, shard, shards) / PARAMS_SLICE
-            if shard in slices or not path.exists() or path.stat().st_mtime < server.started:
+            if shard in slices or not path.exists():
                 continue
             try:
                 values = np.load(path, allow_pickle=False)

@@ -1,10 +1,10 @@
 """Logging for every process of a run: one format that names the process and the level.
 
-Why: a run is several processes (the parameter server, its bundles, the local launcher,
-later the shards of a sharded server) whose output ends up merged: the local launcher
-forwards every child's stdout and stderr as one stream, and SLURM writes every task into one
-file. So warnings, errors and a role's one-off notes ("resumed its replay from ...") go
-through the standard `logging` module with one format,
+Why: a run is several processes (the parameter server or its shards, the bundles, the local
+launcher) whose output ends up merged: the local launcher forwards every child's stdout and
+stderr as one stream, and SLURM writes every task into one file. So warnings, errors and a
+role's one-off notes ("resumed its replay from ...") go through the standard `logging`
+module with one format,
 
     [<process>] <LEVEL>: <message>        e.g.  [bundle 2] WARNING: replay checkpoint ...
 

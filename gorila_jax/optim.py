@@ -19,10 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gorila_jax.config import OPTIMIZERS as OPTIMIZER_NAMES
+from gorila_jax.config import OPTIMIZERS as OPTIMIZER_NAMES  # what make_optimizer accepts
 from gorila_jax.config import Config, dc_asgd_lambda
-
-"""Base optimizer names accepted by `make_optimizer`."""
 
 RMSPROP_DECAY = 0.95
 """Squared-gradient decay of the DQN-style RMSProp (Mnih et al. 2015 used 0.95)."""

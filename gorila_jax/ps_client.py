@@ -186,6 +186,8 @@ class ServerConnection:
             raise ServerError(
                 f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
             )
+        if reply.header["kind"] not in transport.ANSWERS[kind]:
+            raise ServerError(f"bad reply to {kind}: a {reply.header['kind']!r} reply")
         return reply
 
     def _has_reply(self, seq: int) -> bool:
@@ -319,12 +321,17 @@ class RemoteLearner:
                 for positions, _ in self.layout.split_indices(owned)
             ]
         slices, versions, frames = [], [], []
-        for shard, connection in enumerate(self.connections):
-            flat, version, info = connection.hello()
-            self._check_welcome(shard, info)
-            slices.append(flat)
-            versions.append(version)
-            frames.append(int(info.get("frames", 0)))
+        try:
+            for shard, connection in enumerate(self.connections):
+                flat, version, info = connection.hello()
+                self._check_welcome(shard, info)
+                slices.append(flat)
+                versions.append(version)
+                frames.append(int(info.get("frames", 0)))
+        except BaseException:  # no learner to close later: close the sockets now
+            for connection in self.connections:
+                connection.close()
+            raise
         self.start_frames = max(frames)
         self.reconnects = 0
         self._grad_step = make_flat_grad_step(
@@ -377,10 +384,13 @@ class RemoteLearner:
         expected = 0 if piece is None else piece.stop - piece.start
         if self._shard is None:
             expected = self.layout.size(shard)
-        if info["shard_size"] != expected:
+        if info.get("shard_size") != expected:
             raise ServerError(
                 "the server's gradient shard differs from this bundle's; same config?"
             )
+        frames = info.get("frames", 0)
+        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
+            raise ServerError(f"bad welcome from server shard {shard}: frames {frames!r}")
 
     @property
     def server_version(self) -> int:
@@ -511,13 +521,13 @@ class RemoteLearner:
                 )
             except queue.Empty:
                 break
-            pieces = self._split(np.asarray(grads))
+            pieces, loss = self._split(np.asarray(grads)), float(loss)
             sent: dict[int, int] = {}
             for shard, piece in enumerate(pieces):
                 if piece is None or shard in self._lost:
                     continue
                 sent[shard] = self.connections[shard].send_push(
-                    piece, base_version=base_versions[shard], loss=float(loss),
+                    piece, base_version=base_versions[shard], loss=loss,
                     frames=self.frames, shard=self._shard,
                 )  # fmt: skip
             self._in_flight.append(sent)
@@ -553,7 +563,7 @@ class RemoteLearner:
             for shard in range(len(self.connections))
             if shard not in self._lost
         }
-        host = None
+        slices, fresh = self.layout.split(self._host), False
         for shard, seq in asked.items():
             if shard in self._lost:
                 continue
@@ -563,10 +573,11 @@ class RemoteLearner:
             flat, version = reply
             self.server_versions[shard] = version
             if flat is not None:
-                host = self._host.copy() if host is None else host  # the old one may be in use
-                host[self.layout.slice(shard)] = flat
+                slices[shard], fresh = flat, True
                 self._host_versions[shard] = version
-        if host is not None:
+        if fresh:
+            # A new vector (one copy at most; none with one shard): the old one may be in use.
+            host = slices[0] if len(slices) == 1 else self.layout.join(slices)
             self._host = host
             if refresh_target:
                 self._target_epoch = self.server_version // self.config.target_period
@@ -645,10 +656,13 @@ class RemoteLearner:
         if quick:
             for connection in self.connections:
                 connection.cancel.set()
+        timeout, shards = self.config.server_timeout_seconds, len(self.connections)
+        # Not quick: the queued pushes and a pull, a lost shard's whole retry window, then
+        # one stop per shard, each answered within the timeout.
         waits = (
-            (QUICK_STOP_SECONDS + 1) * len(self.connections)
+            (QUICK_STOP_SECONDS + 1) * shards
             if quick
-            else (2 * self.config.server_timeout_seconds + 5)
+            else (2 + shards) * timeout + self.config.server_retry_seconds + 5
         )
         self._thread.join(timeout=waits)
         if self._thread.is_alive() and self.error is None:

@@ -192,10 +192,15 @@ def server_dir(run_dir: Path, shard: int, shards: int) -> Path:
 
 
 def _counter(value: Any) -> Counter:
+    """The finite numbers of a dict of counters (anything else is skipped)."""
     if not isinstance(value, dict):
         return Counter()
     return Counter(
-        {str(k): int(v) for k, v in value.items() if isinstance(v, int | float) and v == v}
+        {
+            str(k): int(v)
+            for k, v in value.items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        }
     )
 
 
@@ -224,12 +229,16 @@ def combine(shards: list[dict]) -> dict:
         combined[key] = dict(total)
     workers: dict[str, Counter] = {}
     for stats in shards:
-        for worker, counters in (stats.get("workers") or {}).items():
+        listed = stats.get("workers")
+        for worker, counters in (listed if isinstance(listed, dict) else {}).items():
             mine = workers.setdefault(str(worker), Counter())
             for name, value in _counter(counters).items():
                 mine[name] = max(mine[name], value)
     combined["workers"] = {w: dict(c) for w, c in sorted(workers.items())}
-    stopped = [set(s.get("stopped_workers") or []) for s in shards]
+    stopped = [
+        {w for w in listed if isinstance(w, int | str)} if isinstance(listed, list) else set()
+        for listed in (s.get("stopped_workers") for s in shards)
+    ]
     combined["stopped_workers"] = sorted(set.intersection(*stopped))
     combined["frames"] = int(max(_number(s, "frames") for s in shards))
     combined["checkpointed_version"] = int(min(_number(s, "checkpointed_version") for s in shards))

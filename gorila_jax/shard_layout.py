@@ -1,13 +1,13 @@
 """How the parameter server is split into shards: contiguous slices of the flat params.
 
 The network's parameters travel and live as one flat float32 vector (ravel_pytree order).
-With S server shards, shard k owns the contiguous slice `bounds[k]:bounds[k+1]`; the slices
-differ in size by at most 16 elements (their boundaries are 64-byte aligned, see `even`), so
-with one dtype they are byte-balanced. Every
-optimizer in this project (adam, rmsprop, sgd, adagrad, DC-ASGD) acts element by element;
-only global-norm clipping looks at the whole gradient. So S shards apply exactly what one
-server would provided the gradient is clipped before it is split, in the bundle, and the
-shards do not clip again.
+With S server shards, shard k owns the contiguous slice `bounds[k]:bounds[k+1]`; the
+slices differ by fewer than 32 elements (128 bytes), and when each can hold 64 elements
+their boundaries are 64-byte aligned (see `even`), so they are byte-balanced. Every optimizer
+in this project (adam, rmsprop, sgd, adagrad, DC-ASGD) acts element by element; only
+global-norm clipping looks at the whole gradient. So S shards apply exactly what one server
+would provided the gradient is clipped before it is split, in the bundle, and the shards do
+not clip again.
 
 Gradient sharding composes: a bundle that owns the sorted flat `indices` sends each shard
 the owned indices that fall in its slice (relative to the slice's start), and nothing to a
@@ -16,7 +16,6 @@ shard that holds none of them.
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -28,13 +27,14 @@ ALIGN_MIN_SLICES = 4  # ...when every slice can hold at least this many such uni
 class ShardLayout(NamedTuple):
     """Slice boundaries of the flat parameter vector, one slice per server shard."""
 
-    bounds: tuple[int, ...]  # S + 1 non-decreasing offsets, from 0 to the parameter count
+    bounds: tuple[int, ...]  # S + 1 increasing offsets, from 0 to the parameter count
 
     @classmethod
     def even(cls, num_params: int, shards: int) -> ShardLayout:
         """S contiguous slices of nearly equal size, their boundaries on multiples of
         `ALIGN` elements when every slice can hold `ALIGN_MIN_SLICES` of them (sizes then
-        differ by at most `ALIGN`, else by at most one element).
+        differ by less than 2 * `ALIGN`: the last slice also takes the count's remainder
+        modulo `ALIGN`), else by at most one element.
 
         The alignment is for speed: the jitted apply over a slice whose length is odd ran
         about 1.7x slower per element than over an even one (`benchmarks/sharded_server.py`,
@@ -51,19 +51,6 @@ class ShardLayout(NamedTuple):
         cuts = (np.linspace(0, num_params / unit, shards + 1).round() * unit).astype(np.int64)
         cuts[-1] = num_params
         return cls(tuple(int(b) for b in cuts))
-
-    @classmethod
-    def from_list(cls, values: object) -> ShardLayout:
-        """A layout from its JSON form (a checkpoint's), checked; ValueError if malformed."""
-        if (
-            not isinstance(values, list)
-            or len(values) < 2
-            or not all(isinstance(v, int) for v in values)
-            or values[0] != 0
-            or any(b <= a for a, b in itertools.pairwise(values))
-        ):
-            raise ValueError(f"not a shard layout: {values!r}")
-        return cls(tuple(values))
 
     @property
     def num_shards(self) -> int:

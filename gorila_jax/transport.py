@@ -187,6 +187,14 @@ SERVER_RECEIVE_QUEUE = 16  # whole messages zmq queues per peer on the server's 
 REQUEST_KINDS = frozenset({"hello", "pull", "push", "stats", "stop"})
 REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error", "stats_reply"})
 KINDS = REQUEST_KINDS | REPLY_KINDS
+ANSWERS = {  # the replies each request may get, besides "error" (the table above)
+    "hello": frozenset({"welcome"}),
+    "pull": frozenset({"params", "not_modified"}),
+    "push": frozenset({"ack"}),
+    "stats": frozenset({"stats_reply"}),
+    "stop": frozenset({"ack"}),
+}
+assert set(ANSWERS) == REQUEST_KINDS
 
 REASONS = frozenset(
     {

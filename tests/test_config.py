@@ -1,6 +1,7 @@
 """Config: every bad value is refused with one line naming the field, before anything runs."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,17 @@ def test_parse_errors_are_one_line(args, expected, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+
+
+def test_the_readme_names_every_setting_safe_to_change_on_a_resume():
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("**only if the training settings match**") :]
+    paragraph = paragraph[: paragraph.index("config.RESUME_SAFE_FIELDS")]
+    named = set(re.findall(r"`(\w+)`", paragraph))
+    missing = [
+        field
+        for field in RESUME_SAFE_FIELDS
+        if field not in named
+        and not (field.startswith("checkpoint_") and "checkpoint_*" in paragraph)
+    ]
+    assert missing == []

@@ -263,6 +263,7 @@ class ShardConnection:
         self.pushed: list[int] = []
         self.seq = self.version = self.looks = 0
         self.lose, self.never_back = lose_first_ack, never_back
+        self.fresh: float | None = None
 
     def _info(self) -> dict:
         bounds = list(self.layout.bounds)
@@ -293,6 +294,8 @@ class ShardConnection:
         return self._next("send_pull")
 
     def receive_pulled(self, seq: int):
+        if self.fresh is not None:  # newer params: the slice filled with `fresh`
+            return np.full(self.num_params, self.fresh, np.float32), self.version
         return None, self.version
 
     def reconnect(self) -> None:
@@ -367,3 +370,37 @@ def test_a_reply_can_be_looked_for_without_waiting(served):
     assert len(reply.arrays[0]) == server.num_params
     with pytest.raises(KeyError):  # answered: no longer pending
         connection.receive_reply(seq, wait=False)
+
+
+def test_a_reply_of_the_wrong_kind_is_one_error_not_a_key_error(served):
+    server, connection = served
+    connection.hello()
+    # A server (or a stand-in) answering a stats request with "not_modified".
+    server._handlers["stats"] = lambda header, arrays: server._reply(header, "not_modified")
+    with pytest.raises(ServerError, match="bad reply to stats: a 'not_modified' reply"):
+        connection.stats()
+
+
+def test_a_pull_joins_the_fresh_slices_with_the_ones_not_modified():
+    layout = ShardLayout.even(58, 2)
+    first, second = ShardConnection(0, layout), ShardConnection(1, layout)
+    second.fresh = 5.0  # only shard 1 has newer params
+    learner = sharded_learner(first, second)
+    before = learner._host
+    learner._outbox.put((np.ones(58, np.float32), 0.5, (0, 0)))
+    learner._pull_wanted.set()
+    learner.close()
+    assert learner.error is None
+    flat = flat_params(learner.acting_params())
+    np.testing.assert_array_equal(flat[:29], 0.0)
+    np.testing.assert_array_equal(flat[29:], 5.0)
+    assert learner.params_versions == (0, 1)  # shard 1's version came with its slice
+    np.testing.assert_array_equal(before, 0.0)  # a new vector; the old one is left as it was
+
+
+def test_a_welcome_of_another_layout_fails_and_closes_every_connection():
+    layout = ShardLayout.even(58, 2)
+    first, second = ShardConnection(0, layout), ShardConnection(1, ShardLayout.even(58, 3))
+    with pytest.raises(ServerError, match="server shard 1 answered as shard 1 of layout"):
+        sharded_learner(first, second)
+    assert first.calls[-1] == "close" and second.calls[-1] == "close"

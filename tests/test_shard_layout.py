@@ -23,7 +23,20 @@ def test_even_layout_covers_everything_once_and_balances(num_params, shards, spr
     parts = layout.split(flat)
     assert all(np.shares_memory(p, flat) for p in parts)  # views, no copy
     np.testing.assert_array_equal(layout.join(parts), flat)
-    assert ShardLayout.from_list(list(layout.bounds)) == layout
+
+
+def test_even_layout_spread_on_random_sizes():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        shards = int(rng.integers(1, 40))
+        num_params = int(rng.integers(shards, 3_000_000))
+        layout = ShardLayout.even(num_params, shards)
+        sizes = np.diff(layout.bounds)
+        assert sizes.sum() == num_params and sizes.min() >= 1
+        aligned = num_params >= 16 * 4 * shards
+        assert sizes.max() - sizes.min() < (32 if aligned else 2), (num_params, shards)
+        if aligned:
+            assert all(b % 16 == 0 for b in layout.bounds[:-1])
 
 
 @pytest.mark.parametrize(
@@ -34,12 +47,6 @@ def test_bad_shard_counts_are_refused_in_one_line(num_params, shards, message):
     with pytest.raises(ValueError, match=message) as info:
         ShardLayout.even(num_params, shards)
     assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("values", [[], [0], [1, 5], [0, 5, 5], [0, 5, 3], "0,5", [0, 2.5, 5]])
-def test_malformed_layouts_are_refused(values):
-    with pytest.raises(ValueError, match="not a shard layout"):
-        ShardLayout.from_list(values)
 
 
 def test_owned_indices_reach_exactly_the_shards_that_hold_them():

@@ -222,6 +222,30 @@ def test_combined_stats_keep_the_meaning_of_one_servers(tmp_path):
     assert read_shard_stats(tmp_path, 2) is None
 
 
+def test_combining_a_damaged_shard_file_skips_what_it_cannot_use():
+    good = {
+        "server_shard": 0,
+        "server_shards": 2,
+        "version": 10,
+        "stopped_workers": [0],
+        "workers": {"0": {"accepted": 5}},
+        "rejections": {"stale": 1},
+    }
+    damaged = {
+        "server_shard": 1,
+        "server_shards": 2,
+        "version": float("inf"),
+        "stopped_workers": [[0], {"a": 1}, 0],
+        "workers": ["not", "a", "dict"],
+        "rejections": {"stale": float("inf"), "outlier": "many", "bad_token": 2},
+    }
+    combined = combine([good, damaged])
+    assert combined["version"] == 5  # the damaged version counts as 0
+    assert combined["workers"] == {"0": {"accepted": 5}}
+    assert combined["stopped_workers"] == [0]
+    assert combined["rejections"] == {"stale": 1, "bad_token": 2}
+
+
 def _fake_checkpoint(directory: Path) -> None:
     step = directory / "checkpoints" / "10"
     step.mkdir(parents=True)
