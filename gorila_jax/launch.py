@@ -317,6 +317,9 @@ def run_server(
     from gorila_jax.single_process import init_params
 
     run_dir = Path(config.run_dir)
+    # First thing: a final slice left by an earlier sitting must not be gathered as this
+    # one's (shard 0 gathers as soon as it stops, maybe before this shard got far).
+    (server_dir(run_dir, shard, config.server_shards) / PARAMS_SLICE).unlink(missing_ok=True)
     token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()
     # A first start binds a free port itself (no probing race); a restart takes it back.
     port = os.environ.get(distributed.ENV_SERVER_PORT, "0")
@@ -344,8 +347,6 @@ def run_server(
         config, params, num_workers=len(bundles), token=token, run_dir=run_dir, shard=shard
     )
     own_dir = server_dir(run_dir, shard, config.server_shards)
-    # A final slice left by an earlier sitting must not be gathered as this one's.
-    (own_dir / PARAMS_SLICE).unlink(missing_ok=True)
     checkpointer = None
     try:
         checkpointer = Checkpointer(own_dir, keep=config.checkpoint_keep)

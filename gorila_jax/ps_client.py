@@ -657,12 +657,13 @@ class RemoteLearner:
             for connection in self.connections:
                 connection.cancel.set()
         timeout, shards = self.config.server_timeout_seconds, len(self.connections)
-        # Not quick: the queued pushes and a pull, a lost shard's whole retry window, then
-        # one stop per shard, each answered within the timeout.
+        # Not quick: the queued and in-flight pushes and two pulls, a lost shard's whole
+        # retry window and its last hello, then one stop per shard, each within the timeout.
+        requests = PUSH_QUEUE + PUSHES_IN_FLIGHT + 2 + shards
         waits = (
             (QUICK_STOP_SECONDS + 1) * shards
             if quick
-            else (2 + shards) * timeout + self.config.server_retry_seconds + 5
+            else requests * timeout + self.config.server_retry_seconds + HELLO_AGAIN_SECONDS + 5
         )
         self._thread.join(timeout=waits)
         if self._thread.is_alive() and self.error is None:

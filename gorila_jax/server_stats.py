@@ -236,7 +236,7 @@ def combine(shards: list[dict]) -> dict:
                 mine[name] = max(mine[name], value)
     combined["workers"] = {w: dict(c) for w, c in sorted(workers.items())}
     stopped = [
-        {w for w in listed if isinstance(w, int | str)} if isinstance(listed, list) else set()
+        {w for w in listed if type(w) is int} if isinstance(listed, list) else set()
         for listed in (s.get("stopped_workers") for s in shards)
     ]
     combined["stopped_workers"] = sorted(set.intersection(*stopped))

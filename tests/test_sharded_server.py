@@ -227,7 +227,7 @@ def test_combining_a_damaged_shard_file_skips_what_it_cannot_use():
         "server_shard": 0,
         "server_shards": 2,
         "version": 10,
-        "stopped_workers": [0],
+        "stopped_workers": [0, "1"],
         "workers": {"0": {"accepted": 5}},
         "rejections": {"stale": 1},
     }
@@ -235,7 +235,7 @@ def test_combining_a_damaged_shard_file_skips_what_it_cannot_use():
         "server_shard": 1,
         "server_shards": 2,
         "version": float("inf"),
-        "stopped_workers": [[0], {"a": 1}, 0],
+        "stopped_workers": [[0], {"a": 1}, "1", True, 0],
         "workers": ["not", "a", "dict"],
         "rejections": {"stale": float("inf"), "outlier": "many", "bad_token": 2},
     }
