@@ -94,6 +94,24 @@ def _monotonic(times: np.ndarray) -> np.ndarray:
     return times
 
 
+def _episode_clock(episodes: dict[str, np.ndarray], records: dict | None) -> np.ndarray:
+    """Episode end times on one clock across sittings.
+
+    Every sitting of a resumed run logs its time from 0 again. The learner's records come
+    every few seconds, so joining its sittings end to end (`_monotonic`) loses only seconds;
+    an episode's record may come 20 minutes into a sitting (a Pong game), so joining the
+    episodes' sittings the same way would lose those minutes and misplace one bundle's
+    episodes among another's. Frames run on across sittings, so an episode is placed at the
+    learner's time for its frames; episodes before the learner's first record (the first
+    sitting's warm-up) keep their own time, which is the first sitting's clock too.
+    """
+    if records is None or len(records["time"]) < 2:
+        return _monotonic(episodes["time"])
+    frames = np.maximum.accumulate(records["frames"].astype(np.float64))
+    placed = np.interp(episodes["frames"], frames, records["time"])
+    return np.where(episodes["frames"] >= frames[0], placed, episodes["time"])
+
+
 def read_episodes(path: Path) -> dict[str, np.ndarray]:
     """Columns of an episodes.csv as float arrays; malformed rows (a half-written line) skipped."""
     columns: dict[str, list[float]] = {"time": [], "frames": [], "return": [], "length": []}
@@ -156,11 +174,10 @@ def load_run(run_dir: Path | str, label: str | None = None) -> Run:
         records = read_learner(learner_path) if learner_path.is_file() else None
         if episodes is None:
             episodes = {k: np.zeros(0) for k in ("time", "frames", "return", "length")}
-        episodes["time_raw"] = episodes["time"]
-        episodes["time"] = _monotonic(episodes["time"])
         if records is not None:
             records["time"] = _monotonic(records["time"])
             learner[0 if bundle is None else bundle] = records
+        episodes["time"] = _episode_clock(episodes, records)
         per_source.append((0 if bundle is None else bundle, episodes, records))
     count = sum(len(e["return"]) for _, e, _ in per_source)
     if count == 0:

@@ -186,6 +186,41 @@ def test_distributed_layout_is_merged_by_time(tmp_path):
     assert sorted(run.learner) == [1, 2]
 
 
+def write_sitting(directory: Path, episodes, records) -> None:
+    """Append one sitting's logs to a bundle: its clock starts again at 0, frames go on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "episodes.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(("time", "frames", "bundle", "env", "return", "length"))
+        for time, frames, ret in episodes:
+            writer.writerow((time, frames, 1, 0, ret, 100))
+    with (directory / "learner.jsonl").open("a") as handle:
+        for time, frames in records:
+            record = {"time": time, "frames": frames, "updates": frames // 4, "loss": 0.1}
+            handle.write(json.dumps({**record, "mean_q": 0.0, "mean_abs_td": 0.1}) + "\n")
+
+
+def test_resumed_sittings_are_joined_on_the_learners_clock(tmp_path):
+    # Two bundles at 10 frames/s, learner records every 5 s, two sittings of 1000 s each;
+    # a game takes long, so a sitting's first episode ends long after its start.
+    for bundle, (first, second) in {1: ((900.0, 990.0), 600.0), 2: ((300.0, 950.0), 100.0)}.items():
+        directory = tmp_path / f"bundle{bundle}"
+        for sitting, ends in enumerate((first, (second,))):
+            base = 10_000 * sitting
+            episodes = [(t, base + 10 * int(t), float(bundle)) for t in ends]
+            records = [(t, base + 10 * t) for t in range(0, 1000, 5)]
+            write_sitting(directory, episodes, records)
+    run = plots.load_run(tmp_path)
+    # The second sitting's episodes sit 1000 s after its start, not right after the last
+    # episode of the first sitting (a bundle's 600 s game would otherwise come at 990 s).
+    np.testing.assert_allclose(run.time, [300, 900, 950, 990, 1095, 1595], atol=0.5)
+    np.testing.assert_array_equal(run.bundles, [2, 1, 2, 1, 2, 1])
+    assert np.all(np.diff(run.frames) >= 0)
+
+
 def test_plot_script_writes_pngs_for_both_layouts(tmp_path, cartpole_run):
     distributed = tmp_path / "distributed"
     write_distributed_run(distributed)
