@@ -327,7 +327,7 @@ class RemoteLearner:
                 self._check_welcome(shard, info)
                 slices.append(flat)
                 versions.append(version)
-                frames.append(int(info.get("frames", 0)))
+                frames.append(info.get("frames", 0))  # checked by _check_welcome
         except BaseException:  # no learner to close later: close the sockets now
             for connection in self.connections:
                 connection.close()
@@ -563,7 +563,7 @@ class RemoteLearner:
             for shard in range(len(self.connections))
             if shard not in self._lost
         }
-        slices, fresh = self.layout.split(self._host), False
+        fresh: dict[int, np.ndarray] = {}
         for shard, seq in asked.items():
             if shard in self._lost:
                 continue
@@ -573,17 +573,24 @@ class RemoteLearner:
             flat, version = reply
             self.server_versions[shard] = version
             if flat is not None:
-                slices[shard], fresh = flat, True
+                fresh[shard] = flat
                 self._host_versions[shard] = version
         if fresh:
-            # A new vector (one copy at most; none with one shard): the old one may be in use.
-            host = slices[0] if len(slices) == 1 else self.layout.join(slices)
-            self._host = host
+            host = self._host = self._with_slices(fresh)
             if refresh_target:
                 self._target_epoch = self.server_version // self.config.target_period
             self._deliver(
                 self._to_device(host), tuple(self._host_versions), refresh_target=refresh_target
             )
+
+    def _with_slices(self, fresh: dict[int, np.ndarray]) -> np.ndarray:
+        """A new host vector: the `fresh` slices (by shard) and the current ones elsewhere.
+        Never written in place, since the old vector may still be in use; one copy at most,
+        none with one shard."""
+        slices = self.layout.split(self._host)
+        for shard, flat in fresh.items():
+            slices[shard] = flat
+        return slices[0] if len(slices) == 1 else self.layout.join(slices)
 
     def _lose(self, shard: int, error: ServerError) -> None:
         """Mark a shard lost: its pending acknowledgements died with the connection."""
@@ -636,9 +643,8 @@ class RemoteLearner:
             self._check_welcome(shard, info)
             del self._lost[shard]
             self.server_versions[shard] = version
-            host = self._host.copy()
-            host[self.layout.slice(shard)] = flat
-            self._host, self._host_versions[shard] = host, version
+            host = self._host = self._with_slices({shard: flat})
+            self._host_versions[shard] = version
             self._target_epoch = self.server_version // self.config.target_period
             self._deliver(self._to_device(host), tuple(self._host_versions), refresh_target=True)
             self.reconnects += 1
