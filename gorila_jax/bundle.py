@@ -188,6 +188,7 @@ def run_actor_learner(
         config.log_every_seconds,
         prefix=f"[bundle {bundle}] ",
         start_frames=start_frames,
+        start_agent_steps=0 if resume is None else resume.agent_steps,
     )
     steps_per_vector_step = env.num_envs
     frames_per_vector_step = env.num_envs * env.frames_per_step

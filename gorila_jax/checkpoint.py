@@ -60,27 +60,50 @@ def run_meta(config: Config) -> dict:
     return {"config": to_dict(config), "config_fingerprint": fingerprint(config)}
 
 
-def check_same_run(meta: Mapping, config: Config, where: str) -> None:
-    """Refuse (one-line CheckpointError) a checkpoint whose training settings differ from
-    `config`'s, naming the fields; `where` names the checkpoint in the message.
+def settings_differences(meta: Mapping, config: Config) -> list[str]:
+    """The training settings in which a checkpoint's meta differs from `config`, as
+    "field saved -> now" strings (empty when it is the same run).
 
     The saved config is compared field by field when the checkpoint holds it (`run_meta`);
     an older checkpoint without it is compared by fingerprint.
     """
     saved = meta.get("config")
     if isinstance(saved, dict):
-        differences = resume_differences(saved, config)
-    elif meta.get("config_fingerprint") != fingerprint(config):
-        differences = ["training settings (the checkpoint does not record which)"]
-    else:
-        differences = []
+        return resume_differences(saved, config)
+    if meta.get("config_fingerprint") != fingerprint(config):
+        return ["training settings (the checkpoint does not record which)"]
+    return []
+
+
+def _listed(differences: list[str]) -> str:
+    named = differences[:MAX_NAMED_DIFFERENCES]
+    more = len(differences) - len(named)
+    return ", ".join(named) + (f" and {more} more" if more else "")
+
+
+def check_same_run(meta: Mapping, config: Config, where: str) -> None:
+    """Refuse (one-line CheckpointError) a checkpoint whose training settings differ from
+    `config`'s, naming the fields; `where` names the checkpoint in the message."""
+    differences = settings_differences(meta, config)
     if differences:
-        named = differences[:MAX_NAMED_DIFFERENCES]
-        more = len(differences) - len(named)
-        listed = ", ".join(named) + (f" and {more} more" if more else "")
         raise CheckpointError(
-            f"{where} was trained with other settings ({listed}); resume it with "
-            "--force-resume, or start afresh with another --run-dir"
+            f"{where} was trained with other settings ({_listed(differences)}); resume it "
+            "with --force-resume, or start afresh with another --run-dir"
+        )
+
+
+def _warn_forced(meta: Mapping, config: Config, where: str, expect: Mapping[str, Any]) -> None:
+    """Put on record, as one warning, what a --force-resume carries over: the training
+    settings and metadata in which the checkpoint differs from this run (silent when none
+    differ), so a changed schedule shows in the run's log."""
+    differences = settings_differences(meta, config) + [
+        f"{key} {meta.get(key)!r} -> {wanted!r}"
+        for key, wanted in expect.items()
+        if meta.get(key) != wanted
+    ]
+    if differences:
+        log.warning(
+            f"--force-resume: {where} was made with other settings ({_listed(differences)})"
         )
 
 
@@ -167,7 +190,9 @@ class Checkpointer:
                 log.warning(f"checkpoint {version} has no metadata; trying older")
                 damaged.append(version)
                 continue
-            if not force:
+            if force:
+                _warn_forced(meta, config, where, expect or {})
+            else:
                 check_same_run(meta, config, where)
                 for key, wanted in (expect or {}).items():
                     if meta.get(key) != wanted:

@@ -130,7 +130,9 @@ class Progress:
     """The live status: frames, env steps/s, server updates/s, epsilon, return, elapsed, ETA.
 
     On a terminal the line is redrawn in place about once a second; otherwise (SLURM logs,
-    the local launcher's pipes) a plain line is printed every `every` seconds.
+    the local launcher's pipes) a plain line is printed every `every` seconds. A resumed
+    run passes its restored counters (`start_frames`, `start_agent_steps`) so that its
+    first rates count only what this sitting did.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class Progress:
         prefix: str = "",
         stream=None,
         start_frames: int = 0,
+        start_agent_steps: int = 0,
     ):
         self.total_frames = total_frames
         self.stream = stream or sys.stdout
@@ -150,7 +153,7 @@ class Progress:
         self.start = time.time()
         self._last_time = self.start
         self._last_frames = start_frames
-        self._last_steps = 0
+        self._last_steps = start_agent_steps
         self._last_version: int | None = None
 
     def maybe_print(

@@ -250,7 +250,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
         Checkpointer(tmp_path, keep=3).restore_latest(state, **expectations(config, server))
 
 
-def test_checkpoint_of_other_training_settings_is_refused_unless_forced(tmp_path):
+def test_checkpoint_of_other_training_settings_is_refused_unless_forced(tmp_path, caplog):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
     server.version = 7
@@ -264,13 +264,20 @@ def test_checkpoint_of_other_training_settings_is_refused_unless_forced(tmp_path
     for named in ("seed 0 -> 5", "learning_rate 0.001 -> 0.5", "max_grad_norm 10.0 -> 1.0"):
         assert named in message
     assert "--force-resume" in message and "--run-dir" in message
-    forced = checkpointer.restore_latest(state, **expectations(other, server), force=True)
+    with caplog.at_level(logging.WARNING, logger="gorila_jax"):
+        forced = checkpointer.restore_latest(state, **expectations(other, server), force=True)
     assert forced.version == 7
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("--force-resume: checkpoint 7")
+    assert "learning_rate 0.001 -> 0.5" in warnings[0] and "\n" not in warnings[0]
+    caplog.clear()
     # Settings that are safe to change may differ.
     safe = dataclasses.replace(
         config, total_frames=10**9, log_every_seconds=1.0, checkpoint_keep=9, max_restarts=0
     )
     assert checkpointer.restore_latest(state, **expectations(safe, server)).version == 7
+    assert checkpointer.restore_latest(state, **expectations(safe, server), force=True).version == 7
+    assert not caplog.records  # a forced resume of the same settings says nothing
     checkpointer.close()
 
 

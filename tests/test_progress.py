@@ -30,6 +30,17 @@ def test_plain_line_has_the_documented_fields():
     assert re.fullmatch(pattern, lines[1]), lines[1]
 
 
+def test_a_resumed_runs_first_rates_count_only_this_sitting():
+    stream = io.StringIO()
+    progress = Progress(10**6, every=60, stream=stream, start_frames=400_000,
+                        start_agent_steps=100_000)  # fmt: skip
+    progress._last_time -= 10
+    progress.maybe_print(frames=400_400, agent_steps=100_100, epsilon=0.05, mean_return=0.0,
+                         updates=0, force=True)  # fmt: skip
+    line = stream.getvalue()
+    assert " | sps 10 | " in line and " | eta 4h" in line, line
+
+
 def test_terminal_line_is_redrawn_in_place():
     stream = FakeTerminal()
     progress = Progress(100, every=30, stream=stream)
