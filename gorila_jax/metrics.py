@@ -54,12 +54,28 @@ def open_tensorboard(log_dir: Path):
     return SummaryWriter(logdir=str(log_dir), flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
 
+def _last_returns(episodes_path: Path, count: int) -> list[float]:
+    """The returns of the last `count` episodes recorded in an episodes.csv (rows that do
+    not parse are passed over), so that a resumed run's progress line shows its recent
+    return from the start instead of nan until new episodes end."""
+    returns: collections.deque[float] = collections.deque(maxlen=count)
+    with episodes_path.open(newline="") as file:
+        for row in csv.DictReader(file):
+            try:
+                value = float(row.get("return") or "nan")
+            except ValueError:
+                continue
+            if np.isfinite(value):
+                returns.append(value)
+    return list(returns)
+
+
 class RunLogger:
     """Appends episodes to `episodes.csv` and learner metrics to `learner.jsonl` in the run dir,
     and writes both to TensorBoard event files there (unless `tensorboard=False`).
 
     Files are opened in append mode, so a resumed run keeps its history (TensorBoard starts
-    a new event file beside the old ones).
+    a new event file beside the old ones) and its recent returns.
     """
 
     def __init__(
@@ -77,6 +93,8 @@ class RunLogger:
             self._episodes.writerow(EPISODE_FIELDS)
         self._learner_file = (run_dir / "learner.jsonl").open("a")
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=recent)
+        if not new_file:
+            self.recent_returns.extend(_last_returns(episodes_path, recent))
         self.episode_count = 0
         self._tensorboard = open_tensorboard(run_dir) if tensorboard else None
 

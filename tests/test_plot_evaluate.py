@@ -157,6 +157,20 @@ def test_run_logger_writes_tensorboard_events(tmp_path):
     assert len((tmp_path / "learner.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_resumed_logger_starts_from_the_recorded_recent_returns(tmp_path):
+    first = RunLogger(tmp_path, bundle=1, recent=3, tensorboard=False)
+    assert np.isnan(first.mean_recent_return())
+    first.episodes([Episode(0, r, 10) for r in (1.0, 2.0, 4.0, 8.0)], frames=400)
+    first.close()
+    with (tmp_path / "episodes.csv").open("a") as file:
+        file.write("9.0,500,1,0,not-a-number,10\n")  # a damaged row is passed over
+    resumed = RunLogger(tmp_path, bundle=1, recent=3, tensorboard=False)
+    assert list(resumed.recent_returns) == [2.0, 4.0, 8.0]
+    resumed.episodes([Episode(0, 16.0, 10)], frames=600)
+    assert resumed.mean_recent_return() == (4.0 + 8.0 + 16.0) / 3
+    resumed.close()
+
+
 def test_real_run_has_tensorboard_events(cartpole_run):
     tags = read_tensorboard_tags(cartpole_run)
     episodes = list(csv.DictReader((cartpole_run / "episodes.csv").open()))
