@@ -59,14 +59,17 @@ def _last_returns(episodes_path: Path, count: int) -> list[float]:
     not parse are passed over), so that a resumed run's progress line shows its recent
     return from the start instead of nan until new episodes end."""
     returns: collections.deque[float] = collections.deque(maxlen=count)
-    with episodes_path.open(newline="") as file:
-        for row in csv.DictReader(file):
-            try:
-                value = float(row.get("return") or "nan")
-            except ValueError:
-                continue
-            if np.isfinite(value):
-                returns.append(value)
+    try:
+        with episodes_path.open(newline="") as file:
+            for row in csv.DictReader(file):
+                try:
+                    value = float(row.get("return") or "nan")
+                except (TypeError, ValueError):
+                    continue
+                if np.isfinite(value):
+                    returns.append(value)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        log.warning(f"{episodes_path}: recent returns not read back ({error})")
     return list(returns)
 
 

@@ -169,6 +169,11 @@ def test_a_resumed_logger_starts_from_the_recorded_recent_returns(tmp_path):
     resumed.episodes([Episode(0, 16.0, 10)], frames=600)
     assert resumed.mean_recent_return() == (4.0 + 8.0 + 16.0) / 3
     resumed.close()
+    with (tmp_path / "episodes.csv").open("ab") as file:
+        file.write(b"\xff\xfe not text\n")  # a file that is not text any more: no crash
+    damaged = RunLogger(tmp_path, bundle=1, recent=3, tensorboard=False)
+    assert len(damaged.recent_returns) <= 3
+    damaged.close()
 
 
 def test_real_run_has_tensorboard_events(cartpole_run):
