@@ -92,14 +92,19 @@ def check_same_run(meta: Mapping, config: Config, where: str) -> None:
         )
 
 
+def _mismatches(meta: Mapping, expect: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved, wanted) for each meta value in `expect` that the checkpoint does not match."""
+    return [
+        (key, meta.get(key), wanted) for key, wanted in expect.items() if meta.get(key) != wanted
+    ]
+
+
 def _warn_forced(meta: Mapping, config: Config, where: str, expect: Mapping[str, Any]) -> None:
     """Put on record, as one warning, what a --force-resume carries over: the training
     settings and metadata in which the checkpoint differs from this run (silent when none
     differ), so a changed schedule shows in the run's log."""
     differences = settings_differences(meta, config) + [
-        f"{key} {meta.get(key)!r} -> {wanted!r}"
-        for key, wanted in expect.items()
-        if meta.get(key) != wanted
+        f"{key} {saved!r} -> {wanted!r}" for key, saved, wanted in _mismatches(meta, expect)
     ]
     if differences:
         log.warning(
@@ -194,13 +199,13 @@ class Checkpointer:
                 _warn_forced(meta, config, where, expect or {})
             else:
                 check_same_run(meta, config, where)
-                for key, wanted in (expect or {}).items():
-                    if meta.get(key) != wanted:
-                        raise CheckpointError(
-                            f"{where} was made for another network ({key} "
-                            f"{meta.get(key)!r}, this run {wanted!r}); use another --run-dir, "
-                            "or --force-resume to load it"
-                        )
+                mismatched = _mismatches(meta, expect or {})
+                if mismatched:
+                    key, saved, wanted = mismatched[0]
+                    raise CheckpointError(
+                        f"{where} was made for another network ({key} {saved!r}, this run "
+                        f"{wanted!r}); use another --run-dir, or --force-resume to load it"
+                    )
             try:
                 state = self._manager.restore(
                     version, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))

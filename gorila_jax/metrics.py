@@ -54,23 +54,19 @@ def open_tensorboard(log_dir: Path):
     return SummaryWriter(logdir=str(log_dir), flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
 
-def _last_returns(episodes_path: Path, count: int) -> list[float]:
-    """The returns of the last `count` episodes recorded in an episodes.csv (rows that do
-    not parse are passed over), so that a resumed run's progress line shows its recent
-    return from the start instead of nan until new episodes end."""
-    returns: collections.deque[float] = collections.deque(maxlen=count)
-    try:
-        with episodes_path.open(newline="") as file:
-            for row in csv.DictReader(file):
-                try:
-                    value = float(row.get("return") or "nan")
-                except (TypeError, ValueError):
-                    continue
-                if np.isfinite(value):
-                    returns.append(value)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        log.warning(f"{episodes_path}: recent returns not read back ({error})")
-    return list(returns)
+def read_episodes(path: Path) -> dict[str, np.ndarray]:
+    """Columns of an episodes.csv as float arrays; malformed rows (a half-written line) skipped."""
+    columns: dict[str, list[float]] = {"time": [], "frames": [], "return": [], "length": []}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                values = {key: float(row[key]) for key in columns}
+            except (KeyError, TypeError, ValueError):
+                continue
+            if all(np.isfinite(v) for v in values.values()):
+                for key, value in values.items():
+                    columns[key].append(value)
+    return {key: np.asarray(values, np.float64) for key, values in columns.items()}
 
 
 class RunLogger:
@@ -96,8 +92,11 @@ class RunLogger:
             self._episodes.writerow(EPISODE_FIELDS)
         self._learner_file = (run_dir / "learner.jsonl").open("a")
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=recent)
-        if not new_file:
-            self.recent_returns.extend(_last_returns(episodes_path, recent))
+        if not new_file:  # a resumed run shows its recent return from the start, not nan
+            try:
+                self.recent_returns.extend(read_episodes(episodes_path)["return"][-recent:])
+            except (OSError, UnicodeDecodeError, csv.Error) as error:
+                log.warning(f"{episodes_path}: recent returns not read back ({error})")
         self.episode_count = 0
         self._tensorboard = open_tensorboard(run_dir) if tensorboard else None
 

@@ -15,7 +15,6 @@ each bundle logged). Nothing here trains or imports JAX; matplotlib draws off-sc
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -31,6 +30,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import to_rgb
 from matplotlib.ticker import FuncFormatter
+
+from gorila_jax.metrics import read_episodes
 
 DPI = 100
 RETURN_FIGSIZE = (10.0, 5.5)
@@ -110,21 +111,6 @@ def _episode_clock(episodes: dict[str, np.ndarray], records: dict | None) -> np.
     frames = np.maximum.accumulate(records["frames"].astype(np.float64))
     placed = np.interp(episodes["frames"], frames, records["time"])
     return np.where(episodes["frames"] >= frames[0], placed, episodes["time"])
-
-
-def read_episodes(path: Path) -> dict[str, np.ndarray]:
-    """Columns of an episodes.csv as float arrays; malformed rows (a half-written line) skipped."""
-    columns: dict[str, list[float]] = {"time": [], "frames": [], "return": [], "length": []}
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            try:
-                values = {key: float(row[key]) for key in columns}
-            except (KeyError, TypeError, ValueError):
-                continue
-            if all(math.isfinite(v) for v in values.values()):
-                for key, value in values.items():
-                    columns[key].append(value)
-    return {key: np.asarray(values, np.float64) for key, values in columns.items()}
 
 
 def read_learner(path: Path) -> dict[str, np.ndarray]:
