@@ -113,8 +113,9 @@ class Config:
     # --- exploration -----------------------------------------------------------------
     epsilon_start: float = 1.0
     """Epsilon-greedy: exploration rate at frame 0."""
-    epsilon_end: float = 0.02
-    """Epsilon-greedy: exploration rate after the decay."""
+    epsilon_end: float = 0.05
+    """Epsilon-greedy: exploration rate after the decay (0.05: the Nature DQN's evaluation
+    epsilon, so the policy is trained to be robust to the random actions it is judged under)."""
     epsilon_decay_frames: int = 400_000
     """Epsilon-greedy: frames over which epsilon falls linearly from start to end."""
 
