@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.serialization
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -82,6 +84,13 @@ def test_cartpole_two_server_shards_and_two_bundles_learn(tmp_path):
     assert all(shard["version"] > 1000 for shard in stats["shards"])
     assert stats["workers"]["0"]["accepted"] > 0 and stats["workers"]["1"]["accepted"] > 0
     assert (tmp_path / "params.msgpack").stat().st_size > 4 * stats["num_params"]
+    # The saved params are the two shards' final slices, shard 0's first (a gather that
+    # swapped or mixed them up, or saved initial params, fails here; see also
+    # tests/test_params_gather.py).
+    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
+    slices = [np.load(tmp_path / f"shard{k}" / "params_slice.npy") for k in range(2)]
+    assert [len(s) for s in slices] == halves
+    np.testing.assert_array_equal(np.asarray(ravel_pytree(saved)[0]), np.concatenate(slices))
     returns = episode_returns(tmp_path / "bundle1/episodes.csv", tmp_path / "bundle2/episodes.csv")
     assert best_window_mean(returns) >= SOLVED
 
