@@ -7,7 +7,7 @@ import threading
 import jax
 import numpy as np
 
-from gorila_jax.bundle import LoopCounters, make_replay, run_actor_learner
+from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_learner
 from gorila_jax.config import cartpole_defaults
 from gorila_jax.envs import make_env
 from gorila_jax.learner import StepMetrics
@@ -81,7 +81,24 @@ def test_learning_starts_counts_the_replays_frames_and_priorities_come_from_td_e
     np.testing.assert_allclose(replay.priorities(valid), expected)
 
 
+def advance_policy_key(key_data: tuple[int, ...], steps: int) -> tuple[int, ...]:
+    """The policy's key after `steps` vector steps, written out independently of the loop:
+    the policy splits its key in three each step and keeps the first part (actor.py)."""
+    key = jax.random.wrap_key_data(np.asarray(key_data, dtype=np.uint32))
+    for _ in range(steps):
+        key = jax.random.split(key, 3)[0]
+    return tuple(int(v) for v in np.asarray(jax.random.key_data(key)).reshape(-1))
+
+
+def episodes_written(run_dir) -> int:
+    with (run_dir / "episodes.csv").open() as handle:
+        return len(handle.read().splitlines()) - 1  # less the header
+
+
 def test_checkpoints_come_on_the_period_and_at_the_end_and_resume_continues(tmp_path):
+    """Catches a resume that starts the policy from a fresh key (the seed's) instead of the
+    saved one, one that restores the key but advances it differently, and one that restarts
+    the episode count at 0 (the first sitting finishes episodes, so 0 would show)."""
     config, env, replay, network = setting(tmp_path, checkpoint_every_seconds=1e-9)
     learner = init_learner(network, env)
     saved: list[LoopCounters] = []
@@ -89,7 +106,7 @@ def test_checkpoints_come_on_the_period_and_at_the_end_and_resume_continues(tmp_
 
     def checkpoint(counters):
         saved.append(counters)
-        if len(saved) == 5:
+        if len(saved) >= 5 and counters.episodes > 0:
             stop.set()  # like SIGTERM: the loop ends and checkpoints once more
 
     try:
@@ -99,22 +116,44 @@ def test_checkpoints_come_on_the_period_and_at_the_end_and_resume_continues(tmp_
         )  # fmt: skip
     finally:
         env.close()
-    assert len(saved) == 6 and saved[-1] == saved[-2]
+    assert len(saved) >= 6 and saved[-1] == saved[-2]
     frames = [c.frames for c in saved]
     assert frames == sorted(frames) and frames[0] == 2  # 2 envs, 1 frame each per step
     assert all(c.agent_steps == c.frames for c in saved)  # CartPole: 1 frame per step
+    assert saved[-1].episodes == episodes_written(tmp_path) > 0
+    # Each step advanced the policy's key once, as the policy splits it.
+    assert saved[1].policy_key == advance_policy_key(saved[0].policy_key, 1)
+    assert saved[0].policy_key == advance_policy_key(
+        tuple(int(v) for v in np.asarray(jax.random.key_data(jax.random.key(0)))), 1
+    )
 
-    # A resumed loop continues the counters and the policy's key where they were.
-    config2, env2, replay2, _ = setting(tmp_path / "again")
-    resumed: list[LoopCounters] = []
-    try:
-        result = run_actor_learner(
-            config2, init_learner(network, env2), env2, replay2, seed=123, run_dir=tmp_path,
-            frame_budget=saved[-1].frames + 4, resume=saved[-1], checkpoint=resumed.append,
-        )  # fmt: skip
-    finally:
-        env2.close()
+    def resume(run_dir, extra_frames: int) -> tuple[LoopResult, list[LoopCounters]]:
+        config2, env2, replay2, _ = setting(run_dir)
+        resumed: list[LoopCounters] = []
+        try:
+            result = run_actor_learner(
+                config2, init_learner(network, env2), env2, replay2, seed=123, run_dir=run_dir,
+                frame_budget=saved[-1].frames + extra_frames, resume=saved[-1],
+                checkpoint=resumed.append,
+            )  # fmt: skip
+        finally:
+            env2.close()
+        return result, resumed
+
+    # Resumed and stopped at once: the counters are the saved ones, the policy key included.
+    result, resumed = resume(tmp_path / "at-once", 0)
+    assert result.frames == saved[-1].frames and result.episodes == saved[-1].episodes
+    assert resumed == [saved[-1]]
+    assert resumed[-1].policy_key == saved[-1].policy_key
+
+    # Resumed for 2 vector steps: the key continues from the saved one, not the seed's.
+    result, resumed = resume(tmp_path / "again", 4)
     assert result.frames == saved[-1].frames + 4
     assert resumed[-1].agent_steps == saved[-1].agent_steps + 4
-    assert resumed[-1].episodes >= saved[-1].episodes
-    assert resumed[-1].policy_key != saved[-1].policy_key  # advanced from the saved key
+    assert resumed[-1].policy_key == advance_policy_key(saved[-1].policy_key, 2)
+
+    # Resumed long enough to finish episodes of its own: the count continues from the saved.
+    result, resumed = resume(tmp_path / "longer", 400)
+    new_episodes = episodes_written(tmp_path / "longer")
+    assert new_episodes > 0
+    assert resumed[-1].episodes == result.episodes == saved[-1].episodes + new_episodes
