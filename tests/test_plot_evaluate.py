@@ -259,6 +259,8 @@ def test_plot_script_writes_pngs_for_both_layouts(tmp_path, cartpole_run):
             assert image.format == "PNG"
             assert image.size == (round(width * plots.DPI), round(height * plots.DPI))
         assert f"wrote {out / name}" in result.stdout
+        # Not blank: the runs' curves or bars are drawn (see data_pixels below).
+        assert data_pixels(out / name).sum() > MIN_CURVE_PIXELS, name
 
 
 def test_sharded_server_figure_has_a_panel_of_rates_by_shard(tmp_path, monkeypatch):
@@ -415,3 +417,115 @@ def test_recorder_keeps_a_bounded_spread_of_the_episode():
     kept = [snapshot for snapshot, _ in recorder.snapshots]
     assert len(kept) <= 11 and kept[0] == 0 and kept[-1] == 999
     assert np.all(np.diff(kept) > 0)
+
+
+# ---- plots, read back as pixels ---------------------------------------------------------------
+
+
+def write_trend_run(run_dir: Path, returns, loss, mean_q, mean_abs_td, workers=None) -> Path:
+    """A single-process run by hand: one episode and one learner record every 10 s."""
+    run_dir.mkdir(parents=True)
+    with (run_dir / "episodes.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("time", "frames", "bundle", "env", "return", "length"))
+        for i, value in enumerate(returns):
+            writer.writerow((10.0 * (i + 1), 100 * (i + 1), 0, 0, float(value), 50))
+    with (run_dir / "learner.jsonl").open("w") as handle:
+        for i, values in enumerate(zip(loss, mean_q, mean_abs_td, strict=True)):
+            record = dict(zip(("loss", "mean_q", "mean_abs_td"), map(float, values), strict=True))
+            record |= {"time": 10.0 * (i + 1), "frames": 100 * (i + 1), "updates": 10 * i}
+            handle.write(json.dumps(record) + "\n")
+    if workers is not None:
+        stats = {
+            "version": 1200, "updates": 1200, "updates_per_second": 300.0,
+            "uptime_seconds": 8.0, "staleness_histogram": {"0": 10, "1": 90}, "rejections": {},
+            "frames": 6000, "workers": {str(w): {"accepted": n} for w, n in enumerate(workers)},
+        }  # fmt: skip
+        (run_dir / "ps.json").write_text(json.dumps(stats))
+    return run_dir
+
+
+def data_pixels(path: Path) -> np.ndarray:
+    """Where a PNG is coloured (the runs' tab10 colours), as a bool mask (rows, columns).
+
+    Axes, ticks, grid and text are black or grey, the background white, so a figure without
+    data has next to no coloured pixels (a legend's sample line at most)."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)[..., :3]
+    return (image.max(axis=-1) - image.min(axis=-1)) > 0.3
+
+
+def slope_sign(mask: np.ndarray) -> float:
+    """Correlation of the coloured pixels' rows with their columns: about -1 for a curve
+    that rises to the right (rows count downwards), +1 for one that falls."""
+    rows, columns = np.nonzero(mask)
+    return float(np.corrcoef(columns, rows)[0, 1])
+
+
+UP = np.linspace(0.0, 100.0, 200)
+DOWN = UP[::-1]
+MIN_CURVE_PIXELS = 500  # a 2-point-wide line across a panel: some 1,000; the legend alone: < 100
+
+
+def test_plots_draw_the_data_not_blank_axes(tmp_path):
+    """Catches figures saved before (or without) their data is drawn, panels that plot the
+    wrong column (loss where mean Q belongs), and curves drawn reversed: a rising series must
+    give coloured pixels that climb to the right in its own panel, a falling one the reverse,
+    and the figure of other data must differ."""
+    rise = write_trend_run(tmp_path / "rise", UP, loss=DOWN, mean_q=UP, mean_abs_td=DOWN)
+    fall = write_trend_run(tmp_path / "fall", DOWN, loss=UP, mean_q=DOWN, mean_abs_td=UP)
+    # A run of one episode and one learner record: axes, titles and legend, no curve.
+    empty = write_trend_run(tmp_path / "one", [5.0], loss=[1.0], mean_q=[1.0], mean_abs_td=[1.0])
+    figures = {}
+    for run in (rise, fall, empty):
+        plots.make_plots([run], tmp_path / f"plots-{run.name}", window=1)
+        figures[run.name] = {
+            name: data_pixels(tmp_path / f"plots-{run.name}" / name)
+            for name in (plots.RETURNS_BY_EPISODE, plots.RETURNS_BY_FRAME,
+                         plots.RETURNS_BY_HOUR, plots.LEARNER)
+        }  # fmt: skip
+    for name in (plots.RETURNS_BY_EPISODE, plots.RETURNS_BY_FRAME, plots.RETURNS_BY_HOUR):
+        assert figures["one"][name].sum() < MIN_CURVE_PIXELS  # the threshold tells them apart
+        assert figures["rise"][name].sum() > 2 * MIN_CURVE_PIXELS, name
+        assert slope_sign(figures["rise"][name]) < -0.6, name
+        assert slope_sign(figures["fall"][name]) > 0.6, name
+        assert not np.array_equal(figures["rise"][name], figures["fall"][name])
+    # The learner figure: loss, mean Q, mean |TD| side by side, each panel with its own trend.
+    for run, signs in (("rise", (1, -1, 1)), ("fall", (-1, 1, -1))):
+        panels = np.array_split(figures[run][plots.LEARNER], 3, axis=1)
+        empty_panels = np.array_split(figures["one"][plots.LEARNER], 3, axis=1)
+        for index, (panel, sign) in enumerate(zip(panels, signs, strict=True)):
+            assert empty_panels[index].sum() < MIN_CURVE_PIXELS
+            assert panel.sum() > MIN_CURVE_PIXELS, (run, index)
+            assert sign * slope_sign(panel) > 0.6, (run, index, slope_sign(panel))
+
+
+def bar_heights(mask: np.ndarray) -> list[int]:
+    """Heights in pixels of the bars of one panel, left to right: runs of adjacent columns
+    holding coloured pixels, each run's tallest column (a legend's patch is lower)."""
+    filled = mask.sum(axis=0)
+    heights, current = [], 0
+    for value in [*filled, 0]:
+        if value >= 3:
+            current = max(current, int(value))
+        elif current:
+            heights.append(current)
+            current = 0
+    return heights
+
+
+def test_server_figure_bars_follow_the_pushes_per_bundle(tmp_path):
+    """Catches the pushes-per-bundle panel drawing the bundles in the wrong order or the same
+    height for each (e.g. every bar from one worker's count): bundle 1 accepted 100 pushes,
+    bundle 2 1,100, so the right bar is 11 times the left one; swapped counts swap them."""
+    heights = {}
+    for name, workers in (("few-many", (100, 1100)), ("many-few", (1100, 100))):
+        run = write_trend_run(tmp_path / name, UP, DOWN, UP, DOWN, workers=workers)
+        plots.make_plots([run], tmp_path / f"plots-{name}", window=1)
+        mask = data_pixels(tmp_path / f"plots-{name}" / plots.SERVER)
+        width = mask.shape[1]
+        heights[name] = bar_heights(mask[:, 2 * width // 3 :])  # the third of three panels
+    left, right = heights["few-many"]
+    assert right / left == pytest.approx(11.0, rel=0.1), heights
+    assert heights["many-few"] == [right, left], heights
