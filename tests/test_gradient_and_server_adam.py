@@ -1,0 +1,213 @@
+"""What a bundle pushes and what the server does with it, against references written apart.
+
+`learner.make_flat_grad_step` is the gradient a bundle pushes: the loss's gradient raveled
+in `ravel_pytree` order, cut to the owned elements, clipped to `max_grad_norm` by the norm of
+what is pushed, before any split between server shards. The reference here is `jax.grad` of
+a DQN loss written out by hand, raveled by hand and clipped in numpy.
+
+The server's Adam is compared with Adam written out in numpy (Kingma & Ba, with optax's
+defaults b1 0.9, b2 0.999 and eps outside the square root), not with `make_optimizer`,
+which the server itself uses.
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gorila_jax import transport
+from gorila_jax.config import Config
+from gorila_jax.gradient_shards import shard_indices
+from gorila_jax.learner import local_mesh, make_flat_grad_step
+from gorila_jax.networks import MLP
+from gorila_jax.parameter_server import ParameterServer
+from gorila_jax.replay import Transition
+from gorila_jax.shard_layout import ShardLayout
+
+BATCH, OBS, ACTIONS, GAMMA = 8, 4, 3, 0.9
+
+
+def setting(seed: int = 0):
+    """A small MLP, its params and target params, and a 1-step batch with weights."""
+    rng = np.random.default_rng(seed)
+    network = MLP(num_actions=ACTIONS, hidden=(8, 8))
+    obs = rng.standard_normal((BATCH, 1, OBS)).astype(np.float32)
+    params = network.init(jax.random.key(seed), obs)
+    target = network.init(jax.random.key(seed + 1), obs)
+    batch = Transition(
+        obs_tm1=obs,
+        action_tm1=rng.integers(0, ACTIONS, BATCH).astype(np.int32),
+        rewards=(3.0 * rng.standard_normal((BATCH, 1))).astype(np.float32),
+        discounts=np.where(rng.random((BATCH, 1)) < 0.25, 0.0, GAMMA).astype(np.float32),
+        obs_t=rng.standard_normal((BATCH, 1, OBS)).astype(np.float32),
+    )
+    weights = rng.uniform(0.5, 1.5, BATCH).astype(np.float32)
+    return network, params, target, batch, weights
+
+
+def reference_gradient(network, params, target, batch, weights) -> dict:
+    """jax.grad of the 1-step DQN loss written out: weighted mean Huber (delta 1) of
+    r + discount * max_a Q_target(s', a) - Q(s, a)."""
+    bootstrap = np.max(np.asarray(network.apply(target, batch.obs_t)), axis=1)
+    targets = batch.rewards[:, 0] + batch.discounts[:, 0] * bootstrap
+
+    def loss(p):
+        q = network.apply(p, batch.obs_tm1)[jnp.arange(BATCH), batch.action_tm1]
+        td = targets - q
+        huber = jnp.where(jnp.abs(td) <= 1.0, 0.5 * td**2, jnp.abs(td) - 0.5)
+        return jnp.mean(weights * huber)
+
+    return jax.device_get(jax.grad(loss)(params))
+
+
+def ravel_by_hand(tree) -> np.ndarray:
+    """ravel_pytree's order written out: mapping keys sorted, depth first, leaves C order."""
+    if isinstance(tree, dict):
+        return np.concatenate([ravel_by_hand(tree[key]) for key in sorted(tree)])
+    return np.asarray(tree, np.float64).ravel()
+
+
+def clip_by_hand(vector: np.ndarray, max_norm: float) -> np.ndarray:
+    norm = np.sqrt(np.sum(vector.astype(np.float64) ** 2))
+    return vector * min(1.0, max_norm / norm)
+
+
+def grad_step(network, **kwargs):
+    return make_flat_grad_step(network, double_dqn=False, huber_delta=1.0, mesh=local_mesh(),
+                               **kwargs)  # fmt: skip
+
+
+def test_flat_gradient_is_the_whole_gradient_clipped_in_ravel_order():
+    """Catches a pushed vector in another order than the server's (leaves not in ravel_pytree
+    order, or a leaf in Fortran order), clipping by the norm of each leaf or each server
+    shard's slice instead of the whole vector, no clipping, and a clip that scales a
+    gradient already under the norm."""
+    network, params, target, batch, weights = setting()
+    want = ravel_by_hand(reference_gradient(network, params, target, batch, weights))
+    # The layout is the one the server unravels with (the first leaf: hidden0's bias).
+    assert want.size == 4 * 8 + 8 + 8 * 8 + 8 + 8 * ACTIONS + ACTIONS
+    norm = np.linalg.norm(want)
+    max_norm = norm / 3.0  # clipping must act
+    got, metrics = grad_step(network, max_grad_norm=max_norm)(params, target, batch, weights)
+    got = np.asarray(got)
+    np.testing.assert_allclose(got, clip_by_hand(want, max_norm), rtol=2e-5, atol=1e-7)
+    assert np.linalg.norm(got) == pytest.approx(max_norm, rel=1e-5)
+    # One factor for every element: the slices two server shards get are not each clipped.
+    halves = ShardLayout.even(want.size, 2).split(got)
+    assert all(np.linalg.norm(h) < max_norm * 0.99 for h in halves)
+    nonzero = np.abs(want) > 1e-6  # dead ReLUs leave some elements at 0
+    np.testing.assert_allclose(got[nonzero] / want[nonzero], 1 / 3.0, rtol=1e-4)
+    assert np.isfinite(float(metrics.loss))
+
+    unclipped, _ = grad_step(network, max_grad_norm=norm * 2)(params, target, batch, weights)
+    np.testing.assert_allclose(np.asarray(unclipped), want, rtol=2e-5, atol=1e-7)
+    no_clip, _ = grad_step(network, max_grad_norm=None)(params, target, batch, weights)
+    np.testing.assert_allclose(np.asarray(no_clip), want, rtol=2e-5, atol=1e-7)
+
+
+def test_owned_part_is_returned_and_clipped_by_its_own_norm():
+    """Under gradient sharding: catches returning the whole vector, the wrong elements (an
+    owned set taken from an unsorted permutation, or by position instead of index), and a
+    clip by the norm of the whole gradient rather than of what is pushed (the server
+    checks the pushed vector's norm against max_grad_norm)."""
+    network, params, target, batch, weights = setting(seed=3)
+    whole = ravel_by_hand(reference_gradient(network, params, target, batch, weights))
+    owned = shard_indices(whole.size, 3, 1, "default", seed=11)
+    assert owned is not None and 0 < len(owned) < whole.size
+    part = whole[owned]
+    max_norm = np.linalg.norm(part) / 2.0
+    got, _ = grad_step(network, owned=owned, max_grad_norm=max_norm)(params, target, batch, weights)
+    got = np.asarray(got)
+    assert got.shape == (len(owned),)
+    np.testing.assert_allclose(got, clip_by_hand(part, max_norm), rtol=2e-5, atol=1e-7)
+    assert np.linalg.norm(got) == pytest.approx(max_norm, rel=1e-5)
+    # Not the whole gradient clipped, then cut (that would be smaller than the clip allows).
+    cut_after = clip_by_hand(whole, max_norm)[owned]
+    assert not np.allclose(got, cut_after, rtol=1e-3)
+    unclipped, _ = grad_step(network, owned=owned, max_grad_norm=None)(
+        params, target, batch, weights
+    )
+    np.testing.assert_allclose(np.asarray(unclipped), part, rtol=2e-5, atol=1e-7)
+
+
+# ---- the server's Adam ----------------------------------------------------------------------
+
+TOKEN = transport.new_run_token()
+
+
+class NumpyAdam:
+    """Adam as in Kingma & Ba (2015), float64: bias-corrected moments, eps outside the root."""
+
+    def __init__(self, params: np.ndarray, lr: float, eps: float, b1=0.9, b2=0.999):
+        self.params = params.astype(np.float64)
+        self.m = np.zeros_like(self.params)
+        self.v = np.zeros_like(self.params)
+        self.t = 0
+        self.lr, self.eps, self.b1, self.b2 = lr, eps, b1, b2
+
+    def step(self, grad: np.ndarray) -> np.ndarray:
+        grad = grad.astype(np.float64)
+        self.t += 1
+        self.m = self.b1 * self.m + (1 - self.b1) * grad
+        self.v = self.b2 * self.v + (1 - self.b2) * grad**2
+        m_hat = self.m / (1 - self.b1**self.t)
+        v_hat = self.v / (1 - self.b2**self.t)
+        self.params = self.params - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        return self.params
+
+
+def request(server, kind, arrays=(), *, seq, version=-1, **fields) -> transport.Message:
+    header = transport.make_header(
+        kind, token=TOKEN, worker=0, seq=seq, version=version,
+        fingerprint=server.fingerprint, **fields,
+    )  # fmt: skip
+    size = server.num_params
+    return transport.decode_reply(
+        server.handle(transport.encode(header, arrays)),
+        expected_fingerprint=server.fingerprint,
+        layout_for=lambda h: (
+            (transport.vector_spec(size),) if h["kind"] in ("welcome", "params") else None
+        ),
+        max_bytes=1 << 20,
+    )
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.05])
+def test_server_adam_matches_adam_written_out(eps):
+    """Catches a server Adam without bias correction, with b1 and b2 swapped, eps inside
+    the square root (visible with eps 0.05), the step count not advancing, the update
+    added instead of subtracted, or a learning rate taken from elsewhere; 8 pushes of
+    random gradients of varied scale, each compared with the numpy reference."""
+    rng = np.random.default_rng(int(eps * 1e9) % 1000)
+    tree = {
+        "a": rng.standard_normal((3, 5)).astype(np.float32),
+        "b": rng.standard_normal(7).astype(np.float32),
+    }
+    lr = 0.01
+    config = dataclasses.replace(
+        Config(), env_id="CartPole-v1", optimizer="adam", learning_rate=lr, optimizer_eps=eps,
+        max_grad_norm=1000.0, dc_asgd="off", outlier_k=0.0, seed=1,
+    )  # fmt: skip
+    server = ParameterServer(config, tree, num_workers=1, token=TOKEN)
+    initial = np.concatenate([tree["a"].ravel(), tree["b"]])  # ravel order: a, then b
+    np.testing.assert_array_equal(np.asarray(server.params), initial)
+    reference = NumpyAdam(initial, lr, eps)
+    seq = 1
+    version = request(server, "hello", seq=seq).header["version"]
+    for step in range(8):
+        scale = 10.0 ** rng.uniform(-3, 1)
+        grad = (scale * rng.standard_normal(initial.size)).astype(np.float32)
+        seq += 1
+        ack = request(server, "push", [grad], seq=seq, version=version, loss=1.0, shard=None,
+                      frames=10)  # fmt: skip
+        assert ack.header["accepted"], ack.header
+        version += 1
+        want = reference.step(grad)
+        chex.assert_trees_all_close(
+            np.asarray(server.params, np.float64), want, rtol=1e-5, atol=1e-6
+        )
+        assert server.version == step + 1
+    assert not np.allclose(np.asarray(server.params), initial, atol=1e-3)
