@@ -111,25 +111,66 @@ def test_every_config_a_run_directory_was_trained_with_is_kept(tmp_path):
     assert load_yaml(tmp_path / "config.yaml", Config()) == third  # the latest
 
 
+# Pinned by hand: adding a field here lets a resumed run change it without --force-resume,
+# so the set may only change together with this test (moving `optimizer` here must fail).
+EXPECTED_RESUME_SAFE_FIELDS = {
+    "total_frames", "run_dir", "resume", "force_resume", "max_restarts", "log_every_seconds",
+    "stats_every_seconds", "checkpoint_every_updates", "checkpoint_every_seconds",
+    "checkpoint_keep", "checkpoint_replay", "server_timeout_seconds", "server_retry_seconds",
+    "max_message_mb", "wire_security",
+}  # fmt: skip
+
+
+def test_resume_safe_fields_are_exactly_the_pinned_set():
+    """Catches a training setting (optimizer, learning rate, network...) made resume-safe,
+    so that a checkpoint would be continued under other training settings without a word,
+    and a resume-safe field dropped (a longer run would then need --force-resume)."""
+    assert len(RESUME_SAFE_FIELDS) == len(set(RESUME_SAFE_FIELDS))
+    assert set(RESUME_SAFE_FIELDS) == EXPECTED_RESUME_SAFE_FIELDS
+    assert {field.name for field in dataclasses.fields(Config)} >= EXPECTED_RESUME_SAFE_FIELDS
+
+
+def another_value(value):
+    """A value of the same kind that differs from `value` (the fingerprint does not
+    validate, so a string need not be a valid choice)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2.0 + 0.5
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, tuple):
+        return (*value, 7)
+    raise AssertionError(f"no other value for {value!r}: extend another_value")
+
+
 def test_the_fingerprint_covers_every_training_setting_and_nothing_else():
+    """Every field of Config, one at a time: a training setting changes the fingerprint and
+    is named by resume_differences; a resume-safe one changes neither. Catches a field left
+    out of the fingerprint (a new field in `to_dict` or `training_settings` forgotten, or
+    dropped by a filter), and a resume-safe field that still refuses a resume."""
     base = cartpole_defaults()
-    changes = {
-        "seed": 1, "learning_rate": 0.5, "max_grad_norm": 1.0, "gamma": 0.9, "n_step": 1,
-        "double_dqn": False, "epsilon_decay_frames": 10, "target_period": 7, "num_envs": 2,
-    }  # fmt: skip
-    for name, value in changes.items():
+    names = [field.name for field in dataclasses.fields(Config)]
+    assert len(names) >= 40  # every field, not a hand-picked few
+    for name in names:
+        value = another_value(getattr(base, name))
         other = dataclasses.replace(base, **{name: value})
-        assert fingerprint(other) != fingerprint(base), name
-        assert resume_differences(to_dict(base), other) == [
-            f"{name} {getattr(base, name)!r} -> {value!r}"
-        ]
+        shown = list(value) if name == "mlp_hidden" else value  # to_dict's YAML-able list
+        before = to_dict(base)[name]
+        if name in EXPECTED_RESUME_SAFE_FIELDS:
+            assert fingerprint(other) == fingerprint(base), name
+            assert resume_differences(to_dict(base), other) == [], name
+        else:
+            assert fingerprint(other) != fingerprint(base), name
+            assert resume_differences(to_dict(base), other) == [f"{name} {before!r} -> {shown!r}"]
     safe = dataclasses.replace(
         base, total_frames=1, run_dir="elsewhere", log_every_seconds=99.0, checkpoint_keep=9,
         stats_every_seconds=9.0, resume=True, force_resume=True, max_message_mb=4,
     )  # fmt: skip
     assert fingerprint(safe) == fingerprint(base)
     assert resume_differences(to_dict(base), safe) == []
-    assert set(RESUME_SAFE_FIELDS) <= {field.name for field in dataclasses.fields(Config)}
     # A config saved before a field existed compares it with the field's default.
     saved = to_dict(base)
     del saved["outlier_k"]
