@@ -100,7 +100,6 @@ def shard_process(
     import threading
 
     import jax
-    import numpy as np
     import zmq
 
     from gorila_jax import transport
@@ -108,8 +107,8 @@ def shard_process(
 
     config = _config(shards)
     server = ParameterServer(config, params, num_workers=num_workers, token=token, shard=shard)
-    # Compile the apply before any push: a zero gradient leaves Adam's params unchanged.
-    server.apply(0, np.zeros(server.num_params, np.float32))
+    # Compile the apply for every batch size before any push.
+    server.warm_up()
     jax.block_until_ready(server.params)
     server.host_params()
     context = zmq.Context.instance()

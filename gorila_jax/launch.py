@@ -371,6 +371,7 @@ def run_server(
             f"{config.optimizer}, dc_asgd {config.dc_asgd}, shard_factor "
             f"{config.shard_factor}, listening on {endpoint}"
         )
+        server.warm_up()
         server.serve(sock, endpoint, stop.is_set, checkpointer=checkpointer)
     finally:
         sock.close(linger=2000)  # let the last stop ack leave before closing

@@ -19,8 +19,28 @@ The paper's safeguards, each counted in the statistics:
 - "non_finite": the gradient holds a NaN or an infinity;
 - "outlier": the push's mean |TD error| is over the median of recent pushes + k robust
   standard deviations;
-and one of ours: "non_finite_update", the apply would have made the parameters or the
-optimizer state non-finite (it is undone inside the jitted apply).
+and two of ours: "over_norm", the gradient's norm is over what the bundle's clipping
+allows (`max_grad_norm`; with clipping off, a norm whose square overflows float32): a
+bundle with broken clipping must not poison Adam's second moments for everyone; and
+"non_finite_update", the params or the optimizer state would no longer be finite after a
+batch (a float overflow of the params: the server then stops, see below).
+
+Batched absorb. `serve` takes every request waiting (up to `MAX_BATCH` pushes) before it
+applies anything: each push is judged on arrival (`submit`) against the version it will
+be applied at, in the order the pushes came, and waits in a batch; the batch is applied in
+one call of the shard state's apply (`flush`), before any request that reads the params
+(hello, pull) and at the end of the turn. Versions, staleness, the outlier filter,
+DC-ASGD's stale params and the counters are exactly those of applying the pushes one at a
+time; the apply's dispatch and its one host read (`finite`) are paid once per batch.
+
+The guard is in two parts: on arrival, one pass over the gradient (its squared norm, which
+is not finite when an element is not) refuses a non-finite or over-norm push alone; the
+apply then reports whether the state after the batch is finite. An update built from
+finite, clipped gradients can only make the state non-finite by overflowing the params
+(an absurd learning rate): the server then refuses the batch's pushes
+("non_finite_update"), answers nothing else, writes no checkpoint and `serve` raises
+`ParamsDiverged`, so the process exits with an error and a restart resumes from the last
+checkpoint, which is never non-finite.
 
 Every message is validated by `gorila_jax.transport.decode` before anything is used; a bad
 one gets an error reply and a counter, and never changes the parameters. Only a request
@@ -54,7 +74,7 @@ from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import config_optimizer
 from gorila_jax.server_stats import ServerStats, server_dir
 from gorila_jax.shard_layout import ShardLayout
-from gorila_jax.shard_state import init_shard_state, make_apply
+from gorila_jax.shard_state import Push, init_shard_state, make_apply
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +84,12 @@ MIN_RELATIVE_SPREAD = 0.01  # the filter's spread is at least this fraction of t
 MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
 MAX_REQUEST_FRAMES = 2  # a header and at most one array
 TURN_SECONDS = 0.05  # the most time `serve` spends on messages before its other duties
+MAX_BATCH = 32  # pushes applied in one call of the shard state's apply
+NORM_TOLERANCE = 1e-3  # relative slack on max_grad_norm for float32 rounding in the clip
+
+
+class ParamsDiverged(RuntimeError):
+    """The params or the optimizer state stopped being finite after a batch of updates."""
 
 
 class OutlierFilter:
@@ -153,6 +179,14 @@ class ParameterServer:
         self._device_shards = {
             w: (None if idx is None else jnp.asarray(idx)) for w, idx in self.shards.items()
         }
+        # What each worker's push must carry: (its gradient part's id, the frame's spec).
+        self._push_specs = {
+            w: (
+                None if idx is None else w,
+                (transport.vector_spec(self.num_params if idx is None else len(idx)),),
+            )
+            for w, idx in self.shards.items()
+        }
         self.uses_dc_asgd = config.dc_asgd != "off"
         # DC-ASGD: worker -> {version: the params it was sent at that version}. Gradients a
         # bundle queued before a pull arrive after it, so the stale params are looked up by
@@ -161,6 +195,17 @@ class ParameterServer:
         self._host_params: tuple[int, np.ndarray] | None = None
         self.outliers = OutlierFilter(config.outlier_k, config.outlier_warmup)
         self.max_bytes = max_message_bytes(config, self.num_params)
+        # The largest squared norm a pushed gradient may have: the bundle clips the whole
+        # gradient to max_grad_norm, so any part of it is within it (with float32 slack);
+        # unclipped, the square must stay finite in float32 (Adam squares each element).
+        self.max_norm_squared = (
+            (config.max_grad_norm * (1 + NORM_TOLERANCE)) ** 2
+            if config.max_grad_norm
+            else float(np.finfo(np.float32).max)
+        )
+        # Pushes accepted on arrival and not applied yet: (peer, header, Push, staleness).
+        self._batch: list[tuple[Any, dict, Push, int]] = []
+        self.diverged: str | None = None  # why the server stopped applying, once it has
         self.started = clock()
         self.counters = ServerStats(clock, self.started)
         self.last_seq: dict[int, int] = {}
@@ -171,7 +216,6 @@ class ParameterServer:
         self._handlers: dict[str, Callable[[dict, list], list]] = {
             "hello": self._on_hello,
             "pull": self._on_pull,
-            "push": self._on_push,
             "stats": self._on_stats,
             "stop": self._on_stop,
         }
@@ -236,14 +280,12 @@ class ParameterServer:
             raise transport.ProtocolError(
                 "bad_worker", f"worker {worker} >= {self.num_workers}", header
             )
-        indices = self.shards[worker]
-        expected_shard = None if indices is None else worker
+        expected_shard, specs = self._push_specs[worker]
         if header["shard"] != expected_shard:
             raise transport.ProtocolError(
                 "bad_shard", f"worker {worker} owns shard {expected_shard}", header
             )
-        size = self.num_params if indices is None else len(indices)
-        return (transport.vector_spec(size),)
+        return specs
 
     def reject(
         self, reason: str, request: dict | None, message: str, *, authenticated: bool
@@ -271,7 +313,27 @@ class ParameterServer:
         )
 
     def handle(self, frames: list) -> list:
-        """Validate one request and return the frames of its reply (never raises on input)."""
+        """Validate one request, apply it if it is an accepted push, and return the frames
+        of its reply (never raises on input): `submit` then `flush`."""
+        ready = self.submit(frames)
+        ready += self.flush()
+        (reply,) = [frames for peer, frames in ready if peer is None]
+        return reply
+
+    def submit(self, frames: list, peer: Any = None) -> list[tuple[Any, list]]:
+        """Take one request from `peer` (a routing id); return the (peer, reply frames)
+        ready to send: the replies of the batch this request made the server apply first,
+        if any, then this request's, unless it is an accepted push, whose ack comes with
+        its batch's `flush`. Never raises on input."""
+        ready: list[tuple[Any, list]] = []
+        reply = self._receive(frames, peer, ready)
+        if reply is not None:
+            ready.append((peer, reply))
+        if len(self._batch) >= MAX_BATCH:
+            ready += self.flush()
+        return ready
+
+    def _receive(self, frames: list, peer: Any, ready: list) -> list | None:
         try:
             message = transport.decode(
                 frames,
@@ -301,13 +363,24 @@ class ParameterServer:
                     "replayed", header, f"seq {seq} already seen", authenticated=True
                 )
             self.last_seq[worker] = seq
+        if header["kind"] == "push":
+            return self._on_push(header, message.arrays, peer)
+        if self.diverged is not None:
+            return self.reject("non_finite_update", header, self.diverged, authenticated=True)
+        ready += self.flush()  # what follows reads the params or the version
         return self._handlers[header["kind"]](header, message.arrays)
 
-    def _reply(self, request: dict, kind: str, arrays=(), **fields) -> list:
+    def _reply(self, request: dict, kind: str, arrays=(), *, version=None, **fields) -> list:
         header = transport.reply_header(
-            request, kind, version=self.version, fingerprint=self.fingerprint, **fields
+            request,
+            kind,
+            version=self.version if version is None else version,
+            fingerprint=self.fingerprint,
+            **fields,
         )
-        return transport.encode(header, arrays)
+        # An ack is built here from a validated request's fields: not validated again (it
+        # is most of what the server sends at load); every other reply is.
+        return transport.encode(header, arrays, validate=kind != "ack")
 
     def _send_params(self, request: dict, kind: str, **fields) -> list:
         worker = request["worker"]
@@ -348,52 +421,103 @@ class ParameterServer:
         self.stopped_workers.add(header["worker"])
         return self._reply(header, "ack", accepted=True, reason=None)
 
-    def _on_push(self, header: dict, arrays) -> list:
+    def _on_push(self, header: dict, arrays, peer: Any) -> list | None:
+        """Judge a push against the version it would be applied at (the current one plus
+        the pushes waiting in the batch): its ack now when refused, else None, and the
+        push waits in the batch."""
         worker = header["worker"]
         self.counters.frames_reported(worker, header["frames"])
-        staleness = self.version - header["version"]
+        if self.diverged is not None:
+            return self._refuse_push(header, "non_finite_update", self.diverged)
+        at_version = self.version + len(self._batch)
+        staleness = at_version - header["version"]
         if header["version"] < 0 or staleness < 0:
             return self._refuse_push(header, "stale", "version from the future")
         if staleness > self.config.max_staleness:
             return self._refuse_push(header, "stale", f"{staleness} versions old")
         (grads,) = arrays
-        if not transport.all_finite(arrays) or not math.isfinite(header["loss"]):
+        # One pass: the squared norm is not finite when an element is not (or when it
+        # overflows float32, which only an over-norm gradient can do).
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm_squared = float(np.dot(grads, grads))
+        if not math.isfinite(header["loss"]) or (
+            not math.isfinite(norm_squared) and not transport.all_finite(arrays)
+        ):
             return self._refuse_push(header, "non_finite", "gradient or loss not finite")
+        if not norm_squared <= self.max_norm_squared:
+            return self._refuse_push(header, "over_norm", "gradient norm over max_grad_norm")
         if self.outliers.is_outlier(abs(header["loss"])):
             return self._refuse_push(header, "outlier", f"loss {header['loss']:.4g}")
-        if not self.apply(worker, grads, header["version"]):
-            return self._refuse_push(header, "non_finite_update", "the update was not finite")
-        self.counters.accepted(worker, staleness)
-        return self._reply(header, "ack", accepted=True, reason=None)
+        push = Push(grads, self._device_shards[worker], self._stale_params(worker, header))
+        self._batch.append((peer, header, push, staleness))
+        return None
+
+    def _stale_params(self, worker: int, header: dict) -> jax.Array | None:
+        """DC-ASGD: the params `worker` was sent at the push's base version (None: the
+        params current when it is applied, no compensation, when there is no record)."""
+        held = self.pulled.get(worker) if self.uses_dc_asgd else None
+        if not held:
+            return None
+        base_version = header["version"]
+        # A bundle's base versions never decrease: older records are no longer needed.
+        for version in [v for v in held if v < base_version]:
+            del held[version]
+        return held.get(base_version)
 
     def _refuse_push(self, header: dict, reason: str, message: str) -> list:
         self.counters.refused(reason, header["worker"], authenticated=True)
-        return self._reply(header, "ack", accepted=False, reason=reason)
+        # The version the server will be at once the pushes waiting before it are applied,
+        # as if they had been applied one at a time.
+        version = self.version + len(self._batch)
+        return self._reply(header, "ack", version=version, accepted=False, reason=reason)
+
+    def flush(self) -> list[tuple[Any, list]]:
+        """Apply the waiting pushes in one call of the shard state's apply; their acks,
+        each with the version right after its own update. When the state after the batch
+        is not finite, every push of it is refused instead and the server stops applying
+        (`diverged`; `serve` raises `ParamsDiverged`)."""
+        if not self._batch:
+            return []
+        batch, self._batch = self._batch, []
+        start = self.version
+        self.state, finite = self._apply(self.state, [push for _, _, push, _ in batch])
+        if not finite:
+            self.diverged = (
+                f"the params or optimizer state stopped being finite between versions "
+                f"{start} and {self.version} (an update overflowed: lower the learning rate)"
+            )
+            log.error(self.diverged)
+            return [
+                (peer, self._refuse_push(header, "non_finite_update", self.diverged))
+                for peer, header, _, _ in batch
+            ]
+        acks = []
+        for offset, (peer, header, _, staleness) in enumerate(batch, start=1):
+            self.counters.accepted(header["worker"], staleness)
+            acks.append(
+                (
+                    peer,
+                    self._reply(header, "ack", version=start + offset, accepted=True, reason=None),
+                )
+            )
+        return acks
 
     def apply(self, worker: int, grads: np.ndarray, base_version: int | None = None) -> bool:
-        """Apply one accepted gradient (whole or the worker's shard) and bump the version.
-
-        With DC-ASGD the stale params are those `worker` was sent at `base_version` (None:
-        its latest pull); without a record of them the gradient is not compensated. Returns
-        False, and changes nothing, when the update would make the params or the optimizer
-        state non-finite.
-        """
-        stale = self.params
+        """Apply one gradient (whole or the worker's part) now, unjudged, and bump the
+        version: for tests and benchmarks. With DC-ASGD the stale params are those `worker`
+        was sent at `base_version` (None: its latest pull). Returns whether the state is
+        still finite."""
         held = self.pulled.get(worker) if self.uses_dc_asgd else None
-        if held:
-            if base_version is None:
-                base_version = max(held)
-            stale = held.get(base_version, self.params)
-            # A bundle's base versions never decrease: older records are no longer needed.
-            for version in [v for v in held if v < base_version]:
-                del held[version]
-        indices = self._device_shards[worker]
-        # device_put uses an aligned host buffer in place, where jnp.asarray would copy it.
-        grads = jax.device_put(np.asarray(grads, np.float32))
-        self.state, finite = self._apply(
-            self.state, grads, indices, stale if self.uses_dc_asgd else None
-        )
+        if held and base_version is None:
+            base_version = max(held)
+        stale = self._stale_params(worker, {"version": base_version})
+        push = Push(grads, self._device_shards[worker], stale)
+        self.state, finite = self._apply(self.state, [push])
         return finite
+
+    def warm_up(self) -> None:
+        """Compile the apply for every batch size before serving (see `shard_state`)."""
+        self._apply.warm_up(self.state)
 
     # ---- statistics ----------------------------------------------------------------------
 
@@ -491,7 +615,7 @@ class ParameterServer:
         self.checkpointed_at = self.clock()
         if not self._unsaved():
             return False
-        if not bool(jnp.isfinite(self.params).all()):
+        if self.diverged is not None or not bool(jnp.isfinite(self.params).all()):
             log.warning(f"version {self.version} has non-finite params; not checkpointed")
             return False
         state, meta = self.checkpoint_state()
@@ -543,42 +667,53 @@ def serve(
     Each turn of the loop answers messages for at most `turn_seconds` (at least one), then
     checkpoints when due, writes ps.json when due and looks at `should_stop`: a flood of
     messages, bad or good, delays none of them by more than a turn. With a `checkpointer`,
-    checkpoints are written when due and once at the end.
+    checkpoints are written when due and once at the end. Raises `ParamsDiverged` (after
+    writing ps.json, with no checkpoint) when the server's state stopped being finite.
     """
     poller = zmq.Poller()
     poller.register(socket, zmq.POLLIN)
     next_stats = 0.0
-    while not should_stop() and not server.all_workers_stopped():
+    while not should_stop() and not server.all_workers_stopped() and not server.diverged:
         if poller.poll(timeout=100):
             _answer(server, socket, time.monotonic() + turn_seconds)
+        if server.diverged:
+            break
         if checkpointer is not None and server.checkpoint_due():
             server.save_checkpoint(checkpointer)
         if server.clock() >= next_stats:
             server.write_stats(address)
             next_stats = server.clock() + server.config.stats_every_seconds
-    if checkpointer is not None:
+    if checkpointer is not None and not server.diverged:
         server.save_checkpoint(checkpointer)
     server.write_stats(address)
+    if server.diverged:
+        raise ParamsDiverged(server.diverged)
 
 
 def _answer(server: ParameterServer, socket: zmq.Socket, turn_ends: float) -> None:
-    """Receive, handle and reply to waiting messages until none is left or `turn_ends`
-    (monotonic time) has passed; at least one message when one is waiting."""
-    while True:
-        try:
-            routing_id, frames = transport.recv(
-                socket, zmq.NOBLOCK, max_frames=MAX_REQUEST_FRAMES, max_bytes=server.max_bytes
-            )
-        except zmq.Again:
-            return
-        except transport.OversizedMessage as error:
-            routing_id = error.routing_id
-            reply = server.reject(error.reason, None, error.message, authenticated=False)
-        else:
-            reply = server.handle(frames)
-        transport.send(socket, reply, routing_id, copy=False)
-        if time.monotonic() >= turn_ends:
-            return
+    """Receive and submit waiting messages until none is left or `turn_ends` (monotonic
+    time) has passed, at least one when one is waiting; send each reply as soon as it is
+    ready, and the acks of the pushes still batched once the batch is applied at the end."""
+    try:
+        while True:
+            try:
+                routing_id, frames = transport.recv(
+                    socket, zmq.NOBLOCK, max_frames=MAX_REQUEST_FRAMES, max_bytes=server.max_bytes
+                )
+            except zmq.Again:
+                return
+            except transport.OversizedMessage as error:
+                reply = server.reject(error.reason, None, error.message, authenticated=False)
+                ready = [(error.routing_id, reply)]
+            else:
+                ready = server.submit(frames, routing_id)
+            for peer, reply in ready:
+                transport.send(socket, reply, peer, copy=False)
+            if time.monotonic() >= turn_ends:
+                return
+    finally:
+        for peer, reply in server.flush():
+            transport.send(socket, reply, peer, copy=False)
 
 
 def max_message_bytes(config: Config, num_params: int) -> int:

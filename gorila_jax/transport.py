@@ -169,6 +169,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -209,6 +210,7 @@ REASONS = frozenset(
         "replayed",
         "stale",
         "non_finite",
+        "over_norm",
         "outlier",
         "non_finite_update",
     }
@@ -262,7 +264,7 @@ class ArraySpec(NamedTuple):
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -331,7 +333,8 @@ def tree_fingerprint(tree: Any) -> str:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # msgpack decodes integers as exactly int: the common case costs one type() call.
+    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _non_negative_int(value: Any) -> bool:
@@ -395,6 +398,17 @@ _KIND_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
 }
 assert set(_KIND_FIELDS) == KINDS
 _REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {"token": (_is_str, "str")}
+# Every kind's whole schema, merged once: (fields in order, their names as a frozenset).
+_SCHEMAS = {
+    kind: (
+        fields := tuple(
+            ({**_COMMON_FIELDS, **_KIND_FIELDS[kind]}
+             | (_REQUEST_FIELDS if kind in REQUEST_KINDS else {})).items()
+        ),
+        frozenset(name for name, _ in fields),
+    )
+    for kind in KINDS
+}  # fmt: skip
 
 
 def _check_protocol(header: dict) -> None:
@@ -414,23 +428,23 @@ def _validate_header(header: dict, *, authenticated: bool = False) -> None:
     def refuse(message: str) -> ProtocolError:
         return ProtocolError("malformed", message, header, authenticated=authenticated)
 
-    for key in header:
-        if not isinstance(key, str):
-            raise refuse(f"header key {key!r} is not a str")
     kind = header.get("kind")
-    if kind not in _KIND_FIELDS:
+    if kind not in _SCHEMAS:  # (an unhashable kind is refused by the key check below)
+        for key in header:
+            if not isinstance(key, str):
+                raise refuse(f"header key {key!r} is not a str")
         raise refuse(f"unknown kind {kind!r}")
-    fields = {**_COMMON_FIELDS, **_KIND_FIELDS[kind]}
-    if kind in REQUEST_KINDS:
-        fields |= _REQUEST_FIELDS
-    for name, (is_valid, expected) in fields.items():
+    fields, names = _SCHEMAS[kind]
+    for name, (is_valid, expected) in fields:
         if name not in header:
             raise refuse(f"{kind}: field {name!r} missing")
         if not is_valid(header[name]):
             raise refuse(f"{kind}: field {name!r} must be {expected}")
-    unknown = sorted(set(header) - set(fields))
-    if unknown:
-        raise refuse(f"{kind}: unknown fields {unknown}")
+    if len(header) != len(names):  # str keys checked: every name of the schema is present
+        for key in header:
+            if not isinstance(key, str):
+                raise refuse(f"header key {key!r} is not a str")
+        raise refuse(f"{kind}: unknown fields {sorted(set(header) - names)}")
 
 
 def make_header(
@@ -491,16 +505,21 @@ def _array_frame(array: Any, index: int) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
-def encode(header: Mapping, arrays: Sequence[Any] = ()) -> list[bytes | memoryview]:
+def encode(
+    header: Mapping, arrays: Sequence[Any] = (), *, validate: bool = True
+) -> list[bytes | memoryview]:
     """Frames of a message: the packed header then one little-endian frame per array.
 
     Fills ``protocol`` and ``arrays``, validates the header (``ProtocolError`` on a bad
-    one) and avoids copying arrays that are already contiguous and little-endian.
+    one; ``validate=False`` skips that for a header the caller built from checked values,
+    the server's acks on its hot path) and avoids copying arrays that are already
+    contiguous and little-endian.
     """
     header = dict(header)
     header["protocol"] = PROTOCOL_VERSION
     header["arrays"] = len(arrays)
-    _validate_header(header)
+    if validate:
+        _validate_header(header)
     try:
         packed = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as error:

@@ -27,7 +27,13 @@ from gorila_jax.checkpoint import Checkpointer
 from gorila_jax.config import Config
 from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import make_optimizer
-from gorila_jax.parameter_server import OutlierFilter, ParameterServer, max_message_bytes
+from gorila_jax.parameter_server import (
+    OutlierFilter,
+    ParameterServer,
+    ParamsDiverged,
+    max_message_bytes,
+    serve,
+)
 from gorila_jax.ps_client import ServerConnection
 from gorila_jax.server_stats import staleness_bin
 
@@ -507,30 +513,130 @@ def test_outlier_filter_waits_for_warmup_and_can_be_disabled():
     assert judging.is_outlier(10.0)
 
 
-def test_an_update_that_would_overflow_the_params_is_refused():
-    server = make_server(num_workers=1, learning_rate=1.0)
+def test_an_over_norm_gradient_is_refused_alone_and_adam_keeps_learning():
+    """Catches a server that accepts any finite gradient: one push of 1e18 per element
+    poisoned Adam's second moments and froze the params for every bundle (issue 20, 3)."""
+    server = make_server(num_workers=2, optimizer="adam", learning_rate=1e-2, max_grad_norm=1.0)
+    good, broken = Worker(server, 0), Worker(server, 1)
+    good.hello(), broken.hello()
+    unit = np.ones(NUM_PARAMS, np.float32) / np.sqrt(NUM_PARAMS)  # norm 1: the clip's bound
+    expect_ack(broken.push(1.01 * unit, base_version=0), accepted=False, reason="over_norm")
+    expect_ack(broken.push(np.full(NUM_PARAMS, 1e18), 0), accepted=False, reason="over_norm")
+    expect_ack(good.push(unit, base_version=0), accepted=True)  # at the bound: accepted
+    assert server.stats()["rejections"] == {"over_norm": 2}
+    assert server.version == 1
+    before = current(server)
+    for step in range(1, 5):
+        expect_ack(good.push(unit, base_version=step), accepted=True)
+    # Adam's steps stay about the learning rate: the refused pushes touched no moment.
+    assert np.all(np.abs(current(server) - before) > 3e-2)
+
+
+def test_clipping_off_still_refuses_a_gradient_whose_square_overflows():
+    """Catches an unclipped server feeding Adam g * g = inf (the norm check only with
+    clipping on)."""
+    server = make_server(num_workers=1, optimizer="adam", learning_rate=1e-3)  # no clip
     worker = Worker(server, 0)
     worker.hello()
-    push = np.full(NUM_PARAMS, -3e38, np.float32)  # finite, and so are params after one step
-    expect_ack(worker.push(push, base_version=0), accepted=True)
-    before, version = current(server), server.version
-    assert np.isfinite(before).all()
-    reply = worker.push(push, base_version=version)  # params would reach 6e38: inf in float32
-    expect_ack(reply, accepted=False, reason="non_finite_update")
-    assert server.stats()["rejections"] == {"non_finite_update": 1}
-    assert_unchanged(server, before, version)
+    expect_ack(worker.push(np.full(NUM_PARAMS, 3e38), 0), accepted=False, reason="over_norm")
+    grads = np.full(NUM_PARAMS, 1e3, np.float32)
+    grads[3] = np.inf
+    expect_ack(worker.push(grads, 0), accepted=False, reason="non_finite")
+    assert_unchanged(server, INITIAL_FLAT, 0)
 
 
-def test_an_overflowing_update_leaves_adam_state_and_dc_asgd_alone():
-    for overrides in ({"optimizer": "adam", "learning_rate": 1e-3}, {"dc_asgd": "constant"}):
-        server = make_server(num_workers=1, **overrides)
-        worker = Worker(server, 0)
-        worker.hello()
-        state = jax.tree.map(np.array, server.opt_state)
-        reply = worker.push(np.full(NUM_PARAMS, 3e38, np.float32), base_version=0)
-        expect_ack(reply, accepted=False, reason="non_finite_update")  # g * g overflows
-        chex.assert_trees_all_equal(jax.tree.map(np.array, server.opt_state), state)
-        assert_unchanged(server, INITIAL_FLAT, 0)
+def test_an_update_that_overflows_the_params_stops_the_server_unsaved(tmp_path):
+    """Catches a cheap guard that lets an overflowed state be served or checkpointed: with
+    finite, bounded gradients only an absurd learning rate can overflow the params; the
+    batch is refused, nothing more is applied or answered, no checkpoint is written and
+    `serve` raises."""
+    server = make_server(num_workers=1, learning_rate=1e38)  # sgd, no clipping
+    worker = Worker(server, 0)
+    worker.hello()
+    grads = np.ones(NUM_PARAMS, np.float32)
+    for version in range(3):  # params reach about -3e38: still finite
+        expect_ack(worker.push(grads, base_version=version), accepted=True)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
+    try:
+        assert server.save_checkpoint(checkpointer)
+        reply = worker.push(grads, base_version=3)  # -4e38: inf
+        expect_ack(reply, accepted=False, reason="non_finite_update")
+        assert server.diverged and server.stats()["rejections"] == {"non_finite_update": 1}
+        expect_ack(worker.push(grads, base_version=3), accepted=False, reason="non_finite_update")
+        pulled = worker.pull(-1)
+        assert pulled.header["kind"] == "error"
+        assert pulled.header["reason"] == "non_finite_update"
+        assert not server.save_checkpoint(checkpointer)
+        assert max(checkpointer.versions()) == 3
+    finally:
+        checkpointer.close()
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        with pytest.raises(ParamsDiverged, match="stopped being finite"):
+            serve(server, socket, "tcp://test", lambda: False)
+    finally:
+        socket.close(linger=0)
+
+
+@pytest.mark.parametrize("dc_asgd", ["off", "adaptive"])
+def test_a_batch_applies_exactly_the_pushes_one_at_a_time_would(dc_asgd):
+    """Catches a batched absorb that reorders pushes, judges them against the version
+    before the batch (staleness, versions in the acks), loses a push's stale params, or
+    lets a refused push in the middle shift the others: the same requests are handed to
+    one server one at a time (`handle`) and to another as batches (`submit`, then `flush`
+    when a pull comes or the batch ends); params, optimizer state, acks and statistics
+    agree (rtol 1e-6)."""
+    overrides = dict(
+        optimizer="adam", learning_rate=1e-2, max_grad_norm=1.0, dc_asgd=dc_asgd,
+        max_staleness=4,
+    )  # fmt: skip
+    one_by_one, batched = make_server(**overrides), make_server(**overrides)
+    rng = np.random.default_rng(7)
+
+    def gradient(norm: float = 0.5) -> np.ndarray:
+        g = rng.normal(size=NUM_PARAMS).astype(np.float32)
+        return g * np.float32(norm / np.linalg.norm(g))
+
+    # (worker, kind, base version, gradient): two bundles, stale bases, an over-norm push,
+    # a push too stale, a pull between the batches.
+    script = [(0, "hello", -1, None), (1, "hello", -1, None)]
+    script += [(0, "push", 0, gradient()), (1, "push", 0, gradient()), (0, "push", 0, gradient())]
+    script += [
+        (1, "push", 1, gradient(3.0)),
+        (1, "push", 0, gradient()),
+        (0, "push", 2, gradient()),
+    ]
+    script += [(1, "pull", 0, None), (0, "push", 0, gradient()), (1, "push", 5, gradient())]
+    script += [(1, "push", 5, gradient()), (0, "push", 4, gradient()), (0, "push", 6, gradient())]
+    workers = {name: [Worker(server, w) for w in range(2)] for name, server in
+               (("one", one_by_one), ("batched", batched))}  # fmt: skip
+    replies = {"one": [], "batched": []}
+    for worker, kind, version, grads in script:
+        arrays = [] if grads is None else [grads]
+        fields = dict(loss=1.0, shard=None, frames=10) if kind == "push" else {}
+        for name, server in (("one", one_by_one), ("batched", batched)):
+            frames = workers[name][worker].frames(kind, arrays, version=version, **fields)
+            if name == "one":
+                replies[name].append(server.handle(frames))
+            else:
+                replies[name] += [reply for _, reply in server.submit(frames, len(replies[name]))]
+    replies["batched"] += [reply for _, reply in batched.flush()]
+
+    def headers(frames_list):
+        return sorted(
+            (h["worker"], h["seq"], h["kind"], h["version"], h.get("accepted"), h.get("reason"))
+            for h in (msgpack.unpackb(frames[0]) for frames in frames_list)
+        )
+
+    assert headers(replies["batched"]) == headers(replies["one"])
+    assert "over_norm" in str(headers(replies["one"]))
+    assert batched.version == one_by_one.version >= 6
+    # XLA fuses an unrolled batch's arithmetic differently (float32 rounding); atol 1e-8
+    # (1e-6 of the moments' scale) covers moments that cancel to near 0.
+    np.testing.assert_allclose(current(batched), current(one_by_one), rtol=1e-6, atol=1e-8)
+    chex.assert_trees_all_close(batched.opt_state, one_by_one.opt_state, rtol=1e-6, atol=1e-8)
+    for key in ("staleness_histogram", "workers", "rejections", "frames"):
+        assert batched.stats()[key] == one_by_one.stats()[key]
 
 
 def test_staleness_bins():

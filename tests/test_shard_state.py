@@ -14,7 +14,7 @@ import pytest
 
 from gorila_jax.optim import make_optimizer
 from gorila_jax.shard_layout import ShardLayout
-from gorila_jax.shard_state import ShardState, init_shard_state, make_apply
+from gorila_jax.shard_state import Push, ShardState, chunk_sizes, init_shard_state, make_apply
 
 NUM_PARAMS = 1000
 
@@ -44,11 +44,12 @@ def test_three_shards_apply_exactly_what_one_server_applies(name, dc_asgd):
     for step in range(6):
         grads = clipped(rng.normal(size=NUM_PARAMS).astype(np.float32) * 5, max_norm=10.0)
         stale = history[max(0, step - 2)]  # computed on params 2 versions old
-        whole, _ = whole_apply(whole, jnp.asarray(grads), stale=stale if compensated else None)
+        stale_push = jnp.asarray(stale) if compensated else None
+        whole, _ = whole_apply(whole, [Push(grads, None, stale_push)])
         for k in range(3):
-            part_stale = layout.split(stale)[k] if compensated else None
+            part_stale = jnp.asarray(layout.split(stale)[k]) if compensated else None
             shards[k], _ = shard_applies[k](
-                shards[k], jnp.asarray(layout.split(grads)[k]), stale=part_stale
+                shards[k], [Push(layout.split(grads)[k], None, part_stale)]
             )
         history.append(np.asarray(whole.params))
     joined = layout.join([np.asarray(s.params) for s in shards])
@@ -69,9 +70,9 @@ def test_partial_pushes_update_only_owned_elements_and_match_across_shards():
     applies = [make_apply(tx, layout.size(k), compensated=False) for k in range(3)]
     for _ in range(3):
         grads = rng.normal(size=owned.size).astype(np.float32)
-        whole, _ = whole_apply(whole, jnp.asarray(grads), jnp.asarray(owned))
+        whole, _ = whole_apply(whole, [Push(grads, jnp.asarray(owned))])
         for k, (positions, local) in enumerate(layout.split_indices(owned)):
-            shards[k], _ = applies[k](shards[k], jnp.asarray(grads[positions]), jnp.asarray(local))
+            shards[k], _ = applies[k](shards[k], [Push(grads[positions], jnp.asarray(local))])
     params = np.asarray(whole.params)
     untouched = np.setdiff1d(np.arange(NUM_PARAMS), owned)
     np.testing.assert_array_equal(params[untouched], start[untouched])
@@ -80,21 +81,49 @@ def test_partial_pushes_update_only_owned_elements_and_match_across_shards():
     np.testing.assert_allclose(joined, params, rtol=1e-6, atol=1e-7)
 
 
-def test_apply_is_a_function_of_its_inputs():
-    """Same state and gradient in, same state out; DC-ASGD refuses a missing stale."""
+def test_apply_is_a_function_of_its_inputs_and_reports_a_non_finite_state():
+    """Same state and gradients in, same state out (catches a compensated apply that
+    donates, and so destroys, the state it was given); a NaN reaching the state is
+    reported (catches a `finite` flag that checks the wrong leaves or nothing)."""
     tx = make_optimizer("adam", 1e-2, eps=1e-8, dc_asgd_lambda=0.04)
     apply = make_apply(tx, 8, compensated=True)
     state = init_shard_state(tx, np.ones(8, np.float32))
-    grads = jnp.arange(8.0)
-    first, finite = apply(state, grads, stale=state.params)
-    second, _ = apply(state, grads, stale=state.params)
+    grads = np.arange(8.0, dtype=np.float32)
+    first, finite = apply(state, [Push(grads, None, state.params)])
+    second, _ = apply(state, [Push(grads, None, state.params)])
     chex.assert_trees_all_equal(first, second)
     assert finite and isinstance(first, ShardState) and first.version == 1
     assert state.version == 0
-    kept, finite = apply(first, grads.at[2].set(jnp.nan), stale=first.params)
-    assert not finite and kept.version == 1  # a NaN update is undone in the same program
-    chex.assert_trees_all_equal(kept.params, first.params)
-    with pytest.raises(ValueError, match="stale"):
-        apply(state, grads)
+    _, finite = apply(first, [Push(grads, None, None), Push(np.where(grads == 2, np.nan, grads))])
+    assert not finite
+    with pytest.raises(ValueError, match="stale params of shape"):
+        apply(state, [Push(grads, None, jnp.ones(3))])
     assert jax.tree.structure(first.opt_state) == jax.tree.structure(state.opt_state)
     assert optax.tree_utils.tree_get(first.opt_state, "count") is not None
+
+
+@pytest.mark.parametrize("compensated", [False, True])
+def test_a_batch_in_chunks_equals_the_pushes_one_at_a_time(compensated):
+    """Catches a batch whose chunks (8 + 4 + 1 for 13) skip, repeat or reorder a push, or
+    give a push another's stale params: 13 pushes with partial ones in the middle, applied
+    as one batch and one by one."""
+    tx = make_optimizer("adam", 1e-2, eps=1e-8, dc_asgd_lambda=0.5 if compensated else None)
+    rng = np.random.default_rng(5)
+    start = rng.normal(size=64).astype(np.float32)
+    owned = jnp.asarray(np.sort(rng.choice(64, size=16, replace=False)).astype(np.int32))
+    olds = [jnp.asarray(rng.normal(size=64).astype(np.float32)) for _ in range(3)]
+    pushes = []
+    for k in range(16):
+        partial = k in (9, 11)
+        grads = rng.normal(size=16 if partial else 64).astype(np.float32)
+        stale = olds[k % 3] if compensated and k % 4 else None
+        pushes.append(Push(grads, owned if partial else None, stale))
+    batched = make_apply(tx, 64, compensated=compensated)
+    one_by_one = make_apply(tx, 64, compensated=compensated)
+    state, finite = batched(init_shard_state(tx, start), pushes)
+    reference = init_shard_state(tx, start)
+    for push in pushes:
+        reference, _ = one_by_one(reference, [push])
+    assert finite and state.version == reference.version == 16
+    chex.assert_trees_all_close(state, reference, rtol=1e-6, atol=1e-8)
+    assert chunk_sizes(13) == [8, 4, 1] and chunk_sizes(70) == [32, 32, 4, 2]
