@@ -127,6 +127,10 @@ class Config:
     number of shards."""
     sync_every: int = 4
     """Bundles pull fresh params from the server every this many learner steps."""
+    push_every: int = 1
+    """Bundles push the mean of this many learner steps' gradients at once: a K-times
+    larger effective batch (the gradient of K batches together) and K times fewer pushes
+    for every server shard to absorb. 1 pushes every gradient."""
     max_staleness: int = 64
     """The server rejects gradients computed on params more than this many versions old."""
     outlier_k: float = 6.0
@@ -234,6 +238,7 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         "workers",
         "server_shards",
         "sync_every",
+        "push_every",
         "max_staleness",
         "outlier_warmup",
         "checkpoint_every_updates",
@@ -259,6 +264,9 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         value = getattr(config, name)
         if not value > 0:
             _fail(name, "must be > 0", value)
+    if config.single_process and config.push_every != 1:
+        _fail("push_every", "applies to the bundles of a distributed run, not --single-process",
+              config.push_every)  # fmt: skip
     if config.max_grad_norm < 0:
         _fail("max_grad_norm", "must be >= 0 (0 disables clipping)", config.max_grad_norm)
     if not isinstance(config.max_restarts, int) or config.max_restarts < 0:

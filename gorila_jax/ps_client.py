@@ -274,6 +274,16 @@ class _Lost(NamedTuple):
     hello: int | None = None
 
 
+@jax.jit
+def _add(total, grads):
+    return jax.tree.map(jnp.add, total, grads)
+
+
+@jax.jit
+def _scale(total, factor):
+    return jax.tree.map(lambda x: x * factor, total)
+
+
 class RemoteLearner:
     """The Updater of a Gorila bundle: gradients go to the server, params come back.
 
@@ -357,6 +367,8 @@ class RemoteLearner:
         self.rejected: dict[str, int] = {}
         self._lost: dict[int, _Lost] = {}
         self._outbox: queue.Queue = queue.Queue(maxsize=PUSH_QUEUE)
+        # push_every > 1: (sum of gradients, sum of mean |TD|, oldest versions, count).
+        self._pending: tuple[Any, Any, tuple[int, ...], int] | None = None
         self._in_flight: list[dict[int, int]] = []  # per push: shard -> seq of its slice
         self._sent: list[list] = []  # the arrays those frames are sent from, kept alive
         self._pull_wanted = threading.Event()
@@ -433,7 +445,33 @@ class RemoteLearner:
         batch = jax.device_put(sample.transition, self._where.batch)
         weights = jax.device_put(sample.weights, self._where.batch)
         grads, metrics = self._grad_step(self.params, self.target_params, batch, weights)
-        item = (grads, metrics.mean_abs_td, self.params_versions)
+        self._accumulate(grads, metrics.mean_abs_td)
+        self.updates += 1
+        if self.updates % self.config.sync_every == 0:
+            self._pull_wanted.set()
+        return metrics
+
+    def _accumulate(self, grads, mean_abs_td) -> None:
+        """Add a gradient to the ones waiting for the next push; queue their mean once
+        `push_every` have come. The mean of clipped gradients stays within the clip (the
+        server refuses anything over it); it is pushed with the params versions of the
+        oldest gradient in it, so the server judges its staleness by its stalest part."""
+        if self._pending is None:
+            self._pending = (grads, mean_abs_td, self.params_versions, 1)
+        else:
+            total, td, versions, count = self._pending
+            self._pending = (_add(total, grads), td + mean_abs_td, versions, count + 1)
+        if self._pending[3] >= self.config.push_every:
+            self._queue_pending()
+
+    def _queue_pending(self) -> None:
+        """Queue the waiting gradients' mean for the communication thread (it blocks while
+        the queue is full, until the run stops)."""
+        if self._pending is None:
+            return
+        total, td, versions, count = self._pending
+        self._pending = None
+        item = (total if count == 1 else _scale(total, 1.0 / count), td / count, versions)
         while not self._closing.is_set() and self.error is None:
             if self._stop.is_set():  # a signal: abandon in-flight requests, stop soon
                 for connection in self.connections:
@@ -444,10 +482,6 @@ class RemoteLearner:
                 break
             except queue.Full:
                 continue
-        self.updates += 1
-        if self.updates % self.config.sync_every == 0:
-            self._pull_wanted.set()
-        return metrics
 
     def should_stop(self) -> bool:
         """Stop when the communication thread has failed or a signal arrived."""
@@ -658,6 +692,8 @@ class RemoteLearner:
         server only a moment to acknowledge, since it is stopping too.
         """
         self._quick = quick
+        if not quick:  # push_every > 1: the gradients waiting for a push are not lost
+            self._queue_pending()
         self._closing.set()
         if quick:
             for connection in self.connections:

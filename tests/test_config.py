@@ -40,7 +40,15 @@ BAD_VALUES = [
     ("env_id", "Pongg-v5", "env_id"),
     ("max_staleness", 0, "max_staleness"),
     ("max_message_mb", -1, "max_message_mb"),
+    ("push_every", 0, "push_every"),
 ]
+
+
+def test_push_every_is_refused_for_a_single_process():
+    """Catches --push-every silently ignored where no gradient is pushed."""
+    with pytest.raises(ConfigError, match=r"config\.push_every: applies to the bundles"):
+        validate(dataclasses.replace(Config(), single_process=True, push_every=4))
+    validate(dataclasses.replace(Config(), single_process=True, push_every=1))
 
 
 @pytest.mark.parametrize(("field", "value", "named"), BAD_VALUES)

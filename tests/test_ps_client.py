@@ -66,7 +66,7 @@ def test_a_reply_that_never_comes_is_lost_and_cancel_stops_waiting(served):
         connection.receive_reply(seq)
     connection.cancel.clear()
     connection.timeout_seconds = 0.5
-    server.handle = lambda frames: []  # a server that answers nothing
+    server.submit = lambda frames, peer=None: []  # a server that answers nothing
     with pytest.raises(ServerError, match="no reply") as lost:
         connection.request("stats")
     assert lost.value.lost
@@ -404,3 +404,48 @@ def test_a_welcome_of_another_layout_fails_and_closes_every_connection():
     with pytest.raises(ServerError, match="server shard 1 answered as shard 1 of layout"):
         sharded_learner(first, second)
     assert first.calls[-1] == "close" and second.calls[-1] == "close"
+
+
+class RecordingConnection(FakeConnection):
+    """A FakeConnection that keeps every pushed gradient with its fields."""
+
+    def __init__(self, num_params: int):
+        super().__init__(num_params)
+        self.pushed: list[tuple[np.ndarray, dict]] = []
+
+    def send_push(self, grads, **fields) -> int:
+        self.pushed.append((np.array(grads), fields))
+        return super().send_push(grads, **fields)
+
+
+def test_push_every_pushes_the_mean_of_k_gradients_with_the_oldest_versions():
+    """Catches a --push-every that pushes the sum (over the clip: the server refuses it),
+    drops or repeats a gradient, stamps the newest params version on a mean that holds
+    older gradients, or loses the last incomplete group at close."""
+    from types import SimpleNamespace
+
+    connection = RecordingConnection(num_params=58)
+    learner, _ = remote_learner(connection, push_every=3, sync_every=1000)
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=58).astype(np.float32) for _ in range(7)]
+    steps = iter(zip(grads, range(1, 8), strict=True))
+
+    def fake_step(params, target, batch, weights):
+        g, td = next(steps)
+        return jax.numpy.asarray(g), SimpleNamespace(mean_abs_td=float(td))
+
+    learner._grad_step = fake_step
+    sample = SimpleNamespace(transition=np.zeros(8, np.float32), weights=np.ones(8, np.float32))
+    try:
+        for step in range(7):
+            learner.params_versions = (10 + step,)  # a pull between the learner's steps
+            learner.learn(sample, frames=step)
+    finally:
+        learner.close()
+    pushed = connection.pushed
+    assert len(pushed) == 3  # 3 + 3 + the 1 left at close
+    groups = ([0, 1, 2], [3, 4, 5], [6])
+    for (sent, fields), group, first in zip(pushed, groups, (0, 3, 6), strict=True):
+        np.testing.assert_allclose(sent, np.mean([grads[i] for i in group], axis=0), rtol=1e-6)
+        assert fields["base_version"] == 10 + first
+        assert fields["loss"] == pytest.approx(np.mean([i + 1 for i in group]))
