@@ -95,14 +95,50 @@ def test_cartpole_two_server_shards_and_two_bundles_learn(tmp_path):
     assert best_window_mean(returns) >= SOLVED
 
 
+def initial_pong_params() -> np.ndarray:
+    """The params a default Pong server starts from (seed 0), flat, computed here apart."""
+    from gorila_jax.config import Config
+    from gorila_jax.envs import make_env
+    from gorila_jax.networks import make_network
+    from gorila_jax.single_process import init_params
+
+    config = Config()
+    env = make_env(config, seed=config.seed, training=True, num_envs=1)
+    try:
+        obs, num_actions = env.reset().obs, env.num_actions
+    finally:
+        env.close()
+    params = init_params(make_network(config, num_actions), obs, config.seed)
+    return np.asarray(ravel_pytree(params)[0])
+
+
 def test_pong_local_default_runs_end_to_end(tmp_path):
-    result = run("pong.py", "--total-frames", "20000", "--run-dir", str(tmp_path), timeout=600)
+    """The default Pong path (Nature CNN, a server and 2 bundles of 8 envs, Adam) pushes
+    and applies real gradients: learning starts early here (1,800 frames a bundle), so each
+    bundle takes about 7 x 8 learner steps. Catches a run that never learns (no push sent,
+    pushes refused, or accepted but not applied), a params.msgpack saved from the initial
+    params or from elsewhere (another seed's init is ~0.1 away, not within Adam's reach),
+    and server steps larger than Adam's (at most about 3.2 learning rates per update)."""
+    result = run(
+        "pong.py", "--total-frames", "4000", "--learning-starts", "1800",
+        "--run-dir", str(tmp_path), timeout=600,
+    )  # fmt: skip
     assert "[server] INFO: done" in result.stdout
     stats = json.loads((tmp_path / "ps.json").read_text())
-    assert stats["num_workers"] == 2 and stats["frames"] >= 0
+    assert stats["num_workers"] == 2 and stats["frames"] >= 2 * 1800  # pushes report frames
+    accepted = [stats["workers"][w].get("accepted", 0) for w in ("0", "1")]
+    assert all(a > 0 for a in accepted), stats["workers"]
+    assert stats["updates"] == stats["version"] == sum(accepted) > 0  # every push applied
     for bundle in ("bundle1", "bundle2"):
         assert (tmp_path / bundle / "episodes.csv").exists()
     assert (tmp_path / "params.msgpack").stat().st_size > 6_000_000  # the Nature CNN
+    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
+    final = np.asarray(ravel_pytree(saved)[0])
+    initial = initial_pong_params()
+    assert final.shape == initial.shape
+    moved = np.abs(final.astype(np.float64) - initial)
+    assert np.mean(moved > 0) > 0.3, "most params never moved"
+    assert 0 < moved.max() <= 3.2 * 1e-4 * stats["updates"], moved.max()
 
 
 def test_atari_single_process_learns_a_little_and_logs(tmp_path):
