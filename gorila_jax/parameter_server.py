@@ -28,10 +28,13 @@ batch (a float overflow of the params: the server then stops, see below).
 Batched absorb. `serve` takes every request waiting (up to `MAX_BATCH` pushes) before it
 applies anything: each push is judged on arrival (`submit`) against the version it will
 be applied at, in the order the pushes came, and waits in a batch; the batch is applied in
-one call of the shard state's apply (`flush`), before any request that reads the params
-(hello, pull) and at the end of the turn. Versions, staleness, the outlier filter,
-DC-ASGD's stale params and the counters are exactly those of applying the pushes one at a
-time; the apply's dispatch and its one host read (`finite`) are paid once per batch.
+one call of the shard state's apply (`flush`) at the end of the turn, or before a hello or
+a stats request. Pulls wait for the batch too and get the params after it (fresher than
+one at a time would give; at load every `sync_every`-th push comes with a pull, and
+flushing for each would cut batches to a few pushes). Versions, staleness, the outlier
+filter, DC-ASGD's stale params and the counters are exactly those of applying the pushes
+one at a time; the apply's dispatch and its one host read (`finite`) are paid once per
+batch.
 
 The guard is in two parts: on arrival, one pass over the gradient (its squared norm, which
 is not finite when an element is not) refuses a non-finite or over-norm push alone; the
@@ -79,6 +82,7 @@ from gorila_jax.shard_state import Push, init_shard_state, make_apply
 log = logging.getLogger(__name__)
 
 OUTLIER_WINDOW = 512  # recent push losses the outlier filter judges against
+OUTLIER_REFRESH = 16  # losses between fresh computations of the filter's threshold
 MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation of a normal
 MIN_RELATIVE_SPREAD = 0.01  # the filter's spread is at least this fraction of the median
 MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
@@ -107,6 +111,7 @@ class OutlierFilter:
         self.warmup = warmup
         self.count = 0
         self.losses: deque[float] = deque(maxlen=window)
+        self._threshold: tuple[int, float] | None = None  # (count it was computed at, it)
 
     def threshold(self) -> float:
         """The loss above which a push is an outlier now (inf before any loss)."""
@@ -119,9 +124,19 @@ class OutlierFilter:
         return median + self.k * spread
 
     def is_outlier(self, loss: float) -> bool:
-        """Judge `loss` (finite) against the recent losses, then fold it in."""
+        """Judge `loss` (finite) against the recent losses, then fold it in.
+
+        The threshold (two medians over the window, ~20 us) is computed afresh every
+        `OUTLIER_REFRESH` losses and for any loss above the last one computed, so a loss
+        is only ever refused against an up-to-date threshold, at a fraction of the cost.
+        """
         judged = self.k > 0 and self.count >= self.warmup
-        outlier = judged and loss > self.threshold()
+        outlier = False
+        if judged:
+            cached = self._threshold
+            if cached is None or self.count - cached[0] >= OUTLIER_REFRESH or loss > cached[1]:
+                cached = self._threshold = (self.count, self.threshold())
+            outlier = loss > cached[1]
         self.count += 1
         self.losses.append(float(loss))
         return outlier
@@ -137,6 +152,7 @@ class OutlierFilter:
             self.losses.clear()
             self.losses.extend(losses)
             self.count = int(state.get("count", len(losses)))
+            self._threshold = None
 
 
 class ParameterServer:
@@ -203,8 +219,10 @@ class ParameterServer:
             if config.max_grad_norm
             else float(np.finfo(np.float32).max)
         )
-        # Pushes accepted on arrival and not applied yet: (peer, header, Push, staleness).
+        # Pushes accepted on arrival and not applied yet: (peer, header, Push, staleness);
+        # pulls waiting for them to be applied: (peer, header).
         self._batch: list[tuple[Any, dict, Push, int]] = []
+        self._pulls: list[tuple[Any, dict]] = []
         self.diverged: str | None = None  # why the server stopped applying, once it has
         self.started = clock()
         self.counters = ServerStats(clock, self.started)
@@ -367,6 +385,9 @@ class ParameterServer:
             return self._on_push(header, message.arrays, peer)
         if self.diverged is not None:
             return self.reject("non_finite_update", header, self.diverged, authenticated=True)
+        if header["kind"] == "pull":  # answered with the params after the batch
+            self._pulls.append((peer, header))
+            return None
         ready += self.flush()  # what follows reads the params or the version
         return self._handlers[header["kind"]](header, message.arrays)
 
@@ -473,9 +494,24 @@ class ParameterServer:
 
     def flush(self) -> list[tuple[Any, list]]:
         """Apply the waiting pushes in one call of the shard state's apply; their acks,
-        each with the version right after its own update. When the state after the batch
-        is not finite, every push of it is refused instead and the server stops applying
-        (`diverged`; `serve` raises `ParamsDiverged`)."""
+        each with the version right after its own update, then the replies of the pulls
+        that came with them, with the params after the whole batch (a pull does not cut
+        a batch short: at load one bundle in `sync_every` pulls with each push). When the
+        state after the batch is not finite, every push of it is refused instead and the
+        server stops applying (`diverged`; `serve` raises `ParamsDiverged`)."""
+        acks = self._apply_batch()
+        pulls, self._pulls = self._pulls, []
+        for peer, header in pulls:
+            if self.diverged is not None:
+                reply = self.reject(
+                    "non_finite_update", header, self.diverged, authenticated=True
+                )
+            else:
+                reply = self._on_pull(header, [])
+            acks.append((peer, reply))
+        return acks
+
+    def _apply_batch(self) -> list[tuple[Any, list]]:
         if not self._batch:
             return []
         batch, self._batch = self._batch, []

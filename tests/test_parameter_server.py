@@ -598,7 +598,8 @@ def test_a_batch_applies_exactly_the_pushes_one_at_a_time_would(dc_asgd):
         return g * np.float32(norm / np.linalg.norm(g))
 
     # (worker, kind, base version, gradient): two bundles, stale bases, an over-norm push,
-    # a push too stale, a pull between the batches.
+    # a push too stale, a pull ending the first turn (a pull is answered after its turn's
+    # batch), None for the end of a turn.
     script = [(0, "hello", -1, None), (1, "hello", -1, None)]
     script += [(0, "push", 0, gradient()), (1, "push", 0, gradient()), (0, "push", 0, gradient())]
     script += [
@@ -606,12 +607,16 @@ def test_a_batch_applies_exactly_the_pushes_one_at_a_time_would(dc_asgd):
         (1, "push", 0, gradient()),
         (0, "push", 2, gradient()),
     ]
-    script += [(1, "pull", 0, None), (0, "push", 0, gradient()), (1, "push", 5, gradient())]
+    script += [(1, "pull", 0, None), None, (0, "push", 0, gradient()), (1, "push", 5, gradient())]
     script += [(1, "push", 5, gradient()), (0, "push", 4, gradient()), (0, "push", 6, gradient())]
     workers = {name: [Worker(server, w) for w in range(2)] for name, server in
                (("one", one_by_one), ("batched", batched))}  # fmt: skip
     replies = {"one": [], "batched": []}
-    for worker, kind, version, grads in script:
+    for step in script:
+        if step is None:  # the end of a turn
+            replies["batched"] += [reply for _, reply in batched.flush()]
+            continue
+        worker, kind, version, grads = step
         arrays = [] if grads is None else [grads]
         fields = dict(loss=1.0, shard=None, frames=10) if kind == "push" else {}
         for name, server in (("one", one_by_one), ("batched", batched)):
@@ -1095,3 +1100,26 @@ def test_a_message_of_many_frames_is_refused_as_it_is_received(tmp_path):
         thread.join(timeout=10)
         peer.close(linger=0)
         socket.close(linger=0)
+
+
+def test_a_pull_waits_for_its_batch_and_gets_the_params_after_it():
+    """Catches a pull that cuts the batch short (a flush per pull: at load one bundle in
+    `sync_every` pulls with every push) or that is answered with params older than the
+    pushes that came before it."""
+    server = make_server(num_workers=2)
+    first, second = Worker(server, 0), Worker(server, 1)
+    first.hello(), second.hello()
+    grads = np.full(NUM_PARAMS, 0.5, np.float32)
+
+    def push(worker: Worker) -> list:
+        frames = worker.frames("push", [grads], version=0, loss=1.0, shard=None, frames=1)
+        return server.submit(frames, worker.worker)
+
+    ready = push(first) + server.submit(second.frames("pull", version=0), "pull")
+    ready += push(second)
+    assert ready == [] and server.version == 0  # nothing applied or answered yet
+    replies = [(peer, msgpack.unpackb(frames[0])) for peer, frames in server.flush()]
+    assert [(peer, h["kind"], h["version"]) for peer, h in replies] == [
+        (0, "ack", 1), (1, "ack", 2), ("pull", "params", 2),
+    ]  # fmt: skip
+    np.testing.assert_allclose(current(server), INITIAL_FLAT - 0.1 * 2 * grads, rtol=1e-6)
