@@ -22,7 +22,9 @@ against a raw pyzmq DEALER/ROUTER round trip of the same bytes (gradient out, pa
 interleaved (that ratio is value/floor, lower is better); the in-process medians of the
 server's per-push steps; and the rate of `ParameterServer.handle` alone, without sockets,
 on a second server. `RESULT ps_push value=<pushes/s> floor=<pushes/s> ratio=<value/floor>`
-is the last line.
+follows, then the last line, `RESULT guarded_apply value=<ms> floor=<ms> ratio=<>`: the
+server's apply of one full Nature-CNN gradient with its guard (`guarded_apply_seconds`)
+against the plain donated Adam apply, interleaved in the same process (goal: ratio <= 1.2).
 
     python benchmarks/parameter_server.py [--seconds 15] [--warmup 3] [--sync-every 8]
 """
@@ -212,6 +214,51 @@ def apply_seconds(server, grads: np.ndarray, repeats: int = 30) -> float:
         jax.block_until_ready(server.params)
 
     return median_seconds(apply, repeats=repeats)
+
+
+def guarded_apply_seconds(server, grads: np.ndarray, repeats: int = 40) -> tuple[float, float]:
+    """Median seconds of (the server's guarded apply of one full gradient, the plain
+    donated Adam apply of the same size), interleaved so both see the same machine.
+
+    Guarded: what a push costs the server from the check on arrival to the apply's
+    `finite` flag read on the host (the squared norm on the host, then the shard state's
+    apply: the host stack and device_put, the jitted update, the fused finiteness check).
+    Plain: `jax.jit(update, donate_argnums=(0, 1))` of optax's Adam, the gradient put on
+    the device, waited for: no check at all.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from gorila_jax.shard_state import Push
+
+    tx = optax.adam(server.config.learning_rate)
+
+    def update(params, opt_state, g):
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    plain_update = jax.jit(update, donate_argnums=(0, 1))
+    plain = [jnp.zeros(grads.size, jnp.float32)]
+    plain.append(tx.init(plain[0]))
+
+    def guarded_once():
+        float(np.dot(grads, grads))
+        server.state, finite = server._apply(server.state, [Push(grads)])
+        assert finite
+
+    def plain_once():
+        plain[0], plain[1] = plain_update(plain[0], plain[1], jax.device_put(grads))
+        jax.block_until_ready(plain[0])
+
+    timings: dict[str, list[float]] = {"guarded": [], "plain": []}
+    for repeat in range(repeats + 3):
+        for name, once in (("guarded", guarded_once), ("plain", plain_once)):
+            start = time.perf_counter()
+            once()
+            if repeat >= 3:  # the first calls compile
+                timings[name].append(time.perf_counter() - start)
+    return statistics.median(timings["guarded"]), statistics.median(timings["plain"])
 
 
 def component_costs(server, grads: np.ndarray) -> dict[str, float]:
@@ -433,6 +480,7 @@ def benchmark(args: ParameterServerArgs) -> int:
 
     applies.append(apply_seconds(server, probe))
     bandwidths.append(memory_bandwidth())
+    guarded, plain = guarded_apply_seconds(server, probe)
     apply_mean = statistics.mean(applies)
     bandwidth = statistics.mean(bandwidths)
     copy_bytes = 2.0 * (vector_bytes + vector_bytes / args.sync_every)
@@ -481,6 +529,12 @@ def benchmark(args: ParameterServerArgs) -> int:
     )
     print("ps_push ratio is value/floor: higher is better, goal >= 0.7")
     print(result_line("ps_push", value, floor))
+    print(
+        "guarded_apply: ms per push of the server's apply with its guard (norm check on "
+        "arrival, finiteness of the state after the apply) against the plain donated Adam "
+        "apply; lower is better, goal <= 1.2"
+    )
+    print(result_line("guarded_apply", guarded * 1e3, plain * 1e3))
     return 0
 
 
