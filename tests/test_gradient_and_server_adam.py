@@ -11,9 +11,11 @@ which the server itself uses.
 """
 
 import dataclasses
+import threading
 
 import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -211,3 +213,88 @@ def test_server_adam_matches_adam_written_out(eps):
         )
         assert server.version == step + 1
     assert not np.allclose(np.asarray(server.params), initial, atol=1e-3)
+
+
+# ---- from a bundle's learner step to the server's params --------------------------------------
+
+
+class PushRecorder:
+    """A server connection for RemoteLearner: welcomes with `flat` at version 0, keeps every
+    push with its fields, acknowledges it; no server behind it."""
+
+    worker = 0
+
+    def __init__(self, flat: np.ndarray):
+        self.flat = flat
+        self.num_params = flat.size
+        self.timeout_seconds = 5.0
+        self.cancel = threading.Event()
+        self.pushed: list[tuple[np.ndarray, dict]] = []
+        self.seq = 0
+
+    def hello(self):
+        return self.flat.copy(), 0, {"shard_size": self.num_params, "frames": 0}
+
+    def send_push(self, grads, **fields) -> int:
+        self.pushed.append((np.array(grads), fields))
+        self.seq += 1
+        return self.seq
+
+    def receive_ack(self, seq: int):
+        return True, None, seq
+
+    def send_pull(self, have_version: int) -> int:
+        self.seq += 1
+        return self.seq
+
+    def receive_pulled(self, seq: int):
+        return None, 0
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_bundles_push_is_the_reference_step_and_the_server_applies_it():
+    """One learner step of a bundle (`RemoteLearner.learn`, with its own target network)
+    pushes jax.grad of the hand-written loss, raveled and clipped by hand; the server, sent
+    that very push through `handle`, moves its params by one numpy Adam step of it.
+    Catches a bundle that differentiates with the target and online params swapped (or
+    the target taken for the online params), pushes an unclipped or stale-batch gradient,
+    stamps the wrong base version or frames, and a server that applies to a push something
+    else than what the bundle computed (another slice, another order, a rescaling)."""
+    from gorila_jax.ps_client import RemoteLearner
+    from gorila_jax.replay import Sample
+
+    network, params, target, batch, weights = setting(seed=5)
+    flat = np.asarray(jax.flatten_util.ravel_pytree(params)[0])
+    want = ravel_by_hand(reference_gradient(network, params, target, batch, weights))
+    max_norm = float(np.linalg.norm(want) / 2)  # the clip acts
+    lr = 0.01
+    config = dataclasses.replace(
+        Config(), env_id="CartPole-v1", double_dqn=False, huber_delta=1.0, n_step=1,
+        gamma=GAMMA, max_grad_norm=max_norm, optimizer="adam", learning_rate=lr,
+        optimizer_eps=1e-8, dc_asgd="off", outlier_k=0.0, sync_every=1000, seed=1,
+    )  # fmt: skip
+    connection = PushRecorder(flat)
+    learner = RemoteLearner(config, network, params, [connection], num_workers=1)
+    try:
+        learner.target_params = jax.device_put(target)  # as a target refresh would leave it
+        learner.learn(Sample(batch, np.arange(BATCH), weights), frames=1234)
+    finally:
+        learner.close()
+    assert len(connection.pushed) == 1
+    pushed, fields = connection.pushed[0]
+    np.testing.assert_allclose(pushed, clip_by_hand(want, max_norm), rtol=2e-5, atol=1e-7)
+    assert fields["base_version"] == 0 and fields["frames"] == 1234 and fields["shard"] is None
+
+    server = ParameterServer(config, params, num_workers=1, token=TOKEN)
+    np.testing.assert_array_equal(np.asarray(server.params), flat)
+    assert request(server, "hello", seq=1).header["version"] == 0
+    ack = request(server, "push", [pushed], seq=2, version=fields.pop("base_version"), **fields)
+    assert ack.header["accepted"] and server.version == 1, ack.header
+    reference = NumpyAdam(flat, lr, 1e-8).step(clip_by_hand(want, max_norm))
+    np.testing.assert_allclose(np.asarray(server.params, np.float64), reference, atol=1e-6)
+    assert np.abs(np.asarray(server.params) - flat).max() == pytest.approx(lr, rel=1e-3)
