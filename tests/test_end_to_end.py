@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,8 +143,12 @@ def test_pong_local_default_runs_end_to_end(tmp_path):
 
 
 def test_atari_single_process_learns_a_little_and_logs(tmp_path):
+    """A single process on Pong takes 250 learner steps and logs them; its saved params are
+    the initial ones moved by Adam steps. Catches a learner whose steps change nothing (a
+    learning rate of 0, an update computed but not kept, params saved from the initial
+    ones), steps larger than Adam's, and a learner log or episodes.csv in another shape."""
     result = run(
-        "pong.py", "--single-process", "--total-frames", "4000", "--learning-starts", "1000",
+        "pong.py", "--single-process", "--total-frames", "2000", "--learning-starts", "1000",
         "--replay-capacity", "5000", "--num-envs", "4", "--run-dir", str(tmp_path),
         "--log-every-seconds", "1",
     )  # fmt: skip
@@ -153,6 +158,11 @@ def test_atari_single_process_learns_a_little_and_logs(tmp_path):
     assert record["updates"] >= 100 and np.isfinite(record["loss"])
     header = (tmp_path / "episodes.csv").read_text().splitlines()[0]
     assert header == "time,frames,bundle,env,return,length"
+    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
+    moved = np.abs(np.asarray(ravel_pytree(saved)[0], np.float64) - initial_pong_params())
+    assert np.mean(moved > 0) > 0.3, "most params never moved (a learning rate of 0?)"
+    updates = int(re.search(r"done: .* ([\d,]+) updates", result.stdout)[1].replace(",", ""))
+    assert 0 < moved.max() <= 3.2 * 1e-4 * updates, (moved.max(), updates)
 
 
 def test_sharded_compensated_run_on_four_devices_per_bundle(tmp_path):
