@@ -9,6 +9,13 @@ temporary directory and renames it when complete, so a checkpoint is atomic; the
 keeps the last `keep`. `save` says whether it wrote anything, so a caller never reports a
 checkpoint that orbax refused.
 
+A step written again (`save(..., replace=True)`: the same version with changed counters)
+never removes what it replaces before the replacement is complete and synced: it is written
+aside, in RUN_DIR/checkpoints.replacing/, and then exchanged with the old one in one rename
+(Linux's renameat2 RENAME_EXCHANGE; elsewhere the old one is moved aside first, and the
+next Checkpointer finishes a swap that a crash interrupted). A full disk or a kill during
+the write leaves the replaced checkpoint as it was.
+
 Restoring checks, before anything is used, that the checkpoint was made by the same run:
 the same training settings (`check_same_run`: every config field but
 `config.RESUME_SAFE_FIELDS`) and whatever else the caller expects (the parameter tree's
@@ -20,7 +27,11 @@ written again; when none is readable the error says so in one line.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
+import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,11 +40,14 @@ from typing import Any, NamedTuple
 import orbax.checkpoint as ocp
 
 from gorila_jax.config import Config, fingerprint, resume_differences, to_dict
+from gorila_jax.files import sync_directory, sync_tree
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
+STAGING_DIR = "checkpoints.replacing"  # a replacement is written here, then swapped in
+ASIDE_SUFFIX = ".replaced"  # a replaced step moved aside (where no exchange is possible)
 MAX_NAMED_DIFFERENCES = 6
 
 
@@ -115,11 +129,20 @@ def _warn_forced(meta: Mapping, config: Config, where: str, expect: Mapping[str,
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether the run directory holds at least one complete checkpoint."""
     directory = checkpoint_dir(run_dir)
-    return directory.is_dir() and any(
-        (step / "commit_success.txt").exists() or (step / "_CHECKPOINT_METADATA").exists()
-        for step in directory.iterdir()
-        if step.name.isdigit()
+    if directory.is_dir() and any(
+        _complete(step) for step in directory.iterdir() if step.name.isdigit()
+    ):
+        return True
+    # A swap interrupted between its two renames (finished by the next Checkpointer).
+    staging = Path(run_dir) / STAGING_DIR
+    return staging.is_dir() and any(
+        _complete(step) for step in staging.iterdir() if step.name.endswith(ASIDE_SUFFIX)
     )
+
+
+def _complete(step: Path) -> bool:
+    """Whether a step directory holds a finished orbax checkpoint."""
+    return (step / "commit_success.txt").exists() or (step / "_CHECKPOINT_METADATA").exists()
 
 
 class Checkpointer:
@@ -129,30 +152,85 @@ class Checkpointer:
         logging.getLogger("absl").setLevel(logging.WARNING)
         self.directory = checkpoint_dir(run_dir).absolute()
         self.damaged_directory = Path(run_dir).absolute() / DAMAGED_DIR
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
-            ),
-        )
+        self.staging_directory = Path(run_dir).absolute() / STAGING_DIR
+        self._finish_interrupted_replace()
+        self._manager = ocp.CheckpointManager(self.directory, options=_options(keep))
 
     def save(self, step: int, state: Any, meta: dict, *, replace: bool = False) -> bool:
         """Write a checkpoint for `step`, blocking until it is complete on disk; True when
         one was written. A step already saved is left alone, or with `replace` (the newest
-        step only: the same version with changed counters) deleted and written again.
-        orbax writes no step at or below the newest on disk: then this returns False."""
+        step only: the same version with changed counters) written again: the replacement
+        is complete and synced before it takes the old one's place, so a failure or a kill
+        at any moment leaves the step restorable, old or new. orbax writes no step at or
+        below the newest on disk: then this returns False."""
         if step in self._manager.all_steps():
             if not replace or step != self._manager.latest_step():
                 return False
-            self._manager.delete(step)
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+            return self._replace(step, state, meta)
+        saved = self._manager.save(step, args=_save_args(state, meta))
         self._manager.wait_until_finished()
         return bool(saved)
+
+    def _replace(self, step: int, state: Any, meta: dict) -> bool:
+        """Write `step` aside (RUN_DIR/checkpoints.replacing/<step>), sync it, then swap it
+        with the saved one and remove the old. Raises (the old one untouched) if the write
+        fails."""
+        staging = self.staging_directory
+        shutil.rmtree(staging, ignore_errors=True)
+        # Each attempt writes in a directory of its own: a write that a failed attempt left
+        # in flight cannot land in a later one.
+        attempt = staging / f"attempt-{os.getpid()}-{time.monotonic_ns()}"
+        written = attempt / str(step)
+        fresh = staging / str(step)
+        try:
+            manager = ocp.CheckpointManager(attempt, options=_options(1))
+            try:
+                saved = manager.save(step, args=_save_args(state, meta))
+                manager.wait_until_finished()
+            finally:
+                manager.close()
+            if not saved or not _complete(written):
+                shutil.rmtree(staging, ignore_errors=True)
+                return False
+            sync_tree(written)
+            os.rename(written, fresh)
+            sync_directory(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        current = self.directory / str(step)
+        if not _exchange(fresh, current):
+            # No atomic exchange here: move the old one aside, then the new one in; the next
+            # Checkpointer finishes a swap that a crash cut between the two.
+            os.rename(current, staging / f"{step}{ASIDE_SUFFIX}")
+            sync_directory(staging)
+            os.rename(fresh, current)
+        sync_directory(self.directory)
+        sync_directory(staging)
+        shutil.rmtree(staging, ignore_errors=True)  # now the replaced checkpoint
+        self._manager.reload()
+        return True
+
+    def _finish_interrupted_replace(self) -> None:
+        """Finish a replace that a crash interrupted between its two renames: a step moved
+        aside whose place is empty gets its complete replacement, else itself, back. What
+        else the staging directory holds (an unfinished replacement) is removed."""
+        staging = self.staging_directory
+        if not staging.is_dir():
+            return
+        for aside in sorted(staging.iterdir()):
+            if not aside.name.endswith(ASIDE_SUFFIX):
+                continue
+            step = aside.name[: -len(ASIDE_SUFFIX)]
+            target = self.directory / step
+            if target.exists():
+                continue
+            fresh = staging / step
+            source, which = (fresh, "its replacement") if _complete(fresh) else (aside, "itself")
+            os.rename(source, target)
+            sync_directory(self.directory)
+            log.warning(f"checkpoint {step}: finished a replace interrupted by a crash ({which})")
+        shutil.rmtree(staging, ignore_errors=True)
 
     def versions(self) -> list[int]:
         """Saved versions, oldest first."""
@@ -239,6 +317,41 @@ class Checkpointer:
         """Finish pending writes."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _options(keep: int) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
+
+
+def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or the filesystem cannot, having changed nothing."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    path, directory = ctypes.c_char_p, ctypes.c_int
+    renameat2.argtypes = [directory, path, directory, path, ctypes.c_uint]
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def _first_line(error: BaseException) -> str:

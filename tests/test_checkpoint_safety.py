@@ -1,0 +1,220 @@
+"""Issue 20, second round: what is checkpointed is never lost, and nobody else can read it.
+
+- A replaced checkpoint (the same version written again: a stop with no new version, the
+  final save) stays restorable until its replacement is complete: a write that runs out of
+  space (a patched write, and a real file-size limit) or a process killed while writing
+  leaves the replaced checkpoint as it was.
+"""
+
+import dataclasses
+import errno
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
+
+from gorila_jax import checkpoint as checkpoint_module
+from gorila_jax.checkpoint import Checkpointer, run_meta
+from gorila_jax.config import cartpole_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A helper process: saves versions 1-3, then replaces version 3 under a file-size limit
+# ("full") or over and over until it is killed ("kill"). States are seeded so that the test
+# knows each one's content.
+HELPER = """
+import dataclasses, resource, sys
+from pathlib import Path
+import numpy as np
+from gorila_jax.checkpoint import Checkpointer, run_meta
+from gorila_jax.config import cartpole_defaults
+
+run_dir, mode, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+config = dataclasses.replace(cartpole_defaults(), run_dir=str(run_dir))
+meta = run_meta(config)
+def state(seed):
+    return {"w": np.random.default_rng(seed).standard_normal(size).astype(np.float32)}
+checkpointer = Checkpointer(run_dir, keep=3)
+if not checkpointer.versions():
+    for version in (1, 2, 3):
+        assert checkpointer.save(version, state(version), {"version": version, **meta})
+if mode == "full":
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    try:
+        saved = checkpointer.save(3, state(33), {"version": 33, **meta}, replace=True)
+        print("saved" if saved else "refused", flush=True)
+    except Exception as error:
+        print("failed:", type(error).__name__, str(error)[:200], flush=True)
+else:
+    print("replacing", flush=True)
+    while True:
+        checkpointer.save(3, state(33), {"version": 33, **meta}, replace=True)
+"""
+
+
+def config_for(run_dir: Path):
+    return dataclasses.replace(cartpole_defaults(), run_dir=str(run_dir))
+
+
+def state(seed: int, size: int) -> dict:
+    return {"w": np.random.default_rng(seed).standard_normal(size).astype(np.float32)}
+
+
+def restored_content(run_dir: Path, size: int) -> tuple[int, np.ndarray, int]:
+    """(version, array, meta's version) of the newest checkpoint a fresh Checkpointer gives."""
+    checkpointer = Checkpointer(run_dir, keep=3)
+    try:
+        restored = checkpointer.restore_latest(
+            {"w": np.zeros(size, np.float32)}, config=config_for(run_dir)
+        )
+        assert restored is not None, f"no checkpoint left in {run_dir}"
+        return restored.version, np.asarray(restored.state["w"]), restored.meta["version"]
+    finally:
+        checkpointer.close()
+
+
+def assert_version_3_is_whole(run_dir: Path, size: int, *, allowed=(3,)) -> int:
+    """Version 3 is restorable and holds one of the `allowed` states (3: the replaced one,
+    33: its complete replacement); returns which."""
+    version, array, seed = restored_content(run_dir, size)
+    assert version == 3, f"the newest checkpoint is {version}: version 3 was lost"
+    assert seed in allowed, f"version 3 holds state {seed}"
+    np.testing.assert_array_equal(array, state(seed, size)["w"])
+    return seed
+
+
+# ---- a replace that fails keeps what it replaces -------------------------------------------
+
+
+def test_a_replace_that_runs_out_of_space_keeps_the_checkpoint_it_replaces(tmp_path, monkeypatch):
+    size = 1000
+    config = config_for(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    for version in (1, 2, 3):
+        assert checkpointer.save(version, state(version, size), {"version": version,
+                                                                **run_meta(config)})  # fmt: skip
+
+    async def no_space(self, x, directory):  # the metadata's write, beside the arrays'
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", no_space)
+    try:
+        outcome = checkpointer.save(
+            3, state(33, size), {"version": 33, **run_meta(config)}, replace=True
+        )
+    except Exception as error:  # the server and the single process catch and log it
+        outcome = error
+    assert outcome is not True
+    monkeypatch.undo()
+    assert checkpointer.versions() == [1, 2, 3]
+    assert_version_3_is_whole(tmp_path, size)
+    # The checkpointer still works: the same replace, with space, takes effect.
+    assert checkpointer.save(3, state(33, size), {"version": 33, **run_meta(config)}, replace=True)
+    checkpointer.close()
+    assert assert_version_3_is_whole(tmp_path, size, allowed=(33,)) == 33
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def run_helper(run_dir: Path, mode: str, size: int, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", HELPER, str(run_dir), mode, str(size)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+    )  # fmt: skip
+
+
+def test_a_replace_on_a_really_full_disk_keeps_the_checkpoint_it_replaces(tmp_path):
+    # RLIMIT_FSIZE makes every write past `size` bytes fail (EFBIG: Python ignores SIGXFSZ),
+    # as a full disk does: the replacement's array (4 * size bytes) cannot be written.
+    size = 1 << 18
+    helper = run_helper(tmp_path, "full", size)
+    out, err = helper.communicate(timeout=120)
+    assert helper.returncode == 0, err[-3000:]
+    assert out.startswith(("failed:", "refused")), out  # the limit did stop the write
+    assert_version_3_is_whole(tmp_path, size)
+
+
+def orbax_writing(run_dir: Path) -> bool:
+    """Whether orbax is writing a checkpoint under `run_dir` (its temporary directory)."""
+    return any("orbax-checkpoint-tmp" in name for _, names, _ in os.walk(run_dir) for name in names)
+
+
+def wait_for_line(process: subprocess.Popen, line: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            got = process.stdout.readline()
+            if got.strip() == line:
+                return
+            if not got:
+                break
+    process.kill()
+    raise AssertionError(f"no {line!r} from the helper: {process.communicate()[1][-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_replacing_leaves_a_whole_checkpoint(tmp_path):
+    size = 1 << 23  # 32 MB: the write takes long enough to be caught in the middle
+    # First kill: the moment orbax's temporary directory appears (the write has begun).
+    helper = run_helper(tmp_path, "kill", size)
+    wait_for_line(helper, "replacing", 90)
+    deadline = time.monotonic() + 30
+    while not orbax_writing(tmp_path):
+        assert time.monotonic() < deadline and helper.poll() is None, "no write seen"
+        time.sleep(0.001)
+    helper.send_signal(signal.SIGKILL)
+    helper.wait(timeout=30)
+    assert assert_version_3_is_whole(tmp_path, size) == 3, "killed before it was complete"
+    # Then at random moments of a replace running over and over: each kill leaves version
+    # 3 whole, the replaced state or its replacement.
+    generator = random.Random(0)
+    for _ in range(2):
+        helper = run_helper(tmp_path, "kill", size)
+        wait_for_line(helper, "replacing", 90)
+        time.sleep(generator.uniform(0.0, 0.6))
+        helper.send_signal(signal.SIGKILL)
+        helper.wait(timeout=30)
+        assert_version_3_is_whole(tmp_path, size, allowed=(3, 33))
+    assert Checkpointer(tmp_path, keep=3).versions() == [1, 2, 3]
+
+
+def test_a_crash_between_the_renames_of_a_swap_is_finished_on_the_next_start(tmp_path, monkeypatch):
+    # Where directories cannot be exchanged in one step, the replaced checkpoint is moved
+    # aside before its (complete) replacement is moved in: a crash between the two moves
+    # is finished by the next Checkpointer.
+    size = 1000
+    config = config_for(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    for version in (1, 2, 3):
+        checkpointer.save(version, state(version, size), {"version": version, **run_meta(config)})
+    monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    class Crash(BaseException):
+        pass
+
+    def rename(source, target, *args, **kwargs):
+        if Path(target) == checkpointer.directory / "3":
+            raise Crash
+        return real_rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Crash):
+        checkpointer.save(3, state(33, size), {"version": 33, **run_meta(config)}, replace=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not (checkpointer.directory / "3").exists()  # the crash's window
+    assert checkpoint_module.has_checkpoint(tmp_path)
+    assert assert_version_3_is_whole(tmp_path, size, allowed=(33,)) == 33
+    # The fallback, uninterrupted, replaces too.
+    fresh = Checkpointer(tmp_path, keep=3)
+    assert fresh.save(3, state(3, size), {"version": 3, **run_meta(config)}, replace=True)
+    assert fresh.versions() == [1, 2, 3]
+    assert assert_version_3_is_whole(tmp_path, size) == 3
