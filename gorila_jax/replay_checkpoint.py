@@ -9,7 +9,9 @@ replay settings, the bundle count and the bundle's index).
 
 Writing goes to a temporary file that is synced and then renamed, so a checkpoint on disk is
 always complete; a write that fails (a full disk) removes its temporary file, keeps the
-previous checkpoints and says so in one line. The last `keep` checkpoints are kept.
+previous checkpoints and says so in one line. The last `keep` checkpoints are kept, and the
+one a save names as `spare` (a single process's: the replay that pairs with its learner's
+checkpoint on disk) whatever its age.
 
 Loading never unpickles: arrays are read with `allow_pickle=False` and the metadata is JSON.
 A damaged file (bad zip, bad CRC, missing member, wrong shape) is skipped for the previous
@@ -106,12 +108,19 @@ class ReplayCheckpointer:
         return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
     def save(
-        self, replay: Replay, counters: LoopCounters, extra: dict | None = None
+        self,
+        replay: Replay,
+        counters: LoopCounters,
+        extra: dict | None = None,
+        *,
+        spare: int | None = None,
     ) -> Path | None:
         """Write a checkpoint at `counters.frames`; None (with one warning line) if it failed.
 
         `extra` (JSON-able) is stored beside the counters, e.g. the learner step a
-        single-process checkpoint pairs with.
+        single-process checkpoint pairs with. Older checkpoints than the last `keep` are
+        deleted, except the one made at `spare` frames (the replay of the learner checkpoint
+        a resume would load).
         """
         arrays, scalars = replay.state()
         frames = int(counters.frames)
@@ -147,7 +156,8 @@ class ReplayCheckpointer:
         self.last_bytes = path.stat().st_size
         self.last_raw_bytes = sum(array.nbytes for array in arrays.values())
         for old in self.checkpoints()[: -self.keep]:
-            old.unlink(missing_ok=True)
+            if spare is None or int(_NAME.match(old.name).group(1)) != spare:
+                old.unlink(missing_ok=True)
         return path
 
     def restore(self, replay: Replay, *, frames: int | None = None) -> ReplayRestored | None:
@@ -296,14 +306,17 @@ def restore_replay(
 
 def replay_saver(
     checkpointer: ReplayCheckpointer | None, replay: Replay
-) -> Callable[..., None] | None:
+) -> Callable[..., Path | None] | None:
     """The loop's checkpoint callback: save the replay and counters, report size and time
-    (an INFO record; the log format names the process)."""
+    (an INFO record; the log format names the process); returns the file, None when it was
+    not written. `extra` and `spare` are `ReplayCheckpointer.save`'s."""
     if checkpointer is None:
         return None
 
-    def save(counters: LoopCounters, extra: dict | None = None) -> None:
-        path = checkpointer.save(replay, counters, extra)
+    def save(
+        counters: LoopCounters, extra: dict | None = None, *, spare: int | None = None
+    ) -> Path | None:
+        path = checkpointer.save(replay, counters, extra, spare=spare)
         if path is not None:
             ratio = checkpointer.last_raw_bytes / max(checkpointer.last_bytes, 1)
             log.info(
@@ -312,5 +325,6 @@ def replay_saver(
                 f"{checkpointer.last_bytes / 1e6:,.1f} MB ({ratio:.0f}x) "
                 f"in {checkpointer.last_seconds:.1f} s"
             )
+        return path
 
     return save

@@ -115,6 +115,11 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
     `checkpoint_every_seconds` and when the loop ends; a run directory holding them is
     resumed from them. This is the single process's role: its log records are named
     "single process" (`logs.setup`).
+
+    A learner checkpoint always pairs with a replay checkpoint of the same frame count: while
+    the update count stays put (before learning starts) the learner's checkpoint is written
+    again with the new frame count once its replay is on disk, and the replay of the learner
+    checkpoint on disk is never pruned. A checkpoint not written is one warning line.
     """
     logs.setup("single process")
     validate(config, local_device_count=jax.local_device_count())
@@ -140,19 +145,44 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
         write_resolved(config, run_dir)
         save_replay = replay_saver(replay_checkpointer, replay)
 
+        # The frames of the learner checkpoint on disk: its replay is never pruned.
+        paired_frames = learner_frames
+
         def save_checkpoint(counters: LoopCounters) -> None:
+            nonlocal paired_frames
+            updates = learner.updates
             # The replay first: a learner checkpoint on disk always has its replay beside it.
-            if save_replay is not None:
-                save_replay(counters, {"updates": learner.updates})
-            meta = {"updates": learner.updates, "frames": counters.frames, **run_meta(config)}
+            replay_saved = save_replay is None or (
+                save_replay(counters, {"updates": updates}, spare=paired_frames) is not None
+            )
+            # No update since the learner's checkpoint: the same one again, at these frames.
+            again = updates in checkpointer.versions()
+            if again and not replay_saved:
+                log.warning(
+                    f"learner checkpoint at {updates:,} updates not written again: its replay "
+                    f"was not saved; the previous pair is kept"
+                )
+                return
+            meta = {"updates": updates, "frames": counters.frames, **run_meta(config)}
             try:
-                checkpointer.save(learner.updates, jax.device_get(learner_state(learner)), meta)
+                saved = checkpointer.save(
+                    updates, jax.device_get(learner_state(learner)), meta, replace=again
+                )
             except Exception as error:  # orbax raises many types (a full disk among them)
                 log.warning(
-                    f"learner checkpoint at {learner.updates:,} updates not written "
-                    f"({type(error).__name__}: {str(error)[:150]}); "
+                    f"learner checkpoint at {updates:,} updates not written "
+                    f"({type(error).__name__}: {' '.join(str(error).split())[:150]}); "
                     "the previous one is kept"
                 )
+                return
+            if not saved:
+                newest = max(checkpointer.versions(), default=None)
+                log.warning(
+                    f"learner checkpoint at {updates:,} updates skipped (orbax refused it; "
+                    f"the newest on disk is at {newest} updates); the previous one is kept"
+                )
+                return
+            paired_frames = counters.frames
 
         print(
             f"single-process DQN on {config.env_id}: {env.num_envs} envs, "

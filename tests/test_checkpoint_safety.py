@@ -4,6 +4,8 @@
   final save) stays restorable until its replacement is complete: a write that runs out of
   space (a patched write, and a real file-size limit) or a process killed while writing
   leaves the replaced checkpoint as it was.
+- A single-process run whose update count stays put (before learning starts) for more than
+  `checkpoint_keep` checkpoints resumes with its replay, not an empty one.
 """
 
 import dataclasses
@@ -26,6 +28,7 @@ from gorila_jax.checkpoint import Checkpointer, run_meta
 from gorila_jax.config import cartpole_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
+CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
 
 # A helper process: saves versions 1-3, then replaces version 3 under a file-size limit
 # ("full") or over and over until it is killed ("kill"). States are seeded so that the test
@@ -218,3 +221,78 @@ def test_a_crash_between_the_renames_of_a_swap_is_finished_on_the_next_start(tmp
     assert fresh.save(3, state(3, size), {"version": 3, **run_meta(config)}, replace=True)
     assert fresh.versions() == [1, 2, 3]
     assert assert_version_3_is_whole(tmp_path, size) == 3
+
+
+# ---- a single process whose update count stays put resumes with its replay ------------------
+
+
+def run_cartpole(*args: str, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, CARTPOLE, "--log-every-seconds", "1", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, **popen,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def replay_frames(run_dir: Path) -> list[int]:
+    return sorted(
+        int(path.stem.split("-")[1]) for path in (run_dir / "replay" / "single").glob("*.zip")
+    )
+
+
+@pytest.mark.slow
+def test_a_single_process_resumes_its_replay_after_many_checkpoints_without_updates(tmp_path):
+    # learning_starts beyond the run: the update count stays 0 through every checkpoint.
+    common = ("--single-process", "--run-dir", str(tmp_path), "--learning-starts", "100000",
+              "--checkpoint-keep", "2")  # fmt: skip
+    first = run_cartpole(*common, "--total-frames", "3000", "--checkpoint-every-seconds", "0.1")
+    assert "0 updates" in first.stdout
+    saves = first.stderr.count("INFO: replay checkpoint replay-")
+    assert saves > 2 + 1, f"only {saves} checkpoints: the test needs more than checkpoint_keep"
+    assert replay_frames(tmp_path)[-1] == 3000
+    resumed = run_cartpole(*common, "--total-frames", "4000")
+    assert "[single process] INFO: resumed its replay from replay-000000003000.zip" in (
+        resumed.stderr
+    ), resumed.stderr[-3000:]
+    assert "starting with an empty replay" not in resumed.stderr
+
+
+# The patched failure is instant: orbax's writes of the arrays, still in flight, then fail
+# in their directory (removed with the failed attempt) and asyncio reports them unretrieved.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_single_process_keeps_the_replay_its_learner_checkpoint_pairs_with(
+    tmp_path, monkeypatch, capsys
+):
+    # After its first checkpoint the learner's cannot be written again (a full disk for it
+    # alone) while the replay's checkpoints go on, more than checkpoint_keep of them: the
+    # replay that pairs with the learner checkpoint on disk is kept, so a resume has both.
+    from gorila_jax import logs
+    from gorila_jax.single_process import train
+
+    written = []
+    real_save = JsonCheckpointHandler._save_fn
+
+    async def full_after_the_first(self, x, directory):
+        written.append(directory)
+        if len(written) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_save(self, x, directory)
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", full_after_the_first)
+    config = dataclasses.replace(
+        cartpole_defaults(), run_dir=str(tmp_path), total_frames=1200, learning_starts=100_000,
+        checkpoint_every_seconds=0.05, checkpoint_keep=1, log_every_seconds=60.0,
+    )  # fmt: skip
+    try:
+        train(config)
+        monkeypatch.undo()
+        kept = replay_frames(tmp_path)
+        assert kept[-1] == 1200
+        capsys.readouterr()
+        train(dataclasses.replace(config, total_frames=1300))
+    finally:
+        logs.reset()
+    err = capsys.readouterr().err
+    assert f"resumed its replay from replay-{kept[0]:012d}.zip" in err, err[-3000:]
+    assert "starting with an empty replay" not in err
