@@ -89,6 +89,7 @@ MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
 MAX_REQUEST_FRAMES = 2  # a header and at most one array
 TURN_SECONDS = 0.05  # the most time `serve` spends on messages before its other duties
 MAX_BATCH = 32  # pushes applied in one call of the shard state's apply
+CHECKPOINT_RETRY_SECONDS = 1.0  # the first wait after a failed checkpoint (then doubling)
 NORM_TOLERANCE = 1e-3  # relative slack on max_grad_norm for float32 rounding in the clip
 
 
@@ -231,6 +232,7 @@ class ParameterServer:
         self.checkpointed_version = -1
         self._checkpointed_stops: frozenset[int] = frozenset()
         self.checkpointed_at = clock()
+        self._retry_at, self._retry_delay = -math.inf, CHECKPOINT_RETRY_SECONDS
         self._handlers: dict[str, Callable[[dict, list], list]] = {
             "hello": self._on_hello,
             "pull": self._on_pull,
@@ -503,9 +505,7 @@ class ParameterServer:
         pulls, self._pulls = self._pulls, []
         for peer, header in pulls:
             if self.diverged is not None:
-                reply = self.reject(
-                    "non_finite_update", header, self.diverged, authenticated=True
-                )
+                reply = self.reject("non_finite_update", header, self.diverged, authenticated=True)
             else:
                 reply = self._on_pull(header, [])
             acks.append((peer, reply))
@@ -646,7 +646,9 @@ class ParameterServer:
         A worker's stop changes the state without a new version: the checkpoint of that
         version is then written again. Non-finite params are never saved, and a write that
         fails or that the checkpointer refuses is one warning line: `checkpointed_version`
-        only ever names a checkpoint that exists.
+        only ever names a checkpoint that exists. After a failure `checkpoint_due` waits
+        `CHECKPOINT_RETRY_SECONDS` before the next try, doubling up to
+        `checkpoint_every_seconds` (a full disk is not retried every serve turn).
         """
         self.checkpointed_at = self.clock()
         if not self._unsaved():
@@ -660,19 +662,30 @@ class ParameterServer:
                 self.version, state, meta, replace=self.version == self.checkpointed_version
             )
         except Exception as error:  # a full disk must not stop the server
-            log.warning(f"checkpoint {self.version} failed: {type(error).__name__}: {error}")
+            self._checkpoint_failed()
+            log.warning(
+                f"checkpoint {self.version} failed: {type(error).__name__}: {error}; next "
+                f"try in {self._retry_delay / 2:.0f} s or at the end"
+            )
             return False
         if not saved:
+            self._checkpoint_failed()
             log.warning(f"checkpoint {self.version} was not written (a newer one is on disk)")
             return False
         self.checkpointed_version = self.version
         self._checkpointed_stops = frozenset(self.stopped_workers)
+        self._retry_at, self._retry_delay = -math.inf, CHECKPOINT_RETRY_SECONDS
         return True
+
+    def _checkpoint_failed(self) -> None:
+        self._retry_at = self.clock() + self._retry_delay
+        self._retry_delay = min(2 * self._retry_delay, self.config.checkpoint_every_seconds)
 
     def checkpoint_due(self) -> bool:
         """Every `checkpoint_every_updates` updates or `checkpoint_every_seconds` seconds,
-        and as soon as a worker has stopped (a restarted server must know it)."""
-        if not self._unsaved():
+        and as soon as a worker has stopped (a restarted server must know it); never before
+        the retry time of a failed checkpoint."""
+        if not self._unsaved() or self.clock() < self._retry_at:
             return False
         if self.stopped_workers != self._checkpointed_stops:
             return True
@@ -744,12 +757,25 @@ def _answer(server: ParameterServer, socket: zmq.Socket, turn_ends: float) -> No
             else:
                 ready = server.submit(frames, routing_id)
             for peer, reply in ready:
-                transport.send(socket, reply, peer, copy=False)
+                _send_reply(server, socket, peer, reply)
             if time.monotonic() >= turn_ends:
                 return
     finally:
         for peer, reply in server.flush():
-            transport.send(socket, reply, peer, copy=False)
+            _send_reply(server, socket, peer, reply)
+
+
+def _send_reply(server: ParameterServer, socket: zmq.Socket, peer: bytes, reply: list) -> None:
+    """Send without waiting: a reply to a peer whose queue is full (it asks and does not
+    read) or that is gone is dropped and counted (ps.json's events), never waited for."""
+    try:
+        transport.send(socket, reply, peer, copy=False, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        server.counters.events["reply_dropped_queue_full"] += 1
+    except zmq.ZMQError as error:
+        if error.errno != zmq.EHOSTUNREACH:
+            raise
+        server.counters.events["reply_dropped_peer_gone"] += 1
 
 
 def max_message_bytes(config: Config, num_params: int) -> int:

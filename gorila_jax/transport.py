@@ -188,6 +188,9 @@ PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 NO_VERSION = -1
 SERVER_RECEIVE_QUEUE = 16  # whole messages zmq queues per peer on the server's socket
+# Replies zmq holds per peer; more are dropped. A bundle has at most 5 requests out; zmq
+# counts a queue lazily (in steps of half of it), so a turn's burst of replies needs room.
+SERVER_SEND_QUEUE = 32
 
 REQUEST_KINDS = frozenset({"hello", "pull", "push", "stats", "stop"})
 REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error", "stats_reply"})
@@ -755,22 +758,30 @@ def make_server_socket(
     max_message_bytes: int,
     *,
     receive_queue: int = SERVER_RECEIVE_QUEUE,
+    send_queue: int = SERVER_SEND_QUEUE,
     curve: ServerCurve | None = None,
 ) -> tuple[zmq.Socket, str]:
     """A bound ROUTER socket and the endpoint it actually bound.
 
     A port of 0 or ``*`` (``tcp://127.0.0.1:0``) binds a random free port. Sets
-    ``MAXMSGSIZE`` (zmq disconnects a tcp/ipc peer that sends a larger frame),
-    ``RCVHWM`` to ``receive_queue`` (whole messages zmq queues per peer before it stops
-    reading from that peer) and ``LINGER`` 0. ``ROUTER_HANDOVER`` stays off: a peer that
-    claims a routing id already connected is ignored, so nobody can take over the route
-    of a bundle and receive its replies. With ``curve`` the socket is a CURVE server in
-    the ZAP domain of `start_curve_authenticator`, which must be running in ``context``.
+    ``MAXMSGSIZE`` (zmq disconnects a tcp/ipc peer that sends a larger frame), ``RCVHWM`` to
+    ``receive_queue`` (whole messages zmq queues per peer before it stops reading from that
+    peer), ``SNDHWM`` to ``send_queue`` with ``ROUTER_MANDATORY`` (a reply to a peer that
+    already has that many waiting fails at once, with ``zmq.Again`` from a non-blocking
+    `send`, so a peer that asks and never reads cannot make the server hold more than
+    ``send_queue`` replies for it: at most 215 MB of Nature-CNN params, and less as they
+    share the params of a version; a reply to a peer that is gone fails with EHOSTUNREACH)
+    and ``LINGER`` 0. ``ROUTER_HANDOVER`` stays off: a peer that claims a routing id already
+    connected is ignored, so nobody can take over the route of a bundle and receive its
+    replies. With ``curve`` the socket is a CURVE server in the ZAP domain of
+    `start_curve_authenticator`, which must be running in ``context``.
     """
     socket = context.socket(zmq.ROUTER)
     try:
         socket.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
         socket.setsockopt(zmq.RCVHWM, int(receive_queue))
+        socket.setsockopt(zmq.SNDHWM, int(send_queue))
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             socket.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
@@ -833,19 +844,23 @@ def send(
     routing_id: bytes | None = None,
     *,
     copy: bool = False,
+    flags: int = 0,
 ) -> None:
     """Send ``frames`` (from ``encode``); a ROUTER needs the peer's ``routing_id``.
 
     With ``copy=False`` (default) large frames are sent without copying, so their
-    arrays must stay unchanged until zmq has sent them.
+    arrays must stay unchanged until zmq has sent them. ``flags`` apply to the first
+    frame (``zmq.NOBLOCK``: raise ``zmq.Again`` instead of waiting; once the first frame
+    is taken, zmq takes the rest of the message).
     """
     parts = list(frames) if routing_id is None else [routing_id, *frames]
     # Frame by frame with int flags: send_multipart combines zmq's flag enums in Python,
     # which cost more than the send itself for an ack. Frames under 64 KiB are copied
     # (faster than a zero-copy frame for small ones; zmq does the same by default).
     last = len(parts) - 1
+    first_flags = int(flags)
     for index, part in enumerate(parts):
-        flags = _SNDMORE if index < last else 0
+        flags = (_SNDMORE if index < last else 0) | (first_flags if index == 0 else 0)
         socket.send(part, flags, copy=copy and len(part) >= _COPY_THRESHOLD)
 
 
