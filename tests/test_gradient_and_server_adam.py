@@ -298,3 +298,56 @@ def test_a_bundles_push_is_the_reference_step_and_the_server_applies_it():
     reference = NumpyAdam(flat, lr, 1e-8).step(clip_by_hand(want, max_norm))
     np.testing.assert_allclose(np.asarray(server.params, np.float64), reference, atol=1e-6)
     assert np.abs(np.asarray(server.params) - flat).max() == pytest.approx(lr, rel=1e-3)
+
+
+# ---- the server's delay compensation, written out ----------------------------------------------
+
+
+def test_server_adaptive_dc_asgd_compensates_a_stale_push_as_written_out():
+    """DC-ASGD-a on the server, against the paper's formulas in numpy: a push on the
+    current params is applied as it came (its square still enters the running mean
+    square), a push one update stale is applied as g + lambda / sqrt(ms + eps) * g * g *
+    (w - w_bak), with w_bak the params that bundle was sent. Catches compensation that never
+    happens (the transform left out of the chain, or stale params equal to the current
+    ones), the correction's sign flipped or taken from the wrong params, a mean square
+    updated after instead of before the correction, or lambda not scaled by it."""
+    lam, lr, momentum, eps = 2.0, 0.1, 0.95, 1e-7
+    rng = np.random.default_rng(7)
+    tree = {"w": rng.standard_normal(12).astype(np.float32)}
+    config = dataclasses.replace(
+        Config(), env_id="CartPole-v1", optimizer="sgd", learning_rate=lr, dc_asgd="adaptive",
+        dc_asgd_lambda=lam, max_grad_norm=1000.0, outlier_k=0.0, seed=1,
+    )  # fmt: skip
+    server = ParameterServer(config, tree, num_workers=2, token=TOKEN)
+
+    def send(worker, kind, arrays=(), *, seq, version=-1, **fields) -> transport.Message:
+        header = transport.make_header(
+            kind, token=TOKEN, worker=worker, seq=seq, version=version,
+            fingerprint=server.fingerprint, **fields,
+        )  # fmt: skip
+        return transport.decode_reply(
+            server.handle(transport.encode(header, arrays)),
+            expected_fingerprint=server.fingerprint,
+            layout_for=lambda h: (
+                (transport.vector_spec(12),) if h["kind"] in ("welcome", "params") else None
+            ),
+            max_bytes=1 << 20,
+        )
+
+    w0 = send(0, "hello", seq=1).arrays[0].astype(np.float64)
+    np.testing.assert_array_equal(send(1, "hello", seq=1).arrays[0], w0)
+    g1, g2 = (rng.standard_normal(12).astype(np.float32) * 3 for _ in range(2))
+    push = dict(loss=1.0, shard=None, frames=10)
+    assert send(0, "push", [g1], seq=2, version=0, **push).header["accepted"]
+    ms = (1 - momentum) * g1.astype(np.float64) ** 2
+    w1 = w0 - lr * g1  # on the current params: nothing to compensate
+    np.testing.assert_allclose(np.asarray(server.params), w1, rtol=1e-6, atol=1e-6)
+
+    assert send(1, "push", [g2], seq=2, version=0, **push).header["accepted"]  # 1 stale
+    g = g2.astype(np.float64)
+    ms = momentum * ms + (1 - momentum) * g**2
+    correction = lam / np.sqrt(ms + eps) * g * g * (w1 - w0)
+    want = w1 - lr * (g + correction)
+    np.testing.assert_allclose(np.asarray(server.params), want, rtol=1e-5, atol=1e-6)
+    uncompensated = w1 - lr * g
+    assert np.abs(want - uncompensated).max() > 100 * 1e-6  # the correction is visible
