@@ -10,6 +10,7 @@ from pathlib import Path
 
 import flax.serialization
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -166,7 +167,13 @@ def test_atari_single_process_learns_a_little_and_logs(tmp_path):
 
 
 def test_sharded_compensated_run_on_four_devices_per_bundle(tmp_path):
-    """Gradient sharding, DC-ASGD and 4 local devices per process, through the whole stack."""
+    """Gradient sharding, DC-ASGD and 4 local devices per process, through the whole stack.
+    Compensation happened, not just its setting read back: the server's last checkpoint
+    holds the adaptive form's running mean square of the gradients, non-zero on most
+    elements, and some pushes arrived stale (so w - w_bak was non-zero for them; the
+    correction itself is checked against numpy in test_gradient_and_server_adam.py).
+    Catches a server that logs --dc-asgd but leaves the transform out of its optimizer,
+    or never feeds it gradients."""
     environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run(
         [sys.executable, "experiments/cartpole.py", "--total-frames", "8000",
@@ -180,3 +187,13 @@ def test_sharded_compensated_run_on_four_devices_per_bundle(tmp_path):
     assert stats["shard_factor"] == "default" and stats["dc_asgd"] == "adaptive"
     assert stats["workers"]["0"]["accepted"] > 100 and stats["workers"]["1"]["accepted"] > 100
     assert list((tmp_path / "server").glob("events.out.tfevents.*"))
+    stale = sum(n for lag, n in stats["staleness_histogram"].items() if lag != "0")
+    assert stale > 0, stats["staleness_histogram"]
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    saved = manager.restore(
+        manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )["state"]
+    manager.close()
+    mean_square = np.asarray(saved["opt_state"][1]["mean_square"])  # (clip, DC-ASGD, Adam)
+    assert mean_square.shape == (stats["num_params"],)
+    assert np.mean(mean_square > 0) > 0.5, "DC-ASGD's mean square never moved"
