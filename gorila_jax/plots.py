@@ -362,11 +362,22 @@ def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list[float]
     ax.set_xticks(x, categories)
 
 
+def _label_bars(ax) -> None:
+    """Each bar's value above it, "n/a" for a value that is not known (NaN, no bar)."""
+    for container in ax.containers:
+        labels = ["" if math.isnan(v) else f"{v:.0f}" for v in container.datavalues]
+        ax.bar_label(container, labels=labels, fontsize="small")
+        for bar, value in zip(container, container.datavalues, strict=True):
+            if math.isnan(value):  # no bar to label: say so at its foot
+                x = bar.get_x() + bar.get_width() / 2
+                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize="small")
+
+
 class ShardRate(NamedTuple):
     """One server shard's update rates, from its own statistics in ps.json's `shards` list."""
 
     shard: int
-    whole_run: float  # its version / its uptime (0 before it has been up)
+    whole_run: float  # its updates_per_second_run: version / running time (NaN: unknown)
     last_window: float  # its updates_per_second: the rate over its last stats window
     num_params: int  # the parameters the shard holds (0 when not given)
 
@@ -376,6 +387,18 @@ def _finite(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
     return float(value) if math.isfinite(value) else 0.0
+
+
+def run_rate(stats: dict, key: str = "updates_per_second_run") -> float:
+    """A ps.json's whole-run update rate: its updates over the run's running time, every
+    sitting summed (`updates_per_second_run`); NaN when the file does not know it (written
+    before running time was kept: its uptime is the last sitting's alone, and dividing all
+    the run's updates by it overstated the rate many times over). Another `key` reads
+    another rate the same way."""
+    value = stats.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return math.nan
+    return float(value)
 
 
 def shard_rates(stats: dict | None) -> list[ShardRate]:
@@ -390,12 +413,10 @@ def shard_rates(stats: dict | None) -> list[ShardRate]:
         if not isinstance(shard, dict):
             continue
         number = shard.get("server_shard")
-        uptime = _finite(shard.get("uptime_seconds"))
-        version = _finite(shard.get("version", shard.get("updates")))
         rates.append(
             ShardRate(
                 shard=number if isinstance(number, int) and not isinstance(number, bool) else place,
-                whole_run=version / uptime if uptime > 0 else 0.0,
+                whole_run=run_rate(shard),
                 last_window=_finite(shard.get("updates_per_second")),
                 num_params=int(_finite(shard.get("num_params"))),
             )
@@ -421,8 +442,7 @@ def _shard_panel(ax, served: list[tuple[Run, object]]) -> None:
         for s in shards
     ]
     _grouped_bars(ax, labels, series)
-    for container in ax.containers:
-        ax.bar_label(container, fmt="%.0f", fontsize="small")
+    _label_bars(ax)
     ax.set_ylabel("shard updates per second")
     ax.set_title("Updates per second by shard")
     ax.margins(y=0.25)  # room above the bars for the legend
@@ -448,13 +468,14 @@ def _server_figure(runs: list[Run], *, path: Path) -> Path:
     rates = []
     for run, color in served:
         stats = run.server
-        uptime = float(stats.get("uptime_seconds") or 0.0)
-        updates = float(stats.get("updates", stats.get("version", 0)) or 0.0)
-        mean_rate = updates / uptime if uptime > 0 else 0.0
-        rates.append((run.label, [mean_rate, float(stats.get("updates_per_second") or 0.0)], color))
-    _grouped_bars(rate_ax, ["whole run\n(updates / uptime)", "last stats window"], rates)
-    for container in rate_ax.containers:
-        rate_ax.bar_label(container, fmt="%.0f", fontsize="small")
+        sitting = run_rate(stats, "updates_per_second_sitting")
+        last = _finite(stats.get("updates_per_second"))
+        rates.append((run.label, [run_rate(stats), sitting, last], color))
+    _grouped_bars(
+        rate_ax, ["whole run\n(/ running time)", "this sitting\n(/ its uptime)", "last window"],
+        rates,
+    )  # fmt: skip
+    _label_bars(rate_ax)
     rate_ax.set_ylabel("server updates per second")
     rate_ax.set_title("Parameter-server update rate")
     rate_ax.legend(loc="best", fontsize="small")

@@ -70,6 +70,10 @@ class ServerStats:
         self.events: Counter[str] = Counter()
         self.updates_per_second = 0.0
         self._rate_window: tuple[float, int] = (started, 0)
+        # Earlier sittings of the run (from the checkpoint): their running time, and the
+        # version this sitting started from.
+        self.earlier_seconds: float | None = 0.0  # None: unknown (an older checkpoint)
+        self.sitting_start_version = 0
         self._tensorboard = None
 
     # ---- what happened -------------------------------------------------------------------
@@ -107,20 +111,41 @@ class ServerStats:
 
     # ---- statistics ----------------------------------------------------------------------
 
+    def running_seconds(self) -> float | None:
+        """How long the run's server has been running: every sitting's time summed (pauses
+        between sittings not counted); None when an earlier sitting's is unknown."""
+        if self.earlier_seconds is None:
+            return None
+        return self.earlier_seconds + (self.clock() - self.started)
+
     def snapshot(self, version: int, *, stopped_workers: list[int], **fixed: Any) -> dict:
         """The statistics of the stats reply and ps.json (plain msgpack/JSON values) at
-        `version`, the `fixed` fields (the server's settings) last. The update rate is
-        measured over at least a second between calls."""
+        `version`, the `fixed` fields (the server's settings) last.
+
+        Three update rates, each labelled by what it divides: `updates_per_second_run`,
+        all of the run's updates over its running time (`running_seconds`, every sitting
+        summed); `updates_per_second_sitting`, this sitting's updates over its uptime
+        (`uptime_seconds`); `updates_per_second`, the last window of at least a second
+        between calls."""
         now = self.clock()
         since, at_version = self._rate_window
         if now - since >= 1.0:
             self.updates_per_second = (version - at_version) / (now - since)
             self._rate_window = (now, version)
+        uptime = now - self.started
+        running = self.running_seconds()
+        sitting_updates = version - self.sitting_start_version
         return {
             "version": version,
             "updates": version,
             "updates_per_second": round(self.updates_per_second, 3),
-            "uptime_seconds": round(now - self.started, 3),
+            "updates_per_second_run": (
+                None if running is None else round(version / running, 3) if running > 0 else 0.0
+            ),
+            "updates_per_second_sitting": round(sitting_updates / uptime, 3) if uptime > 0 else 0.0,
+            "uptime_seconds": round(uptime, 3),
+            "running_seconds": None if running is None else round(running, 3),
+            "sitting_updates": sitting_updates,
             "staleness_histogram": dict(self.staleness),
             "rejections": dict(self.rejections),
             "workers": {str(w): dict(c) for w, c in sorted(self.workers.items())},
@@ -168,6 +193,7 @@ class ServerStats:
             "unauthenticated": dict(self.unauthenticated),
             "staleness_histogram": dict(self.staleness),
             "events": dict(self.events),
+            "running_seconds": self.running_seconds(),
         }
 
     def load(self, meta: dict) -> None:
@@ -184,6 +210,12 @@ class ServerStats:
         self.events = Counter(meta["events"])
         self.events["resumed"] += 1
         self._rate_window = (self.clock(), int(meta["version"]))
+        self.sitting_start_version = int(meta["version"])
+        # A checkpoint from before running time was kept: the run's running time, and so
+        # its rate, stay unknown (None, null in ps.json) rather than wrong.
+        running = meta.get("running_seconds")
+        known = isinstance(running, int | float) and math.isfinite(running) and running >= 0
+        self.earlier_seconds = float(running) if known else None
 
 
 def server_dir(run_dir: Path, shard: int, shards: int) -> Path:
@@ -221,6 +253,16 @@ def combine(shards: list[dict]) -> dict:
         ),
         "uptime_seconds": max(_number(s, "uptime_seconds") for s in shards),
     }
+    for key in ("running_seconds", "updates_per_second_run"):  # unknown in any: unknown
+        known = [s.get(key) for s in shards]
+        if all(isinstance(v, int | float) and math.isfinite(v) for v in known):
+            combined[key] = max(known) if key == "running_seconds" else round(sum(known) / count, 3)
+        else:
+            combined[key] = None
+    combined["updates_per_second_sitting"] = round(
+        sum(_number(s, "updates_per_second_sitting") for s in shards) / count, 3
+    )
+    combined["sitting_updates"] = sum(int(_number(s, "sitting_updates")) for s in shards) // count
     combined["updates"] = combined["version"]
     for key in SUMMED:
         total: Counter = Counter()

@@ -1123,3 +1123,31 @@ def test_a_pull_waits_for_its_batch_and_gets_the_params_after_it():
         (0, "ack", 1), (1, "ack", 2), ("pull", "params", 2),
     ]  # fmt: skip
     np.testing.assert_allclose(current(server), INITIAL_FLAT - 0.1 * 2 * grads, rtol=1e-6)
+
+
+def test_whole_run_rates_divide_by_the_time_the_run_was_running_over_sittings():
+    """Catches ps.json's whole-run rate dividing every sitting's updates by this sitting's
+    uptime (docs/pong/server.png showed 421/s for a run that absorbed about 25/s), a pause
+    between sittings counted as running, and a guess where an older checkpoint does not
+    know the earlier sittings' time."""
+    from gorila_jax.server_stats import ServerStats
+
+    now = [0.0]
+    first = ServerStats(lambda: now[0], 0.0)
+    now[0] = 10.0
+    meta = {"version": 100, **first.state()}
+    assert meta["running_seconds"] == 10.0
+    now[0] = 1000.0  # 990 s of pause, then the second sitting
+    second = ServerStats(lambda: now[0], 1000.0)
+    second.load(meta)
+    now[0] = 1010.0
+    stats = second.snapshot(150, stopped_workers=[])
+    assert stats["running_seconds"] == 20.0 and stats["uptime_seconds"] == 10.0
+    assert stats["updates_per_second_run"] == 7.5  # 150 updates / 20 s running
+    assert stats["sitting_updates"] == 50 and stats["updates_per_second_sitting"] == 5.0
+    older = {k: v for k, v in meta.items() if k != "running_seconds"}
+    third = ServerStats(lambda: now[0], 1000.0)
+    third.load(older)
+    stats = third.snapshot(150, stopped_workers=[])
+    assert stats["updates_per_second_run"] is None and stats["running_seconds"] is None
+    assert stats["updates_per_second_sitting"] == 5.0

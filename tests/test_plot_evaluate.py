@@ -8,6 +8,7 @@ also with the ps.json of a server split in 2 shards.
 import csv
 import importlib.util
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -107,6 +108,10 @@ def write_sharded_ps_json(run_dir: Path) -> dict:
                 "updates": version,
                 "updates_per_second": rate,
                 "uptime_seconds": uptime,
+                # An earlier sitting of 100 s: the run's rate divides by both sittings.
+                "running_seconds": uptime + 100.0,
+                "updates_per_second_run": round(version / (uptime + 100.0), 3),
+                "updates_per_second_sitting": rate,
                 "staleness_histogram": {"0": 3, "1": 20, "2-3": 100},
                 "rejections": {"stale": shard},
                 "workers": {"0": {"accepted": 600}, "1": {"accepted": version - 600}},
@@ -268,13 +273,18 @@ def test_sharded_server_figure_has_a_panel_of_rates_by_shard(tmp_path, monkeypat
     write_distributed_run(run_dir)
     stats = write_sharded_ps_json(run_dir)
     assert stats["server_shards"] == 2 and len(stats["shards"]) == 2
-    # Whole run: each shard's version / its uptime; last window: its updates_per_second.
+    # Whole run: each shard's version / its running time (both sittings), not / its
+    # uptime (the bug: 421/s drawn for a run that absorbed 25/s); last window: its
+    # updates_per_second.
     expected = [
-        plots.ShardRate(0, 1200 / 8.0, 310.5, 100),
-        plots.ShardRate(1, 1190 / 7.0, 290.0, 98),
+        plots.ShardRate(0, round(1200 / 108.0, 3), 310.5, 100),
+        plots.ShardRate(1, round(1190 / 107.0, 3), 290.0, 98),
     ]
     assert plots.shard_rates(stats) == expected  # the same arithmetic, so exactly
-    assert plots.shard_rates(stats)[1].whole_run == pytest.approx(170.0)
+    assert plots.shard_rates(stats)[1].whole_run == pytest.approx(11.121, abs=1e-3)
+    assert stats["running_seconds"] == 108.0  # combined: the longest shard's
+    older = {"shards": [{k: v for k, v in stats["shards"][0].items() if "run" not in k}]}
+    assert math.isnan(plots.shard_rates(older)[0].whole_run)  # unknown, not guessed
     assert plots.shard_rates({"version": 3, "server_shards": 1}) == []  # unsharded ps.json
     assert plots.shard_rates(None) == []
 
@@ -293,7 +303,8 @@ def test_sharded_server_figure_has_a_panel_of_rates_by_shard(tmp_path, monkeypat
     whole, last = (
         [bar.get_height() for bar in container] for container in shard_ax.containers
     )  # one series per measure of the one run, one bar per shard
-    assert whole == pytest.approx([150.0, 170.0]) and last == pytest.approx([310.5, 290.0])
+    assert whole == pytest.approx([11.111, 11.121], abs=1e-3)
+    assert last == pytest.approx([310.5, 290.0])
     ticks = [tick.get_text() for tick in shard_ax.get_xticklabels()]
     assert ticks == ["shard 0\n(100 params)", "shard 1\n(98 params)"]
 
