@@ -5,15 +5,25 @@ config.yaml, evaluation.json) goes through here: the bytes go to a temporary fil
 the target, named after this process so two writers never share it, and a rename puts it
 in place in one step. `durable=True` also syncs the file and its directory, for files that
 must survive a power cut (checkpoints); status files skip that cost.
+
+A run directory holds params, replays and keys: it and everything in it are its owner's
+alone (`private_files`: directory mode 0o700 and umask 077, so files are 0o600).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+OWNER_ONLY_UMASK = 0o077
+OWNER_ONLY_DIR_MODE = 0o700
 
 
 @contextlib.contextmanager
@@ -63,3 +73,36 @@ def sync_tree(directory: Path) -> None:
             finally:
                 os.close(fd)
         sync_directory(Path(parent))
+
+
+def make_private_dir(directory: Path) -> Path:
+    """Create `directory` (and missing parents) readable by its owner only (mode 0o700);
+    one that exists and lets others in is made so, with a warning line."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=OWNER_ONLY_DIR_MODE)
+    status = directory.stat()
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & ~OWNER_ONLY_DIR_MODE & 0o777 and status.st_uid == os.getuid():
+        directory.chmod(OWNER_ONLY_DIR_MODE)
+        log.warning(
+            f"run directory {directory} was open to others (mode {mode:o}); now its owner's "
+            f"only (mode {OWNER_ONLY_DIR_MODE:o})"
+        )
+    return directory
+
+
+def owner_only_files() -> int:
+    """Set this process's umask to 077 (files 0o600, directories 0o700, inherited by the
+    processes it starts); returns the previous umask."""
+    return os.umask(OWNER_ONLY_UMASK)
+
+
+@contextlib.contextmanager
+def private_files(run_dir: Path) -> Iterator[Path]:
+    """While the block runs, everything this process creates is its owner's only (umask
+    077), and `run_dir` exists with mode 0o700; the previous umask comes back after."""
+    previous = owner_only_files()
+    try:
+        yield make_private_dir(run_dir)
+    finally:
+        os.umask(previous)

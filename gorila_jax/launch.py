@@ -34,6 +34,7 @@ from typing import NamedTuple
 from gorila_jax import distributed, logs
 from gorila_jax.checkpoint import CheckpointError
 from gorila_jax.config import Config, ConfigError, parse_cli, validate, write_resolved
+from gorila_jax.files import make_private_dir, owner_only_files
 
 STOP_GRACE_SECONDS = 30.0
 LAUNCHER_GONE_GRACE_SECONDS = 15.0  # a child of a dead launcher exits this long after it
@@ -49,7 +50,16 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
     """Run the program described by the command line; returns the exit status."""
     argv = sys.argv[1:] if args is None else list(args)
     config = parse_cli(default, argv, description=description)
+    # Params, replays and keys live in the run directory: it and all that every role (and
+    # every process this one starts, which inherits the umask) writes there are the
+    # owner's alone.
+    previous_umask = owner_only_files()
     try:
+        try:
+            make_private_dir(Path(config.run_dir))
+        except OSError as error:
+            print(f"error: run directory {config.run_dir}: {error.strerror}", file=sys.stderr)
+            return 2
         if config.single_process:
             from gorila_jax.single_process import train
 
@@ -62,6 +72,8 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
     except (ConfigError, MemoryError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        os.umask(previous_umask)
 
 
 # ---- roles --------------------------------------------------------------------------------

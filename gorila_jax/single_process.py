@@ -19,6 +19,7 @@ from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_l
 from gorila_jax.checkpoint import Checkpointer, CheckpointError, run_meta
 from gorila_jax.config import Config, validate, write_resolved
 from gorila_jax.envs import make_env
+from gorila_jax.files import private_files
 from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
 from gorila_jax.networks import make_network
 from gorila_jax.optim import config_optimizer
@@ -114,7 +115,8 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
     in RUN_DIR/checkpoints and the replay with its counters in RUN_DIR/replay/single, every
     `checkpoint_every_seconds` and when the loop ends; a run directory holding them is
     resumed from them. This is the single process's role: its log records are named
-    "single process" (`logs.setup`).
+    "single process" (`logs.setup`). The run directory and all written in it are the
+    owner's alone (`files.private_files`).
 
     A learner checkpoint always pairs with a replay checkpoint of the same frame count: while
     the update count stays put (before learning starts) the learner's checkpoint is written
@@ -124,6 +126,11 @@ def train(config: Config, stop_event: threading.Event | None = None) -> LoopResu
     logs.setup("single process")
     validate(config, local_device_count=jax.local_device_count())
     run_dir = Path(config.run_dir)
+    with private_files(run_dir):
+        return _train(config, run_dir, stop_event)
+
+
+def _train(config: Config, run_dir: Path, stop_event: threading.Event | None) -> LoopResult:
     env = make_env(config, seed=config.seed, training=True)
     checkpointer = None
     try:

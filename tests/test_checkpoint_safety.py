@@ -6,6 +6,7 @@
   leaves the replaced checkpoint as it was.
 - A single-process run whose update count stays put (before learning starts) for more than
   `checkpoint_keep` checkpoints resumes with its replay, not an empty one.
+- A run's directory, and everything every role writes in it, is readable by its owner only.
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ import os
 import random
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -296,3 +298,39 @@ def test_a_single_process_keeps_the_replay_its_learner_checkpoint_pairs_with(
     err = capsys.readouterr().err
     assert f"resumed its replay from replay-{kept[0]:012d}.zip" in err, err[-3000:]
     assert "starting with an empty replay" not in err
+
+
+# ---- a run directory is its owner's alone ---------------------------------------------------
+
+
+def assert_owner_only(run_dir: Path) -> None:
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700, oct(run_dir.stat().st_mode)
+    seen = 0
+    for directory, names, files in os.walk(run_dir):
+        for name in names + files:
+            path = Path(directory) / name
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            assert not mode & 0o077, f"{path.relative_to(run_dir)} is mode {oct(mode)}"
+            seen += 1
+    assert seen > 10
+
+
+@pytest.mark.slow
+def test_every_role_writes_its_run_directory_for_its_owner_only(tmp_path):
+    # A umask that lets everybody read (the usual 022) and a run directory made beforehand
+    # readable by all: the run makes both its owner's alone.
+    single = tmp_path / "single"
+    single.mkdir(mode=0o755)
+    single.chmod(0o755)
+    run_cartpole("--single-process", "--run-dir", str(single), "--total-frames", "1500",
+                 "--learning-starts", "500", "--checkpoint-every-seconds", "0.3",
+                 umask=0o022)  # fmt: skip
+    assert (single / "checkpoints").is_dir() and (single / "replay" / "single").is_dir()
+    assert_owner_only(single)
+    # The local launcher, the server and both bundles (each a process of its own).
+    gorila = tmp_path / "gorila"
+    run_cartpole("--run-dir", str(gorila), "--total-frames", "1500", "--learning-starts", "300",
+                 "--checkpoint-every-updates", "50", umask=0o022, timeout=180)  # fmt: skip
+    for written in ("checkpoints", "ps.json", "params.msgpack", "bundle1", "replay/bundle2"):
+        assert (gorila / written).exists(), written
+    assert_owner_only(gorila)
