@@ -90,6 +90,8 @@ MAX_REQUEST_FRAMES = 2  # a header and at most one array
 TURN_SECONDS = 0.05  # the most time `serve` spends on messages before its other duties
 MAX_BATCH = 32  # pushes applied in one call of the shard state's apply
 CHECKPOINT_RETRY_SECONDS = 1.0  # the first wait after a failed checkpoint (then doubling)
+MAX_CLOCK_SKEW_SECONDS = 3600.0  # how far a bundle's clock (its seq numbers) may run ahead
+MAX_FRAMES_PER_SECOND = 1_000_000  # frames a bundle could report per second, generously
 NORM_TOLERANCE = 1e-3  # relative slack on max_grad_norm for float32 rounding in the clip
 
 
@@ -228,6 +230,7 @@ class ParameterServer:
         self.started = clock()
         self.counters = ServerStats(clock, self.started)
         self.last_seq: dict[int, int] = {}
+        self._frames_at: dict[int, float] = {}  # when each worker last reported its frames
         self.stopped_workers: set[int] = set()
         self.checkpointed_version = -1
         self._checkpointed_stops: frozenset[int] = frozenset()
@@ -382,6 +385,12 @@ class ParameterServer:
                 return self.reject(
                     "replayed", header, f"seq {seq} already seen", authenticated=True
                 )
+            # Bundles number from the wall clock in ns (ps_client), one a request: a
+            # number far above it would lock the worker's real requests out for good.
+            if seq > (self.clock() + MAX_CLOCK_SKEW_SECONDS) * 1e9:
+                return self.reject(
+                    "future_seq", header, f"seq {seq} is ahead of the clock", authenticated=True
+                )
             self.last_seq[worker] = seq
         if header["kind"] == "push":
             return self._on_push(header, message.arrays, peer)
@@ -449,7 +458,12 @@ class ParameterServer:
         the pushes waiting in the batch): its ack now when refused, else None, and the
         push waits in the batch."""
         worker = header["worker"]
+        if not self._plausible_frames(worker, header["frames"]):
+            return self._refuse_push(
+                header, "implausible_frames", f"frames {header['frames']} jump too far"
+            )
         self.counters.frames_reported(worker, header["frames"])
+        self._frames_at[worker] = self.clock()
         if self.diverged is not None:
             return self._refuse_push(header, "non_finite_update", self.diverged)
         at_version = self.version + len(self._batch)
@@ -474,6 +488,14 @@ class ParameterServer:
         push = Push(grads, self._device_shards[worker], self._stale_params(worker, header))
         self._batch.append((peer, header, push, staleness))
         return None
+
+    def _plausible_frames(self, worker: int, frames: int) -> bool:
+        """Whether a push's frame count is one the bundle could have reached since its last
+        report (or since this server started): a bogus count, stored and handed back in
+        the welcome, would make a restarted bundle start past its budget."""
+        since = self._frames_at.get(worker, self.started)
+        reached = self.counters.frames.get(worker, 0)
+        return frames <= reached + (self.clock() - since + 1.0) * MAX_FRAMES_PER_SECOND
 
     def _stale_params(self, worker: int, header: dict) -> jax.Array | None:
         """DC-ASGD: the params `worker` was sent at the push's base version (None: the

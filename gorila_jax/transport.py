@@ -129,7 +129,11 @@ request is expected or the reverse), "bad_protocol" (protocol version differs),
 "oversized" (message over ``max_bytes`` or header over ``MAX_HEADER_BYTES``; ``recv``
 raises it too, for a message over its frame or byte bound). The server's ``layout_for``
 raises "bad_worker" (no such worker) and "bad_shard" (not the worker's shard); the server
-answers "bad_worker" and "replayed" (a sequence number already seen) in error replies too.
+answers "bad_worker", "replayed" (a sequence number already seen) and "future_seq" (a
+sequence number over the server's wall clock in ns plus an hour: bundles number from the
+clock, and such a number would lock the worker out) in error replies too; a push whose
+``frames`` jumps further than a bundle could have gone since its last report gets an ack
+with "implausible_frames".
 A refused push gets an ack with "stale" (computed on parameters more than
 ``max_staleness`` versions old, or on a version the server has not made),
 "non_finite" (a NaN or an infinity in the gradient or the loss), "over_norm" (the
@@ -215,9 +219,11 @@ REASONS = frozenset(
         "oversized",
         "bad_worker",
         "replayed",
+        "future_seq",
         "stale",
         "non_finite",
         "over_norm",
+        "implausible_frames",
         "outlier",
         "non_finite_update",
     }

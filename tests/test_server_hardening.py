@@ -9,6 +9,7 @@ import threading
 import time
 
 import jax
+import msgpack
 import numpy as np
 import zmq
 
@@ -147,3 +148,39 @@ def test_a_gradient_over_the_clip_is_refused_over_the_socket_and_adam_goes_on():
             assert served.server.stats()["rejections"] == {"over_norm": 1}
         finally:
             bundle.close()
+
+
+def test_a_seq_far_ahead_of_the_clock_and_an_implausible_frame_count_are_refused():
+    """Catches the lock-out and the budget attack of issue 20, item 4: with the run token
+    a peer sent a request as worker 1 with seq 2^64-1, after which worker 1's real hello
+    was refused as replayed (for good: last_seq is checkpointed); and it pushed frames
+    2^60, which the server stored and handed back in the welcome, so a restarted bundle
+    started past its budget. Both are refused now and the real bundle is unharmed."""
+    params = {"w": np.zeros(64, np.float32)}
+    with Served(params) as served:
+        attacker = zmq.Context.instance().socket(zmq.DEALER)
+        attacker.setsockopt(zmq.LINGER, 0)
+        attacker.connect(served.endpoint)
+        try:
+            header = transport.make_header(
+                "pull", token=TOKEN, worker=1, seq=2**64 - 1, version=-1,
+                fingerprint=served.server.fingerprint,
+            )  # fmt: skip
+            transport.send(attacker, transport.encode(header))
+            assert attacker.poll(10_000)
+            reply = msgpack.unpackb(attacker.recv_multipart()[0])
+            assert (reply["kind"], reply["reason"]) == ("error", "future_seq")
+        finally:
+            attacker.close(linger=0)
+        bundle = served.connection(1)
+        try:
+            _, version, info = bundle.hello()  # not locked out
+            assert info["frames"] == 0
+            grads = np.full(64, 0.01, np.float32)
+            refused = bundle.push(grads, base_version=version, loss=0.5, frames=2**60, shard=None)
+            assert refused[:2] == (False, "implausible_frames")
+            accepted = bundle.push(grads, base_version=version, loss=0.5, frames=4000, shard=None)
+            assert accepted[0]
+        finally:
+            bundle.close()
+        assert served.server.counters.frames[1] == 4000
