@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 
@@ -244,6 +245,8 @@ class Fuzzer:
             "non_finite": (1.5, self.non_finite),
             "stale_version": (1.0, self.stale_version),
             "replayed_seq": (1.5, self.replayed_seq),
+            "future_seq": (0.5, self.future_seq),
+            "implausible_frames": (0.5, self.implausible_frames),
             "reply_kind": (0.5, self.reply_kind),
             "oversized_header": (0.3, self.oversized_header),
             "oversized_total": (0.02, self.oversized_total),
@@ -514,6 +517,19 @@ class Fuzzer:
         if self.number(4) == 0:
             return [pack(self.header("pull", worker=worker, seq=seq, version=-1))], {"replayed"}
         return self.push(worker=worker, seq=seq), {"replayed"}
+
+    def future_seq(self):
+        """A push or pull, valid but for a seq far ahead of the server's clock (in ns): it
+        would lock the worker's real requests out as replayed."""
+        seq = self.pick([U64, 2**63, time.time_ns() + 10**13 + self.number(10**12)])
+        if self.number(2):
+            return [pack(self.header("pull", seq=seq, version=-1))], {"future_seq"}
+        return self.push(seq=seq), {"future_seq"}
+
+    def implausible_frames(self):
+        """A fresh, current push whose frame count jumps further than a bundle could go."""
+        frames = self.pick([2**60, U64, 10**15 + self.number(10**12)])
+        return self.push(seq=self.fresh_seq(), frames=frames), {"implausible_frames"}
 
     def reply_kind(self):
         kind, fields = self.pick(
