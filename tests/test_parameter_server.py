@@ -1011,7 +1011,15 @@ while True:
 
 def test_serve_stays_in_charge_under_a_flood(tmp_path):
     """Garbage from 4 connections faster than the server can answer it: ps.json and
-    checkpoints keep coming, a bundle keeps pushing, and a stop is obeyed at once."""
+    checkpoints keep coming, a bundle keeps pushing, and a stop is obeyed at once.
+
+    "At once" is measured against this machine's pace under this flood, not a fixed clock:
+    the time from the stop to serve's return, less the time spent inside checkpoint saves
+    (orbax's, which a loaded 2-core machine stretched past the old 2 s bound), must stay
+    under 1 s or twice the slowest push round trip seen during the flood (a serve turn and
+    a batch's apply, as slow as the machine is now). Catches a serve that looks at the stop
+    only when its socket falls idle (never, under a flood: the join fails) or only every few
+    seconds or many turns."""
     config = make_config(
         stats_every_seconds=0.2, checkpoint_every_seconds=0.5, checkpoint_every_updates=10**6
     )
@@ -1020,6 +1028,17 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
         zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
     )
     checkpointer = Checkpointer(tmp_path, keep=50)
+    saves: list[tuple[float, float]] = []  # (start, end) of every checkpoint save, monotonic
+    save = checkpointer.save
+
+    def timed_save(*args, **kwargs):
+        started = time.monotonic()
+        try:
+            return save(*args, **kwargs)
+        finally:
+            saves.append((started, time.monotonic()))
+
+    checkpointer.save = timed_save
     stop = threading.Event()
     thread = threading.Thread(
         target=server.serve, args=(socket, endpoint, stop.is_set, checkpointer)
@@ -1029,16 +1048,18 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
         endpoint, token=TOKEN, worker=0, fingerprint=server.fingerprint, num_params=NUM_PARAMS,
         max_bytes=server.max_bytes, timeout_seconds=20.0,
     )  # fmt: skip
-    uptimes, saved = set(), set()
+    uptimes, saved, round_trips = set(), set(), []
     try:
         time.sleep(1.0)  # the flood is queued before serving starts
         thread.start()
         _, version, _ = bundle.hello()
         deadline = time.monotonic() + 6.0
         while time.monotonic() < deadline:
+            sent = time.monotonic()
             accepted, _, version = bundle.push(
                 random_grad(version), base_version=version, loss=1.0, frames=0, shard=None
             )
+            round_trips.append(time.monotonic() - sent)
             assert accepted
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 uptimes.add(json.loads((tmp_path / "ps.json").read_text())["uptime_seconds"])
@@ -1048,8 +1069,11 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
         stopped = time.monotonic()
         stop.set()
         thread.join(timeout=10)
+        ended = time.monotonic()
         assert not thread.is_alive(), "serve ignored the stop under the flood"
-        assert time.monotonic() - stopped < 2.0
+        saving = sum(min(end, ended) - max(start, stopped) for start, end in saves if end > stopped)
+        bound = max(1.0, 2 * max(round_trips))
+        assert ended - stopped - saving < bound, (ended - stopped, saving, max(round_trips))
     finally:
         flood.kill()
         flood.wait()
