@@ -29,9 +29,10 @@ from gorila_jax.bundle import make_replay, run_actor_learner
 from gorila_jax.config import Config
 from gorila_jax.envs import make_env
 from gorila_jax.learner import local_mesh, make_grad_step
-from gorila_jax.networks import NatureCNNReference, make_network
+from gorila_jax.model import Model
+from gorila_jax.networks import NatureCNNReference
 from gorila_jax.replay import Transition
-from gorila_jax.single_process import LocalLearner, init_params
+from gorila_jax.single_process import LocalLearner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,9 @@ def benchmark(args: EndToEndArgs) -> int:
     )
     env = make_env(config, seed=0)
     replay = make_replay(config, env, seed=0)
-    network = make_network(config, env.num_actions)
-    learner = LocalLearner(config, network, init_params(network, env.reset().obs, 0), seed=0)
+    model = Model.from_env(config, env)
+    network = model.network
+    learner = LocalLearner(config, network, model.init(0), seed=0)
     with tempfile.TemporaryDirectory() as run_dir:
         warmup = config.learning_starts + 2_000
         run_actor_learner(config, learner, env, replay, seed=0, run_dir=Path(run_dir),

@@ -294,14 +294,10 @@ def benchmark(args: ManyBundlesArgs) -> int:
     import jax
 
     from gorila_jax import transport
-    from gorila_jax.launch import _probe_env
-    from gorila_jax.networks import make_network
-    from gorila_jax.single_process import init_params
+    from gorila_jax.model import Model
 
     config = _config(SHARDS)
-    num_actions, example_obs = _probe_env(config, config.seed)
-    network = make_network(config, num_actions)
-    params = jax.tree.map(np.asarray, init_params(network, example_obs, config.seed))
+    params = jax.tree.map(np.asarray, Model.of(config).init(config.seed))
     token = transport.new_run_token()
     spawn = mp.get_context("spawn")
     workers = np.array_split(np.arange(args.bundles), args.client_processes)

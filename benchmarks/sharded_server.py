@@ -395,14 +395,12 @@ def benchmark(args: ShardedServerArgs) -> int:
     import jax
 
     from gorila_jax import transport
-    from gorila_jax.launch import _probe_env
-    from gorila_jax.networks import make_network
-    from gorila_jax.single_process import init_params
+    from gorila_jax.model import Model
 
     config = _config(1)
-    num_actions, example_obs = _probe_env(config, config.seed)
-    network = make_network(config, num_actions)
-    params = jax.tree.map(np.asarray, init_params(network, example_obs, config.seed))
+    model = Model.of(config)
+    num_actions = model.num_actions
+    params = jax.tree.map(np.asarray, model.init(config.seed))
     num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
     token = transport.new_run_token()
 

@@ -215,17 +215,11 @@ def evaluate_run(
     import jax
 
     from gorila_jax.actor import make_policy
-    from gorila_jax.envs import make_env
-    from gorila_jax.networks import make_network
+    from gorila_jax.model import Model
 
-    probe = make_env(config, seed=settings.seed, training=False, num_envs=1)
-    try:
-        num_actions = probe.num_actions
-        example_obs = probe.reset().obs
-    finally:
-        probe.close()
-    network = make_network(config, num_actions)
-    template = jax.device_get(network.init(jax.random.key(0), example_obs))
+    model = Model.of(config, seed=settings.seed, training=False)
+    network, num_actions = model.network, model.num_actions
+    template = jax.device_get(model.init(0))
     try:
         params = load_params(params_path, template, describe_network(network, config, num_actions))
     except ParamsError as error:

@@ -134,13 +134,11 @@ def run_role(config: Config) -> int:
 def _check_shard_layout(config: Config) -> None:
     """Refuse (ConfigError) more server shards than the network has parameters, in every
     process before the rendezvous, so that all of them exit with the one line."""
-    from gorila_jax.networks import make_network
+    from gorila_jax.model import Model
     from gorila_jax.shard_layout import ShardLayout
 
-    num_actions, example_obs = _probe_env(config, config.seed)
-    num_params = _count_params(make_network(config, num_actions), example_obs)
     try:
-        ShardLayout.even(num_params, config.server_shards)
+        ShardLayout.even(Model.of(config).num_params, config.server_shards)
     except ValueError as error:
         raise ConfigError(f"config.server_shards: {error}") from None
 
@@ -266,17 +264,6 @@ def _own_curve_keys() -> tuple[bytes, bytes]:
     return zmq.curve_keypair()
 
 
-def _probe_env(config: Config, seed: int):
-    """Action count and one observation batch, from a one-env instance."""
-    from gorila_jax.envs import make_env
-
-    env = make_env(config, seed=seed, training=True, num_envs=1)
-    try:
-        return env.num_actions, env.reset().obs
-    finally:
-        env.close()
-
-
 def _server_host(info: distributed.ProcessInfo) -> str:
     """127.0.0.1 for local runs; under SLURM the address other nodes reach this one at."""
     if info.launcher == "local":
@@ -292,16 +279,6 @@ def _server_host(info: distributed.ProcessInfo) -> str:
             probe.connect((peer, 9))
             address = probe.getsockname()[0]
     return address
-
-
-def _count_params(network, example_obs) -> int:
-    """The network's parameter count, traced abstractly (starts no XLA backend, so it may
-    run before the process leaves jax.distributed)."""
-    import jax
-    import numpy as np
-
-    shapes = jax.eval_shape(lambda: network.init(jax.random.key(0), example_obs))
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
 
 
 def _publish_port(endpoint: str) -> None:
@@ -322,11 +299,10 @@ def run_server(
 
     from gorila_jax import transport
     from gorila_jax.checkpoint import Checkpointer, CheckpointError
-    from gorila_jax.networks import make_network
+    from gorila_jax.model import Model
     from gorila_jax.parameter_server import ParameterServer, max_message_bytes
     from gorila_jax.params_file import save_params
     from gorila_jax.server_stats import server_dir
-    from gorila_jax.single_process import init_params
 
     run_dir = Path(config.run_dir)
     # First thing: a final slice left by an earlier sitting must not be gathered as this
@@ -335,9 +311,8 @@ def run_server(
     token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()
     # A first start binds a free port itself (no probing race); a restart takes it back.
     port = os.environ.get(distributed.ENV_SERVER_PORT, "0")
-    num_actions, example_obs = _probe_env(config, config.seed)
-    network = make_network(config, num_actions)
-    max_bytes = max_message_bytes(config, _count_params(network, example_obs))
+    model = Model.of(config)
+    max_bytes = max_message_bytes(config, model.num_params)
     context = zmq.Context.instance()
     curve, authenticator, clients = None, None, set()
     if config.wire_security == "curve":
@@ -354,7 +329,7 @@ def run_server(
     bundles = range(config.server_shards, info.count)
     clients.update(_rendezvous_server(shard, endpoint, token, public, bundles))
     _check_devices(config)
-    params = init_params(network, example_obs, config.seed)
+    params = model.init(config.seed)
     server = ParameterServer(
         config, params, num_workers=len(bundles), token=token, run_dir=run_dir, shard=shard
     )
@@ -480,12 +455,11 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     from gorila_jax import transport
     from gorila_jax.bundle import make_replay, run_actor_learner
     from gorila_jax.envs import make_env
-    from gorila_jax.networks import make_network
+    from gorila_jax.model import Model
     from gorila_jax.parameter_server import max_message_bytes
     from gorila_jax.ps_client import RemoteLearner, ServerConnection
     from gorila_jax.replay_checkpoint import replay_saver, restore_replay
     from gorila_jax.shard_layout import ShardLayout
-    from gorila_jax.single_process import init_params
 
     shards = config.server_shards
     num_workers = info.count - shards
@@ -501,8 +475,8 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
         replay_checkpointer, resume = restore_replay(
             config, replay, bundle=bundle, bundles=num_workers
         )
-        network = make_network(config, env.num_actions)
-        template = init_params(network, env.reset().obs, seed)
+        model = Model.from_env(config, env)
+        network, template = model.network, model.init(seed)
         num_params = int(ravel_pytree(template)[0].size)
         layout = ShardLayout.even(num_params, shards)
         connections = [

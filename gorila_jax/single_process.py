@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from gorila_jax import logs
 from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_learner
@@ -21,18 +20,13 @@ from gorila_jax.config import Config, validate, write_resolved
 from gorila_jax.envs import make_env
 from gorila_jax.files import private_files
 from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
-from gorila_jax.networks import make_network
+from gorila_jax.model import Model
 from gorila_jax.optim import config_optimizer
 from gorila_jax.params_file import save_params
 from gorila_jax.replay import Sample
 from gorila_jax.replay_checkpoint import replay_saver, restore_replay
 
 log = logging.getLogger(__name__)
-
-
-def init_params(network, example_obs: np.ndarray, seed: int) -> Any:
-    """Initialise the network's params from one batch of observations."""
-    return network.init(jax.random.key(seed), example_obs)
 
 
 class LocalLearner:
@@ -135,11 +129,8 @@ def _train(config: Config, run_dir: Path, stop_event: threading.Event | None) ->
     checkpointer = None
     try:
         replay = make_replay(config, env, seed=config.seed)
-        network = make_network(config, env.num_actions)
-        first = env.reset()
-        learner = LocalLearner(
-            config, network, init_params(network, first.obs, config.seed), seed=config.seed
-        )
+        model = Model.from_env(config, env)
+        learner = LocalLearner(config, model.network, model.init(config.seed), seed=config.seed)
         checkpointer = Checkpointer(run_dir, keep=config.checkpoint_keep)
         learner_frames = restore_learner(config, learner, checkpointer)
         if learner_frames is not None:
