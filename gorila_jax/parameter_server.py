@@ -22,8 +22,8 @@ The paper's safeguards, each counted in the statistics:
 and two of ours: "over_norm", the gradient's norm is over what the bundle's clipping
 allows (`max_grad_norm`; with clipping off, a norm whose square overflows float32): a
 bundle with broken clipping must not poison Adam's second moments for everyone; and
-"non_finite_update", the params or the optimizer state would no longer be finite after a
-batch (a float overflow of the params: the server then stops, see below).
+"non_finite_update", refused once the params or the optimizer state have stopped being
+finite (a float overflow of the params: the server then stops, see below).
 
 Batched absorb. `serve` takes every request waiting (up to `MAX_BATCH` pushes) before it
 applies anything: each push is judged on arrival (`submit`) against the version it will
@@ -33,17 +33,19 @@ a stats request. Pulls wait for the batch too and get the params after it (fresh
 one at a time would give; at load every `sync_every`-th push comes with a pull, and
 flushing for each would cut batches to a few pushes). Versions, staleness, the outlier
 filter, DC-ASGD's stale params and the counters are exactly those of applying the pushes
-one at a time; the apply's dispatch and its one host read (`finite`) are paid once per
-batch.
+one at a time; the apply's dispatch is paid once per batch, and nothing is read back from
+it.
 
-The guard is in two parts: on arrival, one pass over the gradient (its squared norm, which
-is not finite when an element is not) refuses a non-finite or over-norm push alone; the
-apply then reports whether the state after the batch is finite. An update built from
-finite, clipped gradients can only make the state non-finite by overflowing the params
-(an absurd learning rate): the server then refuses the batch's pushes
-("non_finite_update"), answers nothing else, writes no checkpoint and `serve` raises
-`ParamsDiverged`, so the process exits with an error and a restart resumes from the last
-checkpoint, which is never non-finite.
+The guard is in two parts. On arrival, one pass over the gradient (its squared norm, which
+is not finite when an element is not) refuses a non-finite or over-norm push alone, so
+every update is built from a finite, bounded gradient, and the optimizer statistics stay
+finite. What is left is an overflow of the params themselves (an absurd learning rate):
+`check_finite` looks at the host copy of the params the server makes for every pull (once
+per version), before every checkpoint and with every ps.json, one BLAS pass each. When
+they are not finite, the server refuses every push, pull and hello ("non_finite_update"),
+writes no checkpoint, and `serve` raises `ParamsDiverged`: the process exits with an error
+and a restart resumes from the last checkpoint, which is never non-finite. Non-finite
+params are never sent to a bundle or saved.
 
 Every message is validated by `gorila_jax.transport.decode` before anything is used; a bad
 one gets an error reply and a counter, and never changes the parameters. Only a request
@@ -77,7 +79,7 @@ from gorila_jax.gradient_shards import shard_indices
 from gorila_jax.optim import config_optimizer
 from gorila_jax.server_stats import ServerStats, server_dir
 from gorila_jax.shard_layout import ShardLayout
-from gorila_jax.shard_state import Push, init_shard_state, make_apply
+from gorila_jax.shard_state import Push, init_shard_state, make_apply, state_is_finite
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +290,32 @@ class ParameterServer:
         return self.unravel(self.params)
 
     def host_params(self) -> np.ndarray:
-        """A host copy of the current flat params, made once per version for every pull."""
+        """A host copy of the current flat params, made once per version for every pull
+        (and checked: see `check_finite`)."""
         if self._host_params is None or self._host_params[0] != self.version:
             self._host_params = (self.version, np.array(self.params, dtype=np.float32))
+            if not state_is_finite(self._host_params[1]):
+                self._diverge("the params")
         return self._host_params[1]
+
+    def check_finite(self) -> bool:
+        """Whether the params and the optimizer state are finite; if not, the server
+        stops applying (`diverged`). Built from finite, bounded gradients (the checks on
+        arrival) they can only stop being finite when the params overflow, through an
+        absurd learning rate. Checked on the host copy of the params made for every pull,
+        before every checkpoint and with every ps.json (every `stats_every_seconds`)."""
+        if self.diverged is None:
+            self.host_params()
+        if self.diverged is None and not state_is_finite(self.host_params(), self.opt_state):
+            self._diverge("the optimizer state")
+        return self.diverged is None
+
+    def _diverge(self, what: str) -> None:
+        self.diverged = (
+            f"{what} stopped being finite by version {self.version} (an update overflowed: "
+            "lower the learning rate; the last checkpoint is finite)"
+        )
+        log.error(self.diverged)
 
     # ---- messages ------------------------------------------------------------------------
 
@@ -415,6 +439,9 @@ class ParameterServer:
         return transport.encode(header, arrays, validate=kind != "ack")
 
     def _send_params(self, request: dict, kind: str, **fields) -> list:
+        host = self.host_params()
+        if self.diverged is not None:
+            return self.reject("non_finite_update", request, self.diverged, authenticated=True)
         worker = request["worker"]
         self.counters.pulled(worker, self.version)
         if self.uses_dc_asgd:
@@ -423,7 +450,7 @@ class ParameterServer:
             too_old = self.version - self.config.max_staleness  # pushes on these are refused
             for version in [v for v in held if v < too_old]:
                 del held[version]
-        return self._reply(request, kind, [self.host_params()], **fields)
+        return self._reply(request, kind, [host], **fields)
 
     def _on_hello(self, header: dict, arrays) -> list:
         worker = header["worker"]
@@ -520,9 +547,8 @@ class ParameterServer:
         """Apply the waiting pushes in one call of the shard state's apply; their acks,
         each with the version right after its own update, then the replies of the pulls
         that came with them, with the params after the whole batch (a pull does not cut
-        a batch short: at load one bundle in `sync_every` pulls with each push). When the
-        state after the batch is not finite, every push of it is refused instead and the
-        server stops applying (`diverged`; `serve` raises `ParamsDiverged`)."""
+        a batch short: at load one bundle in `sync_every` pulls with each push); a pull that
+        finds the params not finite (`check_finite`) gets an error instead."""
         acks = self._apply_batch()
         pulls, self._pulls = self._pulls, []
         for peer, header in pulls:
@@ -538,17 +564,7 @@ class ParameterServer:
             return []
         batch, self._batch = self._batch, []
         start = self.version
-        self.state, finite = self._apply(self.state, [push for _, _, push, _ in batch])
-        if not finite:
-            self.diverged = (
-                f"the params or optimizer state stopped being finite between versions "
-                f"{start} and {self.version} (an update overflowed: lower the learning rate)"
-            )
-            log.error(self.diverged)
-            return [
-                (peer, self._refuse_push(header, "non_finite_update", self.diverged))
-                for peer, header, _, _ in batch
-            ]
+        self.state = self._apply(self.state, [push for _, _, push, _ in batch])
         acks = []
         for offset, (peer, header, _, staleness) in enumerate(batch, start=1):
             self.counters.accepted(header["worker"], staleness)
@@ -560,18 +576,16 @@ class ParameterServer:
             )
         return acks
 
-    def apply(self, worker: int, grads: np.ndarray, base_version: int | None = None) -> bool:
+    def apply(self, worker: int, grads: np.ndarray, base_version: int | None = None) -> None:
         """Apply one gradient (whole or the worker's part) now, unjudged, and bump the
         version: for tests and benchmarks. With DC-ASGD the stale params are those `worker`
-        was sent at `base_version` (None: its latest pull). Returns whether the state is
-        still finite."""
+        was sent at `base_version` (None: its latest pull)."""
         held = self.pulled.get(worker) if self.uses_dc_asgd else None
         if held and base_version is None:
             base_version = max(held)
         stale = self._stale_params(worker, {"version": base_version})
         push = Push(grads, self._device_shards[worker], stale)
-        self.state, finite = self._apply(self.state, [push])
-        return finite
+        self.state = self._apply(self.state, [push])
 
     def warm_up(self) -> None:
         """Compile the apply for every batch size before serving (see `shard_state`)."""
@@ -675,8 +689,8 @@ class ParameterServer:
         self.checkpointed_at = self.clock()
         if not self._unsaved():
             return False
-        if self.diverged is not None or not bool(jnp.isfinite(self.params).all()):
-            log.warning(f"version {self.version} has non-finite params; not checkpointed")
+        if not self.check_finite():
+            log.warning(f"version {self.version} is not finite; not checkpointed")
             return False
         state, meta = self.checkpoint_state()
         try:
@@ -752,6 +766,7 @@ def serve(
         if checkpointer is not None and server.checkpoint_due():
             server.save_checkpoint(checkpointer)
         if server.clock() >= next_stats:
+            server.check_finite()
             server.write_stats(address)
             next_stats = server.clock() + server.config.stats_every_seconds
     if checkpointer is not None and not server.diverged:

@@ -545,11 +545,11 @@ def test_clipping_off_still_refuses_a_gradient_whose_square_overflows():
     assert_unchanged(server, INITIAL_FLAT, 0)
 
 
-def test_an_update_that_overflows_the_params_stops_the_server_unsaved(tmp_path):
+def test_params_that_overflow_are_never_sent_or_saved_and_stop_the_server(tmp_path):
     """Catches a cheap guard that lets an overflowed state be served or checkpointed: with
     finite, bounded gradients only an absurd learning rate can overflow the params; the
-    batch is refused, nothing more is applied or answered, no checkpoint is written and
-    `serve` raises."""
+    next pull finds them not finite, and from then on nothing is applied or answered, no
+    checkpoint is written and `serve` raises."""
     server = make_server(num_workers=1, learning_rate=1e38)  # sgd, no clipping
     worker = Worker(server, 0)
     worker.hello()
@@ -559,13 +559,13 @@ def test_an_update_that_overflows_the_params_stops_the_server_unsaved(tmp_path):
     checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
     try:
         assert server.save_checkpoint(checkpointer)
-        reply = worker.push(grads, base_version=3)  # -4e38: inf
-        expect_ack(reply, accepted=False, reason="non_finite_update")
-        assert server.diverged and server.stats()["rejections"] == {"non_finite_update": 1}
-        expect_ack(worker.push(grads, base_version=3), accepted=False, reason="non_finite_update")
+        expect_ack(worker.push(grads, base_version=3), accepted=True)  # -4e38: -inf
         pulled = worker.pull(-1)
-        assert pulled.header["kind"] == "error"
-        assert pulled.header["reason"] == "non_finite_update"
+        assert (pulled.header["kind"], pulled.header["reason"]) == ("error", "non_finite_update")
+        assert pulled.arrays == []  # the params never leave
+        assert server.diverged and "version 4" in server.diverged
+        expect_ack(worker.push(grads, base_version=4), accepted=False, reason="non_finite_update")
+        assert worker.hello().header["kind"] == "error"
         assert not server.save_checkpoint(checkpointer)
         assert max(checkpointer.versions()) == 3
     finally:
@@ -576,6 +576,26 @@ def test_an_update_that_overflows_the_params_stops_the_server_unsaved(tmp_path):
             serve(server, socket, "tcp://test", lambda: False)
     finally:
         socket.close(linger=0)
+
+
+def test_an_optimizer_state_that_is_not_finite_is_never_checkpointed(tmp_path):
+    """Catches a finiteness check that looks at the params alone: a NaN in Adam's moments
+    (which finite, bounded gradients cannot make, but a bug could) stops the server
+    before a checkpoint is written."""
+    server = make_server(num_workers=1, optimizer="adam", learning_rate=1e-3)
+    worker = Worker(server, 0)
+    worker.hello()
+    expect_ack(worker.push(np.full(NUM_PARAMS, 0.5, np.float32), base_version=0), True)
+    leaves, structure = jax.tree.flatten(server.opt_state)
+    moment = next(i for i, leaf in enumerate(leaves) if leaf.shape == (NUM_PARAMS,))
+    leaves[moment] = leaves[moment].at[2].set(jnp.nan)
+    server.state = server.state._replace(opt_state=jax.tree.unflatten(structure, leaves))
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
+    try:
+        assert not server.save_checkpoint(checkpointer)
+        assert checkpointer.versions() == [] and "optimizer state" in server.diverged
+    finally:
+        checkpointer.close()
 
 
 @pytest.mark.parametrize("dc_asgd", ["off", "adaptive"])

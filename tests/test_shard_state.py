@@ -14,7 +14,14 @@ import pytest
 
 from gorila_jax.optim import make_optimizer
 from gorila_jax.shard_layout import ShardLayout
-from gorila_jax.shard_state import Push, ShardState, chunk_sizes, init_shard_state, make_apply
+from gorila_jax.shard_state import (
+    Push,
+    ShardState,
+    chunk_sizes,
+    init_shard_state,
+    make_apply,
+    state_is_finite,
+)
 
 NUM_PARAMS = 1000
 
@@ -45,10 +52,10 @@ def test_three_shards_apply_exactly_what_one_server_applies(name, dc_asgd):
         grads = clipped(rng.normal(size=NUM_PARAMS).astype(np.float32) * 5, max_norm=10.0)
         stale = history[max(0, step - 2)]  # computed on params 2 versions old
         stale_push = jnp.asarray(stale) if compensated else None
-        whole, _ = whole_apply(whole, [Push(grads, None, stale_push)])
+        whole = whole_apply(whole, [Push(grads, None, stale_push)])
         for k in range(3):
             part_stale = jnp.asarray(layout.split(stale)[k]) if compensated else None
-            shards[k], _ = shard_applies[k](
+            shards[k] = shard_applies[k](
                 shards[k], [Push(layout.split(grads)[k], None, part_stale)]
             )
         history.append(np.asarray(whole.params))
@@ -70,9 +77,9 @@ def test_partial_pushes_update_only_owned_elements_and_match_across_shards():
     applies = [make_apply(tx, layout.size(k), compensated=False) for k in range(3)]
     for _ in range(3):
         grads = rng.normal(size=owned.size).astype(np.float32)
-        whole, _ = whole_apply(whole, [Push(grads, jnp.asarray(owned))])
+        whole = whole_apply(whole, [Push(grads, jnp.asarray(owned))])
         for k, (positions, local) in enumerate(layout.split_indices(owned)):
-            shards[k], _ = applies[k](shards[k], [Push(grads[positions], jnp.asarray(local))])
+            shards[k] = applies[k](shards[k], [Push(grads[positions], jnp.asarray(local))])
     params = np.asarray(whole.params)
     untouched = np.setdiff1d(np.arange(NUM_PARAMS), owned)
     np.testing.assert_array_equal(params[untouched], start[untouched])
@@ -81,21 +88,29 @@ def test_partial_pushes_update_only_owned_elements_and_match_across_shards():
     np.testing.assert_allclose(joined, params, rtol=1e-6, atol=1e-7)
 
 
-def test_apply_is_a_function_of_its_inputs_and_reports_a_non_finite_state():
+def test_apply_is_a_function_of_its_inputs_and_a_non_finite_state_is_seen():
     """Same state and gradients in, same state out (catches a compensated apply that
     donates, and so destroys, the state it was given); a NaN reaching the state is
-    reported (catches a `finite` flag that checks the wrong leaves or nothing)."""
+    seen by `state_is_finite` in the params and in any optimizer leaf (catches a check
+    that looks at the wrong leaves or at nothing)."""
     tx = make_optimizer("adam", 1e-2, eps=1e-8, dc_asgd_lambda=0.04)
     apply = make_apply(tx, 8, compensated=True)
     state = init_shard_state(tx, np.ones(8, np.float32))
     grads = np.arange(8.0, dtype=np.float32)
-    first, finite = apply(state, [Push(grads, None, state.params)])
-    second, _ = apply(state, [Push(grads, None, state.params)])
+    first = apply(state, [Push(grads, None, state.params)])
+    second = apply(state, [Push(grads, None, state.params)])
     chex.assert_trees_all_equal(first, second)
-    assert finite and isinstance(first, ShardState) and first.version == 1
+    assert isinstance(first, ShardState) and first.version == 1
+    assert state_is_finite(np.asarray(first.params), first.opt_state)
     assert state.version == 0
-    _, finite = apply(first, [Push(grads, None, None), Push(np.where(grads == 2, np.nan, grads))])
-    assert not finite
+    broken = apply(first, [Push(grads, None, None), Push(np.where(grads == 2, np.nan, grads))])
+    assert not state_is_finite(np.asarray(broken.params), broken.opt_state)
+    leaves, structure = jax.tree.flatten(first.opt_state)
+    moment = next(i for i, leaf in enumerate(leaves) if leaf.shape == (8,))
+    leaves[moment] = leaves[moment].at[5].set(jnp.inf)
+    assert not state_is_finite(np.asarray(first.params), jax.tree.unflatten(structure, leaves))
+    huge = np.full(8, 3e38, np.float32)  # finite, and its sum would overflow: still finite
+    assert state_is_finite(huge) and not state_is_finite(np.append(huge, np.nan))
     with pytest.raises(ValueError, match="stale params of shape"):
         apply(state, [Push(grads, None, jnp.ones(3))])
     assert jax.tree.structure(first.opt_state) == jax.tree.structure(state.opt_state)
@@ -120,10 +135,10 @@ def test_a_batch_in_chunks_equals_the_pushes_one_at_a_time(compensated):
         pushes.append(Push(grads, owned if partial else None, stale))
     batched = make_apply(tx, 64, compensated=compensated)
     one_by_one = make_apply(tx, 64, compensated=compensated)
-    state, finite = batched(init_shard_state(tx, start), pushes)
+    state = batched(init_shard_state(tx, start), pushes)
     reference = init_shard_state(tx, start)
     for push in pushes:
-        reference, _ = one_by_one(reference, [push])
-    assert finite and state.version == reference.version == 16
+        reference = one_by_one(reference, [push])
+    assert state.version == reference.version == 16
     chex.assert_trees_all_close(state, reference, rtol=1e-6, atol=1e-8)
     assert chunk_sizes(13) == [8, 4, 1] and chunk_sizes(70) == [32, 32, 4, 2]
