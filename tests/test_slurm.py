@@ -5,8 +5,10 @@ Every process logs `[<process>] LEVEL: message` (gorila_jax.logs): `[server]` (o
 of a server in S shards, tasks 0..S-1) and `[bundle i]` (task S+i-1), so a finished run
 says `[server] INFO: done: ...`, `[shard 0] INFO: done: ...`, `[bundle 1] INFO: done: ...`.
 
-Both skip where SLURM is not installed and running with an idle node; on a Debian machine as
-root, `bash .ci/slurm.sh install start` sets up a one-node SLURM for them.
+They skip, saying why, where SLURM is not installed and running with an idle node, and fail
+instead where GORILA_REQUIRE_SLURM=1 says it must be there (.ci/run sets it on a root machine
+with apt-get, after starting SLURM). On a Debian machine as root,
+`bash .ci/slurm.sh install start` sets up a one-node SLURM for them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -27,6 +31,7 @@ SBATCH_SCRIPT = ROOT / "experiments" / "slurm" / "pong.sbatch"
 SRUN_TIMEOUT_SECONDS = 240
 SBATCH_TIMEOUT_SECONDS = 480
 START_HINT = "start it with: bash .ci/slurm.sh install start"
+REQUIRE_SLURM = "GORILA_REQUIRE_SLURM"  # "1": a missing SLURM fails these tests
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +56,15 @@ def _node_unavailable() -> str | None:
 
 
 def _require_slurm(*tools: str) -> None:
-    """Skip unless the SLURM tools are here and the node can take a job now."""
+    """Skip unless the SLURM tools are here and the node can take a job now; fail instead
+    when REQUIRE_SLURM is set to 1 (.ci/run on a machine that should have SLURM)."""
     missing = [tool for tool in ("sinfo", *tools) if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"SLURM is not installed here ({', '.join(missing)} not on PATH): {START_HINT}")
-    reason = _node_unavailable()
+        reason = f"SLURM is not installed here ({', '.join(missing)} not on PATH): {START_HINT}"
+    else:
+        reason = _node_unavailable()
+    if reason and os.environ.get(REQUIRE_SLURM) == "1":
+        pytest.fail(f"{REQUIRE_SLURM}=1 but {reason}", pytrace=False)
     if reason:
         pytest.skip(reason)
 
@@ -129,6 +138,22 @@ def _assert_done(output: str, task: int, process: str) -> None:
     )
 
 
+@pytest.mark.parametrize("required", [False, True])
+def test_a_missing_slurm_skips_unless_it_is_required(monkeypatch, required):
+    """Needs no SLURM. Catches a GORILA_REQUIRE_SLURM that is not honoured (CI green with
+    every SLURM test skipped on a machine that should run them) and a skip without its
+    reason (the summary shows skip reasons: -ra)."""
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    if required:
+        monkeypatch.setenv(REQUIRE_SLURM, "1")
+        with pytest.raises(pytest.fail.Exception, match=f"{REQUIRE_SLURM}=1 but SLURM is not"):
+            _require_slurm("srun")
+    else:
+        monkeypatch.delenv(REQUIRE_SLURM, raising=False)
+        with pytest.raises(pytest.skip.Exception, match=r"sinfo, srun not on PATH.*slurm\.sh"):
+            _require_slurm("srun")
+
+
 def test_srun_three_tasks_trains_cartpole(tmp_path):
     """srun -n 3: task 0 serves the params, tasks 1 and 2 push accepted gradients."""
     _require_slurm("srun")
@@ -141,6 +166,59 @@ def test_srun_three_tasks_trains_cartpole(tmp_path):
     for worker in ("0", "1"):
         assert ps["workers"][worker]["accepted"] > 0, (worker, ps["workers"])
     assert (run_dir / "params.msgpack").is_file()
+    _assert_done(output, 0, "server")
+    for task in (1, 2):
+        _assert_done(output, task, f"bundle {task}")
+
+
+def _answers_a_plain_peer(run_dir: Path, found: dict) -> None:
+    """Once the server has written ps.json, send it a request over a socket without CURVE
+    keys; `found["answered"]`: whether any reply came within 3 s (a token-only server
+    answers even a wrong token, with an error)."""
+    import zmq
+
+    from gorila_jax import transport
+
+    deadline = time.monotonic() + SRUN_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            address = json.loads((run_dir / "ps.json").read_text())["address"]
+            break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            time.sleep(0.2)
+    else:
+        return
+    peer = transport.make_client_socket(zmq.Context.instance(), address, None, 1 << 20)
+    try:
+        header = transport.make_header(
+            "stats", token="x" * 64, worker=0, seq=2**62, version=-1, fingerprint=""
+        )
+        peer.send_multipart(transport.encode(header))
+        found["answered"] = bool(peer.poll(3000))
+    finally:
+        peer.close(linger=0)
+
+
+def test_srun_three_tasks_trains_cartpole_over_curve(tmp_path):
+    """srun -n 3 with --wire-security curve: the CURVE public keys go through jax.distributed's
+    store (not the local launcher's environment), both bundles' pushes are accepted, and
+    while it runs a peer without CURVE keys gets no answer at all. Catches a CURVE path that
+    only works under the local launcher (a bundle that never gets the server's key, or a
+    server that admits none of the bundles' keys: the run hangs or its pushes are refused),
+    and a --wire-security curve that is parsed but leaves the socket in clear under SLURM."""
+    _require_slurm("srun")
+    run_dir = tmp_path / "run"
+    found: dict = {}
+    probe = threading.Thread(target=_answers_a_plain_peer, args=(run_dir, found), daemon=True)
+    probe.start()
+    output = _srun_cartpole(run_dir, 3, "--wire-security", "curve")
+    probe.join(timeout=10)
+
+    ps = _read_ps(run_dir, output)
+    assert ps["updates"] > 0 and ps["num_workers"] == 2, ps
+    for worker in ("0", "1"):
+        assert ps["workers"][worker]["accepted"] > 0, (worker, ps["workers"])
+    assert found == {"answered": False}, "a peer without CURVE keys got an answer (or no probe)"
     _assert_done(output, 0, "server")
     for task in (1, 2):
         _assert_done(output, task, f"bundle {task}")
