@@ -449,3 +449,90 @@ def test_push_every_pushes_the_mean_of_k_gradients_with_the_oldest_versions():
         np.testing.assert_allclose(sent, np.mean([grads[i] for i in group], axis=0), rtol=1e-6)
         assert fields["base_version"] == 10 + first
         assert fields["loss"] == pytest.approx(np.mean([i + 1 for i in group]))
+
+
+class VersionedServer(FakeConnection):
+    """A FakeConnection whose server moves `per_push` versions with every push it acks (the
+    other bundles' pushes included) and answers a pull with params filled with the version
+    when it is newer than the one the bundle has (have_version -1: always)."""
+
+    def __init__(self, num_params: int, per_push: int):
+        super().__init__(num_params)
+        self.version, self.per_push = 0, per_push
+        self.asked: list[int] = []  # have_version of every pull
+
+    def receive_ack(self, seq: int):
+        self._record("receive_ack")
+        self.version += self.per_push
+        return True, None, self.version
+
+    def send_pull(self, have_version: int) -> int:
+        self.asked.append(have_version)
+        return super().send_pull(have_version)
+
+    def receive_pulled(self, seq: int):
+        self._record("receive_pulled")
+        if self.asked[-1] >= self.version:
+            return None, self.version
+        return np.full(self.num_params, float(self.version), np.float32), self.version
+
+
+def settled(learner: RemoteLearner, connection: FakeConnection) -> None:
+    """Wait until the communication thread has pushed everything queued and done any pull
+    asked for: every learner step's push acknowledged, nothing queued or in flight, no pull
+    wanted, and no new call for 150 ms."""
+    deadline = time.monotonic() + 10
+    seen = -1
+    while True:
+        assert time.monotonic() < deadline, "the communication thread did not settle"
+        acked = [name for name, _ in connection.calls].count("receive_ack") == learner.updates
+        quiet = acked and learner._outbox.empty() and not learner._in_flight
+        quiet = quiet and not learner._pull_wanted.is_set()
+        if quiet and len(connection.calls) == seen:
+            return
+        seen = len(connection.calls)
+        time.sleep(0.15)
+
+
+def test_pulls_every_sync_every_steps_and_refreshes_the_target_every_target_period():
+    """Unit level, a fake server moving 3 versions per push (two other bundles): a plain
+    pull after every `sync_every` (4) learner steps and only then (a refresh due at the
+    same time serves it); a target refresh (a pull of whatever version, -1) as soon as an
+    ack takes the server past a multiple of `target_period` (10), once per multiple; the
+    target network is those params until the next refresh, while plain pulls move only the
+    acting params. Catches a pull cadence off by one or counted in pushes or server
+    versions, a refresh counted in this bundle's steps (every 10 of them: 3 times too rare
+    here), a refresh on every pull, a target taken from a plain pull, and a refresh that
+    never comes when the server skips past a multiple."""
+    from types import SimpleNamespace
+
+    connection = VersionedServer(num_params=58, per_push=3)
+    learner, _ = remote_learner(connection, sync_every=4, target_period=10, push_every=1)
+    learner._grad_step = lambda *args: (
+        jax.numpy.zeros(58, np.float32), SimpleNamespace(mean_abs_td=0.0)
+    )  # fmt: skip
+    sample = SimpleNamespace(transition=np.zeros(8, np.float32), weights=np.ones(8, np.float32))
+    np.testing.assert_array_equal(flat_params(learner.target_params), 0.0)  # the welcome's
+    trace = []  # per step: (server version, plain pulls, refreshes, target's value)
+    try:
+        for _ in range(12):
+            learner.learn(sample)
+            settled(learner, connection)
+            learner.acting_params()  # the main thread takes what was pulled
+            target = flat_params(learner.target_params)
+            assert np.all(target == target[0])
+            plain = sum(1 for have in connection.asked if have != -1)
+            refreshes = connection.asked.count(-1)
+            trace.append((connection.version, plain, refreshes, float(target[0])))
+    finally:
+        learner.close()
+    versions = [v for v, *_ in trace]
+    assert versions == list(range(3, 37, 3))
+    # Refreshes when an ack passes 10 (step 4: 12), 20 (step 7: 21) and 30 (step 10: 30);
+    # a sync pull after steps 4 (the refresh serves it), 8 and 12.
+    assert [r for *_, r, _ in trace] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [p + r for _, p, r, _ in trace] == [0, 0, 0, 1, 1, 1, 2, 3, 3, 4, 4, 5]
+    assert [t for *_, t in trace] == [0.0] * 3 + [12.0] * 3 + [21.0] * 3 + [30.0] * 3
+    # The acting params follow every pull, the plain ones too (step 12: version 36).
+    assert learner.params_version == 36
+    np.testing.assert_array_equal(flat_params(learner.params), 36.0)
