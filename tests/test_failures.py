@@ -580,3 +580,53 @@ def test_a_killed_shard_comes_back_while_the_other_goes_on(tmp_path):
     assert time.monotonic() - started < 30
     assert "lost server shard 1" in out and "reconnected to server shard 1" in out
     assert "shard 1 (pid" in err and "restarting it (1/3)" in err
+
+
+def test_a_killed_shard_0_comes_back_and_still_gathers_the_params(tmp_path):
+    """kill -9 of server shard 0 of 2, the shard with the extra duties (it writes the combined
+    ps.json and gathers params.msgpack at the end): the launcher restarts it from its
+    checkpoint on its port, shard 1 keeps applying pushes meanwhile, the bundles reconnect
+    to it, and at the stop params.msgpack is the two shards' final slices, shard 0's first.
+    Catches a restarted shard 0 that does not come back, that loses its gathering (no
+    params.msgpack, or slices swapped or mixed up), and bundles that stop pushing to shard 1
+    while shard 0 is away."""
+    import flax.serialization
+    from jax.flatten_util import ravel_pytree
+
+    launcher = start_run(
+        tmp_path, "--server-shards", "2", "--total-frames", "10000000",
+        "--learning-starts", "300", "--checkpoint-every-seconds", "1",
+        "--server-timeout-seconds", "3",
+    )  # fmt: skip
+    wait_until(
+        lambda: all(read_shard_stats(tmp_path, k).get("checkpointed_version", -1) > 20
+                    for k in (0, 1)),
+        180, "a checkpoint of both shards", launcher,
+    )  # fmt: skip
+    victim, survivor = child_by_index(launcher, 0), child_by_index(launcher, 1)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = read_shard_stats(tmp_path, 1)["version"]
+    during_outage = killed_at
+    deadline = time.monotonic() + 180
+    while not read_shard_stats(tmp_path, 0).get("events", {}).get("resumed"):
+        assert time.monotonic() < deadline, "shard 0 did not come back"
+        assert launcher.poll() is None, launcher.communicate()
+        during_outage = max(during_outage, read_shard_stats(tmp_path, 1).get("version", 0))
+        time.sleep(0.25)
+    assert during_outage > killed_at + 10, (killed_at, during_outage)
+    resumed_at = read_shard_stats(tmp_path, 0)["version"]
+    wait_until(
+        lambda: read_shard_stats(tmp_path, 0).get("version", 0) > resumed_at + 50,
+        120, "the restarted shard 0 to apply pushes", launcher,
+    )  # fmt: skip
+    assert child_by_index(launcher, 1).pid == survivor.pid and survivor.is_running()
+    processes = all_descendants(launcher)
+    out, err = stop_and_check(launcher, processes)
+    assert "lost server shard 0" in out and "reconnected to server shard 0" in out
+    assert "shard 0 (pid" in err and "restarting it (1/3)" in err
+    combined = read_stats(tmp_path)
+    assert combined["server_shards"] == 2 and len(combined["shards"]) == 2
+    slices = [np.load(tmp_path / f"shard{k}" / "params_slice.npy") for k in range(2)]
+    assert [len(s) for s in slices] == [shard["num_params"] for shard in combined["shards"]]
+    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
+    np.testing.assert_array_equal(np.asarray(ravel_pytree(saved)[0]), np.concatenate(slices))
