@@ -13,6 +13,7 @@ alone (`private_files`: directory mode 0o700 and umask 077, so files are 0o600).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -75,10 +76,18 @@ def sync_tree(directory: Path) -> None:
         sync_directory(Path(parent))
 
 
-def make_private_dir(directory: Path) -> Path:
+def make_private_dir(directory: Path, *, create: bool = True) -> Path:
     """Create `directory` (and missing parents) readable by its owner only (mode 0o700);
-    one that exists and lets others in is made so, with a warning line."""
+    one that exists and lets others in is made so, with a warning line. With
+    `create=False` a missing directory is left to whoever writes into it first (under
+    umask 077 it is made 0o700 then), so that a run refused before it starts (a replay too
+    large for the machine, say) leaves nothing behind."""
     directory = Path(directory)
+    if not create and not directory.exists():
+        parent = next(p for p in directory.absolute().parents if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):  # say so now, not at the first write
+            raise PermissionError(errno.EACCES, f"cannot create it in {parent}")
+        return directory
     directory.mkdir(parents=True, exist_ok=True, mode=OWNER_ONLY_DIR_MODE)
     status = directory.stat()
     mode = stat.S_IMODE(status.st_mode)
@@ -100,9 +109,10 @@ def owner_only_files() -> int:
 @contextlib.contextmanager
 def private_files(run_dir: Path) -> Iterator[Path]:
     """While the block runs, everything this process creates is its owner's only (umask
-    077), and `run_dir` exists with mode 0o700; the previous umask comes back after."""
+    077), and `run_dir`, if it exists, is made mode 0o700 (if not, it is made so when the
+    run first writes into it); the previous umask comes back after."""
     previous = owner_only_files()
     try:
-        yield make_private_dir(run_dir)
+        yield make_private_dir(run_dir, create=False)
     finally:
         os.umask(previous)

@@ -56,7 +56,7 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
     previous_umask = owner_only_files()
     try:
         try:
-            make_private_dir(Path(config.run_dir))
+            make_private_dir(Path(config.run_dir), create=False)
         except OSError as error:
             print(f"error: run directory {config.run_dir}: {error.strerror}", file=sys.stderr)
             return 2

@@ -201,7 +201,10 @@ def test_cli_prints_one_line_and_exits_2():
     assert lines == ["error: config.epsilon_start: must be in [0, 1], got 2.0"]
 
 
-def test_replay_that_cannot_fit_is_refused_before_training():
+def test_replay_that_cannot_fit_is_refused_before_training(tmp_path):
+    """Catches a refusal that comes after the run has started writing (the run directory
+    made first, then the replay found too large for the machine)."""
+    run_dir = tmp_path / "never-written"
     result = subprocess.run(
         [
             sys.executable,
@@ -210,7 +213,7 @@ def test_replay_that_cannot_fit_is_refused_before_training():
             "--replay-capacity",
             "100000000000",
             "--run-dir",
-            "/tmp/gorila-never-written",
+            str(run_dir),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -219,7 +222,7 @@ def test_replay_that_cannot_fit_is_refused_before_training():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: replay needs")
-    assert not Path("/tmp/gorila-never-written").exists()
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize(
