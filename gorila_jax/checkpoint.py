@@ -106,6 +106,10 @@ def check_same_run(meta: Mapping, config: Config, where: str) -> None:
         )
 
 
+NETWORK_FIELDS = frozenset({"env_id", "mlp_hidden", "dueling"})
+"""The settings that shape the Q-network (with the environment's action count)."""
+
+
 def _mismatches(meta: Mapping, expect: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, saved, wanted) for each meta value in `expect` that the checkpoint does not match."""
     return [
@@ -113,13 +117,32 @@ def _mismatches(meta: Mapping, expect: Mapping[str, Any]) -> list[tuple[str, Any
     ]
 
 
-def _warn_forced(meta: Mapping, config: Config, where: str, expect: Mapping[str, Any]) -> None:
+def check_same_network(
+    meta: Mapping, config: Config, where: str, expect: Mapping[str, Any]
+) -> None:
+    """Refuse (one-line CheckpointError), --force-resume or not, a checkpoint of another
+    network: one whose settings that shape the network (`NETWORK_FIELDS`) differ from
+    `config`'s, or whose meta values in `expect` (the server's parameter tree fingerprint)
+    differ. A forced resume may carry a checkpoint over to another schedule, never into
+    arrays of another shape (orbax would restore the saved shapes whatever the template,
+    and the run would crash in its first forward pass, or call the checkpoint damaged)."""
+    differences = [
+        difference
+        for difference in settings_differences(meta, config)
+        if difference.split(" ", 1)[0] in NETWORK_FIELDS
+    ] + [f"{key} {saved!r} -> {wanted!r}" for key, saved, wanted in _mismatches(meta, expect)]
+    if differences:
+        raise CheckpointError(
+            f"{where} was made for another network ({_listed(differences)}); a run resumes "
+            "only the network it trained, even with --force-resume: use another --run-dir"
+        )
+
+
+def _warn_forced(meta: Mapping, config: Config, where: str) -> None:
     """Put on record, as one warning, what a --force-resume carries over: the training
-    settings and metadata in which the checkpoint differs from this run (silent when none
-    differ), so a changed schedule shows in the run's log."""
-    differences = settings_differences(meta, config) + [
-        f"{key} {saved!r} -> {wanted!r}" for key, saved, wanted in _mismatches(meta, expect)
-    ]
+    settings in which the checkpoint differs from this run (silent when none differ), so a
+    changed schedule shows in the run's log."""
+    differences = settings_differences(meta, config)
     if differences:
         log.warning(
             f"--force-resume: {where} was made with other settings ({_listed(differences)})"
@@ -273,17 +296,11 @@ class Checkpointer:
                 log.warning(f"checkpoint {version} has no metadata; trying older")
                 damaged.append(version)
                 continue
+            check_same_network(meta, config, where, expect or {})
             if force:
-                _warn_forced(meta, config, where, expect or {})
+                _warn_forced(meta, config, where)
             else:
                 check_same_run(meta, config, where)
-                mismatched = _mismatches(meta, expect or {})
-                if mismatched:
-                    key, saved, wanted = mismatched[0]
-                    raise CheckpointError(
-                        f"{where} was made for another network ({key} {saved!r}, this run "
-                        f"{wanted!r}); use another --run-dir, or --force-resume to load it"
-                    )
             try:
                 state = self._manager.restore(
                     version, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))

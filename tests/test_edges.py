@@ -92,14 +92,6 @@ def test_a_forced_resume_with_another_learning_rate_runs_warns_and_uses_it(tmp_p
     assert 0 < moved.max() <= 3.2 * 1e-6 * more, (moved.max(), more)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: a single-process checkpoint is restored with no check of the "
-    "network's shapes (restore_learner passes no tree fingerprint, and orbax returns the "
-    "saved shapes whatever the template), so a forced resume with another --mlp-hidden "
-    "crashes in the first forward pass with a flax ScopeParamShapeError traceback, after "
-    "config.yaml was already overwritten",
-)
 def test_a_forced_resume_that_changes_the_networks_shape_is_refused_in_one_line(tmp_path):
     """--force-resume may carry a checkpoint over to other training settings, never into a
     network of another shape: that is one error line (exit 2) before anything is written.
@@ -120,14 +112,6 @@ def test_a_forced_resume_that_changes_the_networks_shape_is_refused_in_one_line(
     assert (tmp_path / "config.yaml").read_text() == config_text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: Checkpointer.restore_latest with force=True takes a checkpoint of "
-    "another network (its tree fingerprint differs) for a damaged one: orbax's shape error "
-    "is caught as 'unreadable', and the run ends with 'no readable checkpoint ... (all 1 are "
-    "damaged); move the directory away to start afresh' (plus orbax's tracebacks), though "
-    "the refusal without --force-resume had advised --force-resume to load it",
-)
 def test_a_server_forced_onto_another_networks_checkpoint_says_so_not_damaged(tmp_path):
     """Unit level, the server's path of a forced resume after a network change (the launch
     code restores with the tree fingerprint expected): one CheckpointError that names the
