@@ -290,3 +290,82 @@ def test_pong_sbatch_example_runs(tmp_path):
     assert ps["frames"] > 0, ps
     assert ps["updates"] > 0, ps
     assert "[server] INFO: done" in job_log, _tail(job_log)
+
+
+def _ps_now(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "ps.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_for(condition, seconds: float, what: str, log_path: Path) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(2)
+    job_log = log_path.read_text() if log_path.exists() else "(no job output)"
+    pytest.fail(f"waited {seconds:.0f}s for {what}; job output:\n{_tail(job_log)}")
+
+
+def test_a_requeued_job_stops_on_sigterm_and_resumes_from_its_checkpoints(tmp_path):
+    """The sbatch example under `scontrol requeue` (what preemption or a node failure does
+    with --requeue): SLURM sends SIGTERM to every task, the server writes its final
+    checkpoint, the job comes back under the same id and every role resumes: the server
+    from that checkpoint (no update lost), the bundles from their replays. Catches a SIGTERM
+    that loses the last updates, a requeued run that starts afresh, and a resume that
+    forgets the run's counters."""
+    _require_slurm("sbatch", "scontrol", "squeue", "scancel")
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "job.out"
+    args = (
+        f"--run-dir {run_dir} --env-id CartPole-v1 --total-frames 10000000 "
+        "--learning-starts 500 --num-envs 2 --replay-capacity 5000 "
+        "--checkpoint-every-seconds 2 --log-every-seconds 5"
+    )
+    job_name = _job_name("requeue")
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={job_name}", f"--output={log_path}",
+         "--open-mode=append", str(SBATCH_SCRIPT)],
+        cwd=ROOT, env={**os.environ, "GORILA_ARGS": args}, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        _wait_for(
+            lambda: _ps_now(run_dir).get("checkpointed_version", -1) > 200,
+            SBATCH_TIMEOUT_SECONDS, "a first checkpoint", log_path,
+        )  # fmt: skip
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        stopped = _wait_for(
+            lambda: "[server] INFO: stopped" in log_path.read_text() and _ps_now(run_dir),
+            120, "the server to stop on SIGTERM", log_path,
+        )  # fmt: skip
+        assert stopped["checkpointed_version"] == stopped["version"]  # nothing unsaved
+        # A requeued job waits a while (BeginTime) before it runs again: now, please.
+        _wait_for(
+            lambda: subprocess.run(
+                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                capture_output=True, timeout=30,
+            ).returncode == 0
+            and "PENDING" not in subprocess.run(
+                ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                timeout=30,
+            ).stdout,
+            120, "the requeued job to start again", log_path,
+        )  # fmt: skip
+        resumed = _wait_for(
+            lambda: (ps := _ps_now(run_dir)).get("events", {}).get("resumed") == 1
+            and ps.get("version", 0) > stopped["version"]
+            and ps,
+            SBATCH_TIMEOUT_SECONDS, "the resumed server to apply updates", log_path,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    job_log = log_path.read_text()
+    assert f"[server] INFO: resumed from checkpoint {stopped['version']}" in job_log
+    assert job_log.count("resumed its replay from") == 2, _tail(job_log)
+    assert resumed["frames"] > stopped["frames"] > 0
