@@ -690,7 +690,7 @@ class ParameterServer:
         if not self._unsaved():
             return False
         if not self.check_finite():
-            log.warning(f"version {self.version} is not finite; not checkpointed")
+            log.warning(f"version {self.version} is non-finite; not checkpointed")
             return False
         state, meta = self.checkpoint_state()
         try:
