@@ -541,10 +541,11 @@ def read_shard_stats(run_dir: Path, shard: int) -> dict:
         return {}
 
 
-def test_a_killed_shard_comes_back_while_the_other_goes_on(tmp_path):
-    """kill -9 of server shard 1 of 2: the launcher restarts it from its checkpoint, the
-    bundles keep pushing to shard 0 meanwhile and reconnect to shard 1; SIGINT then stops
-    every process within 30 s."""
+def kill_a_shard_and_see_it_back(tmp_path, shard: int):
+    """A local run of 2 server shards and 2 bundles; once both shards have checkpointed,
+    kill -9 shard `shard` and wait until the launcher has restarted it from its checkpoint
+    and it applies pushes again, checking meanwhile that the other shard kept applying the
+    bundles' pushes and is still the process it was. Returns the launcher."""
     launcher = start_run(
         tmp_path, "--server-shards", "2", "--total-frames", "10000000",
         "--learning-starts", "300", "--checkpoint-every-seconds", "1",
@@ -555,23 +556,32 @@ def test_a_killed_shard_comes_back_while_the_other_goes_on(tmp_path):
                     for k in (0, 1)),
         180, "a checkpoint of both shards", launcher,
     )  # fmt: skip
-    survivor, victim = child_by_index(launcher, 0), child_by_index(launcher, 1)
+    other = 1 - shard
+    victim, survivor = child_by_index(launcher, shard), child_by_index(launcher, other)
     os.kill(victim.pid, signal.SIGKILL)
-    killed_at = read_shard_stats(tmp_path, 0)["version"]
+    killed_at = read_shard_stats(tmp_path, other)["version"]
     during_outage = killed_at
     deadline = time.monotonic() + 180
-    while not read_shard_stats(tmp_path, 1).get("events", {}).get("resumed"):
-        assert time.monotonic() < deadline, "shard 1 did not come back"
+    while not read_shard_stats(tmp_path, shard).get("events", {}).get("resumed"):
+        assert time.monotonic() < deadline, f"shard {shard} did not come back"
         assert launcher.poll() is None, launcher.communicate()
-        during_outage = max(during_outage, read_shard_stats(tmp_path, 0).get("version", 0))
+        during_outage = max(during_outage, read_shard_stats(tmp_path, other).get("version", 0))
         time.sleep(0.25)
     assert during_outage > killed_at + 10, (killed_at, during_outage)
-    resumed_at = read_shard_stats(tmp_path, 1)["version"]
+    resumed_at = read_shard_stats(tmp_path, shard)["version"]
     wait_until(
-        lambda: read_shard_stats(tmp_path, 1).get("version", 0) > resumed_at + 50,
-        120, "the restarted shard to apply pushes", launcher,
+        lambda: read_shard_stats(tmp_path, shard).get("version", 0) > resumed_at + 50,
+        120, f"the restarted shard {shard} to apply pushes", launcher,
     )  # fmt: skip
-    assert child_by_index(launcher, 0).pid == survivor.pid and survivor.is_running()
+    assert child_by_index(launcher, other).pid == survivor.pid and survivor.is_running()
+    return launcher
+
+
+def test_a_killed_shard_comes_back_while_the_other_goes_on(tmp_path):
+    """kill -9 of server shard 1 of 2: the launcher restarts it from its checkpoint, the
+    bundles keep pushing to shard 0 meanwhile and reconnect to shard 1; SIGINT then stops
+    every process within 30 s."""
+    launcher = kill_a_shard_and_see_it_back(tmp_path, 1)
     combined = read_stats(tmp_path)
     assert combined["server_shards"] == 2 and len(combined["shards"]) == 2
     processes = all_descendants(launcher)
@@ -593,33 +603,7 @@ def test_a_killed_shard_0_comes_back_and_still_gathers_the_params(tmp_path):
     import flax.serialization
     from jax.flatten_util import ravel_pytree
 
-    launcher = start_run(
-        tmp_path, "--server-shards", "2", "--total-frames", "10000000",
-        "--learning-starts", "300", "--checkpoint-every-seconds", "1",
-        "--server-timeout-seconds", "3",
-    )  # fmt: skip
-    wait_until(
-        lambda: all(read_shard_stats(tmp_path, k).get("checkpointed_version", -1) > 20
-                    for k in (0, 1)),
-        180, "a checkpoint of both shards", launcher,
-    )  # fmt: skip
-    victim, survivor = child_by_index(launcher, 0), child_by_index(launcher, 1)
-    os.kill(victim.pid, signal.SIGKILL)
-    killed_at = read_shard_stats(tmp_path, 1)["version"]
-    during_outage = killed_at
-    deadline = time.monotonic() + 180
-    while not read_shard_stats(tmp_path, 0).get("events", {}).get("resumed"):
-        assert time.monotonic() < deadline, "shard 0 did not come back"
-        assert launcher.poll() is None, launcher.communicate()
-        during_outage = max(during_outage, read_shard_stats(tmp_path, 1).get("version", 0))
-        time.sleep(0.25)
-    assert during_outage > killed_at + 10, (killed_at, during_outage)
-    resumed_at = read_shard_stats(tmp_path, 0)["version"]
-    wait_until(
-        lambda: read_shard_stats(tmp_path, 0).get("version", 0) > resumed_at + 50,
-        120, "the restarted shard 0 to apply pushes", launcher,
-    )  # fmt: skip
-    assert child_by_index(launcher, 1).pid == survivor.pid and survivor.is_running()
+    launcher = kill_a_shard_and_see_it_back(tmp_path, 0)
     processes = all_descendants(launcher)
     out, err = stop_and_check(launcher, processes)
     assert "lost server shard 0" in out and "reconnected to server shard 0" in out
