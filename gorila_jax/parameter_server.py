@@ -133,7 +133,9 @@ class OutlierFilter:
 
         The threshold (two medians over the window, ~20 us) is computed afresh every
         `OUTLIER_REFRESH` losses and for any loss above the last one computed, so a loss
-        is only ever refused against an up-to-date threshold, at a fraction of the cost.
+        is only ever refused against an up-to-date threshold; a loss under a threshold up
+        to `OUTLIER_REFRESH` losses old is accepted, even if the threshold has since come
+        down below it (a window of 512 moves little in 16 losses).
         """
         judged = self.k > 0 and self.count >= self.warmup
         outlier = False
@@ -352,7 +354,7 @@ class ParameterServer:
             transport.reply_header(
                 request,
                 "error",
-                version=self.version,
+                version=self.version + len(self._batch),  # as one push at a time would say
                 fingerprint=self.fingerprint,
                 reason=reason,
                 message=message,
@@ -364,8 +366,7 @@ class ParameterServer:
         of its reply (never raises on input): `submit` then `flush`."""
         ready = self.submit(frames)
         ready += self.flush()
-        (reply,) = [frames for peer, frames in ready if peer is None]
-        return reply
+        return [frames for peer, frames in ready if peer is None][-1]
 
     def submit(self, frames: list, peer: Any = None) -> list[tuple[Any, list]]:
         """Take one request from `peer` (a routing id); return the (peer, reply frames)
@@ -522,7 +523,8 @@ class ParameterServer:
         the welcome, would make a restarted bundle start past its budget."""
         since = self._frames_at.get(worker, self.started)
         reached = self.counters.frames.get(worker, 0)
-        return frames <= reached + (self.clock() - since + 1.0) * MAX_FRAMES_PER_SECOND
+        elapsed = max(0.0, self.clock() - since)  # a wall clock stepped back: no time
+        return frames <= reached + (elapsed + 1.0) * MAX_FRAMES_PER_SECOND
 
     def _stale_params(self, worker: int, header: dict) -> jax.Array | None:
         """DC-ASGD: the params `worker` was sent at the push's base version (None: the
@@ -562,9 +564,9 @@ class ParameterServer:
     def _apply_batch(self) -> list[tuple[Any, list]]:
         if not self._batch:
             return []
-        batch, self._batch = self._batch, []
-        start = self.version
+        batch, start = self._batch, self.version
         self.state = self._apply(self.state, [push for _, _, push, _ in batch])
+        self._batch = []  # only once applied: a failed apply leaves them to be answered
         acks = []
         for offset, (peer, header, _, staleness) in enumerate(batch, start=1):
             self.counters.accepted(header["worker"], staleness)

@@ -442,7 +442,7 @@ def _validate_header(header: dict, *, authenticated: bool = False) -> None:
         return ProtocolError("malformed", message, header, authenticated=authenticated)
 
     kind = header.get("kind")
-    if kind not in _SCHEMAS:  # (an unhashable kind is refused by the key check below)
+    if not isinstance(kind, str) or kind not in _SCHEMAS:  # (a map is not hashable)
         for key in header:
             if not isinstance(key, str):
                 raise refuse(f"header key {key!r} is not a str")
@@ -649,7 +649,7 @@ def decode(
         raise ProtocolError("malformed", "field 'token' missing or not a str", header)
     if not hmac.compare_digest(token.encode("utf-8"), expected_token.encode("utf-8")):
         raise ProtocolError("bad_token", "wrong run token", header)
-    if header.get("kind") in REPLY_KINDS:
+    if isinstance(header.get("kind"), str) and header["kind"] in REPLY_KINDS:
         raise ProtocolError(
             "malformed", f"{header['kind']} is not a request", header, authenticated=True
         )
@@ -676,7 +676,7 @@ def decode_reply(
     does, or a request kind, is "malformed".
     """
     views, header = _open(frames, max_bytes)
-    if header.get("kind") in REQUEST_KINDS:
+    if isinstance(header.get("kind"), str) and header["kind"] in REQUEST_KINDS:
         raise ProtocolError("malformed", f"{header['kind']} is not a reply", header)
     _validate_header(header)
     return _check_arrays(
@@ -867,7 +867,7 @@ def send(
     first_flags = int(flags)
     for index, part in enumerate(parts):
         flags = (_SNDMORE if index < last else 0) | (first_flags if index == 0 else 0)
-        socket.send(part, flags, copy=copy and len(part) >= _COPY_THRESHOLD)
+        socket.send(part, flags, copy=copy or len(part) < _COPY_THRESHOLD)
 
 
 _SNDMORE = int(zmq.SNDMORE)

@@ -184,3 +184,31 @@ def test_a_seq_far_ahead_of_the_clock_and_an_implausible_frame_count_are_refused
         finally:
             bundle.close()
         assert served.server.counters.frames[1] == 4000
+
+
+def test_a_header_whose_kind_is_a_map_is_malformed_not_a_crash():
+    """Catches a lookup of an unhashable kind (a msgpack map) in the kind tables: it raised
+    TypeError out of the serve loop, so one request with the token ended the server."""
+    params = {"w": np.zeros(16, np.float32)}
+    with Served(params) as served:
+        peer = zmq.Context.instance().socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.connect(served.endpoint)
+        try:
+            header = {
+                "kind": {"push": 1}, "token": TOKEN, "worker": 0, "seq": 1, "version": 0,
+                "fingerprint": served.server.fingerprint, "protocol": transport.PROTOCOL_VERSION,
+                "arrays": 0,
+            }  # fmt: skip
+            peer.send(msgpack.packb(header))
+            assert peer.poll(10_000)
+            reply = msgpack.unpackb(peer.recv_multipart()[0])
+            assert (reply["kind"], reply["reason"]) == ("error", "malformed")
+        finally:
+            peer.close(linger=0)
+        bundle = served.connection(0)
+        try:
+            assert bundle.hello()[1] == 0  # still serving
+        finally:
+            bundle.close()
+    assert served.server.stats()["rejections"] == {"malformed": 1}
