@@ -345,7 +345,8 @@ def test_a_requeued_job_stops_on_sigterm_and_resumes_from_its_checkpoints(tmp_pa
             120, "the server to stop on SIGTERM", log_path,
         )  # fmt: skip
         assert stopped["checkpointed_version"] == stopped["version"]  # nothing unsaved
-        # A requeued job waits a while (BeginTime) before it runs again: now, please.
+        # A requeued job waits a while (BeginTime, about 2 minutes here) before it runs
+        # again: ask for now, and wait out the delay where the update does not take.
         _wait_for(
             lambda: subprocess.run(
                 ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
@@ -355,7 +356,7 @@ def test_a_requeued_job_stops_on_sigterm_and_resumes_from_its_checkpoints(tmp_pa
                 ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                 timeout=30,
             ).stdout,
-            120, "the requeued job to start again", log_path,
+            300, "the requeued job to start again", log_path,
         )  # fmt: skip
         resumed = _wait_for(
             lambda: (ps := _ps_now(run_dir)).get("events", {}).get("resumed") == 1
