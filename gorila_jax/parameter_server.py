@@ -98,7 +98,7 @@ NORM_TOLERANCE = 1e-3  # relative slack on max_grad_norm for float32 rounding in
 
 
 class ParamsDiverged(RuntimeError):
-    """The params or the optimizer state stopped being finite after a batch of updates."""
+    """The params or the optimizer state stopped being finite (`check_finite`)."""
 
 
 class OutlierFilter:

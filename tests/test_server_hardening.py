@@ -46,6 +46,19 @@ class Served:
         self.thread.join(timeout=30)
         self.socket.close(linger=0)
 
+    def raw_reply(self, header_frame: bytes) -> dict:
+        """Send one message of `header_frame` from a bare DEALER (no client checks) and
+        return the header of the server's reply."""
+        peer = zmq.Context.instance().socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.connect(self.endpoint)
+        try:
+            peer.send(header_frame)
+            assert peer.poll(10_000), "no reply"
+            return msgpack.unpackb(peer.recv_multipart()[0])
+        finally:
+            peer.close(linger=0)
+
     def connection(self, worker: int) -> ServerConnection:
         return ServerConnection(
             self.endpoint, token=TOKEN, worker=worker, fingerprint=self.server.fingerprint,
@@ -158,20 +171,12 @@ def test_a_seq_far_ahead_of_the_clock_and_an_implausible_frame_count_are_refused
     started past its budget. Both are refused now and the real bundle is unharmed."""
     params = {"w": np.zeros(64, np.float32)}
     with Served(params) as served:
-        attacker = zmq.Context.instance().socket(zmq.DEALER)
-        attacker.setsockopt(zmq.LINGER, 0)
-        attacker.connect(served.endpoint)
-        try:
-            header = transport.make_header(
-                "pull", token=TOKEN, worker=1, seq=2**64 - 1, version=-1,
-                fingerprint=served.server.fingerprint,
-            )  # fmt: skip
-            transport.send(attacker, transport.encode(header))
-            assert attacker.poll(10_000)
-            reply = msgpack.unpackb(attacker.recv_multipart()[0])
-            assert (reply["kind"], reply["reason"]) == ("error", "future_seq")
-        finally:
-            attacker.close(linger=0)
+        header = transport.make_header(
+            "pull", token=TOKEN, worker=1, seq=2**64 - 1, version=-1,
+            fingerprint=served.server.fingerprint,
+        )  # fmt: skip
+        reply = served.raw_reply(transport.encode(header)[0])
+        assert (reply["kind"], reply["reason"]) == ("error", "future_seq")
         bundle = served.connection(1)
         try:
             _, version, info = bundle.hello()  # not locked out
@@ -191,21 +196,13 @@ def test_a_header_whose_kind_is_a_map_is_malformed_not_a_crash():
     TypeError out of the serve loop, so one request with the token ended the server."""
     params = {"w": np.zeros(16, np.float32)}
     with Served(params) as served:
-        peer = zmq.Context.instance().socket(zmq.DEALER)
-        peer.setsockopt(zmq.LINGER, 0)
-        peer.connect(served.endpoint)
-        try:
-            header = {
-                "kind": {"push": 1}, "token": TOKEN, "worker": 0, "seq": 1, "version": 0,
-                "fingerprint": served.server.fingerprint, "protocol": transport.PROTOCOL_VERSION,
-                "arrays": 0,
-            }  # fmt: skip
-            peer.send(msgpack.packb(header))
-            assert peer.poll(10_000)
-            reply = msgpack.unpackb(peer.recv_multipart()[0])
-            assert (reply["kind"], reply["reason"]) == ("error", "malformed")
-        finally:
-            peer.close(linger=0)
+        header = {
+            "kind": {"push": 1}, "token": TOKEN, "worker": 0, "seq": 1, "version": 0,
+            "fingerprint": served.server.fingerprint, "protocol": transport.PROTOCOL_VERSION,
+            "arrays": 0,
+        }  # fmt: skip
+        reply = served.raw_reply(msgpack.packb(header))
+        assert (reply["kind"], reply["reason"]) == ("error", "malformed")
         bundle = served.connection(0)
         try:
             assert bundle.hello()[1] == 0  # still serving
