@@ -19,11 +19,11 @@ import jax
 import numpy as np
 from common import raw_envpool_rate, result_line
 
-from gorila_jax import cli
-from gorila_jax.actor import make_policy
-from gorila_jax.config import Config
+from gorila_jax.core import cli
+from gorila_jax.core.actor import make_policy
+from gorila_jax.core.config import Config
+from gorila_jax.core.networks import make_network
 from gorila_jax.envs import make_env
-from gorila_jax.networks import make_network
 
 
 @dataclasses.dataclass(frozen=True)

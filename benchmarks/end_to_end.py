@@ -24,15 +24,15 @@ import jax
 import numpy as np
 from common import compiled_flops, matmul_flops_per_second, raw_envpool_rate, result_line
 
-from gorila_jax import cli
-from gorila_jax.bundle import make_replay, run_actor_learner
-from gorila_jax.config import Config
+from gorila_jax.bundle.loop import make_replay, run_actor_learner
+from gorila_jax.core import cli
+from gorila_jax.core.config import Config
+from gorila_jax.core.learner import local_mesh, make_grad_step
+from gorila_jax.core.model import Model
+from gorila_jax.core.networks import NatureCNNReference
+from gorila_jax.core.replay import Transition
 from gorila_jax.envs import make_env
-from gorila_jax.learner import local_mesh, make_grad_step
-from gorila_jax.model import Model
-from gorila_jax.networks import NatureCNNReference
-from gorila_jax.replay import Transition
-from gorila_jax.single_process import LocalLearner
+from gorila_jax.run.single_process import LocalLearner
 
 
 @dataclasses.dataclass(frozen=True)

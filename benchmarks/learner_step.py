@@ -19,10 +19,10 @@ import jax
 import numpy as np
 from common import compiled_flops, matmul_flops_per_second, median_seconds, result_line
 
-from gorila_jax import cli
-from gorila_jax.learner import local_mesh, make_grad_step
-from gorila_jax.networks import NatureCNN, NatureCNNReference
-from gorila_jax.replay import Transition
+from gorila_jax.core import cli
+from gorila_jax.core.learner import local_mesh, make_grad_step
+from gorila_jax.core.networks import NatureCNN, NatureCNNReference
+from gorila_jax.core.replay import Transition
 
 
 @dataclasses.dataclass(frozen=True)

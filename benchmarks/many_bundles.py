@@ -42,7 +42,7 @@ import numpy as np
 from common import result_line
 from sharded_server import Collector, _config, shard_process
 
-from gorila_jax import cli
+from gorila_jax.core import cli
 
 SHARDS = 256  # the split whose shard 0 is measured: a 6,591-element slice
 STARTUP_SECONDS = 300.0
@@ -76,7 +76,7 @@ def raw_router(num_workers: int, slice_size: int, token: str, commands, results)
     import msgpack
     import zmq
 
-    from gorila_jax import transport
+    from gorila_jax.wire import transport
 
     context = zmq.Context.instance()
     socket = context.socket(zmq.ROUTER)
@@ -135,7 +135,7 @@ def bundles_phase(index: int, workers: list[int], phase, context, commands, resu
     import msgpack
     import zmq
 
-    from gorila_jax import transport
+    from gorila_jax.wire import transport
 
     endpoint, fingerprint, slice_size, token, rate, window, sync_every, raw = phase
     rng = np.random.default_rng(index)
@@ -226,7 +226,7 @@ def bundles_phase(index: int, workers: list[int], phase, context, commands, resu
 def run_phase(target, args: ManyBundlesArgs, rate: float, clients, spawn, params, token):
     """Start the server (`target`: the shard or the raw router), load it at `rate`,
     measure; returns a dict of figures."""
-    from gorila_jax.shard_layout import ShardLayout
+    from gorila_jax.core.shard_layout import ShardLayout
 
     results = spawn.Queue()
     commands = spawn.Queue()
@@ -293,11 +293,11 @@ def benchmark(args: ManyBundlesArgs) -> int:
         raise cli.CommandLineError("--client-processes must not exceed --bundles")
     import jax
 
-    from gorila_jax import transport
-    from gorila_jax.model import Model
+    from gorila_jax.envs import model_of
+    from gorila_jax.wire import transport
 
     config = _config(SHARDS)
-    params = jax.tree.map(np.asarray, Model.of(config).init(config.seed))
+    params = jax.tree.map(np.asarray, model_of(config).init(config.seed))
     token = transport.new_run_token()
     spawn = mp.get_context("spawn")
     workers = np.array_split(np.arange(args.bundles), args.client_processes)

@@ -42,7 +42,7 @@ import time
 import numpy as np
 from common import median_seconds, result_line
 
-from gorila_jax import cli
+from gorila_jax.core import cli
 
 LOSS = 1.0
 MAX_BYTES = 256 * 1024 * 1024
@@ -69,7 +69,7 @@ def _gradient(num_params: int, seed: int) -> np.ndarray:
 
 
 def _connect(endpoint: str, token: str, fingerprint: str, num_params: int, worker: int):
-    from gorila_jax.ps_client import ServerConnection
+    from gorila_jax.bundle.client import ServerConnection
 
     return ServerConnection(
         endpoint,
@@ -93,7 +93,7 @@ def load_client(
     results,
 ) -> None:
     """Push as fast as replies come, pull every `sync_every` pushes, until told to stop."""
-    from gorila_jax.ps_client import PUSHES_IN_FLIGHT
+    from gorila_jax.bundle.client import PUSHES_IN_FLIGHT
 
     grads = _gradient(num_params, worker)
     connection = _connect(endpoint, token, fingerprint, num_params, worker)
@@ -231,7 +231,7 @@ def guarded_apply_seconds(server, grads: np.ndarray, repeats: int = 40) -> tuple
     import jax.numpy as jnp
     import optax
 
-    from gorila_jax.shard_state import Push
+    from gorila_jax.server.shard_state import Push
 
     tx = optax.adam(server.config.learning_rate)
 
@@ -266,7 +266,7 @@ def component_costs(server, grads: np.ndarray) -> dict[str, float]:
     """Median seconds of the server's per-push steps, outside any socket (for the printout)."""
     import jax.numpy as jnp
 
-    from gorila_jax import transport
+    from gorila_jax.wire import transport
 
     header = transport.make_header(
         "push",
@@ -321,7 +321,7 @@ def handle_rate(server, grads: np.ndarray, sync_every: int, seconds: float) -> f
     pull (params copy) every `sync_every` pushes. Use a fresh server, not the served one."""
     import jax
 
-    from gorila_jax import transport
+    from gorila_jax.wire import transport
 
     payload = grads.tobytes()  # read-only and not 64-byte aligned, like a received frame
     seq = 0
@@ -360,10 +360,10 @@ def benchmark(args: ParameterServerArgs) -> int:
     import jax
     import zmq
 
-    from gorila_jax import transport
-    from gorila_jax.config import Config
-    from gorila_jax.networks import NatureCNN
-    from gorila_jax.parameter_server import ParameterServer
+    from gorila_jax.core.config import Config
+    from gorila_jax.core.networks import NatureCNN
+    from gorila_jax.server.parameter_server import ParameterServer
+    from gorila_jax.wire import transport
 
     config = dataclasses.replace(
         Config(), optimizer="adam", max_staleness=1_000_000, outlier_k=0.0, dc_asgd="off"

@@ -18,8 +18,8 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from gorila_jax import cli
-from gorila_jax.replay import PrioritizedReplay, Replay
+from gorila_jax.core import cli
+from gorila_jax.core.replay import PrioritizedReplay, Replay
 
 FRAME_SHAPE = (84, 84)
 FRAME_BYTES = 84 * 84

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from common import result_line
 
-from gorila_jax import cli
-from gorila_jax.bundle import LoopCounters, make_replay
-from gorila_jax.config import Config
+from gorila_jax.bundle.loop import LoopCounters, make_replay
+from gorila_jax.bundle.replay_checkpoint import ReplayCheckpointer
+from gorila_jax.core import cli
+from gorila_jax.core.config import Config
 from gorila_jax.envs import make_env
-from gorila_jax.replay_checkpoint import ReplayCheckpointer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,7 @@ from collections import Counter
 import numpy as np
 from common import result_line
 
-from gorila_jax import cli
+from gorila_jax.core import cli
 
 LOSS = 1.0
 TIMEOUT_SECONDS = 120.0
@@ -83,7 +83,7 @@ class ShardedServerArgs:
 
 
 def _config(shards: int):
-    from gorila_jax.config import Config
+    from gorila_jax.core.config import Config
 
     # Config defaults (Pong, Adam, clipping in the bundle), the outlier filter off and no
     # staleness bound: the probe's tiny pushes come so fast that a bundle the scheduler
@@ -102,8 +102,8 @@ def shard_process(
     import jax
     import zmq
 
-    from gorila_jax import transport
-    from gorila_jax.parameter_server import ParameterServer, max_message_bytes
+    from gorila_jax.server.parameter_server import ParameterServer, max_message_bytes
+    from gorila_jax.wire import transport
 
     config = _config(shards)
     server = ParameterServer(config, params, num_workers=num_workers, token=token, shard=shard)
@@ -140,8 +140,8 @@ def bundle_process(worker: int, commands, events: dict, results) -> None:
     """A fake bundle: for each phase it is given, push slices to every shard until stopped."""
     from collections import Counter, deque
 
-    from gorila_jax.ps_client import PUSHES_IN_FLIGHT, ServerConnection
-    from gorila_jax.shard_layout import ShardLayout
+    from gorila_jax.bundle.client import PUSHES_IN_FLIGHT, ServerConnection
+    from gorila_jax.core.shard_layout import ShardLayout
 
     rng = np.random.default_rng(worker)
     while True:
@@ -244,7 +244,7 @@ class Collector:
 def wire_bytes(token: str, fingerprint: str, slice_size: int) -> tuple[int, int]:
     """Bytes of one push of a `slice_size` slice (header + array frame) and of its ack, as
     encoded (zmq adds a few bytes of framing per frame, TCP/IP its headers)."""
-    from gorila_jax import transport
+    from gorila_jax.wire import transport
 
     header = transport.make_header(
         "push", token=token, worker=1, seq=time.time_ns(), version=123_456,
@@ -275,7 +275,7 @@ def run_phase(
     import jax
     import psutil
 
-    from gorila_jax.parameter_server import max_message_bytes
+    from gorila_jax.server.parameter_server import max_message_bytes
 
     running = shards if running is None else running
     results = spawn.Queue()
@@ -394,11 +394,11 @@ def benchmark(args: ShardedServerArgs) -> int:
 
     import jax
 
-    from gorila_jax import transport
-    from gorila_jax.model import Model
+    from gorila_jax.envs import model_of
+    from gorila_jax.wire import transport
 
     config = _config(1)
-    model = Model.of(config)
+    model = model_of(config)
     num_actions = model.num_actions
     params = jax.tree.map(np.asarray, model.init(config.seed))
     num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
@@ -469,8 +469,8 @@ SCENARIOS = (("100 CPU bundles, 30 ms step", 100, 33.0), ("8 GPU bundles, 2 ms s
 
 def handle_cpu_per_push(params, shards: int, token: str, seconds: float = 2.0) -> float:
     """CPU seconds per push of `ParameterServer.handle` alone for shard 0 of `shards`."""
-    from gorila_jax import transport
-    from gorila_jax.parameter_server import ParameterServer
+    from gorila_jax.server.parameter_server import ParameterServer
+    from gorila_jax.wire import transport
 
     server = ParameterServer(_config(shards), params, num_workers=1, token=token, shard=0)
     grads = np.full(server.num_params, 1e-3, np.float32)

@@ -46,7 +46,7 @@ import numpy as np
 import psutil
 from common import ROOT, result_line
 
-from gorila_jax import cli
+from gorila_jax.core import cli
 
 ENV_PROCESS_ID = "GORILA_PROCESS_ID"
 HUGE_FRAMES = 10**12

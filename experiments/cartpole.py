@@ -7,8 +7,8 @@ srun -n 3 python experiments/cartpole.py         # under SLURM
 
 import sys
 
-from gorila_jax.config import cartpole_defaults
-from gorila_jax.launch import main
+from gorila_jax.core.config import cartpole_defaults
+from gorila_jax.run.launch import main
 
 if __name__ == "__main__":
     sys.exit(main(cartpole_defaults(), description=__doc__))

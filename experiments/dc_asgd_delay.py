@@ -7,7 +7,7 @@ current parameters (version t), which is what an asynchronous parameter server s
 other updates land between a worker's read and its push. tau = 0 is sequential SGD.
 
 - ASGD: ``optax.sgd(lr)`` on the stale gradient.
-- DC-ASGD-c / DC-ASGD-a: ``optax.chain(gorila_jax.optim.dc_asgd(...), optax.sgd(lr))`` with
+- DC-ASGD-c / DC-ASGD-a: ``optax.chain(gorila_jax.core.optim.dc_asgd(...), optax.sgd(lr))`` with
   ``params`` = current and ``stale_params`` = the version the gradient was computed on.
 
 Everything for one method runs as one jitted ``lax.scan``, vmapped over seeds and over tau (the
@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gorila_jax import cli
-from gorila_jax.optim import dc_asgd
+from gorila_jax.core import cli
+from gorila_jax.core.optim import dc_asgd
 
 PAPER_LAMBDA = {"dc_c": 0.04, "dc_a": 2.0}
 """DC-ASGD defaults of Zheng et al. 2017 (constant form; adaptive form with momentum 0.95)."""
@@ -597,8 +597,9 @@ def write_results(exp: dict, command: str) -> str:
             f"minibatch {s.batch_size}, {s.updates} updates of plain SGD at a fixed learning "
             "rate. The gradient of update t is computed on the parameters of version "
             "max(t − τ, 0) and applied to version t (ring buffer of versions, one jitted "
-            "`lax.scan` vmapped over seeds and τ). DC-ASGD is `gorila_jax.optim.dc_asgd` chained "
-            "before `optax.sgd`, with `stale_params` = the version the gradient came from. At "
+            "`lax.scan` vmapped over seeds and τ). DC-ASGD is "
+            "`gorila_jax.core.optim.dc_asgd` chained before `optax.sgd`, with `stale_params` = "
+            "the version the gradient came from. At "
             "τ = 0 every method is sequential SGD exactly (params − stale_params = 0).",
             "",
             f"**Seeds.** Reported: {list(s.seeds)} (a seed fixes init and minibatch order, the "

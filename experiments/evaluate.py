@@ -14,8 +14,8 @@ params made for another game or network than the run's config describes.
 
 import sys
 
-from gorila_jax.cli import CommandLineError, run
-from gorila_jax.evaluate import EvaluationError, Settings, evaluate_run
+from gorila_jax.core.cli import CommandLineError, run
+from gorila_jax.run.evaluate import EvaluationError, Settings, evaluate_run
 
 
 def evaluate(settings: Settings) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import tyro
 
-from gorila_jax.cli import CommandLineError, run
-from gorila_jax.plots import PlotError, first_reaching, load_run, make_plots
+from gorila_jax.core.cli import CommandLineError, run
+from gorila_jax.io.plots import PlotError, first_reaching, load_run, make_plots
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ Every flag is listed by --help; --config FILE.yaml sets a base that flags overri
 
 import sys
 
-from gorila_jax.config import Config
-from gorila_jax.launch import main
+from gorila_jax.core.config import Config
+from gorila_jax.run.launch import main
 
 if __name__ == "__main__":
     sys.exit(main(Config(), description=__doc__))

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gorila_jax.actor import linear_epsilon, make_policy
-from gorila_jax.config import Config
+from gorila_jax.core.actor import linear_epsilon, make_policy
+from gorila_jax.core.config import Config
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ import threading
 import jax
 import numpy as np
 
-from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_learner
-from gorila_jax.config import cartpole_defaults
+from gorila_jax.bundle.loop import LoopCounters, LoopResult, make_replay, run_actor_learner
+from gorila_jax.core.config import cartpole_defaults
+from gorila_jax.core.learner import StepMetrics
+from gorila_jax.core.networks import make_network
 from gorila_jax.envs import make_env
-from gorila_jax.learner import StepMetrics
-from gorila_jax.networks import make_network
 
 
 class FakeLearner:

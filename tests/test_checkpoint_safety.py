@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
-from gorila_jax import checkpoint as checkpoint_module
-from gorila_jax.checkpoint import Checkpointer, run_meta
-from gorila_jax.config import cartpole_defaults
+from gorila_jax.core.config import cartpole_defaults
+from gorila_jax.io import checkpoint as checkpoint_module
+from gorila_jax.io.checkpoint import Checkpointer, run_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
@@ -39,8 +39,8 @@ HELPER = """
 import dataclasses, resource, sys
 from pathlib import Path
 import numpy as np
-from gorila_jax.checkpoint import Checkpointer, run_meta
-from gorila_jax.config import cartpole_defaults
+from gorila_jax.io.checkpoint import Checkpointer, run_meta
+from gorila_jax.core.config import cartpole_defaults
 
 run_dir, mode, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 config = dataclasses.replace(cartpole_defaults(), run_dir=str(run_dir))
@@ -269,8 +269,8 @@ def test_a_single_process_keeps_the_replay_its_learner_checkpoint_pairs_with(
     # After its first checkpoint the learner's cannot be written again (a full disk for it
     # alone) while the replay's checkpoints go on, more than checkpoint_keep of them: the
     # replay that pairs with the learner checkpoint on disk is kept, so a resume has both.
-    from gorila_jax import logs
-    from gorila_jax.single_process import train
+    from gorila_jax.io import logs
+    from gorila_jax.run.single_process import train
 
     written = []
     real_save = JsonCheckpointHandler._save_fn

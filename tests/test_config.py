@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gorila_jax.config import (
+from gorila_jax.core.config import (
     RESUME_SAFE_FIELDS,
     Config,
     ConfigError,
@@ -20,8 +20,8 @@ from gorila_jax.config import (
     resume_differences,
     to_dict,
     validate,
-    write_resolved,
 )
+from gorila_jax.io.config_file import write_resolved
 
 ROOT = Path(__file__).resolve().parents[1]
 

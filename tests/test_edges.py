@@ -17,11 +17,11 @@ import pytest
 import zmq
 from jax.flatten_util import ravel_pytree
 
-from gorila_jax import transport
-from gorila_jax.config import cartpole_defaults
-from gorila_jax.networks import MLP
-from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.ps_client import ServerConnection, ServerError
+from gorila_jax.bundle.client import ServerConnection, ServerError
+from gorila_jax.core.config import cartpole_defaults
+from gorila_jax.core.networks import MLP
+from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.wire import transport
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
@@ -118,7 +118,7 @@ def test_a_server_forced_onto_another_networks_checkpoint_says_so_not_damaged(tm
     other network, with the checkpoint left as it is. Catches a good checkpoint reported as
     damaged (the user is told to move the run's checkpoints away) and a forced load that
     goes ahead with arrays of the wrong shape."""
-    from gorila_jax.checkpoint import Checkpointer, CheckpointError
+    from gorila_jax.io.checkpoint import Checkpointer, CheckpointError
 
     def server_of(hidden: tuple[int, ...]):
         config = dataclasses.replace(

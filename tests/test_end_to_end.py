@@ -161,9 +161,9 @@ def initial_pong_params() -> np.ndarray:
     """The params a default Pong server starts from (seed 0), flat, computed here apart."""
     import jax
 
-    from gorila_jax.config import Config
+    from gorila_jax.core.config import Config
+    from gorila_jax.core.networks import make_network
     from gorila_jax.envs import make_env
-    from gorila_jax.networks import make_network
 
     config = Config()
     env = make_env(config, seed=config.seed, training=True, num_envs=1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gorila_jax import envs
-from gorila_jax.config import Config, cartpole_defaults
+from gorila_jax.core.config import Config, cartpole_defaults
 from gorila_jax.envs import Episode, EpisodeTracker, make_env
 
 

@@ -1,7 +1,7 @@
 """Evaluation: repeatable for a seed, played by the DQN papers' protocol (whole games,
 unclipped rewards, no-op starts), and the committed Pong params win a game.
 
-References are built apart from `gorila_jax.evaluate`: a raw envpool game stepped with the
+References are built apart from `gorila_jax.run.evaluate`: a raw envpool game stepped with the
 same actions, a fake env whose game is written out by hand.
 """
 
@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from gorila_jax import envs
-from gorila_jax.config import Config, cartpole_defaults, write_resolved
+from gorila_jax.core.config import Config, cartpole_defaults
+from gorila_jax.core.networks import make_network
 from gorila_jax.envs import EnvStep, Episode
-from gorila_jax.evaluate import EpisodeScore, Settings, evaluate_run, play
-from gorila_jax.networks import make_network
-from gorila_jax.params_file import save_params
+from gorila_jax.io.config_file import write_resolved
+from gorila_jax.io.params_file import save_params
+from gorila_jax.run.evaluate import EpisodeScore, Settings, evaluate_run, play
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,12 +19,12 @@ import psutil
 import pytest
 import zmq
 
-from gorila_jax import transport
-from gorila_jax.checkpoint import Checkpointer, CheckpointError
-from gorila_jax.config import cartpole_defaults
-from gorila_jax.networks import MLP
-from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.ps_client import RemoteLearner, ServerConnection, ServerError
+from gorila_jax.bundle.client import RemoteLearner, ServerConnection, ServerError
+from gorila_jax.core.config import cartpole_defaults
+from gorila_jax.core.networks import MLP
+from gorila_jax.io.checkpoint import Checkpointer, CheckpointError
+from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.wire import transport
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gorila_jax.files import atomic_writer, write_atomically
+from gorila_jax.io.files import atomic_writer, write_atomically
 
 
 def test_write_replaces_in_one_step_and_leaves_no_temporary(tmp_path):
@@ -26,7 +26,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
 WRITER = """
 import sys
 from pathlib import Path
-from gorila_jax.files import write_atomically
+from gorila_jax.io.files import write_atomically
 path = Path(sys.argv[1])
 generation = 0
 print("ready", flush=True)

@@ -29,11 +29,11 @@ import zmq
 from jax.flatten_util import ravel_pytree
 from zmq.utils.monitor import recv_monitor_message
 
-from gorila_jax import transport
-from gorila_jax.config import Config
-from gorila_jax.networks import MLP
-from gorila_jax.parameter_server import MAX_REQUEST_FRAMES, ParameterServer
-from gorila_jax.ps_client import ServerConnection
+from gorila_jax.bundle.client import ServerConnection
+from gorila_jax.core.config import Config
+from gorila_jax.core.networks import MLP
+from gorila_jax.server.parameter_server import MAX_REQUEST_FRAMES, ParameterServer
+from gorila_jax.wire import transport
 
 TOKEN = hashlib.sha256(b"gorila_jax fuzz token").hexdigest()
 U64 = 2**64 - 1

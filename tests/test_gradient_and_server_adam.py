@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gorila_jax import transport
-from gorila_jax.config import Config
-from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.learner import local_mesh, make_flat_grad_step
-from gorila_jax.networks import MLP
-from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.replay import Transition
-from gorila_jax.shard_layout import ShardLayout
+from gorila_jax.core.config import Config
+from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.learner import local_mesh, make_flat_grad_step
+from gorila_jax.core.networks import MLP
+from gorila_jax.core.replay import Transition
+from gorila_jax.core.shard_layout import ShardLayout
+from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.wire import transport
 
 BATCH, OBS, ACTIONS, GAMMA = 8, 4, 3, 0.9
 
@@ -265,8 +265,8 @@ def test_a_bundles_push_is_the_reference_step_and_the_server_applies_it():
     the target taken for the online params), pushes an unclipped or stale-batch gradient,
     stamps the wrong base version or frames, and a server that applies to a push something
     else than what the bundle computed (another slice, another order, a rescaling)."""
-    from gorila_jax.ps_client import RemoteLearner
-    from gorila_jax.replay import Sample
+    from gorila_jax.bundle.client import RemoteLearner
+    from gorila_jax.core.replay import Sample
 
     network, params, target, batch, weights = setting(seed=5)
     flat = np.asarray(jax.flatten_util.ravel_pytree(params)[0])

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import zmq
 
-from gorila_jax import transport
+from gorila_jax.wire import transport
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")

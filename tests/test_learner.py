@@ -7,15 +7,15 @@ import numpy as np
 import optax
 import pytest
 
-from gorila_jax.learner import (
+from gorila_jax.core.learner import (
     bootstrap_values,
     local_mesh,
     make_grad_step,
     make_loss_fn,
     multistep_targets,
 )
-from gorila_jax.networks import MLP, NatureCNN, NatureCNNReference
-from gorila_jax.replay import Transition
+from gorila_jax.core.networks import MLP, NatureCNN, NatureCNNReference
+from gorila_jax.core.replay import Transition
 
 
 def reference_targets(rewards, discounts, q_next_target, q_next_online, double):

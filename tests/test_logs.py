@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gorila_jax import logs
+from gorila_jax.io import logs
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +17,7 @@ def undo_setup():
 
 def test_a_record_names_the_process_and_the_level(capsys):
     logs.setup("bundle 2")
-    log = logging.getLogger("gorila_jax.replay_checkpoint")
+    log = logging.getLogger("gorila_jax.bundle.replay_checkpoint")
     log.warning("replay checkpoint replay-1.zip not written")
     log.info("resumed its replay")
     log.debug("not shown at INFO")
@@ -37,7 +37,7 @@ def test_setup_again_renames_and_never_doubles_a_line(capsys):
     try:
         logs.setup("server")
         logs.setup("shard 1", level=logging.WARNING)
-        log = logging.getLogger("gorila_jax.checkpoint")
+        log = logging.getLogger("gorila_jax.io.checkpoint")
         log.info("dropped below WARNING")
         log.warning("checkpoint 3 is unreadable")
     finally:
@@ -53,10 +53,10 @@ def test_a_name_with_a_percent_sign_is_not_a_format():
 
 def test_before_setup_warnings_still_reach_stderr_and_info_does_not():
     code = (
-        "import logging, gorila_jax.logs\n"
-        "log = logging.getLogger('gorila_jax.checkpoint')\n"
+        "import logging, gorila_jax.io.logs\n"
+        "log = logging.getLogger('gorila_jax.io.checkpoint')\n"
         "log.info('quiet'); log.warning('checkpoint 2 is unreadable')\n"
-        "gorila_jax.logs.setup('launcher'); log.warning('bundle 1 died')\n"
+        "gorila_jax.io.logs.setup('launcher'); log.warning('bundle 1 died')\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from gorila_jax.config import Config, cartpole_defaults
-from gorila_jax.envs import make_env
-from gorila_jax.model import Model
-from gorila_jax.networks import MLP, NatureCNN
+from gorila_jax.core.config import Config, cartpole_defaults
+from gorila_jax.core.model import Model
+from gorila_jax.core.networks import MLP, NatureCNN
+from gorila_jax.envs import make_env, model_of
 
 
 def test_params_depend_on_the_seed_not_on_the_observation_batch():
@@ -18,7 +18,7 @@ def test_params_depend_on_the_seed_not_on_the_observation_batch():
     initialised from its full observation batch (the server's initial params must be what
     a single process starts from), or a template that ignores the seed."""
     config = cartpole_defaults()
-    model = Model.of(config)
+    model = model_of(config)
     assert isinstance(model.network, MLP) and model.num_actions == 2
     env = make_env(config, seed=5, training=True)
     try:
@@ -37,7 +37,7 @@ def test_params_depend_on_the_seed_not_on_the_observation_batch():
 def test_the_pong_model_is_the_nature_cnn_of_its_action_count():
     """Catches a probe that builds the wrong network or counts the wrong parameters for
     Atari (the server's shard layout and message limit come from this count)."""
-    model = Model.of(dataclasses.replace(Config(), env_id="Pong-v5"))
+    model = model_of(dataclasses.replace(Config(), env_id="Pong-v5"))
     assert isinstance(model.network, NatureCNN) and model.num_actions == 6
     assert model.example_obs.shape == (1, 4, 84, 84)
     # conv 8x8x4->32, 4x4x32->64, 3x3x64->64, dense 3136->512, 512->6 (weights + biases)

@@ -12,9 +12,9 @@ import chex
 import jax
 import numpy as np
 
-from gorila_jax.learner import local_mesh, make_grad_step
-from gorila_jax.networks import NatureCNN
-from gorila_jax.replay import Transition
+from gorila_jax.core.learner import local_mesh, make_grad_step
+from gorila_jax.core.networks import NatureCNN
+from gorila_jax.core.replay import Transition
 
 
 def test_four_devices_match_one_device_in_process():
@@ -46,7 +46,7 @@ def test_four_devices_match_one_device_in_process():
 
 SCRIPT = """
 import jax
-from gorila_jax.learner import local_mesh
+from gorila_jax.core.learner import local_mesh
 assert jax.local_device_count() == 4, jax.local_devices()
 assert local_mesh().devices.size == 4
 print("FOUR")

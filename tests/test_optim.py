@@ -1,4 +1,4 @@
-"""Tests for gorila_jax.optim: DC-ASGD against a numpy reference, and the optimizer factory."""
+"""Tests for gorila_jax.core.optim: DC-ASGD against a numpy reference, and the optimizer factory."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from gorila_jax.optim import OPTIMIZER_NAMES, DcAsgdState, dc_asgd, make_optimizer
+from gorila_jax.core.optim import OPTIMIZER_NAMES, DcAsgdState, dc_asgd, make_optimizer
 
 LEAF_SHAPES = {"w": (3, 4), "b": (4,), "scale": ()}
 NUM_STEPS = 4

@@ -1,4 +1,4 @@
-"""Tests for gorila_jax.parameter_server: message handling, safeguards, sharding, DC-ASGD.
+"""Tests for gorila_jax.server.parameter_server: message handling, safeguards, sharding, DC-ASGD.
 
 `ParameterServer.handle` holds all of the message logic, so most tests feed it encoded frames
 directly; one test runs `serve` on a real socket against `ps_client.ServerConnection`.
@@ -22,20 +22,20 @@ import pytest
 import zmq
 from jax.flatten_util import ravel_pytree
 
-from gorila_jax import transport
-from gorila_jax.checkpoint import Checkpointer
-from gorila_jax.config import Config
-from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.optim import make_optimizer
-from gorila_jax.parameter_server import (
+from gorila_jax.bundle.client import ServerConnection
+from gorila_jax.core.config import Config
+from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.optim import make_optimizer
+from gorila_jax.io.checkpoint import Checkpointer
+from gorila_jax.server.parameter_server import (
     OutlierFilter,
     ParameterServer,
     ParamsDiverged,
     max_message_bytes,
     serve,
 )
-from gorila_jax.ps_client import ServerConnection
-from gorila_jax.server_stats import staleness_bin
+from gorila_jax.server.server_stats import staleness_bin
+from gorila_jax.wire import transport
 
 TOKEN = transport.new_run_token()
 OTHER_TOKEN = transport.new_run_token()
@@ -1174,7 +1174,7 @@ def test_whole_run_rates_divide_by_the_time_the_run_was_running_over_sittings():
     uptime (docs/pong/server.png showed 421/s for a run that absorbed about 25/s), a pause
     between sittings counted as running, and a guess where an older checkpoint does not
     know the earlier sittings' time."""
-    from gorila_jax.server_stats import ServerStats
+    from gorila_jax.server.server_stats import ServerStats
 
     now = [0.0]
     first = ServerStats(lambda: now[0], 0.0)

@@ -12,11 +12,11 @@ import flax.serialization
 import numpy as np
 import pytest
 
-from gorila_jax import transport
-from gorila_jax.config import Config
-from gorila_jax.launch import PARAMS_SLICE, _save_sharded_params
-from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.server_stats import server_dir
+from gorila_jax.core.config import Config
+from gorila_jax.run.launch import PARAMS_SLICE, _save_sharded_params
+from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.server.server_stats import server_dir
+from gorila_jax.wire import transport
 
 TOKEN = transport.new_run_token()
 

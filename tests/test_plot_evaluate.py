@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gorila_jax import plots
 from gorila_jax.envs import Episode
-from gorila_jax.metrics import RunLogger
-from gorila_jax.params_file import describe_mismatch
-from gorila_jax.recording import Recorder
-from gorila_jax.server_stats import combine
+from gorila_jax.envs.recording import Recorder
+from gorila_jax.io import plots
+from gorila_jax.io.metrics import RunLogger
+from gorila_jax.io.params_file import describe_mismatch
+from gorila_jax.server.server_stats import combine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -383,7 +383,7 @@ def test_evaluate_refuses_params_of_another_network(tmp_path, cartpole_run, caps
     import flax.serialization
     import jax
 
-    from gorila_jax.networks import MLP
+    from gorila_jax.core.networks import MLP
 
     other = MLP(num_actions=2, hidden=(64,)).init(jax.random.key(0), np.zeros((1, 4)))
     params = tmp_path / "other.msgpack"

@@ -3,7 +3,7 @@
 import io
 import re
 
-from gorila_jax.metrics import Progress, format_duration
+from gorila_jax.io.metrics import Progress, format_duration
 
 
 class FakeTerminal(io.StringIO):

@@ -13,12 +13,12 @@ import zmq
 from jax.flatten_util import ravel_pytree
 from zmq.utils.monitor import recv_monitor_message
 
-from gorila_jax import transport
-from gorila_jax.config import cartpole_defaults
-from gorila_jax.networks import MLP
-from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.ps_client import RemoteLearner, ServerConnection, ServerError
-from gorila_jax.shard_layout import ShardLayout
+from gorila_jax.bundle.client import RemoteLearner, ServerConnection, ServerError
+from gorila_jax.core.config import cartpole_defaults
+from gorila_jax.core.networks import MLP
+from gorila_jax.core.shard_layout import ShardLayout
+from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.wire import transport
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import types
 import numpy as np
 import pytest
 
-import gorila_jax.replay as replay_module
-from gorila_jax.replay import TERMINATED, TRUNCATED, PrioritizedReplay, Replay
+import gorila_jax.core.replay as replay_module
+from gorila_jax.core.replay import TERMINATED, TRUNCATED, PrioritizedReplay, Replay
 
 ATARI_FRAME_BYTES = 84 * 84
 

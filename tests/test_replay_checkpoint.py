@@ -9,15 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from gorila_jax.bundle import LoopCounters
-from gorila_jax.config import Config, cartpole_defaults
-from gorila_jax.replay import PrioritizedReplay, Replay
-from gorila_jax.replay_checkpoint import (
+from gorila_jax.bundle.loop import LoopCounters
+from gorila_jax.bundle.replay_checkpoint import (
     ReplayCheckpointer,
     replay_dir,
     replay_fingerprint,
     restore_replay,
 )
+from gorila_jax.core.config import Config, cartpole_defaults
+from gorila_jax.core.replay import PrioritizedReplay, Replay
 
 FRAME_SHAPE = (6, 5)
 NUM_ENVS = 3

@@ -13,10 +13,10 @@ import msgpack
 import numpy as np
 import zmq
 
-from gorila_jax import transport
-from gorila_jax.config import cartpole_defaults
-from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.ps_client import ServerConnection
+from gorila_jax.bundle.client import ServerConnection
+from gorila_jax.core.config import cartpole_defaults
+from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.wire import transport
 
 TOKEN = "t" * 64
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.shard_layout import ShardLayout
+from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.shard_layout import ShardLayout
 
 
 @pytest.mark.parametrize(

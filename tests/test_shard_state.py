@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from gorila_jax.optim import make_optimizer
-from gorila_jax.shard_layout import ShardLayout
-from gorila_jax.shard_state import (
+from gorila_jax.core.optim import make_optimizer
+from gorila_jax.core.shard_layout import ShardLayout
+from gorila_jax.server.shard_state import (
     Push,
     ShardState,
     chunk_sizes,

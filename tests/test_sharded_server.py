@@ -14,15 +14,15 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gorila_jax import transport
-from gorila_jax.checkpoint import CheckpointError
-from gorila_jax.config import Config
-from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.launch import _check_server_files
-from gorila_jax.optim import make_optimizer
-from gorila_jax.parameter_server import ParameterServer
-from gorila_jax.server_stats import combine, read_shard_stats, server_dir
-from gorila_jax.shard_layout import ShardLayout
+from gorila_jax.core.config import Config
+from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.optim import make_optimizer
+from gorila_jax.core.shard_layout import ShardLayout
+from gorila_jax.io.checkpoint import CheckpointError
+from gorila_jax.run.launch import _check_server_files
+from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.server.server_stats import combine, read_shard_stats, server_dir
+from gorila_jax.wire import transport
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = transport.new_run_token()

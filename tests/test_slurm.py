@@ -1,7 +1,7 @@
 """End-to-end runs under a real SLURM: `srun -n 3` of the CartPole script, `srun -n 5` of it with
 the server split in 2 shards, and the Pong sbatch example submitted with `sbatch --wait`.
 
-Every process logs `[<process>] LEVEL: message` (gorila_jax.logs): `[server]` (or `[shard k]`
+Every process logs `[<process>] LEVEL: message` (gorila_jax.io.logs): `[server]` (or `[shard k]`
 of a server in S shards, tasks 0..S-1) and `[bundle i]` (task S+i-1), so a finished run
 says `[server] INFO: done: ...`, `[shard 0] INFO: done: ...`, `[bundle 1] INFO: done: ...`.
 
@@ -177,7 +177,7 @@ def _answers_a_plain_peer(run_dir: Path, found: dict) -> None:
     answers even a wrong token, with an error)."""
     import zmq
 
-    from gorila_jax import transport
+    from gorila_jax.wire import transport
 
     deadline = time.monotonic() + SRUN_TIMEOUT_SECONDS
     while time.monotonic() < deadline:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gorila_jax.sum_tree import SumTree
+from gorila_jax.core.sum_tree import SumTree
 
 
 def chi_square_bound(num_categories: int) -> float:

@@ -1,4 +1,4 @@
-"""Tests for gorila_jax.transport: encoding, validation, fingerprints, shards and sockets."""
+"""Tests for gorila_jax.wire.transport: encoding, validation, fingerprints, shards and sockets."""
 
 import random
 import weakref
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zmq
 
-from gorila_jax import transport
-from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.transport import ArraySpec, ProtocolError
+from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.wire import transport
+from gorila_jax.wire.transport import ArraySpec, ProtocolError
 
 TOKEN = transport.new_run_token()
 MAX_BYTES = 1 << 20
@@ -477,7 +477,7 @@ def test_fingerprint_changes_with_shape_dtype_or_path():
 
 
 def test_element_shards_round_trip():
-    """Pushes of gradient shards (``gorila_jax.gradient_shards``): each a float32 frame
+    """Pushes of gradient shards (``gorila_jax.core.gradient_shards``): each a float32 frame
     whose length the receiver takes from the shard index; together, the whole vector."""
     vector = np.concatenate([leaf.astype(np.float32).ravel() for leaf in leaves_of(example_tree())])
     shards = [shard_indices(vector.size, 3, worker, "default", seed=42) for worker in range(3)]

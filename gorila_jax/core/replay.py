@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 import psutil
 
-from gorila_jax.sum_tree import SumTree
+from gorila_jax.core.sum_tree import SumTree
 
 __all__ = [
     "FIRST",

@@ -18,10 +18,9 @@ from typing import Literal, get_args
 
 import yaml
 
-from gorila_jax.cli import CommandLineError, parse
-from gorila_jax.envs import CARTPOLE_IDS, atari_env_ids, stack_size
-from gorila_jax.files import write_atomically
-from gorila_jax.replay import Replay
+from gorila_jax.core.cli import CommandLineError, parse
+from gorila_jax.core.env_ids import CARTPOLE_IDS, atari_env_ids, stack_size
+from gorila_jax.core.replay import Replay
 
 Optimizer = Literal["adam", "rmsprop", "sgd", "adagrad"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -442,25 +441,6 @@ def load_yaml(path: str | Path, base: Config) -> Config:
         first_line = str(error).splitlines()[0]
         raise ConfigError(f"config file: {path} is not valid YAML ({first_line})") from None
     return from_dict(values, base)
-
-
-def write_resolved(config: Config, run_dir: Path) -> Path:
-    """Write the config the run actually uses into its run directory (config.yaml).
-
-    A different config.yaml already there (the config of an earlier start of this run
-    directory) is kept as config.<n>.yaml, n = 1, 2, ... in the order they were replaced,
-    so every config the directory was trained with stays on disk.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    if path.exists() and path.read_text() != text:
-        number = 1
-        while (kept := run_dir / f"config.{number}.yaml").exists():
-            number += 1
-        path.rename(kept)
-    write_atomically(path, text)
-    return path
 
 
 def parse_cli(

@@ -39,8 +39,8 @@ from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 
-from gorila_jax.config import Config, fingerprint, resume_differences, to_dict
-from gorila_jax.files import sync_directory, sync_tree
+from gorila_jax.core.config import Config, fingerprint, resume_differences, to_dict
+from gorila_jax.io.files import sync_directory, sync_tree
 
 log = logging.getLogger(__name__)
 

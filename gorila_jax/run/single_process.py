@@ -13,18 +13,19 @@ from typing import Any
 
 import jax
 
-from gorila_jax import logs
-from gorila_jax.bundle import LoopCounters, LoopResult, make_replay, run_actor_learner
-from gorila_jax.checkpoint import Checkpointer, CheckpointError, run_meta
-from gorila_jax.config import Config, validate, write_resolved
+from gorila_jax.bundle.loop import LoopCounters, LoopResult, make_replay, run_actor_learner
+from gorila_jax.bundle.replay_checkpoint import replay_saver, restore_replay
+from gorila_jax.core.config import Config, validate
+from gorila_jax.core.learner import copy_params, local_mesh, make_train_step, shardings
+from gorila_jax.core.model import Model
+from gorila_jax.core.optim import config_optimizer
+from gorila_jax.core.replay import Sample
 from gorila_jax.envs import make_env
-from gorila_jax.files import private_files
-from gorila_jax.learner import copy_params, local_mesh, make_train_step, shardings
-from gorila_jax.model import Model
-from gorila_jax.optim import config_optimizer
-from gorila_jax.params_file import save_params
-from gorila_jax.replay import Sample
-from gorila_jax.replay_checkpoint import replay_saver, restore_replay
+from gorila_jax.io import logs
+from gorila_jax.io.checkpoint import Checkpointer, CheckpointError, run_meta
+from gorila_jax.io.config_file import write_resolved
+from gorila_jax.io.files import private_files
+from gorila_jax.io.params_file import save_params
 
 log = logging.getLogger(__name__)
 

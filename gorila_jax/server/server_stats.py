@@ -12,11 +12,13 @@ and gives and takes its part of a checkpoint's meta (`state`, `load`).
 
 One unsharded server (`server_shards` 1) keeps the run directory's historical layout: its
 checkpoints in RUN_DIR/checkpoints, its statistics in RUN_DIR/ps.json, TensorBoard in
-RUN_DIR/server. Shard k of S > 1 keeps the same files under RUN_DIR/shard{k}/, and shard 0
-also writes RUN_DIR/ps.json: the whole server's figures combined from every shard's
-ps.json (`combine`), so that ps.json means the same whatever the shard count, plus a
-`shards` list holding each shard's own figures. Shards never talk to each other; shard 0
-only reads the others' files, as JSON, checked, and skips any it cannot use.
+RUN_DIR/server. Shard k of S > 1 keeps the same files under RUN_DIR/shard{k}/, and each
+shard also writes RUN_DIR/ps.json when every shard's file is there: the whole server's
+figures combined from every shard's ps.json (`combine`), so that ps.json means the same
+whatever the shard count, plus a `shards` list holding each shard's own figures. Shards
+never talk to each other; a shard only reads the others' files, as JSON, checked, and
+skips any it cannot use. On hosts without a shared run directory, each shard's ps.json
+stays in its own host's RUN_DIR/shard{k}/; `read_run_stats` combines them once collected.
 
 How the figures combine:
 - `version`, `updates` and `updates_per_second` are the mean over shards: every accepted
@@ -40,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gorila_jax.files import write_atomically
+from gorila_jax.io.files import write_atomically
 
 SUMMED = ("rejections", "staleness_histogram", "events", "unauthenticated")
 SHARD_STATS = "ps.json"
@@ -160,16 +162,18 @@ class ServerStats:
         self, stats: dict, *, address: str, own_dir: Path, run_dir: Path, shard: int, shards: int
     ) -> None:
         """Write `stats` (a `snapshot`) and `address` atomically to own_dir/ps.json, and the
-        same figures to TensorBoard (own_dir/server) against their version. Shard 0 of a
-        sharded server also writes RUN_DIR/ps.json, the whole server's figures (`combine`)."""
+        same figures to TensorBoard (own_dir/server) against their version. A shard of a
+        sharded server also writes RUN_DIR/ps.json, the whole server's figures (`combine`),
+        once every shard's own file is there: the last shard to stop leaves the final
+        figures, with no shard waiting for another."""
         stats = {"address": address, **stats}
         write_atomically(own_dir / SHARD_STATS, json.dumps(stats, indent=1))
-        if shard == 0 and shards > 1:
+        if shards > 1:
             found = read_shard_stats(run_dir, shards)
             if found is not None:
                 write_atomically(Path(run_dir) / SHARD_STATS, json.dumps(combine(found), indent=1))
         if self._tensorboard is None:
-            from gorila_jax.metrics import open_tensorboard
+            from gorila_jax.io.metrics import open_tensorboard
 
             self._tensorboard = open_tensorboard(own_dir / "server") or False
         if self._tensorboard:
@@ -312,3 +316,20 @@ def read_shard_stats(run_dir: Path, shards: int) -> list[dict] | None:
             return None
         found.append(stats)
     return found
+
+
+def read_run_stats(run_dir: Path) -> dict | None:
+    """A run's server figures: combined from the shards' own ps.json files when they are
+    all there (fresher than a RUN_DIR/ps.json written before the last shard stopped),
+    else RUN_DIR/ps.json; None when neither can be read."""
+    shard_files = sorted(Path(run_dir).glob(f"shard*/{SHARD_STATS}"))
+    if shard_files:
+        found = read_shard_stats(Path(run_dir), len(shard_files))
+        if found is not None:
+            return combine(found)
+    try:
+        stats = json.loads((Path(run_dir) / SHARD_STATS).read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+

@@ -3,8 +3,8 @@
 Evaluation settings are those of the DQN papers: epsilon-greedy with a small epsilon (0.05),
 whole games (no episodic life), unclipped rewards, and for Atari up to `noop_max` no-op
 actions at the start of each episode (from the run's config). Params are the flax msgpack
-file a run writes (`gorila_jax.params_file`), checked against the network that the run's
-config.yaml describes. The first episode can be recorded as a GIF (`gorila_jax.recording`).
+file a run writes (`gorila_jax.io.params_file`), checked against the network that the run's
+config.yaml describes. The first episode can be recorded as a GIF (`gorila_jax.envs.recording`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import tyro
 
-from gorila_jax.config import Config, ConfigError, load_yaml, validate
-from gorila_jax.envs import is_atari
-from gorila_jax.files import write_atomically
-from gorila_jax.params_file import ParamsError, load_params
-from gorila_jax.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif
+from gorila_jax.core.config import Config, ConfigError, load_yaml, validate
+from gorila_jax.core.env_ids import is_atari
+from gorila_jax.envs.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif
+from gorila_jax.io.files import write_atomically
+from gorila_jax.io.params_file import ParamsError, load_params
 
 
 class EvaluationError(ValueError):
@@ -214,10 +214,10 @@ def evaluate_run(
 
     import jax
 
-    from gorila_jax.actor import make_policy
-    from gorila_jax.model import Model
+    from gorila_jax.core.actor import make_policy
+    from gorila_jax.envs import model_of
 
-    model = Model.of(config, seed=settings.seed, training=False)
+    model = model_of(config, seed=settings.seed, training=False)
     network, num_actions = model.network, model.num_actions
     template = jax.device_get(model.init(0))
     try:

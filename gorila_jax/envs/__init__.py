@@ -11,30 +11,22 @@ from the training signal: unclipped rewards, summed over all lives of an Atari g
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-if TYPE_CHECKING:  # config imports this module for the environment ids
-    from gorila_jax.config import Config
+from gorila_jax.core.env_ids import (
+    ATARI_FRAME_SHAPE,
+    ATARI_FRAME_SKIP,
+    ATARI_STACK,
+    CARTPOLE_IDS,
+    atari_env_ids,
+    is_atari,
+)
+from gorila_jax.core.model import Model
 
-CARTPOLE_IDS = ("CartPole-v1", "CartPole-v0")
-
-
-def is_atari(env_id: str) -> bool:
-    """Whether the id names an Atari game (run through envpool) rather than CartPole."""
-    return env_id not in CARTPOLE_IDS
-
-
-def stack_size(env_id: str) -> int:
-    """Observations stacked per state: 4 Atari frames, 1 CartPole vector."""
-    return ATARI_STACK if is_atari(env_id) else 1
-
-
-ATARI_FRAME_SKIP = 4
-ATARI_STACK = 4
-ATARI_FRAME_SHAPE = (84, 84)
+if TYPE_CHECKING:
+    from gorila_jax.core.config import Config
 
 
 class EnvStep(NamedTuple):
@@ -53,20 +45,6 @@ class Episode(NamedTuple):
     env_index: int
     episode_return: float
     length: int
-
-
-@functools.cache
-def atari_env_ids() -> tuple[str, ...]:
-    """Atari game ids that envpool provides (the -v5 family)."""
-    import envpool
-
-    return tuple(
-        sorted(
-            env_id
-            for env_id in envpool.list_all_envs()
-            if env_id.endswith("-v5") and "/" not in env_id and "-" not in env_id[:-3]
-        )
-    )
 
 
 class EpisodeTracker:
@@ -258,6 +236,19 @@ def make_env(
     if is_atari(config.env_id):
         return AtariEnv(config, seed=seed, training=training, num_envs=num_envs)
     return CartPoleEnv(config, seed=seed, training=training, num_envs=num_envs)
+
+
+def model_of(config: Config, *, seed: int | None = None, training: bool = True) -> Model:
+    """The model of `config` (`Model.from_env`), from a one-env instance of its
+    environment that is closed at once: for roles that run no environment (a server
+    shard sizing its slice, `evaluate.py` before it plays)."""
+    env = make_env(
+        config, seed=config.seed if seed is None else seed, training=training, num_envs=1
+    )
+    try:
+        return Model.from_env(config, env)
+    finally:
+        env.close()
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gorila_jax.replay import Transition
+from gorila_jax.core.replay import Transition
 
 Params = Any
 BATCH_AXIS = "batch"

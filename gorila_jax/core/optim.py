@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gorila_jax.config import OPTIMIZERS as OPTIMIZER_NAMES  # what make_optimizer accepts
-from gorila_jax.config import Config, dc_asgd_lambda
+from gorila_jax.core.config import OPTIMIZERS as OPTIMIZER_NAMES  # what make_optimizer accepts
+from gorila_jax.core.config import Config, dc_asgd_lambda
 
 RMSPROP_DECAY = 0.95
 """Squared-gradient decay of the DQN-style RMSProp (Mnih et al. 2015 used 0.95)."""
@@ -217,7 +217,7 @@ def make_optimizer(
             disables clipping.
         clipped_upstream: the gradients arrive already clipped to ``max_grad_norm`` (a
             parameter server's: the bundle clips the whole gradient before the shards split
-            it, see `gorila_jax.shard_layout`); the chain holds ``optax.identity()`` where
+            it, see `gorila_jax.core.shard_layout`); the chain holds ``optax.identity()`` where
             the clipping would be, so its state has the same structure either way (both
             states are empty) and checkpoints load across the two.
 

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from gorila_jax.config import parse_shard_factor
+from gorila_jax.core.config import parse_shard_factor
 
 
 def shard_indices(

@@ -1,7 +1,7 @@
 """What one parameter-server shard holds, and the pure functions that update it.
 
 A shard owns a contiguous slice of the flat float32 parameter vector (all of it when the
-server is not split, see `gorila_jax.shard_layout`). Its state is the slice, the optax state
+server is not split, see `gorila_jax.core.shard_layout`). Its state is the slice, the optax state
 of the server's optimizer over that slice, and a version: the number of updates applied.
 `make_apply` builds `apply(state, pushes)`, which applies a batch of pushes in order, the
 same sequence of optax updates as applying them one at a time, and returns the next state;
@@ -21,7 +21,7 @@ updates them and scatters them back, while scalar statistics (adam's step count)
 Partial pushes are applied one call each.
 
 There is no guard in here. The server refuses, on arrival, every gradient that is not finite
-or whose norm is over what the bundle's clipping allows (`gorila_jax.parameter_server`), so
+or whose norm is over what the bundle's clipping allows (`gorila_jax.server.parameter_server`), so
 every update applied here is built from a finite, bounded gradient; with the configured
 optimizers (and DC-ASGD) the optimizer statistics then stay finite, and only the params
 themselves can still overflow (an absurd learning rate). `state_is_finite` checks a state

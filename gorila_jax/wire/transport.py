@@ -3,8 +3,8 @@
 This module holds the codec (``encode``, ``decode`` for requests, ``decode_reply`` for
 replies, with the header schema they enforce), ``tree_fingerprint`` and the few socket
 calls both ends need. What the server does with a message is in
-``gorila_jax.parameter_server``, what a bundle sends and expects in ``gorila_jax.ps_client``;
-this docstring describes the protocol they speak.
+``gorila_jax.server.parameter_server``, what a bundle sends and expects in
+``gorila_jax.bundle.client``; this docstring describes the protocol they speak.
 
 Protocol
 --------
@@ -103,7 +103,7 @@ push          loss: float       the mean absolute TD error of the batch the grad
                                 non-finite one as "non_finite"
               shard: int|None   None: the gradient of every parameter; otherwise the
                                 worker's own index, and the gradient only of the
-                                elements it owns (``gorila_jax.gradient_shards``; both
+                                elements it owns (``gorila_jax.core.gradient_shards``; both
                                 ends compute them from the config, the wire carries
                                 only the values); any other value is "bad_shard"
               frames: int       environment frames the worker has done, >= 0
@@ -140,7 +140,7 @@ A refused push gets an ack with "stale" (computed on parameters more than
 gradient's norm is over the clip the bundle applies, ``max_grad_norm``, or its square
 overflows float32), "outlier" (the loss) or "non_finite_update" (the parameters or the
 optimizer state stopped being finite after the batch it was applied in; the server then
-refuses every push and pull and stops, see ``gorila_jax.parameter_server``).
+refuses every push and pull and stops, see ``gorila_jax.server.parameter_server``).
 ``ProtocolError.authenticated`` says whether the request's token had been verified before
 the error was found: only then may a receiver count it against the worker the header
 names.

@@ -5,7 +5,7 @@ A run directory is read in either layout:
 - single process: ``episodes.csv`` and ``learner.jsonl`` at the top;
 - distributed: ``bundle*/episodes.csv`` and ``bundle*/learner.jsonl``, plus the server's
   ``ps.json`` (of a server split in shards: the whole server's figures plus a ``shards`` list
-  of each shard's own, see gorila_jax.server_stats).
+  of each shard's own, see gorila_jax.server.server_stats).
 
 Bundles are merged in order of wall time. Each bundle logs time since its own start and
 the frames it collected itself, so the x axis "frames" of a distributed run is the sum over
@@ -31,7 +31,7 @@ import numpy as np
 from matplotlib.colors import to_rgb
 from matplotlib.ticker import FuncFormatter
 
-from gorila_jax.metrics import read_episodes
+from gorila_jax.io.metrics import read_episodes
 
 DPI = 100
 RETURN_FIGSIZE = (10.0, 5.5)

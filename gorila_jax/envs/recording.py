@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gorila_jax.config import Config
+from gorila_jax.core.config import Config
 
 ATARI_STEPS_PER_SECOND = 15.0  # 60 Hz emulator, 4 frames per agent step
 CARTPOLE_STEPS_PER_SECOND = 50.0  # gymnasium's tau = 0.02 s

@@ -1,6 +1,6 @@
 """The parameter server: holds the Q-network, applies pushed gradients, answers pulls.
 
-State: a `ShardState` (`gorila_jax.shard_state`): the parameters as one flat float32 vector
+State: a `ShardState` (`gorila_jax.server.shard_state`): the parameters as one flat float32 vector
 (`ravel_pytree` order), the optax state of the optimizer the config names (DC-ASGD chained
 in front when configured), and `version`, the number of updates applied. Each accepted push
 goes through the shard state's pure jitted apply; a partial push (gradient sharding)
@@ -11,7 +11,7 @@ statistic.
 each message and answers it through a table of handlers (`handle`), applies the safeguards,
 keeps the protocol's state (each worker's last sequence number, the workers that stopped,
 DC-ASGD's record of the params each worker was sent) and writes checkpoints. Its counters
-and statistics are a `ServerStats` (`gorila_jax.server_stats`), `counters`. The socket loop
+and statistics are a `ServerStats` (`gorila_jax.server.server_stats`), `counters`. The socket loop
 is the function `serve`.
 
 The paper's safeguards, each counted in the statistics:
@@ -47,7 +47,7 @@ writes no checkpoint, and `serve` raises `ParamsDiverged`: the process exits wit
 and a restart resumes from the last checkpoint, which is never non-finite. Non-finite
 params are never sent to a bundle or saved.
 
-Every message is validated by `gorila_jax.transport.decode` before anything is used; a bad
+Every message is validated by `gorila_jax.wire.transport.decode` before anything is used; a bad
 one gets an error reply and a counter, and never changes the parameters. Only a request
 that presented the run token moves anything kept per worker (counters, the last sequence
 number); the others are counted under "unauthenticated". Sequence numbers must grow over
@@ -72,14 +72,14 @@ import numpy as np
 import zmq
 from jax.flatten_util import ravel_pytree
 
-from gorila_jax import transport
-from gorila_jax.checkpoint import CheckpointError, run_meta
-from gorila_jax.config import Config
-from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.optim import config_optimizer
-from gorila_jax.server_stats import ServerStats, server_dir
-from gorila_jax.shard_layout import ShardLayout
-from gorila_jax.shard_state import Push, init_shard_state, make_apply, state_is_finite
+from gorila_jax.core.config import Config
+from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.optim import config_optimizer
+from gorila_jax.core.shard_layout import ShardLayout
+from gorila_jax.io.checkpoint import CheckpointError, run_meta
+from gorila_jax.server.server_stats import ServerStats, server_dir
+from gorila_jax.server.shard_state import Push, init_shard_state, make_apply, state_is_finite
+from gorila_jax.wire import transport
 
 log = logging.getLogger(__name__)
 

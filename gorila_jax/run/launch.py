@@ -1,7 +1,7 @@
 """Entry point of every run: single-process, a role under SLURM, or the local launcher.
 
 `main` parses the config, then:
-- `--single-process`: trains here (`gorila_jax.single_process`);
+- `--single-process`: trains here (`gorila_jax.run.single_process`);
 - started by srun or by the local launcher: joins jax.distributed and plays its role,
   processes 0..S-1 the parameter server's shards (`--server-shards`, default 1), every
   other process a bundle;
@@ -31,10 +31,12 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from gorila_jax import distributed, logs
-from gorila_jax.checkpoint import CheckpointError
-from gorila_jax.config import Config, ConfigError, parse_cli, validate, write_resolved
-from gorila_jax.files import make_private_dir, owner_only_files
+from gorila_jax.core.config import Config, ConfigError, parse_cli, validate
+from gorila_jax.io import logs
+from gorila_jax.io.checkpoint import CheckpointError
+from gorila_jax.io.config_file import write_resolved
+from gorila_jax.io.files import make_private_dir, owner_only_files
+from gorila_jax.wire import distributed
 
 STOP_GRACE_SECONDS = 30.0
 LAUNCHER_GONE_GRACE_SECONDS = 15.0  # a child of a dead launcher exits this long after it
@@ -61,7 +63,7 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
             print(f"error: run directory {config.run_dir}: {error.strerror}", file=sys.stderr)
             return 2
         if config.single_process:
-            from gorila_jax.single_process import train
+            from gorila_jax.run.single_process import train
 
             stop = _stop_on_signals()
             train(config, stop)
@@ -134,11 +136,11 @@ def run_role(config: Config) -> int:
 def _check_shard_layout(config: Config) -> None:
     """Refuse (ConfigError) more server shards than the network has parameters, in every
     process before the rendezvous, so that all of them exit with the one line."""
-    from gorila_jax.model import Model
-    from gorila_jax.shard_layout import ShardLayout
+    from gorila_jax.core.shard_layout import ShardLayout
+    from gorila_jax.envs import model_of
 
     try:
-        ShardLayout.even(Model.of(config).num_params, config.server_shards)
+        ShardLayout.even(model_of(config).num_params, config.server_shards)
     except ValueError as error:
         raise ConfigError(f"config.server_shards: {error}") from None
 
@@ -297,12 +299,12 @@ def run_server(
     publish its address, answer until done."""
     import zmq
 
-    from gorila_jax import transport
-    from gorila_jax.checkpoint import Checkpointer, CheckpointError
-    from gorila_jax.model import Model
-    from gorila_jax.parameter_server import ParameterServer, max_message_bytes
-    from gorila_jax.params_file import save_params
-    from gorila_jax.server_stats import server_dir
+    from gorila_jax.envs import model_of
+    from gorila_jax.io.checkpoint import Checkpointer, CheckpointError
+    from gorila_jax.io.params_file import save_params
+    from gorila_jax.server.parameter_server import ParameterServer, max_message_bytes
+    from gorila_jax.server.server_stats import server_dir
+    from gorila_jax.wire import transport
 
     run_dir = Path(config.run_dir)
     # First thing: a final slice left by an earlier sitting must not be gathered as this
@@ -311,7 +313,7 @@ def run_server(
     token = os.environ.get(distributed.ENV_RUN_TOKEN) or transport.new_run_token()
     # A first start binds a free port itself (no probing race); a restart takes it back.
     port = os.environ.get(distributed.ENV_SERVER_PORT, "0")
-    model = Model.of(config)
+    model = model_of(config)
     max_bytes = max_message_bytes(config, model.num_params)
     context = zmq.Context.instance()
     curve, authenticator, clients = None, None, set()
@@ -385,7 +387,7 @@ def _check_server_files(run_dir: Path, shards: int) -> None:
     """Refuse (CheckpointError, one line) a run directory whose server checkpoints were
     written by a server split another way: a run resumes only with the same shard count
     (the shards' own checkpoints also record their layout)."""
-    from gorila_jax.checkpoint import CheckpointError, has_checkpoint
+    from gorila_jax.io.checkpoint import CheckpointError, has_checkpoint
 
     sharded = sorted(p.name for p in run_dir.glob("shard*") if has_checkpoint(p))
     if shards == 1 and sharded:
@@ -410,9 +412,9 @@ def _save_sharded_params(server, run_dir: Path, address: str) -> None:
 
     import numpy as np
 
-    from gorila_jax.files import write_atomically
-    from gorila_jax.params_file import save_params
-    from gorila_jax.server_stats import server_dir
+    from gorila_jax.io.files import write_atomically
+    from gorila_jax.io.params_file import save_params
+    from gorila_jax.server.server_stats import server_dir
 
     shards = server.layout.num_shards
     buffer = io.BytesIO()
@@ -452,14 +454,14 @@ def run_bundle(config: Config, info: distributed.ProcessInfo, stop: threading.Ev
     every server shard."""
     from jax.flatten_util import ravel_pytree
 
-    from gorila_jax import transport
-    from gorila_jax.bundle import make_replay, run_actor_learner
+    from gorila_jax.bundle.client import RemoteLearner, ServerConnection
+    from gorila_jax.bundle.loop import make_replay, run_actor_learner
+    from gorila_jax.bundle.replay_checkpoint import replay_saver, restore_replay
+    from gorila_jax.core.model import Model
+    from gorila_jax.core.shard_layout import ShardLayout
     from gorila_jax.envs import make_env
-    from gorila_jax.model import Model
-    from gorila_jax.parameter_server import max_message_bytes
-    from gorila_jax.ps_client import RemoteLearner, ServerConnection
-    from gorila_jax.replay_checkpoint import replay_saver, restore_replay
-    from gorila_jax.shard_layout import ShardLayout
+    from gorila_jax.server.parameter_server import max_message_bytes
+    from gorila_jax.wire import transport
 
     shards = config.server_shards
     num_workers = info.count - shards
@@ -641,7 +643,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
     others go on. Past that, every process is stopped and the exit is 1; a configuration
     error (status 2) of any process stops all and the exit is 2.
     """
-    from gorila_jax import transport
+    from gorila_jax.wire import transport
 
     logs.setup("launcher")
     shards = config.server_shards

@@ -2,7 +2,7 @@
 
 The loop owns the envs, the replay memory and the epsilon-greedy policy. What a learner
 step does with its gradients is the `Updater`'s business: single-process training applies
-them locally (`gorila_jax.single_process`), a Gorila bundle pushes them to the parameter
+them locally (`gorila_jax.run.single_process`), a Gorila bundle pushes them to the parameter
 server. The envs step on envpool's threads while the learner runs: actions are sent, the
 learner steps that are due run, then the observations are received.
 """
@@ -18,12 +18,12 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import numpy as np
 
-from gorila_jax.actor import linear_epsilon, make_policy
-from gorila_jax.config import Config
+from gorila_jax.core.actor import linear_epsilon, make_policy
+from gorila_jax.core.config import Config
+from gorila_jax.core.networks import make_network
+from gorila_jax.core.replay import PrioritizedReplay, Replay, Sample
 from gorila_jax.envs import AtariEnv, CartPoleEnv
-from gorila_jax.metrics import Progress, RunLogger
-from gorila_jax.networks import make_network
-from gorila_jax.replay import PrioritizedReplay, Replay, Sample
+from gorila_jax.io.metrics import Progress, RunLogger
 
 LEARNER_LOG_EVERY_STEPS = 100
 

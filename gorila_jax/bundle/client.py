@@ -27,12 +27,12 @@ import numpy as np
 import zmq
 from jax.flatten_util import ravel_pytree
 
-from gorila_jax import transport
-from gorila_jax.config import Config
-from gorila_jax.gradient_shards import shard_indices
-from gorila_jax.learner import local_mesh, make_flat_grad_step, shardings
-from gorila_jax.replay import Sample
-from gorila_jax.shard_layout import ShardLayout
+from gorila_jax.core.config import Config
+from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.learner import local_mesh, make_flat_grad_step, shardings
+from gorila_jax.core.replay import Sample
+from gorila_jax.core.shard_layout import ShardLayout
+from gorila_jax.wire import transport
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _scale(total, factor):
 class RemoteLearner:
     """The Updater of a Gorila bundle: gradients go to the server, params come back.
 
-    The server may be split into S shards (`gorila_jax.shard_layout`), one connection each:
+    The server may be split into S shards (`gorila_jax.core.shard_layout`), one connection each:
     a push sends every shard its slice of the gradient (all in flight at once, then the
     acknowledgements are collected), a pull gathers every slice. The bundle keeps the
     version of each shard's slice it holds, and each shard judges staleness on its own.

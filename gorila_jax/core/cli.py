@@ -1,6 +1,6 @@
 """One command-line style for every entry point: a typed dataclass parsed by tyro.
 
-Training (`gorila_jax.config.Config`), evaluation, plotting, the DC-ASGD delay experiment and
+Training (`gorila_jax.core.config.Config`), evaluation, plotting, the DC-ASGD delay experiment and
 every benchmark describe their flags as a dataclass whose field docstrings are the `--help`
 text. tyro reports a bad command line in a multi-line box; :func:`parse` turns it into one
 line (:class:`CommandLineError`), so every program refuses bad input the same way: one line

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gorila_jax.config import Config
-from gorila_jax.envs import is_atari
+from gorila_jax.core.config import Config
+from gorila_jax.core.env_ids import is_atari
 
 
 class QHead(nn.Module):

@@ -6,10 +6,10 @@ config names (`networks.make_network`), a params tree to give the flat parameter
 its shape (ravel order, the wire's tree fingerprint, the template a checkpoint or a params
 file is read into) and the number of parameters (the server's shard layout, the message
 size limit). They depend on the config and on the environment's action count and
-observation shape only, so `Model.of(config)` makes them from a one-env instance of the
-environment that it closes at once, and `Model.from_env` from an environment a role
-already has. The parameter server's shards, the bundles, the single process and
-`evaluate.py` all use it.
+observation shape only, so `Model.from_env` makes them from an environment a role already
+has, and `gorila_jax.envs.model_of(config)` from a one-env instance it closes at once.
+The parameter server's shards, the bundles, the single process and `evaluate.py` all use
+it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from gorila_jax.config import Config
-from gorila_jax.networks import make_network
+from gorila_jax.core.config import Config
+from gorila_jax.core.networks import make_network
 
 
 class Model(NamedTuple):
@@ -29,19 +29,6 @@ class Model(NamedTuple):
     network: Any  # a flax module
     num_actions: int
     example_obs: np.ndarray  # one batch of observations, for `network.init`
-
-    @classmethod
-    def of(cls, config: Config, *, seed: int | None = None, training: bool = True) -> Model:
-        """The model of `config`, from a one-env instance of its environment (closed)."""
-        from gorila_jax.envs import make_env
-
-        env = make_env(
-            config, seed=config.seed if seed is None else seed, training=training, num_envs=1
-        )
-        try:
-            return cls.from_env(config, env)
-        finally:
-            env.close()
 
     @classmethod
     def from_env(cls, config: Config, env) -> Model:

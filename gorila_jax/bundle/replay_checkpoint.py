@@ -33,10 +33,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gorila_jax.bundle import LoopCounters
-from gorila_jax.config import Config
-from gorila_jax.files import atomic_writer
-from gorila_jax.replay import Replay
+from gorila_jax.bundle.loop import LoopCounters
+from gorila_jax.core.config import Config
+from gorila_jax.core.replay import Replay
+from gorila_jax.io.files import atomic_writer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,3 @@
+"""The parameter server, one shard of it per process: the protocol shell that checks and
+batches pushes and answers pulls (`parameter_server`), the pure jitted apply of a batch of
+pushes to its slice (`shard_state`), and its files and statistics (`server_stats`)."""
