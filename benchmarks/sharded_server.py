@@ -1,6 +1,6 @@
 """Benchmark: CPU seconds per push of a parameter server split into S = 1, 2, 4 shards.
 
-The Nature CNN of Pong (`Config()` defaults: its params built as `launch.run_server` builds
+The Nature CNN of Pong (`Config()` defaults: its params built as `server.process.run_server` builds
 them), Adam as configured, `server_shards=S`. Each shard is its own spawned process running
 `ParameterServer(..., shard=k).serve` on a loopback socket of its own (a thread of that
 process; the process's main thread only answers the parent's "mark" requests). Light fake

@@ -28,3 +28,28 @@ def no_process_outlives_its_test():
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     psutil.wait_procs(leftovers, timeout=10)
+
+
+@pytest.fixture
+def read_run_params():
+    """A function of a finished run directory: its final params as one flat vector (read as
+    evaluate.py reads them: `load_run_params` with the network of the run's config.yaml),
+    the server shards' versions, and each shard's slice as written (empty when unsharded)."""
+    import flax.serialization
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+
+    from gorila_jax.core.config import Config, load_yaml
+    from gorila_jax.envs import model_of
+    from gorila_jax.io.params_file import SLICE_FILE, load_run_params
+
+    def read(run_dir):
+        config = load_yaml(run_dir / "config.yaml", Config())
+        loaded = load_run_params(run_dir, model_of(config).init(0), "the run's network")
+        slices = [
+            flax.serialization.msgpack_restore(path.read_bytes())["values"]
+            for path in sorted(run_dir.glob(f"shard*/{SLICE_FILE}"))
+        ]
+        return np.asarray(ravel_pytree(loaded.params)[0]), loaded.versions, slices
+
+    return read

@@ -592,17 +592,14 @@ def test_a_killed_shard_comes_back_while_the_other_goes_on(tmp_path):
     assert "shard 1 (pid" in err and "restarting it (1/3)" in err
 
 
-def test_a_killed_shard_0_comes_back_and_still_gathers_the_params(tmp_path):
-    """kill -9 of server shard 0 of 2, the shard with the extra duties (it writes the combined
-    ps.json and gathers params.msgpack at the end): the launcher restarts it from its
-    checkpoint on its port, shard 1 keeps applying pushes meanwhile, the bundles reconnect
-    to it, and at the stop params.msgpack is the two shards' final slices, shard 0's first.
-    Catches a restarted shard 0 that does not come back, that loses its gathering (no
-    params.msgpack, or slices swapped or mixed up), and bundles that stop pushing to shard 1
-    while shard 0 is away."""
-    import flax.serialization
-    from jax.flatten_util import ravel_pytree
-
+def test_a_killed_shard_0_comes_back_and_the_run_params_are_whole(tmp_path, read_run_params):
+    """kill -9 of server shard 0 of 2 (the first shard, which leaves the first slice): the
+    launcher restarts it from its checkpoint on its port, shard 1 keeps applying pushes
+    meanwhile, the bundles reconnect to it, and at the stop the run's params (as evaluate.py
+    reads them) are the two shards' final slices, shard 0's first, each with its version.
+    Catches a restarted shard 0 that does not come back, that leaves no slice or a stale
+    one, slices joined swapped, and bundles that stop pushing to shard 1 while shard 0 is
+    away."""
     launcher = kill_a_shard_and_see_it_back(tmp_path, 0)
     processes = all_descendants(launcher)
     out, err = stop_and_check(launcher, processes)
@@ -610,7 +607,8 @@ def test_a_killed_shard_0_comes_back_and_still_gathers_the_params(tmp_path):
     assert "shard 0 (pid" in err and "restarting it (1/3)" in err
     combined = read_stats(tmp_path)
     assert combined["server_shards"] == 2 and len(combined["shards"]) == 2
-    slices = [np.load(tmp_path / f"shard{k}" / "params_slice.npy") for k in range(2)]
+    flat, versions, slices = read_run_params(tmp_path)
     assert [len(s) for s in slices] == [shard["num_params"] for shard in combined["shards"]]
-    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
-    np.testing.assert_array_equal(np.asarray(ravel_pytree(saved)[0]), np.concatenate(slices))
+    assert list(versions) == [shard["version"] for shard in combined["shards"]]
+    assert min(versions) > 0
+    np.testing.assert_array_equal(flat, np.concatenate(slices))

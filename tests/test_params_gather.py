@@ -1,20 +1,29 @@
-"""A sharded server's final params.msgpack is the shards' slices joined in shard order.
+"""A sharded server's final params are its shards' slices, joined in shard order on read.
 
-`launch._save_sharded_params` is what a 2-shard run ends with: every shard writes its final
-slice, shard 0 joins them and saves the tree. The end-to-end run only sees the file's size;
-these tests read the file back and compare it leaf by leaf with a tree built by hand.
+`server.process.save_final_params` is what every shard of a 2-shard run ends with: its own
+slice, version and layout in RUN_DIR/shard{k}/params_slice.msgpack, with no shard waiting
+for another; `params_file.load_run_params` (what evaluate.py reads) joins them by the
+layout. The end-to-end runs only check that a run's params load; these tests compare the
+joined tree leaf by leaf with one built by hand, and feed the reader what a user may hand
+it: a slice missing, damaged, or from a server split another way.
 """
 
 import dataclasses
 
 import chex
-import flax.serialization
 import numpy as np
 import pytest
 
 from gorila_jax.core.config import Config
-from gorila_jax.run.launch import PARAMS_SLICE, _save_sharded_params
+from gorila_jax.io.params_file import (
+    PARAMS_FILE,
+    SLICE_FILE,
+    ParamsError,
+    load_run_params,
+    save_params,
+)
 from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.server.process import save_final_params
 from gorila_jax.server.server_stats import server_dir
 from gorila_jax.wire import transport
 
@@ -41,66 +50,105 @@ def tree_from_flat(flat: np.ndarray) -> dict:
     }
 
 
-def make_shards(tmp_path, shards: int) -> list[ParameterServer]:
+def make_shards(run_dir, shards: int) -> list[ParameterServer]:
     config = dataclasses.replace(Config(), env_id="CartPole-v1", server_shards=shards)
     return [
-        ParameterServer(config, params_tree(), num_workers=1, token=TOKEN, run_dir=tmp_path,
+        ParameterServer(config, params_tree(), num_workers=1, token=TOKEN, run_dir=run_dir,
                         shard=k)
         for k in range(shards)
     ]  # fmt: skip
 
 
-def test_two_shards_final_params_are_their_slices_in_order(tmp_path):
-    """Catches a gather that joins the slices in the wrong order (shard 1's first), saves
-    shard 0's own initial params instead of its final ones, or unravels with another order.
+def finish(servers, final: np.ndarray, run_dir, order=None) -> None:
+    """Give each shard its part of `final` as its last params and let it stop."""
+    bounds = servers[0].layout.bounds
+    for k in order or range(len(servers)):
+        servers[k].params = final[bounds[k] : bounds[k + 1]]
+        save_final_params(servers[k], run_dir)
 
-    Each shard holds values nothing else has (its final params after "training"); the saved
-    tree must be exactly the hand-built tree of slice 0 followed by slice 1."""
+
+FINAL = np.arange(24, dtype=np.float32) * 0.25 + 1.0
+
+
+def test_two_shards_final_params_are_their_slices_in_order(tmp_path):
+    """Catches a join in the wrong order (shard 1's slice first), a shard that saves its
+    initial params instead of its final ones, or an unravel in another order: each shard
+    holds values nothing else has, and the joined tree must be exactly the hand-built tree
+    of slice 0 followed by slice 1. No whole file is written: nothing waits to gather."""
     servers = make_shards(tmp_path, 2)
     assert [s.num_params for s in servers] == [12, 12]
-    final = np.arange(24, dtype=np.float32) * 0.25 + 1.0
-    servers[0].params = final[:12]
-    servers[1].params = final[12:]
-    _save_sharded_params(servers[1], tmp_path, "tcp://127.0.0.1:1")
-    assert not (tmp_path / "params.msgpack").exists()  # only shard 0 gathers
-    _save_sharded_params(servers[0], tmp_path, "tcp://127.0.0.1:0")
-    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
-    chex.assert_trees_all_equal(saved, tree_from_flat(final))
+    finish(servers, FINAL, tmp_path, order=[1, 0])
+    assert not (tmp_path / PARAMS_FILE).exists()
+    loaded = load_run_params(tmp_path, params_tree(), "mlp")
+    chex.assert_trees_all_equal(loaded.params, tree_from_flat(FINAL))
+    assert loaded.versions == (0, 0)
     for k in range(2):
-        written = np.load(server_dir(tmp_path, k, 2) / PARAMS_SLICE)
-        np.testing.assert_array_equal(written, final[12 * k : 12 * (k + 1)])
+        assert (server_dir(tmp_path, k, 2) / SLICE_FILE).is_file()
 
 
 def test_the_order_check_fails_on_swapped_slices(tmp_path):
-    """The comparison above bites: the same gathered file checked against the slices in
-    swapped order fails (so a gather that swapped them would have failed it)."""
+    """The comparison above bites: the same joined params checked against the slices in
+    swapped order fail (so a join that swapped them would have failed it)."""
     servers = make_shards(tmp_path, 2)
-    final = np.arange(24, dtype=np.float32) * 0.25 + 1.0
-    servers[0].params = final[:12]
-    servers[1].params = final[12:]
-    _save_sharded_params(servers[1], tmp_path, "tcp://127.0.0.1:1")
-    _save_sharded_params(servers[0], tmp_path, "tcp://127.0.0.1:0")
-    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
-    swapped = np.concatenate([final[12:], final[:12]])
+    finish(servers, FINAL, tmp_path)
+    loaded = load_run_params(tmp_path, params_tree(), "mlp")
+    swapped = np.concatenate([FINAL[12:], FINAL[:12]])
     with pytest.raises(AssertionError):
-        chex.assert_trees_all_equal(saved, tree_from_flat(swapped))
+        chex.assert_trees_all_equal(loaded.params, tree_from_flat(swapped))
 
 
-def test_three_shards_join_in_order(tmp_path):
-    """Catches a join that orders the slices by anything but the shard number (e.g. the
-    order their files were found or written in: here shard 2 writes first, shard 0 last)."""
-    config = dataclasses.replace(Config(), env_id="CartPole-v1", server_shards=3)
-    servers = [
-        ParameterServer(config, params_tree(), num_workers=1, token=TOKEN, run_dir=tmp_path,
-                        shard=k)
-        for k in range(3)
-    ]  # fmt: skip
-    sizes = [s.num_params for s in servers]
-    assert sum(sizes) == 24 and sizes == [8, 8, 8]
+def test_three_shards_join_in_order_with_their_versions(tmp_path):
+    """Catches a join that orders the slices by anything but the shard number (the order
+    their files were written in: shard 2 first, shard 0 last), and versions reported in
+    another order than the shards'."""
+    servers = make_shards(tmp_path, 3)
+    assert [s.num_params for s in servers] == [8, 8, 8]
     final = -np.arange(24, dtype=np.float32) - 0.5
-    bounds = np.cumsum([0, *sizes])
-    for k in (2, 1, 0):  # shard 0 last: it gathers
-        servers[k].params = final[bounds[k] : bounds[k + 1]]
-        _save_sharded_params(servers[k], tmp_path, f"tcp://127.0.0.1:{k}")
-    saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
-    chex.assert_trees_all_equal(saved, tree_from_flat(final))
+    for k, server in enumerate(servers):
+        server.version = 10 + k
+    finish(servers, final, tmp_path, order=[2, 1, 0])
+    loaded = load_run_params(tmp_path, params_tree(), "mlp")
+    chex.assert_trees_all_equal(loaded.params, tree_from_flat(final))
+    assert loaded.versions == (10, 11, 12)
+
+
+def test_a_missing_slice_is_named(tmp_path):
+    servers = make_shards(tmp_path, 2)
+    finish(servers, FINAL, tmp_path, order=[0])
+    with pytest.raises(ParamsError, match=r"shard1/params_slice\.msgpack is missing"):
+        load_run_params(tmp_path, params_tree(), "mlp")
+
+
+def test_a_damaged_or_foreign_slice_is_refused_in_one_line(tmp_path):
+    servers = make_shards(tmp_path, 2)
+    finish(servers, FINAL, tmp_path)
+    slice_1 = server_dir(tmp_path, 1, 2) / SLICE_FILE
+    slice_1.write_bytes(b"\x81\xa6format\xa3bad")  # msgpack, but not a slice
+    with pytest.raises(ParamsError, match="is not a params slice file") as caught:
+        load_run_params(tmp_path, params_tree(), "mlp")
+    assert "\n" not in str(caught.value)
+    # A slice of a server split in 3 beside the slices of a server split in 2.
+    other = tmp_path / "other"
+    finish(make_shards(other, 3), FINAL, other)
+    slice_1.write_bytes((server_dir(other, 1, 3) / SLICE_FILE).read_bytes())
+    with pytest.raises(ParamsError, match="belongs to another split of the server"):
+        load_run_params(tmp_path, params_tree(), "mlp")
+
+
+def test_slices_of_another_network_and_no_params_at_all(tmp_path):
+    servers = make_shards(tmp_path, 2)
+    finish(servers, FINAL, tmp_path)
+    bigger = {**params_tree(), "extra": np.zeros(3, np.float32)}
+    with pytest.raises(ParamsError, match="hold 24 parameters, the run's network"):
+        load_run_params(tmp_path, bigger, "mlp")
+    with pytest.raises(ParamsError, match="no params in"):
+        load_run_params(tmp_path / "empty", params_tree(), "mlp")
+
+
+def test_a_whole_params_file_is_read_as_it_is(tmp_path):
+    """An unsharded run's params.msgpack wins: its params, no versions."""
+    tree = tree_from_flat(FINAL)
+    save_params(tree, tmp_path / PARAMS_FILE)
+    loaded = load_run_params(tmp_path, params_tree(), "mlp")
+    chex.assert_trees_all_equal(loaded.params, tree)
+    assert loaded.versions == ()

@@ -19,8 +19,8 @@ from gorila_jax.core.gradient_shards import shard_indices
 from gorila_jax.core.optim import make_optimizer
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.io.checkpoint import CheckpointError
-from gorila_jax.run.launch import _check_server_files
 from gorila_jax.server.parameter_server import ParameterServer
+from gorila_jax.server.process import check_server_files
 from gorila_jax.server.server_stats import combine, read_shard_stats, server_dir
 from gorila_jax.wire import transport
 
@@ -253,17 +253,17 @@ def _fake_checkpoint(directory: Path) -> None:
 
 
 def test_a_run_directory_resumes_only_with_its_shard_count(tmp_path):
-    _check_server_files(tmp_path, 1)
-    _check_server_files(tmp_path, 3)
+    check_server_files(tmp_path, 1)
+    check_server_files(tmp_path, 3)
     _fake_checkpoint(tmp_path / "shard0")
     _fake_checkpoint(tmp_path / "shard1")
     with pytest.raises(CheckpointError, match="--server-shards 2"):
-        _check_server_files(tmp_path, 1)
-    _check_server_files(tmp_path, 2)  # the shards' own checkpoints check the count
+        check_server_files(tmp_path, 1)
+    check_server_files(tmp_path, 2)  # the shards' own checkpoints check the count
     unsharded = tmp_path / "other"
     _fake_checkpoint(unsharded)
     with pytest.raises(CheckpointError, match="--server-shards 1"):
-        _check_server_files(unsharded, 2)
+        check_server_files(unsharded, 2)
 
 
 def test_shard_layout_even_is_byte_balanced():

@@ -238,10 +238,11 @@ def test_srun_two_shards_three_bundles_trains_cartpole(tmp_path):
         assert stats["server_shard"] == shard, stats
         assert stats["version"] > 0, (shard, stats)
         assert (run_dir / f"shard{shard}" / "ps.json").is_file()
+        assert (run_dir / f"shard{shard}" / "params_slice.msgpack").is_file()
     assert ps["num_workers"] == 3, ps
     for worker in ("0", "1", "2"):
         assert ps["workers"][worker]["accepted"] > 0, (worker, ps["workers"])
-    assert (run_dir / "params.msgpack").is_file()
+    assert not (run_dir / "params.msgpack").exists()  # the slices are the params
     for shard in (0, 1):
         _assert_done(output, shard, f"shard {shard}")
     for bundle in (1, 2, 3):

@@ -62,6 +62,13 @@ def first_message(text: str) -> str:
     return " ".join(parts) or "invalid command line"
 
 
+def fail(message: str) -> int:
+    """Print a refusal as the one line every program uses (`error: <message>` on stderr)
+    and return the exit status that goes with it, 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run(main, cls: type[T], args: Sequence[str] | None = None, description: str | None = None):
     """Parse `cls` from the command line and call `main(parsed)`; its exit status.
 
@@ -71,5 +78,4 @@ def run(main, cls: type[T], args: Sequence[str] | None = None, description: str 
     try:
         return main(parse(cls, args, description=description))
     except CommandLineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))

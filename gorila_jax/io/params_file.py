@@ -141,6 +141,12 @@ def _read_slice(path: Path) -> dict:
     return document
 
 
+def has_run_params(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a whole params file or any server shard's slice (a cheap
+    look before anything is built; `load_run_params` checks them)."""
+    return (run_dir / PARAMS_FILE).is_file() or any(run_dir.glob(f"shard*/{SLICE_FILE}"))
+
+
 class RunParams(NamedTuple):
     """A run's final params and where they came from."""
 

@@ -22,7 +22,14 @@ from gorila_jax.core.config import Config, ConfigError, load_yaml, validate
 from gorila_jax.core.env_ids import is_atari
 from gorila_jax.envs.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif
 from gorila_jax.io.files import write_atomically
-from gorila_jax.io.params_file import ParamsError, load_params
+from gorila_jax.io.params_file import (
+    PARAMS_FILE,
+    SLICE_FILE,
+    ParamsError,
+    has_run_params,
+    load_params,
+    load_run_params,
+)
 
 
 class EvaluationError(ValueError):
@@ -166,7 +173,8 @@ class Settings:
     """Evaluate a run's saved params with evaluation settings."""
 
     run_dir: tyro.conf.Positional[Path]
-    """Run directory (holds config.yaml and params.msgpack)."""
+    """Run directory (holds config.yaml, and params.msgpack or a sharded server's
+    shard*/params_slice.msgpack)."""
     episodes: int = 10
     """Episodes to play."""
     seed: int = 0
@@ -174,7 +182,7 @@ class Settings:
     epsilon: float = 0.05
     """Probability of a uniformly random action at each step."""
     params: Path | None = None
-    """Flax msgpack params to evaluate (default: RUN_DIR/params.msgpack)."""
+    """Flax msgpack params to evaluate (default: the run's own, see `load_run_params`)."""
     out: Path | None = None
     """Directory for evaluation.json and evaluation.gif (default: RUN_DIR)."""
     max_frames: int | None = None
@@ -205,9 +213,14 @@ def evaluate_run(
     check_settings(settings)
     run_dir = Path(settings.run_dir)
     config = load_run_config(run_dir)
-    params_path = Path(settings.params) if settings.params else run_dir / "params.msgpack"
-    if not params_path.is_file():
+    params_path = Path(settings.params) if settings.params else None
+    if params_path is not None and not params_path.is_file():
         raise EvaluationError(f"params file not found: {params_path}")
+    if params_path is None and not has_run_params(run_dir):
+        raise EvaluationError(
+            f"no params in {run_dir}: neither {PARAMS_FILE} nor shard*/{SLICE_FILE} "
+            "(a run writes them when it stops)"
+        )
     max_frames = settings.max_frames or config.max_episode_frames
     if is_atari(config.env_id):  # envpool truncates Atari episodes itself at the cap
         config = dataclasses.replace(config, max_episode_frames=max_frames)
@@ -220,8 +233,12 @@ def evaluate_run(
     model = model_of(config, seed=settings.seed, training=False)
     network, num_actions = model.network, model.num_actions
     template = jax.device_get(model.init(0))
+    name = describe_network(network, config, num_actions)
     try:
-        params = load_params(params_path, template, describe_network(network, config, num_actions))
+        if params_path is None:
+            params = load_run_params(run_dir, template, name).params
+        else:
+            params = load_params(params_path, template, name)
     except ParamsError as error:
         raise EvaluationError(str(error)) from None
     params = jax.device_put(params)

@@ -332,4 +332,3 @@ def read_run_stats(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return stats if isinstance(stats, dict) else None
-

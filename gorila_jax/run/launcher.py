@@ -1,0 +1,267 @@
+"""The local launcher: a whole run on one machine, started by one command with no SLURM.
+
+`launch_local` starts the server's shards and `--workers` bundles on 127.0.0.1 (the same
+script, told its place through GORILA_* variables: the jax.distributed coordinator, the
+process count and index, the run token, the CURVE keys it made for every process),
+prefixes and forwards their output, stops all of them on Ctrl-C or SIGTERM, restarts one
+that dies (up to `--max-restarts`; a restarted process meets the others through
+`rendezvous.LauncherRendezvous`), and when one cannot be restarted stops the others and
+exits non-zero naming the process and its last error. `die_with_launcher`, called in each
+child, makes every process it started stop, and be gone within
+`LAUNCHER_GONE_GRACE_SECONDS` plus a poll, if the launcher itself dies (even by SIGKILL).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from gorila_jax.core.config import Config
+from gorila_jax.io import logs
+from gorila_jax.server.process import check_server_files, check_shard_layout
+from gorila_jax.wire import rendezvous, transport
+
+STOP_GRACE_SECONDS = 30.0
+LAUNCHER_GONE_GRACE_SECONDS = 15.0  # a child of a dead launcher exits this long after it
+LAUNCHER_POLL_SECONDS = 0.5
+EXIT_STOPPED = 143  # 128 + SIGTERM: a process that stopped because it was told to
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+log = logging.getLogger(__name__)
+
+
+def process_name(index: int, shards: int) -> str:
+    """How a process of the run is named in its output: "server" (or "shard k" of a split
+    server), or "bundle i" (i from 1)."""
+    if index < shards:
+        return "server" if shards == 1 else f"shard {index}"
+    return f"bundle {index - shards + 1}"
+
+
+def die_with_launcher(launcher_pid: int, stop: threading.Event) -> None:
+    """In a process of the local launcher: stop when the launcher dies, and be gone
+    LAUNCHER_GONE_GRACE_SECONDS later whatever this process is waiting for.
+
+    The kernel sends SIGTERM (`_stop_on_signals`) the moment the launcher dies: the
+    parent-death signal, set here after exec (a `preexec_fn` runs between fork and exec,
+    where a lock held by another launcher thread can deadlock the child). A thread also
+    watches the parent pid, which catches a launcher that died before the signal was set,
+    then gives the process the grace to finish (the server's final checkpoint) and ends
+    it: a wait that does not look at `stop` (a rendezvous, a reply from a server that is
+    gone) cannot keep it alive.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # prctl is Linux only
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(LAUNCHER_POLL_SECONDS)
+        stop.set()
+        time.sleep(LAUNCHER_GONE_GRACE_SECONDS)
+        os._exit(EXIT_STOPPED)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for the jax.distributed coordinator,
+    whose port every process must know before any starts; the server binds its own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Child:
+    """One started process: its name, its output forwarded with a prefix, its last lines."""
+
+    def __init__(self, name: str, command: list[str], environ: dict):
+        self.name = name
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=30)
+        self.process = subprocess.Popen(
+            command,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._forward, daemon=True)
+        self._reader.start()
+
+    def _forward(self) -> None:
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            if line.strip():
+                self.last_lines.append(line)
+            tag = f"[{self.name}]"
+            print(line if line.startswith(tag) else f"{tag} {line}", flush=True)
+
+    def last_error(self) -> str:
+        """The most telling recent line: the last one that names an error, else the last."""
+        for line in reversed(self.last_lines):
+            lowered = line.lower()
+            if "error" in lowered or "exception" in lowered or "killed" in lowered:
+                return line.strip()
+        return self.last_lines[-1].strip() if self.last_lines else "(no output)"
+
+    def finish_output(self) -> None:
+        """Wait for the output reader to drain."""
+        self._reader.join(timeout=5)
+
+
+def _launcher_curve_keys(count: int, shards: int) -> dict[int, dict[str, str]]:
+    """The CURVE environment of each process index: its key pair, and every server shard's
+    public key (bundles) or every bundle's (shards). Made once, so restarts reuse them."""
+    pairs = [tuple(key.decode() for key in zmq.curve_keypair()) for _ in range(count)]
+    shard_keys = ",".join(pair[0] for pair in pairs[:shards])
+    bundle_keys = ",".join(pair[0] for pair in pairs[shards:])
+    environs = {}
+    for index, (public, secret) in enumerate(pairs):
+        own = {rendezvous.ENV_CURVE_PUBLIC: public, rendezvous.ENV_CURVE_SECRET: secret}
+        if index < shards:
+            own[rendezvous.ENV_CURVE_CLIENTS] = bundle_keys
+        else:
+            own[rendezvous.ENV_CURVE_SERVER] = shard_keys
+        environs[index] = own
+    return environs
+
+
+def stop_children(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM every live child, wait up to `grace` seconds, then SIGKILL what is left."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            child.process.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+    for child in children:
+        child.finish_output()
+
+
+def launch_local(config: Config, argv: list[str]) -> int:
+    """Start `config.server_shards` server processes and `config.workers` bundles here and
+    supervise them.
+
+    A process that dies unexpectedly (a signal, or an exit status other than 0 and 2) is
+    restarted up to `config.max_restarts` times: a bundle rejoins the server, a server
+    shard resumes from its last checkpoint on the same port (the port its first start
+    bound and wrote into a file of this launcher's private temporary directory) while the
+    others go on. Past that, every process is stopped and the exit is 1; a configuration
+    error (status 2) of any process stops all and the exit is 2.
+    """
+    logs.setup("launcher")
+    shards = config.server_shards
+    if shards > 1:
+        check_shard_layout(config)  # before starting anything
+    check_server_files(Path(config.run_dir), shards)
+    count = config.workers + shards
+    private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
+    port_files = [private / f"server_port.{shard}" for shard in range(shards)]
+    environ = dict(os.environ)
+    environ[rendezvous.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
+    environ[rendezvous.ENV_NUM_PROCESSES] = str(count)
+    environ[rendezvous.ENV_RUN_TOKEN] = transport.new_run_token()
+    environ[rendezvous.ENV_LAUNCHER_PID] = str(os.getpid())
+    environ.pop(rendezvous.ENV_SERVER_PORT, None)
+    environ.pop(rendezvous.ENV_PORT_FILE, None)
+    environ["PYTHONUNBUFFERED"] = "1"
+    curve_keys = _launcher_curve_keys(count, shards) if config.wire_security == "curve" else {}
+    command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
+    servers = "1 parameter server" if shards == 1 else f"a parameter server in {shards} shards"
+    print(
+        f"local run: {servers} + {config.workers} bundle(s) on 127.0.0.1, run dir {config.run_dir}",
+        flush=True,
+    )
+    interrupted = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        interrupted.set()
+
+    def start(index: int, restarted: bool) -> Child:
+        child_environ = {
+            **environ,
+            rendezvous.ENV_PROCESS_ID: str(index),
+            **curve_keys.get(index, {}),
+        }
+        if index < shards:
+            child_environ[rendezvous.ENV_PORT_FILE] = str(port_files[index])
+        if restarted:
+            child_environ[rendezvous.ENV_RESTARTED] = "1"
+            # A shard takes back its own port; a bundle gets every shard's.
+            mine = port_files[index : index + 1] if index < shards else port_files
+            ports = [path.read_text() for path in mine if path.exists()]
+            if len(ports) == len(mine):
+                child_environ[rendezvous.ENV_SERVER_PORT] = ",".join(ports)
+        return Child(process_name(index, shards), command, child_environ)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    children: list[Child] = []
+    restarts = [0] * count
+    try:
+        children = [start(index, restarted=False) for index in range(count)]
+        while not interrupted.is_set():
+            for index, child in enumerate(children):
+                code = child.process.poll()
+                if code in (None, 0):
+                    continue
+                child.finish_output()
+                if code == EXIT_STOPPED:
+                    # SIGTERM / SIGINT reached this process (preemption): stop the whole run.
+                    log.warning(f"stopping: {child.name} was stopped by a signal, stopping the run")
+                    stop_children(children)
+                    return EXIT_STOPPED
+                if code != 2 and restarts[index] < config.max_restarts:
+                    restarts[index] += 1
+                    log.warning(
+                        f"{child.name} (pid {child.process.pid}) died with status "
+                        f"{code}: {child.last_error()}; restarting it "
+                        f"({restarts[index]}/{config.max_restarts})"
+                    )
+                    children[index] = start(index, restarted=True)
+                    continue
+                stop_children(children)
+                log.error(
+                    f"{child.name} (pid {child.process.pid}) exited with status "
+                    f"{code}: {child.last_error()}"
+                )
+                return 2 if code == 2 else 1
+            if all(child.process.poll() == 0 for child in children):
+                for child in children:
+                    child.finish_output()
+                return 0
+            interrupted.wait(0.2)
+        log.warning("stopping: signal received, stopping every process")
+        stop_children(children)
+        return 128 + (received[0] if received else signal.SIGINT)
+    finally:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.kill()
+                child.process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(private, ignore_errors=True)
