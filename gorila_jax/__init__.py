@@ -8,12 +8,13 @@ above it in this list (tests/test_layout.py checks it):
   parameter vector is cut into server slices and gradient parts. No processes, no sockets.
 - `envs`: the environments (envpool Atari, gymnasium CartPole) and their recordings.
 - `io`: what a run writes and reads: atomic files, checkpoints, params files, metrics,
-  plots, the log format.
+  the log format.
 - `wire`: what crosses a process boundary: the ZeroMQ transport and the rendezvous.
 - `server`: the parameter server (one shard of it): its protocol shell, its pure jitted
   apply, its statistics, and the process that serves.
-- `bundle`: actors, replay and learner in one loop, and the client that pushes its
-  gradients to the server's shards and pulls their params.
+- `bundle`: actors, replay and learner in one loop, the learner that computes a
+  gradient for the server, the client (no JAX) that pushes it to the server's shards and
+  pulls their params, and the process that runs a bundle.
 - `run`: what a user starts: the entry point that picks a role, the local launcher, the
-  single process, evaluation. Nothing imports it.
+  single process, evaluation, plots. Nothing imports it.
 """

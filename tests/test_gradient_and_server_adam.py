@@ -265,7 +265,7 @@ def test_a_bundles_push_is_the_reference_step_and_the_server_applies_it():
     the target taken for the online params), pushes an unclipped or stale-batch gradient,
     stamps the wrong base version or frames, and a server that applies to a push something
     else than what the bundle computed (another slice, another order, a rescaling)."""
-    from gorila_jax.bundle.client import RemoteLearner
+    from gorila_jax.bundle.remote_learner import RemoteLearner
     from gorila_jax.core.replay import Sample
 
     network, params, target, batch, weights = setting(seed=5)

@@ -6,6 +6,8 @@ the source (every `import` / `from ... import` of gorila_jax, also inside functi
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gorila_jax"
@@ -58,3 +60,16 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
     names = _imports(module)
     assert names == ["gorila_jax.run.launch"]
     assert ORDER.index(_group(names[0])) > ORDER.index("core")
+
+
+def test_the_bundles_client_imports_no_jax():
+    """The client of the sharded server is sockets and numpy: importing it (and the wire
+    it speaks) loads no JAX, so what a bundle sends is separate from how it computes."""
+    code = (
+        "import sys, gorila_jax.bundle.client, gorila_jax.wire.transport;"
+        "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout

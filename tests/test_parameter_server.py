@@ -1,7 +1,7 @@
 """Tests for gorila_jax.server.parameter_server: message handling, safeguards, sharding, DC-ASGD.
 
 `ParameterServer.handle` holds all of the message logic, so most tests feed it encoded frames
-directly; one test runs `serve` on a real socket against `ps_client.ServerConnection`.
+directly; one test runs `serve` on a real socket against `bundle.client.ServerConnection`.
 """
 
 import contextlib

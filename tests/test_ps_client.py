@@ -13,7 +13,9 @@ import zmq
 from jax.flatten_util import ravel_pytree
 from zmq.utils.monitor import recv_monitor_message
 
-from gorila_jax.bundle.client import RemoteLearner, ServerConnection, ServerError
+from gorila_jax.bundle import client as client_module
+from gorila_jax.bundle.client import Push, ServerConnection, ServerError
+from gorila_jax.bundle.remote_learner import RemoteLearner
 from gorila_jax.core.config import cartpole_defaults
 from gorila_jax.core.networks import MLP
 from gorila_jax.core.shard_layout import ShardLayout
@@ -169,7 +171,7 @@ class FakeConnection:
         self.seq += 1
         return self.seq
 
-    def receive_pulled(self, seq: int):
+    def receive_pulled(self, seq: int, **_):
         self._record("receive_pulled")
         return self.pulls.pop(0)
 
@@ -180,7 +182,7 @@ class FakeConnection:
         self.seq += 1
         return self.seq
 
-    def receive_ack(self, seq: int):
+    def receive_ack(self, seq: int, **_):
         self._record("receive_ack")
         return True, None, seq
 
@@ -207,9 +209,13 @@ def test_a_target_refresh_is_not_lost_to_a_later_pull():
     learner, _ = remote_learner(connection)
     try:
         refreshed, newer = np.full(58, 1.0, np.float32), np.full(58, 2.0, np.float32)
-        connection.pulls = [(refreshed, 250), (newer, 251)]
-        learner._pull(True)  # a target refresh (target_period 250)...
-        learner._pull(False)  # ...then a plain pull, both before the main thread looks
+        client = learner.client
+        # What the communication thread hands over: a target refresh (target_period
+        # 250), then a plain pull, both before the main thread looks.
+        client._shards[0].held_version, client._host = 250, refreshed
+        client._deliver(refresh_target=True)
+        client._shards[0].held_version, client._host = 251, newer
+        client._deliver(refresh_target=False)
         learner.acting_params()
         np.testing.assert_array_equal(flat_params(learner.params), newer)
         np.testing.assert_array_equal(flat_params(learner.target_params), refreshed)
@@ -221,7 +227,7 @@ def test_a_target_refresh_is_not_lost_to_a_later_pull():
 def test_only_the_communication_thread_touches_the_connection_after_it_starts():
     connection = FakeConnection(num_params=58)
     learner, _ = remote_learner(connection)
-    learner._outbox.put((np.zeros(58, np.float32), 0.5, (0,)))
+    learner.client.push(Push(np.zeros(58, np.float32), 0.5, (0,), 0))
     learner.close()
     assert [name for name, _ in connection.calls][-2:] == ["stop", "close"]
     assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
@@ -231,7 +237,7 @@ def test_close_leaves_the_socket_to_a_communication_thread_that_does_not_finish(
     connection = FakeConnection(num_params=58)
     learner, _ = remote_learner(connection)
     connection.hold = threading.Event()
-    learner._outbox.put((np.zeros(58, np.float32), 0.5, (0,)))
+    learner.client.push(Push(np.zeros(58, np.float32), 0.5, (0,), 0))
     deadline = time.monotonic() + 10
     while ("send_push", "ps-client") not in connection.calls:  # stuck inside the socket call
         assert time.monotonic() < deadline
@@ -242,7 +248,7 @@ def test_close_leaves_the_socket_to_a_communication_thread_that_does_not_finish(
     assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
     assert "close" not in [name for name, _ in connection.calls]  # not from this thread
     connection.hold.set()  # the thread finishes its call, then says goodbye itself
-    learner._thread.join(timeout=10)
+    learner.client._thread.join(timeout=10)
     assert [name for name, _ in connection.calls][-2:] == ["stop", "close"]
     assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
 
@@ -283,7 +289,7 @@ class ShardConnection:
         self.pushed.append(len(grads))
         return self._next("send_push")
 
-    def receive_ack(self, seq: int):
+    def receive_ack(self, seq: int, **_):
         if self.lose:
             self.lose = False
             raise ServerError("no reply to push within 3s", lost=True)
@@ -293,7 +299,7 @@ class ShardConnection:
     def send_pull(self, have_version: int) -> int:
         return self._next("send_pull")
 
-    def receive_pulled(self, seq: int):
+    def receive_pulled(self, seq: int, **_):
         if self.fresh is not None:  # newer params: the slice filled with `fresh`
             return np.full(self.num_params, self.fresh, np.float32), self.version
         return None, self.version
@@ -332,9 +338,9 @@ def test_a_lost_shard_is_said_hello_again_while_the_other_gets_every_push():
     kept, lost = ShardConnection(0, layout), ShardConnection(1, layout, lose_first_ack=True)
     learner = sharded_learner(kept, lost)
     for _ in range(6):
-        learner._outbox.put((np.ones(58, np.float32), 0.5, (0, 0)))
+        learner.client.push(Push(np.ones(58, np.float32), 0.5, (0, 0), 0))
     learner.close()  # a normal close waits for the lost shard, then stops both
-    assert learner.error is None and learner.reconnects == 1
+    assert learner.client.error is None and learner.reconnects == 1
     assert kept.pushed == [29] * 6  # every push reached the shard that stayed
     assert lost.calls.count("reconnect") == 1 and "send_hello" in lost.calls
     assert kept.calls[-2:] == ["stop", "close"] and lost.calls[-2:] == ["stop", "close"]
@@ -349,7 +355,7 @@ def test_a_shard_that_never_comes_back_ends_the_bundle_with_its_name():
     kept = ShardConnection(0, layout)
     lost = ShardConnection(1, layout, lose_first_ack=True, never_back=True)
     learner = sharded_learner(kept, lost, server_retry_seconds=1.0)
-    learner._outbox.put((np.ones(58, np.float32), 0.5, (0, 0)))
+    learner.client.push(Push(np.ones(58, np.float32), 0.5, (0, 0), 0))
     started = time.monotonic()
     with pytest.raises(ServerError, match="server shard 1 did not come back within 1s"):
         learner.close()
@@ -386,15 +392,14 @@ def test_a_pull_joins_the_fresh_slices_with_the_ones_not_modified():
     first, second = ShardConnection(0, layout), ShardConnection(1, layout)
     second.fresh = 5.0  # only shard 1 has newer params
     learner = sharded_learner(first, second)
-    before = learner._host
-    learner._outbox.put((np.ones(58, np.float32), 0.5, (0, 0)))
-    learner._pull_wanted.set()
+    before = learner.client.initial.flat
+    learner.client.push(Push(np.ones(58, np.float32), 0.5, (0, 0), 0, pull=True))
     learner.close()
-    assert learner.error is None
+    assert learner.client.error is None
     flat = flat_params(learner.acting_params())
     np.testing.assert_array_equal(flat[:29], 0.0)
     np.testing.assert_array_equal(flat[29:], 5.0)
-    assert learner.params_versions == (0, 1)  # shard 1's version came with its slice
+    assert learner.state.params_versions == (0, 1)  # shard 1's version came with its slice
     np.testing.assert_array_equal(before, 0.0)  # a new vector; the old one is left as it was
 
 
@@ -438,7 +443,8 @@ def test_push_every_pushes_the_mean_of_k_gradients_with_the_oldest_versions():
     sample = SimpleNamespace(transition=np.zeros(8, np.float32), weights=np.ones(8, np.float32))
     try:
         for step in range(7):
-            learner.params_versions = (10 + step,)  # a pull between the learner's steps
+            # a pull between the learner's steps
+            learner.state = learner.state._replace(params_versions=(10 + step,))
             learner.learn(sample, frames=step)
     finally:
         learner.close()
@@ -461,7 +467,7 @@ class VersionedServer(FakeConnection):
         self.version, self.per_push = 0, per_push
         self.asked: list[int] = []  # have_version of every pull
 
-    def receive_ack(self, seq: int):
+    def receive_ack(self, seq: int, **_):
         self._record("receive_ack")
         self.version += self.per_push
         return True, None, self.version
@@ -470,7 +476,7 @@ class VersionedServer(FakeConnection):
         self.asked.append(have_version)
         return super().send_pull(have_version)
 
-    def receive_pulled(self, seq: int):
+    def receive_pulled(self, seq: int, **_):
         self._record("receive_pulled")
         if self.asked[-1] >= self.version:
             return None, self.version
@@ -486,8 +492,10 @@ def settled(learner: RemoteLearner, connection: FakeConnection) -> None:
     while True:
         assert time.monotonic() < deadline, "the communication thread did not settle"
         acked = [name for name, _ in connection.calls].count("receive_ack") == learner.updates
-        quiet = acked and learner._outbox.empty() and not learner._in_flight
-        quiet = quiet and not learner._pull_wanted.is_set()
+        client = learner.client
+        quiet = acked and client._outbox.empty() and not client._pulling
+        quiet = quiet and not any(s.in_flight or s.backlog for s in client._shards)
+        quiet = quiet and not client._pull_wanted
         if quiet and len(connection.calls) == seen:
             return
         seen = len(connection.calls)
@@ -536,3 +544,80 @@ def test_pulls_every_sync_every_steps_and_refreshes_the_target_every_target_peri
     # The acting params follow every pull, the plain ones too (step 12: version 36).
     assert learner.params_version == 36
     np.testing.assert_array_equal(flat_params(learner.params), 36.0)
+
+
+def test_a_reply_that_arrived_is_not_lost_to_its_deadline(served):
+    """A reply already waiting in the socket is an answer, whatever the clock says: while
+    a bundle's thread waited on another shard, this shard's reply came and its deadline
+    passed. The old order (deadline first, socket second) called it lost and said hello
+    to a healthy shard again."""
+    server, connection = served
+    connection.hello()
+    connection.timeout_seconds = 0.3
+    seq = connection.send_pull(-1)
+    time.sleep(1.0)  # the reply is in the socket long before; the deadline is long past
+    flat, version = connection.receive_pulled(seq, wait=False)
+    assert version == 0 and len(flat) == server.num_params
+
+
+class CutShard(ShardConnection):
+    """A shard whose acks stop coming (a partition), without ever timing out in the
+    test's time: `receive_ack` answers "not yet" while `cut` is set."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cut = threading.Event()
+        self.cut.set()
+
+    def receive_ack(self, seq: int, **_):
+        if self.cut.is_set():
+            return None
+        return super().receive_ack(seq)
+
+
+def test_a_shard_that_does_not_answer_delays_only_its_own_slice(monkeypatch):
+    """Each shard has its own window: with shard 1's acks held back past STALLED_SECONDS,
+    shard 0 still gets every push, shard 1 keeps only its newest slices (the oldest are
+    dropped and counted as `behind`), and once it answers again it gets what it kept.
+    Catches pushes acknowledged shard after shard in one queue (shard 0 then waits for
+    shard 1 forever), and a backlog that grows without bound or drops the newest."""
+    monkeypatch.setattr(client_module, "STALLED_SECONDS", 0.3)
+    layout = ShardLayout.even(58, 2)
+    healthy, cut = ShardConnection(0, layout), CutShard(1, layout)
+    learner = sharded_learner(healthy, cut)
+    try:
+        for value in range(10):
+            learner.client.push(Push(np.full(58, float(value), np.float32), 0.5, (0, 0), 0))
+        deadline = time.monotonic() + 10
+        while len(healthy.pushed) < 10:
+            assert time.monotonic() < deadline, f"shard 0 got {len(healthy.pushed)} of 10"
+            time.sleep(0.01)
+        shard = learner.client._shards[1]
+        assert len(shard.in_flight) == 2 and len(shard.backlog) == 2  # windows, bounded
+        assert [item.grads[0] for _, _, item in shard.backlog] == [8.0, 9.0]  # the newest
+    finally:
+        cut.cut.clear()
+        learner.close()
+    assert learner.client.error is None
+    assert len(cut.pushed) == 4  # the 2 in flight and the 2 newest
+    assert learner.rejected == {"behind": 6} and learner.accepted == 4
+
+
+def test_a_slower_shard_that_answers_holds_the_others_back_and_loses_nothing():
+    """Shards keep step while they answer: shard 1 acknowledging late (within
+    STALLED_SECONDS) slows the pushes to shard 0 instead of losing its own slices. Catches
+    a backlog that drops a merely slow shard's gradients (most of every push refused as
+    `behind` on a loaded machine: CartPole then no longer learns)."""
+    layout = ShardLayout.even(58, 2)
+    healthy, slow = ShardConnection(0, layout), CutShard(1, layout)
+    learner = sharded_learner(healthy, slow)
+    try:
+        for value in range(6):
+            learner.client.push(Push(np.full(58, float(value), np.float32), 0.5, (0, 0), 0))
+        time.sleep(0.5)  # well within STALLED_SECONDS (2 s)
+        assert len(healthy.pushed) <= 4  # two in flight and two waiting, not all six
+    finally:
+        slow.cut.clear()
+        learner.close()
+    assert len(healthy.pushed) == len(slow.pushed) == 6
+    assert learner.rejected == {} and learner.accepted == 6

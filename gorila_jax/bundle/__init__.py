@@ -1,3 +1,4 @@
-"""A bundle: actors, replay and learner in one loop (`loop`), the client through which its
-learner pushes gradients to the server's shards and pulls their params (`client`), and the
-checkpoint of its replay and counters (`replay_checkpoint`)."""
+"""A bundle: actors, replay and learner in one loop (`loop`), the learner that computes its
+gradient for the server (`remote_learner`), the client, with no JAX, that pushes gradients
+to the server's shards and pulls their params (`client`), the checkpoint of its replay and
+counters (`replay_checkpoint`), and the process that runs it all (`process`)."""

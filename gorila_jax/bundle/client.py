@@ -1,19 +1,34 @@
-"""A bundle's side of the parameter server: the connection and the remote learner.
+"""A bundle's client of the sharded parameter server: no JAX, only sockets and numpy.
 
 `ServerConnection` speaks the wire protocol with one server process (a shard, or the whole
-server) over one DEALER socket: every request gets one reply, matched by sequence number, so
-several can be in flight. `RemoteLearner` is the bundle's `Updater`: its jitted step
-computes the gradient (flattened, cut to the bundle's gradient shard and clipped inside XLA)
-and hands it to a communication thread, which pushes every server shard its slice (up to
-`PUSHES_IN_FLIGHT` unacknowledged pushes), pulls params from every shard every `sync_every`
-learner steps, and refreshes the target network every `target_period` server updates. The
-actors wait for the network only when `PUSH_QUEUE` more gradients are queued behind those
-in flight. Once that thread runs, it is the only one that touches the sockets, to the final
-stop and close.
+server) over one DEALER socket: every request gets one reply, matched by sequence number,
+so several can be in flight. `ShardedClient` holds one connection per server shard and a
+communication thread, the only one that touches the sockets once it runs. Its whole API:
+`push` a gradient (with everything the thread needs to send it: the versions it was
+computed on, the loss statistic, the frames played, whether to pull afterwards),
+`latest` params pulled since the last look (and a target refresh, if one came), and
+`close`.
+
+Each shard has its own window of `PUSHES_IN_FLIGHT` unacknowledged pushes and its own
+backlog of `PUSH_QUEUE` slices. The shards keep step while they answer (a push is taken
+from the queue when every shard has room for it, so a shard that is merely slower holds
+the others back rather than lose slices), but a shard that has not acknowledged its
+oldest push for `STALLED_SECONDS` is stalled (cut off, or stuck): it no longer holds the
+others back, its oldest waiting slice is dropped for each new one (counted as `behind`),
+never the newest, so it delays only its own slice. A shard that does not answer a request
+within `server_timeout_seconds` is lost: it is said hello to again, with backoff, for up
+to `server_retry_seconds`, while pushes and pulls go on with the others; a shard past that
+ends the bundle. Replies are read before deadlines are looked at, so a reply that has
+arrived is never taken for a loss.
+
+Pulls: every `push` that asks for one, and a target refresh every `target_period` server
+updates (counted as the mean of the shards' versions), ask every reachable shard for its
+newer slice; when all have answered (or been lost), the joined vector is handed over.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -21,26 +36,21 @@ import threading
 import time
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import zmq
-from jax.flatten_util import ravel_pytree
 
-from gorila_jax.core.config import Config
-from gorila_jax.core.gradient_shards import shard_indices
-from gorila_jax.core.learner import local_mesh, make_flat_grad_step, shardings
-from gorila_jax.core.replay import Sample
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.wire import transport
 
 log = logging.getLogger(__name__)
 
-PUSH_QUEUE = 2
-PUSHES_IN_FLIGHT = 2
+PUSH_QUEUE = 2  # gradients waiting for the thread (and per shard, waiting for its window)
+PUSHES_IN_FLIGHT = 2  # unacknowledged pushes per shard
 MAX_REPLY_FRAMES = 2  # a header and at most one array
 QUICK_STOP_SECONDS = 2.0  # how long a bundle stopped by a signal waits for the stop's ack
 HELLO_AGAIN_SECONDS = 5.0  # how long a hello to a lost server shard may take to be answered
+IDLE_WAIT_SECONDS = 0.05  # the longest the thread sleeps with nothing in flight
+STALLED_SECONDS = 2.0  # a shard this long without acknowledging its oldest push is stalled
 
 
 class ServerError(RuntimeError):
@@ -143,34 +153,24 @@ class ServerConnection:
             kind, deadline = self._pending[seq]
         settled = False  # answered, refused or given up: no longer pending
         try:
-            while not self._has_reply(seq):
-                remaining = deadline - time.monotonic()
+            while True:
+                # Take what has arrived before looking at the clock: a reply that came
+                # while this thread waited on another shard is an answer, not a loss.
+                while self._poller.poll(timeout=0):
+                    self._read_one(kind)
+                if self._has_reply(seq):
+                    break
                 if interruptible and self.cancel.is_set():
                     raise ServerError(f"{kind} cancelled: the bundle is stopping")
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ServerError(
                         f"no reply to {kind} within {self.timeout_seconds:.0f}s", lost=True
                     )
-                if not self._poller.poll(timeout=min(remaining, 0.1) * 1000 if wait else 0):
-                    if not wait:
-                        return None
-                    continue
-                try:
-                    _, frames = transport.recv(
-                        self._socket, max_frames=MAX_REPLY_FRAMES, max_bytes=self.max_bytes
-                    )
-                    reply = transport.decode_reply(
-                        frames,
-                        expected_fingerprint=self.fingerprint,
-                        layout_for=self._specs,
-                        max_bytes=self.max_bytes,
-                    )
-                except transport.ProtocolError as error:
-                    raise ServerError(f"bad reply to {kind}: {error}") from None
-                with self._lock:
-                    if reply.header["seq"] in self._pending:
-                        self._replies[reply.header["seq"]] = reply
-                    # else: a late reply to a request given up on; dropped
+                if not wait:
+                    return None
+                if self._poller.poll(timeout=min(remaining, 0.1) * 1000):
+                    self._read_one(kind)
             with self._lock:
                 reply = self._replies.pop(seq)
             settled = True
@@ -189,6 +189,30 @@ class ServerConnection:
         if reply.header["kind"] not in transport.ANSWERS[kind]:
             raise ServerError(f"bad reply to {kind}: a {reply.header['kind']!r} reply")
         return reply
+
+    def _read_one(self, kind: str) -> None:
+        """Read one reply from the socket into the table of replies (a late reply to a
+        request given up on is dropped)."""
+        try:
+            _, frames = transport.recv(
+                self._socket, max_frames=MAX_REPLY_FRAMES, max_bytes=self.max_bytes
+            )
+            reply = transport.decode_reply(
+                frames,
+                expected_fingerprint=self.fingerprint,
+                layout_for=self._specs,
+                max_bytes=self.max_bytes,
+            )
+        except transport.ProtocolError as error:
+            raise ServerError(f"bad reply to {kind}: {error}") from None
+        with self._lock:
+            if reply.header["seq"] in self._pending:
+                self._replies[reply.header["seq"]] = reply
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The socket replies arrive on (to wait on several connections at once)."""
+        return self._socket
 
     def _has_reply(self, seq: int) -> bool:
         with self._lock:
@@ -223,9 +247,12 @@ class ServerConnection:
         """Ask for params newer than `have_version` without waiting; returns the seq."""
         return self.send_request("pull", version=have_version)
 
-    def receive_pulled(self, seq: int) -> tuple[np.ndarray | None, int]:
-        """The reply to the pull `seq`: (params, or None if not modified; server version)."""
-        reply = self.receive_reply(seq)
+    def receive_pulled(self, seq: int, *, wait: bool = True):
+        """The reply to the pull `seq`: (params, or None if not modified; server version);
+        with `wait=False`, None while it has not arrived."""
+        reply = self.receive_reply(seq, wait=wait)
+        if reply is None:
+            return None
         params = reply.arrays[0] if reply.header["kind"] == "params" else None
         return params, reply.header["version"]
 
@@ -237,9 +264,12 @@ class ServerConnection:
             "push", [grads], version=base_version, loss=float(loss), shard=shard, frames=frames
         )
 
-    def receive_ack(self, seq: int) -> tuple[bool, str | None, int]:
-        """(accepted, reason if not, server version) of the push `seq`."""
-        reply = self.receive_reply(seq)
+    def receive_ack(self, seq: int, *, wait: bool = True):
+        """(accepted, reason if not, server version) of the push `seq`; with `wait=False`,
+        None while it has not arrived."""
+        reply = self.receive_reply(seq, wait=wait)
+        if reply is None:
+            return None
         return reply.header["accepted"], reply.header["reason"], reply.header["version"]
 
     def push(
@@ -264,6 +294,23 @@ class ServerConnection:
         self._socket.close(linger=0)
 
 
+class Push(NamedTuple):
+    """One gradient for the server, with all the communication thread needs to send it."""
+
+    grads: Any  # the flat gradient (a host or device array; read on the thread)
+    loss: float  # the mean |TD error| of the batch, for the server's outlier filter
+    versions: tuple[int, ...]  # per shard, the version of the params it was computed on
+    frames: int  # frames this bundle has played, reported to the server
+    pull: bool = False  # ask every shard for newer params once this is sent
+
+
+class Pulled(NamedTuple):
+    """Params handed over by the communication thread: a new vector each time."""
+
+    flat: np.ndarray
+    versions: tuple[int, ...]  # per shard, the version of its slice
+
+
 class _Lost(NamedTuple):
     """A server shard this bundle has lost: when it gives up, when it next says hello, the
     backoff after that, and the hello waiting for an answer (its seq)."""
@@ -274,118 +321,85 @@ class _Lost(NamedTuple):
     hello: int | None = None
 
 
-@jax.jit
-def _add(total, grads):
-    return jax.tree.map(jnp.add, total, grads)
+class _Shard:
+    """The communication thread's view of one server shard."""
+
+    def __init__(self, connection: ServerConnection, version: int):
+        self.connection = connection
+        self.version = version  # the newest version it has told us
+        self.held_version = version  # the version of the slice we hold
+        self.backlog: collections.deque = collections.deque()  # (push id, piece, Push)
+        # (push id, seq, the piece the frame is sent from, when it was sent)
+        self.in_flight: collections.deque = collections.deque()
+        self.pull: int | None = None  # seq of the pull waiting for its reply
+        self.lost: _Lost | None = None
 
 
-@jax.jit
-def _scale(total, factor):
-    return jax.tree.map(lambda x: x * factor, total)
+class ShardedClient:
+    """One bundle's client of a server in S shards (S >= 1); see the module docstring.
 
-
-class RemoteLearner:
-    """The Updater of a Gorila bundle: gradients go to the server, params come back.
-
-    The server may be split into S shards (`gorila_jax.core.shard_layout`), one connection each:
-    a push sends every shard its slice of the gradient (all in flight at once, then the
-    acknowledgements are collected), a pull gathers every slice. The bundle keeps the
-    version of each shard's slice it holds, and each shard judges staleness on its own.
-    The target network is refreshed every `target_period` server updates, counted as the
-    mean of the shards' versions (with one shard, the server's version). A shard that stops
-    answering is said hello to again, with backoff, for up to `server_retry_seconds`, while
-    pushes and pulls go on with the others; a shard that refuses a push does not undo the
-    others' updates (as in the paper).
-    """
+    `pieces[k]` is the part of a pushed vector that shard k gets (None: nothing, with
+    gradient sharding); `gradient_part` is this bundle's gradient part, sent with each
+    push (None: the whole gradient)."""
 
     def __init__(
         self,
-        config: Config,
-        network,
-        params_template: Any,
         connections: list[ServerConnection],
         *,
-        num_workers: int,
+        layout: ShardLayout,
+        pieces: list[slice | None],
+        gradient_part: int | None,
+        target_period: int,
+        retry_seconds: float,
         stop_event: threading.Event | None = None,
     ):
-        self.config = config
-        self.connections = list(connections)
-        self.worker = self.connections[0].worker
+        self.layout = layout
+        self._pieces = pieces
+        self._gradient_part = gradient_part
+        self._target_period = target_period
+        self._retry_seconds = retry_seconds
         self._stop = stop_event or threading.Event()
-        flat_template, self._unravel = ravel_pytree(params_template)
-        self.layout = ShardLayout.even(int(flat_template.size), len(self.connections))
-        mesh = local_mesh()
-        self._where = shardings(mesh)
-        owned = shard_indices(
-            self.layout.num_params, num_workers, self.worker, config.shard_factor, config.seed
-        )
-        self._shard = None if owned is None else self.worker
-        # Per server shard: the positions of the pushed vector it gets (None: nothing).
-        if owned is None:
-            self._pieces: list[slice | None] = [
-                self.layout.slice(k) for k in range(self.layout.num_shards)
-            ]
-        else:
-            self._pieces = [
-                positions if positions.stop > positions.start else None
-                for positions, _ in self.layout.split_indices(owned)
-            ]
+        connections = list(connections)
         slices, versions, frames = [], [], []
         try:
-            for shard, connection in enumerate(self.connections):
+            for shard, connection in enumerate(connections):
                 flat, version, info = connection.hello()
                 self._check_welcome(shard, info)
                 slices.append(flat)
                 versions.append(version)
-                frames.append(info.get("frames", 0))  # checked by _check_welcome
-        except BaseException:  # no learner to close later: close the sockets now
-            for connection in self.connections:
+                frames.append(info.get("frames", 0))
+        except BaseException:  # no client to close later: close the sockets now
+            for connection in connections:
                 connection.close()
             raise
         self.start_frames = max(frames)
-        self.reconnects = 0
-        self._grad_step = make_flat_grad_step(
-            network,
-            double_dqn=config.double_dqn,
-            huber_delta=config.huber_delta,
-            mesh=mesh,
-            owned=owned,
-            max_grad_norm=config.max_grad_norm or None,
-        )
-        # The communication thread's copy of the params (host, flat) and of each slice's
-        # version; the main thread's are `params` / `params_versions`, handed over whole.
-        self._host = self.layout.join(slices)
-        self._host_versions = list(versions)
-        self.params = self._to_device(self._host)
-        self.target_params = self.params
-        self.params_versions = tuple(versions)
-        self.server_versions = list(versions)
-        self._target_epoch = self.server_version // config.target_period
-        self.updates = 0
-        self.frames = 0
+        self.initial = Pulled(layout.join(slices), tuple(versions))
+        self._shards = [_Shard(c, v) for c, v in zip(connections, versions, strict=True)]
+        self._host = self.initial.flat
+        self._target_epoch = self.server_version // target_period
+        self._pull_wanted = False
+        self._pulling = False  # a pull is out: its replies are being gathered
+        self._pull_is_refresh = False
+        self._fresh: dict[int, np.ndarray] = {}  # slices pulled so far, by shard
+        self._next_push_id = 0
+        self._results: dict[int, dict[int, tuple[bool, str | None]]] = {}
+        self._expected: dict[int, set[int]] = {}
         self.accepted = 0
         self.rejected: dict[str, int] = {}
-        self._lost: dict[int, _Lost] = {}
+        self.reconnects = 0
+        self.error: BaseException | None = None
         self._outbox: queue.Queue = queue.Queue(maxsize=PUSH_QUEUE)
-        # push_every > 1: (sum of gradients, sum of mean |TD|, oldest versions, count).
-        self._pending: tuple[Any, Any, tuple[int, ...], int] | None = None
-        self._in_flight: list[dict[int, int]] = []  # per push: shard -> seq of its slice
-        self._sent: list[list] = []  # the arrays those frames are sent from, kept alive
-        self._pull_wanted = threading.Event()
-        # Params pulled by the communication thread, waiting for the main thread: the newest
-        # (params, versions), and the params of a target refresh, kept apart so a later
-        # pull cannot overwrite a refresh before it is taken.
-        self._incoming_lock = threading.Lock()
-        self._incoming: tuple[Any, tuple[int, ...]] | None = None
-        self._incoming_target: Any | None = None
+        self._handover_lock = threading.Lock()
+        self._latest: Pulled | None = None
+        self._latest_target: Pulled | None = None
         self._closing = threading.Event()
         self._quick = False
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._communicate, name="ps-client", daemon=True)
         self._thread.start()
 
     def _check_welcome(self, shard: int, info: dict) -> None:
-        """The server shard at this connection holds the slice this bundle expects."""
+        """The server shard at this connection holds the slice this bundle expects, for
+        the gradient part it pushes."""
         layout = info.get("shard_layout", [0, self.layout.num_params])
         if info.get("server_shard", 0) != shard or layout != list(self.layout.bounds):
             raise ServerError(
@@ -394,7 +408,7 @@ class RemoteLearner:
             )
         piece = self._pieces[shard]
         expected = 0 if piece is None else piece.stop - piece.start
-        if self._shard is None:
+        if self._gradient_part is None:
             expected = self.layout.size(shard)
         if info.get("shard_size") != expected:
             raise ServerError(
@@ -404,218 +418,237 @@ class RemoteLearner:
         if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
             raise ServerError(f"bad welcome from server shard {shard}: frames {frames!r}")
 
+    # ---- the main thread's API ---------------------------------------------------------
+
+    @property
+    def connections(self) -> list[ServerConnection]:
+        return [shard.connection for shard in self._shards]
+
     @property
     def server_version(self) -> int:
         """Server updates: the mean of the shards' versions (the only version of one)."""
-        return sum(self.server_versions) // len(self.server_versions)
+        return sum(shard.version for shard in self._shards) // len(self._shards)
 
-    @property
-    def params_version(self) -> int:
-        """The server updates the acting params stem from (the mean over their slices)."""
-        return sum(self.params_versions) // len(self.params_versions)
-
-    def _to_device(self, flat: np.ndarray) -> Any:
-        return jax.device_put(self._unravel(jnp.asarray(flat)), self._where.replicated)
-
-    def _deliver(self, params: Any, versions: tuple[int, ...], *, refresh_target: bool) -> None:
-        """Hand pulled params to the main thread (called by the communication thread)."""
-        with self._incoming_lock:
-            self._incoming = (params, versions)
-            if refresh_target:
-                self._incoming_target = params
-
-    def _take_incoming(self) -> None:
-        with self._incoming_lock:
-            incoming, self._incoming = self._incoming, None
-            target, self._incoming_target = self._incoming_target, None
-        if incoming is not None:
-            self.params, self.params_versions = incoming
-        if target is not None:
-            self.target_params = target
-
-    def acting_params(self) -> Any:
-        """The newest params pulled from the server."""
-        self._take_incoming()
-        return self.params
-
-    def learn(self, sample: Sample, frames: int = 0):
-        """Compute this bundle's gradient and queue it for pushing."""
-        self._take_incoming()
-        self.frames = frames
-        batch = jax.device_put(sample.transition, self._where.batch)
-        weights = jax.device_put(sample.weights, self._where.batch)
-        grads, metrics = self._grad_step(self.params, self.target_params, batch, weights)
-        self._accumulate(grads, metrics.mean_abs_td)
-        self.updates += 1
-        if self.updates % self.config.sync_every == 0:
-            self._pull_wanted.set()
-        return metrics
-
-    def _accumulate(self, grads, mean_abs_td) -> None:
-        """Add a gradient to the ones waiting for the next push; queue their mean once
-        `push_every` have come. The mean of clipped gradients stays within the clip (the
-        server refuses anything over it); it is pushed with the params versions of the
-        oldest gradient in it, so the server judges its staleness by its stalest part."""
-        if self._pending is None:
-            self._pending = (grads, mean_abs_td, self.params_versions, 1)
-        else:
-            total, td, versions, count = self._pending
-            self._pending = (_add(total, grads), td + mean_abs_td, versions, count + 1)
-        if self._pending[3] >= self.config.push_every:
-            self._queue_pending()
-
-    def _queue_pending(self) -> None:
-        """Queue the waiting gradients' mean for the communication thread (it blocks while
-        the queue is full, until the run stops)."""
-        if self._pending is None:
-            return
-        total, td, versions, count = self._pending
-        self._pending = None
-        item = (total if count == 1 else _scale(total, 1.0 / count), td / count, versions)
+    def push(self, item: Push) -> None:
+        """Queue a gradient for the communication thread; blocks while `PUSH_QUEUE` wait,
+        until the run stops or the thread has failed."""
         while not self._closing.is_set() and self.error is None:
             if self._stop.is_set():  # a signal: abandon in-flight requests, stop soon
-                for connection in self.connections:
-                    connection.cancel.set()
-                break
+                for shard in self._shards:
+                    shard.connection.cancel.set()
+                return
             try:
                 self._outbox.put(item, timeout=0.1)
-                break
+                return
             except queue.Full:
                 continue
 
-    def should_stop(self) -> bool:
-        """Stop when the communication thread has failed or a signal arrived."""
-        return self.error is not None or self._stop.is_set()
+    def latest(self) -> tuple[Pulled | None, Pulled | None]:
+        """The newest params pulled since the last look, and the newest target refresh
+        (each None when none came): a refresh is kept apart, so a later plain pull cannot
+        replace it before it is taken."""
+        with self._handover_lock:
+            latest, self._latest = self._latest, None
+            target, self._latest_target = self._latest_target, None
+        return latest, target
+
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def close(self, *, quick: bool = False, timeout_seconds: float) -> None:
+        """Push what is queued, tell every shard this bundle is done, close the sockets
+        (all done by the communication thread; this waits up to `timeout_seconds`).
+
+        `quick` (the run is being stopped by a signal): drop what is queued and give the
+        server only a moment to acknowledge, since it is stopping too.
+        """
+        self._quick = quick
+        self._closing.set()
+        if quick:
+            for shard in self._shards:
+                shard.connection.cancel.set()
+        self._thread.join(timeout=timeout_seconds)
+        if self._thread.is_alive() and self.error is None:
+            self.error = ServerError(
+                f"the communication thread did not finish in {timeout_seconds:.0f}s"
+            )
+        if self.error is not None and not quick:
+            raise ServerError(f"bundle lost the server: {self.error}") from self.error
+
+    # ---- the communication thread ------------------------------------------------------
 
     def _communicate(self) -> None:
         try:
             while True:
-                if self._lost and not self._quick:
+                if self._closing.is_set() and self._quick:
+                    break  # stopped by a signal: what is queued is dropped
+                if any(shard.lost for shard in self._shards) and not self._quick:
                     self._say_hello_again()
-                drained = (
-                    self._closing.is_set() and self._outbox.empty() and not any(self._in_flight)
+                busy = self._take_pushes()
+                busy = self._send_pushes() or busy
+                busy = self._collect() or busy
+                busy = self._pull_when_due() or busy
+                idle = self._outbox.empty() and not any(
+                    s.backlog or s.in_flight or s.pull is not None for s in self._shards
                 )
+                lost = any(shard.lost for shard in self._shards)
                 # A normal close waits for lost shards to come back (or for their deadline,
                 # an error), so that every shard hears this bundle's stop.
-                if drained and (self._quick or not self._lost):
+                if self._closing.is_set() and idle and (self._quick or not lost):
                     break
-                if drained or len(self._lost) == len(self.connections):
-                    time.sleep(0.05)  # nothing to talk to yet
-                    continue
-                self._exchange()
-        except BaseException as error:  # surfaced to the main thread through should_stop
+                if not busy:
+                    self._wait(IDLE_WAIT_SECONDS if idle else 0.01)
+        except BaseException as error:  # surfaced to the main thread through `failed`
             self.error = error
         finally:
             self._say_goodbye()
 
-    def _say_goodbye(self) -> None:
-        """Tell every shard this bundle is done, then close the sockets: in this thread,
-        the only one that uses them once it runs.
+    def _wait(self, seconds: float) -> None:
+        """Sleep until a reply may have arrived on any socket, or `seconds` pass."""
+        sockets = [
+            s.connection.socket
+            for s in self._shards
+            if not s.lost and isinstance(getattr(s.connection, "socket", None), zmq.Socket)
+        ]
+        if sockets:
+            zmq.select(sockets, [], [], seconds)
+        else:
+            time.sleep(min(seconds, 0.001))
 
-        Stopped by a signal (`close(quick=True)`), wait only a moment for the server, which
-        is stopping too; after an error, the server is gone or refused: just close.
-        """
-        for shard, connection in enumerate(self.connections):
+    def _stalled(self, shard: _Shard, now: float) -> bool:
+        return bool(shard.in_flight) and now - shard.in_flight[0][3] > STALLED_SECONDS
+
+    def _room(self) -> bool:
+        """Whether a queued gradient can be taken: every reachable shard that answers has
+        room in its backlog (a stalled shard holds nobody back), and one at least answers."""
+        now = time.monotonic()
+        answering = [s for s in self._shards if not s.lost and not self._stalled(s, now)]
+        return bool(answering) and all(len(s.backlog) < PUSH_QUEUE for s in answering)
+
+    def _take_pushes(self) -> bool:
+        """Move queued gradients into the shards' backlogs while `_room` says so; a
+        stalled shard's full backlog drops its oldest slice (that shard is behind)."""
+        moved = False
+        while self._room():
             try:
-                if self._quick:
-                    connection.timeout_seconds = min(connection.timeout_seconds, QUICK_STOP_SECONDS)
-                    with contextlib.suppress(ServerError):
-                        connection.stop()
-                elif self.error is None and shard not in self._lost:
-                    connection.stop()
-            except BaseException as error:  # the other shards still get their stop
-                self.error = self.error or error
-        for connection in self.connections:
-            connection.close()
-
-    def _call(self, shard: int, method, *args, **kwargs):
-        """`method(*args, **kwargs)` of a shard's connection; a lost reply marks the shard
-        lost (None is returned; closing or not, it is said hello again until its deadline),
-        any other refusal is raised."""
-        try:
-            return method(*args, **kwargs)
-        except ServerError as error:
-            if not error.lost:
-                raise
-            self._lose(shard, error)
-            return None
-
-    def _split(self, grads: np.ndarray) -> list[np.ndarray | None]:
-        """The pushed vector cut into each shard's piece (views; None: nothing there)."""
-        return [None if piece is None else grads[piece] for piece in self._pieces]
-
-    def _exchange(self) -> None:
-        """Send queued gradients (up to PUSHES_IN_FLIGHT unacknowledged), collect the oldest
-        acknowledgements, and pull when due. Keeping a second push in flight lets the server
-        apply one gradient while the next one crosses the network."""
-        while len(self._in_flight) < PUSHES_IN_FLIGHT:
-            try:
-                grads, loss, base_versions = self._outbox.get(
-                    timeout=0.0 if self._in_flight else 0.05
-                )
+                item = self._outbox.get_nowait()
             except queue.Empty:
                 break
-            pieces, loss = self._split(np.asarray(grads)), float(loss)
-            sent: dict[int, int] = {}
-            for shard, piece in enumerate(pieces):
-                if piece is None or shard in self._lost:
+            moved = True
+            grads = np.asarray(item.grads)
+            push_id, self._next_push_id = self._next_push_id, self._next_push_id + 1
+            expected = set()
+            for shard_index, (shard, piece) in enumerate(
+                zip(self._shards, self._pieces, strict=True)
+            ):
+                if piece is None or shard.lost:
                     continue
-                sent[shard] = self.connections[shard].send_push(
-                    piece, base_version=base_versions[shard], loss=loss,
-                    frames=self.frames, shard=self._shard,
-                )  # fmt: skip
-            self._in_flight.append(sent)
-            self._sent.append(pieces)  # the frames are sent from these arrays
-        if self._in_flight:
-            sent = self._in_flight[0]
-            results = {}
-            for shard, seq in list(sent.items()):  # a lost shard leaves `sent`
-                if shard in self._lost:
-                    continue
-                ack = self._call(shard, self.connections[shard].receive_ack, seq)
-                if ack is not None:
-                    accepted, reason, version = ack
-                    self.server_versions[shard] = max(self.server_versions[shard], version)
-                    results[shard] = (accepted, reason)
-            self._in_flight.pop(0)
-            self._sent.pop(0)
-            if results and all(accepted for accepted, _ in results.values()):
-                self.accepted += 1
-            for reason in {reason for accepted, reason in results.values() if not accepted}:
-                self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        refresh = self.server_version // self.config.target_period > self._target_epoch
-        if refresh or self._pull_wanted.is_set():
-            self._pull_wanted.clear()
-            self._pull(refresh)
+                if len(shard.backlog) >= PUSH_QUEUE:
+                    dropped, _, _ = shard.backlog.popleft()
+                    self._settle(dropped, shard_index, (False, "behind"))
+                shard.backlog.append((push_id, grads[piece], item))
+                expected.add(shard_index)
+            self._expected[push_id] = expected
+            self._results[push_id] = {}
+            self._finish_if_settled(push_id)
+            self._pull_wanted = self._pull_wanted or item.pull
+        return moved
 
-    def _pull(self, refresh_target: bool) -> None:
-        """Ask every shard for its newer slice at once, then gather the replies."""
-        asked = {
-            shard: self.connections[shard].send_pull(
-                -1 if refresh_target else self._host_versions[shard]
-            )
-            for shard in range(len(self.connections))
-            if shard not in self._lost
-        }
-        fresh: dict[int, np.ndarray] = {}
-        for shard, seq in asked.items():
-            if shard in self._lost:
+    def _send_pushes(self) -> bool:
+        sent = False
+        for index, shard in enumerate(self._shards):
+            while shard.backlog and not shard.lost and len(shard.in_flight) < PUSHES_IN_FLIGHT:
+                push_id, piece, item = shard.backlog.popleft()
+                seq = shard.connection.send_push(
+                    piece, base_version=item.versions[index], loss=float(item.loss),
+                    frames=item.frames, shard=self._gradient_part,
+                )  # fmt: skip
+                # The frame is sent from `piece` without a copy: keep it until the ack.
+                shard.in_flight.append((push_id, seq, piece, time.monotonic()))
+                sent = True
+        return sent
+
+    def _collect(self) -> bool:
+        """Take every acknowledgement and pulled slice that has arrived, shard by shard."""
+        progressed = False
+        for index, shard in enumerate(self._shards):
+            while shard.in_flight and not shard.lost:
+                push_id, seq, _, _ = shard.in_flight[0]
+                ack = self._call(index, shard.connection.receive_ack, seq, wait=False)
+                if ack is None:
+                    break
+                shard.in_flight.popleft()
+                accepted, reason, version = ack
+                shard.version = max(shard.version, version)
+                self._settle(push_id, index, (accepted, reason))
+                progressed = True
+            if shard.pull is not None and not shard.lost:
+                reply = self._call(index, shard.connection.receive_pulled, shard.pull, wait=False)
+                if reply is not None:
+                    shard.pull = None
+                    flat, version = reply
+                    shard.version = version
+                    if flat is not None:
+                        self._fresh[index] = flat
+                        shard.held_version = version
+                    progressed = True
+        if self._pulling and all(s.pull is None for s in self._shards):
+            self._hand_over_pull()
+        return progressed
+
+    def _settle(self, push_id: int, shard: int, result: tuple[bool, str | None]) -> None:
+        results = self._results.get(push_id)
+        if results is None:
+            return
+        results[shard] = result
+        self._finish_if_settled(push_id)
+
+    def _finish_if_settled(self, push_id: int) -> None:
+        """Count a push once every shard it went to has answered or been given up."""
+        results, expected = self._results[push_id], self._expected[push_id]
+        if not expected <= set(results):
+            return
+        del self._results[push_id], self._expected[push_id]
+        if results and all(accepted for accepted, _ in results.values()):
+            self.accepted += 1
+        for reason in {reason for accepted, reason in results.values() if not accepted}:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def _pull_when_due(self) -> bool:
+        """Ask every reachable shard for its newer slice at once (a target refresh asks
+        for the slice whatever its version)."""
+        if self._pulling:
+            return False
+        refresh = self.server_version // self._target_period > self._target_epoch
+        if not (refresh or self._pull_wanted):
+            return False
+        self._pull_wanted = False
+        self._pulling, self._pull_is_refresh, self._fresh = True, refresh, {}
+        for shard in self._shards:
+            if shard.lost:
                 continue
-            reply = self._call(shard, self.connections[shard].receive_pulled, seq)
-            if reply is None:
-                continue
-            flat, version = reply
-            self.server_versions[shard] = version
-            if flat is not None:
-                fresh[shard] = flat
-                self._host_versions[shard] = version
-        if fresh:
-            host = self._host = self._with_slices(fresh)
+            have = -1 if refresh else shard.held_version
+            shard.pull = shard.connection.send_pull(have)
+        if all(s.pull is None for s in self._shards):
+            self._pulling = False
+        return True
+
+    def _hand_over_pull(self) -> None:
+        self._pulling = False
+        if not self._fresh:
+            return
+        self._host = self._with_slices(self._fresh)
+        refresh = self._pull_is_refresh
+        if refresh:
+            self._target_epoch = self.server_version // self._target_period
+        self._deliver(refresh_target=refresh)
+
+    def _deliver(self, *, refresh_target: bool) -> None:
+        pulled = Pulled(self._host, tuple(shard.held_version for shard in self._shards))
+        with self._handover_lock:
+            self._latest = pulled
             if refresh_target:
-                self._target_epoch = self.server_version // self.config.target_period
-            self._deliver(
-                self._to_device(host), tuple(self._host_versions), refresh_target=refresh_target
-            )
+                self._latest_target = pulled
 
     def _with_slices(self, fresh: dict[int, np.ndarray]) -> np.ndarray:
         """A new host vector: the `fresh` slices (by shard) and the current ones elsewhere.
@@ -626,26 +659,46 @@ class RemoteLearner:
             slices[shard] = flat
         return slices[0] if len(slices) == 1 else self.layout.join(slices)
 
-    def _lose(self, shard: int, error: ServerError) -> None:
-        """Mark a shard lost: its pending acknowledgements died with the connection."""
-        retry = self.config.server_retry_seconds
+    def _call(self, index: int, method, *args, **kwargs):
+        """`method(*args, **kwargs)` of a shard's connection; a lost reply marks the shard
+        lost (None is returned; closing or not, it is said hello again until its deadline),
+        any other refusal is raised."""
+        try:
+            return method(*args, **kwargs)
+        except ServerError as error:
+            if not error.lost:
+                raise
+            self._lose(index, error)
+            return None
+
+    def _lose(self, index: int, error: ServerError) -> None:
+        """Mark a shard lost: its pending acknowledgements and its pull died with the
+        connection, its waiting slices are dropped."""
+        shard = self._shards[index]
         now = time.monotonic()
-        self._lost[shard] = _Lost(now + retry, now, 0.5)
-        for sent in self._in_flight:
-            sent.pop(shard, None)
+        shard.lost = _Lost(now + self._retry_seconds, now, 0.5)
+        for push_id, *_ in (*shard.in_flight, *shard.backlog):
+            self._expected.get(push_id, set()).discard(index)
+            if push_id in self._results:
+                self._finish_if_settled(push_id)
+        shard.in_flight.clear()
+        shard.backlog.clear()
+        shard.pull = None
         log.warning(
-            f"lost {self._shard_name(shard)} ({error}); reconnecting for up to {retry:.0f}s"
+            f"lost {self._name(index)} ({error}); reconnecting for up to {self._retry_seconds:.0f}s"
         )
 
-    def _shard_name(self, shard: int) -> str:
-        return "the server" if len(self.connections) == 1 else f"server shard {shard}"
+    def _name(self, index: int) -> str:
+        return "the server" if len(self._shards) == 1 else f"server shard {index}"
 
     def _say_hello_again(self) -> None:
         """Say hello again to every lost shard whose backoff has passed, without waiting
         for the answer (the others are being pushed to meanwhile); take the answers that
         have come. A shard past its deadline ends the bundle (ServerError)."""
-        for shard, lost in list(self._lost.items()):
-            connection = self.connections[shard]
+        for index, shard in enumerate(self._shards):
+            lost, connection = shard.lost, shard.connection
+            if lost is None:
+                continue
             if lost.hello is None:
                 if time.monotonic() < lost.next_attempt:
                     continue
@@ -653,7 +706,7 @@ class RemoteLearner:
                 timeout = connection.timeout_seconds
                 connection.timeout_seconds = min(timeout, HELLO_AGAIN_SECONDS)
                 try:
-                    self._lost[shard] = lost._replace(hello=connection.send_request("hello"))
+                    shard.lost = lost._replace(hello=connection.send_request("hello"))
                 finally:
                     connection.timeout_seconds = timeout
                 continue
@@ -662,10 +715,10 @@ class RemoteLearner:
             except ServerError as attempt:
                 if not attempt.lost or time.monotonic() + lost.delay > lost.deadline:
                     raise ServerError(
-                        f"{self._shard_name(shard)} did not come back within "
-                        f"{self.config.server_retry_seconds:.0f}s ({attempt})"
+                        f"{self._name(index)} did not come back within "
+                        f"{self._retry_seconds:.0f}s ({attempt})"
                     ) from None
-                self._lost[shard] = lost._replace(
+                shard.lost = lost._replace(
                     hello=None,
                     next_attempt=time.monotonic() + lost.delay,
                     delay=min(2 * lost.delay, 10.0),
@@ -674,41 +727,32 @@ class RemoteLearner:
             if reply is None:
                 continue
             flat, version, info = reply.arrays[0], reply.header["version"], reply.header["config"]
-            self._check_welcome(shard, info)
-            del self._lost[shard]
-            self.server_versions[shard] = version
-            host = self._host = self._with_slices({shard: flat})
-            self._host_versions[shard] = version
-            self._target_epoch = self.server_version // self.config.target_period
-            self._deliver(self._to_device(host), tuple(self._host_versions), refresh_target=True)
+            self._check_welcome(index, info)
+            shard.lost = None
+            shard.version = shard.held_version = version
+            self._host = self._with_slices({index: flat})
+            self._target_epoch = self.server_version // self._target_period
+            self._deliver(refresh_target=True)
             self.reconnects += 1
-            log.info(f"reconnected to {self._shard_name(shard)} at version {version}")
+            log.info(f"reconnected to {self._name(index)} at version {version}")
 
-    def close(self, *, quick: bool = False) -> None:
-        """Push what is queued, tell the server this bundle is done, close the sockets (all
-        done by the communication thread; this waits for it).
+    def _say_goodbye(self) -> None:
+        """Tell every shard this bundle is done, then close the sockets: in this thread,
+        the only one that uses them once it runs.
 
-        `quick` (the run is being stopped by a signal): drop what is queued and give the
-        server only a moment to acknowledge, since it is stopping too.
+        Stopped by a signal (`close(quick=True)`), wait only a moment for the server, which
+        is stopping too; after an error, the server is gone or refused: just close.
         """
-        self._quick = quick
-        if not quick:  # push_every > 1: the gradients waiting for a push are not lost
-            self._queue_pending()
-        self._closing.set()
-        if quick:
-            for connection in self.connections:
-                connection.cancel.set()
-        timeout, shards = self.config.server_timeout_seconds, len(self.connections)
-        # Not quick: the queued and in-flight pushes and two pulls, a lost shard's whole
-        # retry window and its last hello, then one stop per shard, each within the timeout.
-        requests = PUSH_QUEUE + PUSHES_IN_FLIGHT + 2 + shards
-        waits = (
-            (QUICK_STOP_SECONDS + 1) * shards
-            if quick
-            else requests * timeout + self.config.server_retry_seconds + HELLO_AGAIN_SECONDS + 5
-        )
-        self._thread.join(timeout=waits)
-        if self._thread.is_alive() and self.error is None:
-            self.error = ServerError(f"the communication thread did not finish in {waits:.0f}s")
-        if self.error is not None and not quick:
-            raise ServerError(f"bundle lost the server: {self.error}") from self.error
+        for shard in self._shards:
+            connection = shard.connection
+            try:
+                if self._quick:
+                    connection.timeout_seconds = min(connection.timeout_seconds, QUICK_STOP_SECONDS)
+                    with contextlib.suppress(ServerError):
+                        connection.stop()
+                elif self.error is None and shard.lost is None:
+                    connection.stop()
+            except BaseException as error:  # the other shards still get their stop
+                self.error = self.error or error
+        for shard in self._shards:
+            shard.connection.close()

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import jax
 
-from gorila_jax.bundle.client import RemoteLearner, ServerConnection
+from gorila_jax.bundle.client import ServerConnection
 from gorila_jax.bundle.loop import make_replay, run_actor_learner
+from gorila_jax.bundle.remote_learner import RemoteLearner
 from gorila_jax.bundle.replay_checkpoint import replay_saver, restore_replay
 from gorila_jax.core.config import Config, validate
 from gorila_jax.core.model import Model

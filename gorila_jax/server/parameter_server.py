@@ -405,12 +405,12 @@ class ParameterServer:
             )
         if worker < self.num_workers:
             # Hellos included: a restarted worker numbers on from where it was (see
-            # ps_client), so a request seen once is refused for good.
+            # bundle.client), so a request seen once is refused for good.
             if seq <= self.last_seq.get(worker, -1):
                 return self.reject(
                     "replayed", header, f"seq {seq} already seen", authenticated=True
                 )
-            # Bundles number from the wall clock in ns (ps_client), one a request: a
+            # Bundles number from the wall clock in ns (bundle.client), one a request: a
             # number far above it would lock the worker's real requests out for good.
             if seq > (self.clock() + MAX_CLOCK_SKEW_SECONDS) * 1e9:
                 return self.reject(

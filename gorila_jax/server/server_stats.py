@@ -23,7 +23,7 @@ stays in its own host's RUN_DIR/shard{k}/; `read_run_stats` combines them once c
 How the figures combine:
 - `version`, `updates` and `updates_per_second` are the mean over shards: every accepted
   push moves each shard it reaches by one version, so with one shard this is the server's
-  count, and the target network of every bundle is refreshed on it (see ps_client);
+  count, and the target network of every bundle is refreshed on it (see bundle.client);
 - `rejections`, `staleness_histogram`, `events` and `unauthenticated` are summed: each
   shard judges every push it receives on its own;
 - per bundle (`workers`), each counter is the largest over shards (a push reaches every

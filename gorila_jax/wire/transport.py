@@ -183,7 +183,6 @@ import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import jax
 import msgpack
 import numpy as np
 import zmq
@@ -334,6 +333,8 @@ def tree_fingerprint(tree: Any) -> str:
     jax leaves of the same spec give the same fingerprint. Both ends of the wire compute it
     from their own copy of the model, and checkpoints record it: the string must not change.
     """
+    import jax  # here only: a bundle's client and the wire need no JAX otherwise
+
     with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
     paths = [jax.tree_util.keystr(path) for path, _ in with_paths]
     specs = [_spec_of(leaf, path) for path, (_, leaf) in zip(paths, with_paths, strict=True)]
