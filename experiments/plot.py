@@ -17,7 +17,7 @@ from pathlib import Path
 import tyro
 
 from gorila_jax.core.cli import CommandLineError, run
-from gorila_jax.io.plots import PlotError, first_reaching, load_run, make_plots
+from gorila_jax.run.plots import PlotError, first_reaching, load_run, make_plots
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,9 +42,11 @@ def flat_saved_params(run_dir: Path) -> np.ndarray:
     return np.asarray(ravel_pytree(saved)[0], np.float64)
 
 
-def updates_done(stdout: str) -> int:
-    """The update count of the run's last line: `done: F frames, U updates, ...`."""
-    return int(re.search(r"^done: .* ([\d,]+) updates", stdout, re.M)[1].replace(",", ""))
+def updates_done(stderr: str) -> int:
+    """The update count of the run's last log line: `[single process] INFO: done: F frames,
+    U updates, ...`."""
+    found = re.search(r"^\[single process\] INFO: done: .* ([\d,]+) updates", stderr, re.M)
+    return int(found[1].replace(",", ""))
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -69,7 +71,7 @@ def test_a_forced_resume_with_another_learning_rate_runs_warns_and_uses_it(tmp_p
     settings (its learning rate) instead of the one asked for."""
     first = single_process(tmp_path, "--total-frames", "1000")
     assert first.returncode == 0, first.stderr[-2000:]
-    trained = updates_done(first.stdout)
+    trained = updates_done(first.stderr)
     before = flat_saved_params(tmp_path)
     config_text = (tmp_path / "config.yaml").read_text()
 
@@ -86,8 +88,8 @@ def test_a_forced_resume_with_another_learning_rate_runs_warns_and_uses_it(tmp_p
     assert len(warnings) == 1, forced.stderr[-2000:]
     assert "--force-resume" in warnings[0] and "learning_rate 0.001 -> 1e-06" in warnings[0]
     assert f"resumed its learner at {trained:,} updates" in forced.stderr
-    more = updates_done(forced.stdout) - trained
-    assert more >= 150, forced.stdout[-1000:]  # (2000 - 1000) frames / 4 per update
+    more = updates_done(forced.stderr) - trained
+    assert more >= 150, forced.stderr[-1000:]  # (2000 - 1000) frames / 4 per update
     moved = np.abs(flat_saved_params(tmp_path) - before)
     assert 0 < moved.max() <= 3.2 * 1e-6 * more, (moved.max(), more)
 

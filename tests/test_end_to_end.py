@@ -213,7 +213,7 @@ def test_atari_single_process_learns_a_little_and_logs(tmp_path):
         "--replay-capacity", "5000", "--num-envs", "4", "--run-dir", str(tmp_path),
         "--log-every-seconds", "1",
     )  # fmt: skip
-    assert "single-process DQN on Pong-v5" in result.stdout
+    assert "[single process] INFO: single-process DQN on Pong-v5" in result.stderr
     assert "updates" in result.stdout
     record = json.loads((tmp_path / "learner.jsonl").read_text().splitlines()[-1])
     assert record["updates"] >= 100 and np.isfinite(record["loss"])
@@ -222,7 +222,7 @@ def test_atari_single_process_learns_a_little_and_logs(tmp_path):
     saved = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
     moved = np.abs(np.asarray(ravel_pytree(saved)[0], np.float64) - initial_pong_params())
     assert np.mean(moved > 0) > 0.3, "most params never moved (a learning rate of 0?)"
-    updates = int(re.search(r"done: .* ([\d,]+) updates", result.stdout)[1].replace(",", ""))
+    updates = int(re.search(r"done: .* ([\d,]+) updates", result.stderr)[1].replace(",", ""))
     assert 0 < moved.max() <= 3.2 * 1e-4 * updates, (moved.max(), updates)
 
 

@@ -214,3 +214,40 @@ def test_committed_pong_params_win_a_game_and_repeat_it(tmp_path):
     assert first["returns"][0] > 0, first["returns"]
     second = evaluate(run_dir, tmp_path / "b", seed=0, epsilon=0.05, episodes=1)
     assert (second["returns"], second["lengths"]) == (first["returns"], first["lengths"])
+
+
+def test_a_sharded_runs_slices_evaluate_as_the_whole_params(tmp_path):
+    """A run whose server was split in 2 shards leaves slices, no params.msgpack: evaluated
+    from its run directory, it plays exactly what the same params as one file play, and
+    evaluation.json names the slices and each shard's version. Catches an evaluation that
+    needs a whole file, joins slices out of order (other returns), or hides the shards'
+    versions."""
+    from jax.flatten_util import ravel_pytree
+
+    from gorila_jax.core.shard_layout import ShardLayout
+    from gorila_jax.io.params_file import load_params, save_params_slice
+
+    whole = cartpole_run_dir(tmp_path / "whole", seed=3)
+    sharded = tmp_path / "sharded"
+    config = dataclasses.replace(cartpole_defaults(), run_dir=str(sharded), seed=3)
+    write_resolved(config, sharded)
+    template = make_network(config, num_actions=2).init(
+        jax.random.key(0), np.zeros((1, 4), np.float32)
+    )
+    params = load_params(whole / "params.msgpack", template, "mlp")
+    flat = np.asarray(ravel_pytree(params)[0])
+    layout = ShardLayout.even(flat.size, 2)
+    for shard, piece in enumerate(layout.split(flat)):
+        save_params_slice(
+            piece,
+            sharded / f"shard{shard}" / "params_slice.msgpack",
+            shard=shard,
+            bounds=layout.bounds,
+            version=100 + shard,
+        )
+    expected = evaluate(whole, tmp_path / "a", seed=5, epsilon=0.3, episodes=3)
+    joined = evaluate(sharded, tmp_path / "b", seed=5, epsilon=0.3, episodes=3)
+    assert joined["returns"] == expected["returns"]
+    assert joined["shard_versions"] == [100, 101] and expected["shard_versions"] == []
+    assert "shard*/params_slice.msgpack" in joined["params"]
+    assert expected["params"].endswith("params.msgpack")

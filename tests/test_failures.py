@@ -19,7 +19,8 @@ import psutil
 import pytest
 import zmq
 
-from gorila_jax.bundle.client import RemoteLearner, ServerConnection, ServerError
+from gorila_jax.bundle.client import Push, ServerConnection, ServerError
+from gorila_jax.bundle.remote_learner import RemoteLearner
 from gorila_jax.core.config import cartpole_defaults
 from gorila_jax.core.networks import MLP
 from gorila_jax.io.checkpoint import Checkpointer, CheckpointError
@@ -415,9 +416,9 @@ def test_bundle_gives_up_with_a_clear_message_when_the_server_stays_away(tmp_pat
     stop.set()
     thread.join(timeout=10)
     sock.close(linger=0)
-    learner._pull_wanted.set()
-    wait_until(lambda: learner.error is not None, 30, "the bundle to give up")
-    assert "did not come back within 3s" in str(learner.error)
+    learner.client.push(Push(np.zeros(server.num_params, np.float32), 0.0, (0,), 0, pull=True))
+    wait_until(lambda: learner.client.error is not None, 30, "the bundle to give up")
+    assert "did not come back within 3s" in str(learner.client.error)
     assert learner.should_stop()
     with pytest.raises(ServerError, match="bundle lost the server"):
         learner.close()
@@ -483,7 +484,7 @@ def test_single_process_sigterm_checkpoints_and_resumes(tmp_path):
     out, err = process.communicate(timeout=60)
     assert time.monotonic() - started < 30
     assert process.returncode == 143, err[-2000:]
-    assert "stopped:" in out
+    assert "[single process] INFO: stopped:" in err
     assert (tmp_path / "params.msgpack").stat().st_size > 0
     versions = Checkpointer(tmp_path, keep=3).versions()
     assert versions and versions[-1] >= 200
@@ -500,7 +501,7 @@ def test_single_process_sigterm_checkpoints_and_resumes(tmp_path):
         resumed.stderr
     )
     assert "[single process] INFO: resumed its replay from" in resumed.stderr
-    done = [line for line in resumed.stdout.splitlines() if line.startswith("done:")][-1]
+    done = [line for line in resumed.stderr.splitlines() if "INFO: done:" in line][-1]
     updates = int(done.split(" frames, ")[1].split(" updates")[0].replace(",", ""))
     assert updates >= versions[-1] + 400  # one update per 4 agent steps of 4 envs at once
 

@@ -152,3 +152,19 @@ def test_a_whole_params_file_is_read_as_it_is(tmp_path):
     loaded = load_run_params(tmp_path, params_tree(), "mlp")
     chex.assert_trees_all_equal(loaded.params, tree)
     assert loaded.versions == ()
+
+
+def test_a_resume_reports_how_far_apart_the_shards_checkpoints_are(tmp_path):
+    """Each shard checkpoints on its own clock: the resume's log line gives each shard's
+    newest complete checkpoint and the spread (an incomplete step does not count)."""
+    from gorila_jax.server.process import checkpoint_skew
+
+    for shard, steps in ((0, (100, 140)), (1, (120,)), (2, ())):
+        for step in steps:
+            done = tmp_path / f"shard{shard}" / "checkpoints" / str(step)
+            done.mkdir(parents=True)
+            (done / "commit_success.txt").write_text("")
+    (tmp_path / "shard1" / "checkpoints" / "200").mkdir()  # being written: not complete
+    assert checkpoint_skew(tmp_path, 3) == (
+        "the shards resume from checkpoints at versions 140, 120, none (20 apart)"
+    )

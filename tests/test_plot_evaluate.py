@@ -20,9 +20,9 @@ from PIL import Image
 
 from gorila_jax.envs import Episode
 from gorila_jax.envs.recording import Recorder
-from gorila_jax.io import plots
 from gorila_jax.io.metrics import RunLogger
 from gorila_jax.io.params_file import describe_mismatch
+from gorila_jax.run import plots
 from gorila_jax.server.server_stats import combine
 
 ROOT = Path(__file__).resolve().parents[1]

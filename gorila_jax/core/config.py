@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 import yaml
 
-from gorila_jax.core.cli import CommandLineError, parse
+from gorila_jax.core.cli import CommandLineError, fail, parse
 from gorila_jax.core.env_ids import CARTPOLE_IDS, atari_env_ids, stack_size
 from gorila_jax.core.replay import Replay
 
@@ -465,5 +465,4 @@ def parse_cli(
             raise ConfigError(str(error)) from None
         return validate(config)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(fail(str(error))) from None

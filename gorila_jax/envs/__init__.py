@@ -19,8 +19,6 @@ from gorila_jax.core.env_ids import (
     ATARI_FRAME_SHAPE,
     ATARI_FRAME_SKIP,
     ATARI_STACK,
-    CARTPOLE_IDS,
-    atari_env_ids,
     is_atari,
 )
 from gorila_jax.core.model import Model
@@ -249,13 +247,3 @@ def model_of(config: Config, *, seed: int | None = None, training: bool = True) 
         return Model.from_env(config, env)
     finally:
         env.close()
-
-
-def main() -> None:
-    """Print the valid environment ids, one per line."""
-    for env_id in (*CARTPOLE_IDS, *atari_env_ids()):
-        print(env_id)
-
-
-if __name__ == "__main__":
-    main()

@@ -163,6 +163,16 @@ def has_checkpoint(run_dir: Path) -> bool:
     )
 
 
+def newest_checkpoint_version(run_dir: Path) -> int | None:
+    """The version (step) of the newest complete checkpoint in the run directory, read from
+    the directory names only (no orbax): for comparing shards' checkpoints."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return None
+    steps = [int(s.name) for s in directory.iterdir() if s.name.isdigit() and _complete(s)]
+    return max(steps, default=None)
+
+
 def _complete(step: Path) -> bool:
     """Whether a step directory holds a finished orbax checkpoint."""
     return (step / "commit_success.txt").exists() or (step / "_CHECKPOINT_METADATA").exists()

@@ -236,9 +236,11 @@ def evaluate_run(
     name = describe_network(network, config, num_actions)
     try:
         if params_path is None:
-            params = load_run_params(run_dir, template, name).params
+            loaded = load_run_params(run_dir, template, name)
+            params, source, shard_versions = loaded.params, loaded.source, loaded.versions
         else:
             params = load_params(params_path, template, name)
+            source, shard_versions = str(params_path), ()
     except ParamsError as error:
         raise EvaluationError(str(error)) from None
     params = jax.device_put(params)
@@ -266,7 +268,10 @@ def evaluate_run(
         "epsilon": settings.epsilon,
         "max_frames": max_frames,
         "noop_max": config.noop_max if is_atari(config.env_id) else 0,
-        "params": str(params_path),
+        "params": source,
+        # A sharded server's slices, each its shard's final version (they differ by the
+        # pushes one shard refused or absorbed after another stopped).
+        "shard_versions": list(shard_versions),
         "network": describe_network(network, config, num_actions),
         "returns": returns,
         "lengths": [s.steps for s in scores],

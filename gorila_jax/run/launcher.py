@@ -111,7 +111,9 @@ class Child:
             if line.strip():
                 self.last_lines.append(line)
             tag = f"[{self.name}]"
-            print(line if line.startswith(tag) else f"{tag} {line}", flush=True)
+            # Relayed, not logged: the child's own lines (its progress, its log records).
+            sys.stdout.write(f"{line if line.startswith(tag) else f'{tag} {line}'}\n")
+            sys.stdout.flush()
 
     def last_error(self) -> str:
         """The most telling recent line: the last one that names an error, else the last."""
@@ -190,9 +192,8 @@ def launch_local(config: Config, argv: list[str]) -> int:
     curve_keys = _launcher_curve_keys(count, shards) if config.wire_security == "curve" else {}
     command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
     servers = "1 parameter server" if shards == 1 else f"a parameter server in {shards} shards"
-    print(
-        f"local run: {servers} + {config.workers} bundle(s) on 127.0.0.1, run dir {config.run_dir}",
-        flush=True,
+    log.info(
+        f"local run: {servers} + {config.workers} bundle(s) on 127.0.0.1, run dir {config.run_dir}"
     )
     interrupted = threading.Event()
     received: list[int] = []

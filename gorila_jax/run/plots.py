@@ -32,6 +32,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.ticker import FuncFormatter
 
 from gorila_jax.io.metrics import read_episodes
+from gorila_jax.server.server_stats import read_run_stats
 
 DPI = 100
 RETURN_FIGSIZE = (10.0, 5.5)
@@ -188,15 +189,7 @@ def load_run(run_dir: Path | str, label: str | None = None) -> Run:
             bundle_records["total_frames"] = total_frames(bundle_records["time"])
     for bundle_records in learner.values():
         bundle_records.setdefault("total_frames", bundle_records["frames"])
-    server = None
-    ps_path = run_dir / "ps.json"
-    if ps_path.is_file():
-        try:
-            server = json.loads(ps_path.read_text())
-        except (OSError, ValueError):
-            server = None
-        if not isinstance(server, dict):
-            server = None
+    server = read_run_stats(run_dir)
     return Run(
         path=run_dir,
         label=label,

@@ -183,10 +183,9 @@ def _train(config: Config, run_dir: Path, stop_event: threading.Event | None) ->
                 return
             paired_frames = counters.frames
 
-        print(
+        log.info(
             f"single-process DQN on {config.env_id}: {env.num_envs} envs, "
-            f"{jax.local_device_count()} local device(s), run dir {run_dir}",
-            flush=True,
+            f"{jax.local_device_count()} local device(s), run dir {run_dir}"
         )
         result = run_actor_learner(
             config,
@@ -201,12 +200,11 @@ def _train(config: Config, run_dir: Path, stop_event: threading.Event | None) ->
             checkpoint=save_checkpoint,
         )
         save_params(learner.params, run_dir / "params.msgpack")
-        print(
+        log.info(
             f"{'stopped' if stop_event is not None and stop_event.is_set() else 'done'}: "
             f"{result.frames:,} frames, {result.updates:,} updates, "
             f"{result.episodes} episodes, "
-            f"mean return of the last 20: {result.mean_recent_return:.2f}",
-            flush=True,
+            f"mean return of the last 20: {result.mean_recent_return:.2f}"
         )
         return result
     finally:

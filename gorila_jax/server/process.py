@@ -22,7 +22,12 @@ import zmq
 from gorila_jax.core.config import Config, ConfigError, validate
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.envs import model_of
-from gorila_jax.io.checkpoint import Checkpointer, CheckpointError, has_checkpoint
+from gorila_jax.io.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    has_checkpoint,
+    newest_checkpoint_version,
+)
 from gorila_jax.io.config_file import write_resolved
 from gorila_jax.io.params_file import PARAMS_FILE, SLICE_FILE, save_params, save_params_slice
 from gorila_jax.server.parameter_server import ParameterServer, max_message_bytes
@@ -57,6 +62,18 @@ def check_server_files(run_dir: Path, shards: int) -> None:
             f"{run_dir} holds the checkpoint of an unsharded server; resume with "
             "--server-shards 1, or use another --run-dir"
         )
+
+
+def checkpoint_skew(run_dir: Path, shards: int) -> str:
+    """How far apart the shards' newest checkpoints are, for the log of a resume: each
+    shard checkpoints on its own clock, so a resumed server joins slices saved some
+    updates apart (every push reaches every shard, so their versions compare). Reads the
+    shards' directories (a shared run directory; a shard it cannot see shows as none)."""
+    versions = [newest_checkpoint_version(server_dir(run_dir, k, shards)) for k in range(shards)]
+    known = [v for v in versions if v is not None]
+    spread = max(known) - min(known) if known else 0
+    shown = ", ".join("none" if v is None else f"{v:,}" for v in versions)
+    return f"the shards resume from checkpoints at versions {shown} ({spread:,} apart)"
 
 
 def run_server(
@@ -119,6 +136,8 @@ def run_server(
         if restored is not None:
             server.restore(restored.state, restored.meta)
             log.info(f"resumed from checkpoint {restored.version}")
+            if shards > 1 and shard == 0:
+                log.info(checkpoint_skew(run_dir, shards))
         held = server.layout.slice(shard)
         log.info(
             f"{config.env_id}: {server.total_params:,} params (this process holds "
