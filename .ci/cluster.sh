@@ -263,6 +263,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 ReturnToService=2
+# sbatch --wait sleeps 2 s between polls, then 8, then 32, growing only while its sleep is
+# below MinJobAge/3: with 12 it stays at 8 s, so a test learns a job ended within 8 s, not
+# 32. Finished jobs leave squeue and scontrol show job after about 12 s (default 300).
+MinJobAge=12
 SlurmdParameters=config_overrides
 StateSaveLocation=$STATE_ROOT/state
 SlurmdSpoolDir=$STATE_ROOT/spool/%n
