@@ -1,0 +1,310 @@
+"""End-to-end runs across hosts: the CartPole script under a real SLURM of 2 hosts simulated on
+this machine by .ci/cluster.sh (network namespaces h1, h2 with their own hostname, hosts file
+and address in 198.18.0.0/24, a slurmctld on the login node `ctl`, a slurmd per host).
+
+- `srun -N 2 -n 3`: the server on one host, a bundle on the other reaching it at the server
+  host's own address; every role finishes and the bundles' pushes are accepted.
+- `srun -N 2 -n 4 --ntasks-per-node=2 --distribution=cyclic --server-shards 2`: one shard per
+  host, every role finishes.
+- `sbatch --nodes 2 --wait` of a job script that sruns the CartPole script.
+
+Each task first prints where it runs (`gorila-test: task T on HOST at ADDRESS`), then becomes
+the CartPole script, whose processes log `[server]`, `[shard k]`, `[bundle i]` lines, ending in
+`INFO: done: ...`. SLURM's tools run on the login node through `.ci/cluster.sh exec ctl`: the
+machine's own network cannot reach the cluster's addresses.
+
+A session fixture brings the cluster up and takes it down at the end whatever happens (one
+that is already up, as .ci/run brings it up, is used and left up). The tests skip, saying why,
+where no cluster can be built (not root, no `ip netns`, SLURM not installed: see
+`bash .ci/cluster.sh check`), and fail instead where GORILA_REQUIRE_CLUSTER=1 says it must be
+there (.ci/run sets it where it brought the cluster up).
+
+The tasks of a run share its run directory here (every "host" sees this machine's files), and
+nothing below depends on that or asserts it: the checks read the tasks' output only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_SH = ROOT / ".ci" / "cluster.sh"
+LOGIN_HOST = "ctl"
+REQUIRE_CLUSTER = "GORILA_REQUIRE_CLUSTER"  # "1": a cluster that cannot be had fails the tests
+UP_TIMEOUT_SECONDS = 120
+DOWN_TIMEOUT_SECONDS = 120
+STEP_TIMEOUT_SECONDS = 240
+BATCH_TIMEOUT_SECONDS = 300
+# Tiny runs, as in tests/test_slurm.py (the cost is mostly each process's start-up).
+TINY = ["--total-frames", "4000", "--learning-starts", "500", "--log-every-seconds", "2"]
+# Run by each task before it execs the CartPole script: where it runs, in the task's output.
+WHERE = 'echo "gorila-test: task $SLURM_PROCID on $(hostname) at $(hostname -i)"; exec "$0" "$@"'
+WHERE_LINE = re.compile(r"^(\d+): gorila-test: task \1 on (\S+) at (\S+)\s*$")
+DONE_LINE = re.compile(r"^(\d+): \[(server|shard \d+|bundle \d+)\] INFO: done: (.*)$")
+LISTENING = re.compile(r"^(\d+): \[(server|shard \d+)\] INFO: .*listening on tcp://([\d.]+):\d+")
+
+pytestmark = pytest.mark.slow
+
+
+def _tail(text: str | bytes | None, lines: int = 40) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").splitlines()[-lines:])
+
+
+def _cluster_sh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(CLUSTER_SH), *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _why_no_cluster() -> str | None:
+    """Why no cluster can be built here (`cluster.sh check`'s reason), or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and SLURM daemons): run the tests as root"
+    try:
+        result = _cluster_sh("check")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"bash .ci/cluster.sh check did not answer: {error}"
+    if result.returncode == 0:
+        return None
+    said = (result.stdout + result.stderr).strip().splitlines()
+    if not said:
+        return f"bash .ci/cluster.sh check exited {result.returncode}"
+    return said[-1].removeprefix("cluster.sh: check: ").removeprefix("no cluster here: ")
+
+
+def _skip_or_fail(reason: str | None) -> None:
+    """Skip with `reason`; fail instead when REQUIRE_CLUSTER is 1 (.ci/run where the cluster
+    came up): CI must not turn green with every multi-host test skipped."""
+    if reason is None:
+        return
+    if os.environ.get(REQUIRE_CLUSTER) == "1":
+        pytest.fail(f"{REQUIRE_CLUSTER}=1 but {reason}", pytrace=False)
+    pytest.skip(f"no simulated cluster: {reason}")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    hosts: tuple[str, ...]
+
+    def command(self, *argv: str) -> list[str]:
+        """argv run on the login node, with the cluster's SLURM_CONF."""
+        return ["bash", str(CLUSTER_SH), "exec", LOGIN_HOST, *argv]
+
+    def cancel(self, job_name: str) -> None:
+        subprocess.run(self.command("scancel", "--name", job_name), capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    _skip_or_fail(_why_no_cluster())
+    already_up = _cluster_sh("status").returncode == 0
+    brought_up = False
+    try:
+        if not already_up:
+            brought_up = True
+            result = _cluster_sh("up", timeout=UP_TIMEOUT_SECONDS)
+            if result.returncode != 0:
+                pytest.fail(
+                    f"bash .ci/cluster.sh up exited {result.returncode}:\n"
+                    f"{_tail(result.stdout + result.stderr)}",
+                    pytrace=False,
+                )
+        nodes = subprocess.run(
+            Cluster(()).command("sinfo", "-h", "-N", "-o", "%N %T"),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        states = dict(line.split() for line in nodes.stdout.splitlines() if line.strip())
+        idle = tuple(sorted(host for host, state in states.items() if state == "idle"))
+        if len(idle) < 2:
+            _skip_or_fail(f"the cluster has {len(idle)} idle host(s), these tests need 2: {states}")
+        yield Cluster(idle)
+    finally:
+        if brought_up:
+            _cluster_sh("down", timeout=DOWN_TIMEOUT_SECONDS)
+
+
+def _job_name(test: str) -> str:
+    """A name unique to this run, so a job left behind by a timeout can be cancelled."""
+    return f"gorila-multihost-{test}-{uuid.uuid4().hex[:8]}"
+
+
+def _cartpole(run_dir: Path, *extra: str) -> list[str]:
+    """Each task's command: say where it runs, then run the CartPole script."""
+    script = ["experiments/cartpole.py", "--run-dir", str(run_dir), *TINY, *extra]
+    return ["sh", "-c", WHERE, sys.executable, *script]
+
+
+def _srun(cluster: Cluster, run_dir: Path, srun_flags: list[str], *extra: str) -> str:
+    """`srun -l` of the CartPole script on the cluster; its output, once it exited 0."""
+    job_name = _job_name("srun")
+    command = cluster.command(
+        "srun", "-l", f"--job-name={job_name}", *srun_flags, *_cartpole(run_dir, *extra)
+    )
+    try:
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=STEP_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired as error:
+        cluster.cancel(job_name)
+        pytest.fail(f"srun ran past {STEP_TIMEOUT_SECONDS}s; output:\n{_tail(error.stdout)}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"srun exited {result.returncode}:\n{_tail(output)}"
+    return output
+
+
+def _placement(output: str, tasks: int) -> dict[int, tuple[str, str]]:
+    """Task -> (host, its address), from each task's `gorila-test:` line."""
+    found = {}
+    for line in output.splitlines():
+        if match := WHERE_LINE.match(line):
+            found[int(match[1])] = (match[2], match[3])
+    said = f"tasks said where they ran: {found}\n{_tail(output)}"
+    assert sorted(found) == list(range(tasks)), said
+    return found
+
+
+def _assert_on_two_hosts(cluster: Cluster, where: dict[int, tuple[str, str]]) -> None:
+    hosts = {host for host, _ in where.values()}
+    assert len(hosts) == 2 and hosts <= set(cluster.hosts), (where, cluster.hosts)
+
+
+def _done(output: str) -> dict[str, tuple[int, str]]:
+    """Process name -> (task, the rest of its `done:` line)."""
+    return {
+        match[2]: (int(match[1]), match[3])
+        for line in output.splitlines()
+        if (match := DONE_LINE.match(line))
+    }
+
+
+def _listening(output: str) -> dict[int, str]:
+    """Task -> the address its server (or shard) listens on."""
+    return {
+        int(match[1]): match[3] for line in output.splitlines() if (match := LISTENING.match(line))
+    }
+
+
+def _assert_finished(output: str, servers: list[str], bundles: int) -> None:
+    """Every server process and bundle said done, at the task SLURM gave it; the servers
+    applied updates and each bundle had pushes accepted (it learned against them)."""
+    done = _done(output)
+    expected = [*servers, *(f"bundle {i}" for i in range(1, bundles + 1))]
+    missing = [process for process in expected if process not in done]
+    assert not missing, f"no `done:` line from {missing}:\n{_tail(output)}"
+    for task, process in enumerate(expected):
+        assert done[process][0] == task, (process, done[process], _tail(output))
+    for process in servers:
+        updates = re.match(r"([\d,]+) updates", done[process][1])
+        assert updates and int(updates[1].replace(",", "")) > 0, (process, done[process])
+    for i in range(1, bundles + 1):
+        accepted = re.search(r"\(([\d,]+) accepted", done[f"bundle {i}"][1])
+        assert accepted and int(accepted[1].replace(",", "")) > 0, done[f"bundle {i}"]
+
+
+def test_a_missing_cluster_skips_unless_it_is_required(monkeypatch):
+    """Needs no cluster. Catches a GORILA_REQUIRE_CLUSTER that is not honoured (CI green with
+    every multi-host test skipped on a machine that should run them) and a skip without its
+    reason (-ra shows it)."""
+    monkeypatch.delenv(REQUIRE_CLUSTER, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no simulated cluster: SLURM is not"):
+        _skip_or_fail("SLURM is not installed")
+    monkeypatch.setenv(REQUIRE_CLUSTER, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"{REQUIRE_CLUSTER}=1 but SLURM is not"):
+        _skip_or_fail("SLURM is not installed")
+    _skip_or_fail(None)  # a cluster: nothing to say
+
+
+def test_server_on_one_host_bundle_on_the_other(cluster, tmp_path):
+    """srun -N 2 -n 3: task 0 (the server) on one host, listening on that host's own address
+    (not loopback, which the other host cannot reach), and a bundle on the other host; both
+    bundles' pushes accepted, every role done."""
+    output = _srun(cluster, tmp_path / "run", ["-N", "2", "-n", "3"])
+
+    where = _placement(output, 3)
+    server_host, server_address = where[0]
+    _assert_on_two_hosts(cluster, where)
+    assert any(where[task][0] != server_host for task in (1, 2)), where
+    assert _listening(output).get(0) == server_address, (where, _tail(output))
+    _assert_finished(output, ["server"], bundles=2)
+
+
+def test_two_server_shards_one_per_host(cluster, tmp_path):
+    """srun -N 2 -n 4 --ntasks-per-node=2 --distribution=cyclic with --server-shards 2: shard 0
+    on one host, shard 1 on the other, each listening on its own host's address; the bundles
+    push to both across hosts and every role is done."""
+    flags = ["-N", "2", "-n", "4", "--ntasks-per-node=2", "--distribution=cyclic"]
+    output = _srun(cluster, tmp_path / "run", flags, "--server-shards", "2")
+
+    where = _placement(output, 4)
+    assert where[0][0] != where[1][0], f"both shards on one host: {where}"
+    listening = _listening(output)
+    for shard in (0, 1):
+        assert listening.get(shard) == where[shard][1], (shard, where, listening)
+    _assert_finished(output, ["shard 0", "shard 1"], bundles=2)
+
+
+def test_sbatch_job_on_two_nodes(cluster, tmp_path):
+    """sbatch --nodes 2 --wait of a job script that sruns the CartPole script: the job spans
+    both hosts (the server on one, a bundle on the other), exits 0, every role is done."""
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "job.out"
+    script = tmp_path / "cartpole.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --ntasks=3\n"
+        "set -euo pipefail\n"
+        'echo "gorila-test: batch script on $(hostname), job nodes $SLURM_JOB_NODELIST"\n'
+        "export PYTHONUNBUFFERED=1\n"
+        f"srun -l {shlex.join(_cartpole(run_dir))}\n"
+    )
+    job_name = _job_name("sbatch")
+    command = cluster.command(
+        "sbatch", "--wait", "--nodes", "2", f"--job-name={job_name}", f"--output={log_path}",
+        f"--chdir={ROOT}", str(script),
+    )  # fmt: skip
+    try:
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=BATCH_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        cluster.cancel(job_name)
+        job_log = log_path.read_text() if log_path.exists() else "(no job output yet)"
+        pytest.fail(
+            f"sbatch --wait ran past {BATCH_TIMEOUT_SECONDS}s; job output:\n{_tail(job_log)}"
+        )
+    job_log = log_path.read_text() if log_path.exists() else "(no job output)"
+    assert result.returncode == 0, (
+        f"sbatch exited {result.returncode}: {result.stderr.strip()}\njob output:\n{_tail(job_log)}"
+    )
+
+    where = _placement(job_log, 3)
+    _assert_on_two_hosts(cluster, where)
+    assert any(where[task][0] != where[0][0] for task in (1, 2)), where
+    _assert_finished(job_log, ["server"], bundles=2)
