@@ -45,6 +45,10 @@ def test_help_and_a_bad_flag(name):
     [
         ("replay.py", ("2000",)),
         ("replay_checkpoint.py", ("--capacity", "800", "--repeats", "2")),
+        (
+            "across_hosts.py",
+            ("--loopback-only", "--pushes", "3", "--warmup", "1", "--repeats", "1"),
+        ),
     ],
 )
 def test_a_quick_benchmark_prints_its_figure_next_to_its_floor(name, args, tmp_path):
