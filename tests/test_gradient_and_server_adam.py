@@ -240,14 +240,14 @@ class PushRecorder:
         self.seq += 1
         return self.seq
 
-    def receive_ack(self, seq: int):
+    def receive_ack(self, seq: int, **_):
         return True, None, seq
 
     def send_pull(self, have_version: int) -> int:
         self.seq += 1
         return self.seq
 
-    def receive_pulled(self, seq: int):
+    def receive_pulled(self, seq: int, **_):
         return None, 0
 
     def stop(self) -> None:
@@ -281,7 +281,8 @@ def test_a_bundles_push_is_the_reference_step_and_the_server_applies_it():
     connection = PushRecorder(flat)
     learner = RemoteLearner(config, network, params, [connection], num_workers=1)
     try:
-        learner.target_params = jax.device_put(target)  # as a target refresh would leave it
+        # as a target refresh would leave it
+        learner.state = learner.state._replace(target_params=jax.device_put(target))
         learner.learn(Sample(batch, np.arange(BATCH), weights), frames=1234)
     finally:
         learner.close()
