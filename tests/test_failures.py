@@ -481,7 +481,7 @@ def test_single_process_sigterm_checkpoints_and_resumes(tmp_path):
     wait_until(lambda: learned_lines() >= 2, 180, "learner steps", process)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=60)
     assert time.monotonic() - started < 30
     assert process.returncode == 143, err[-2000:]
     assert "[single process] INFO: stopped:" in err

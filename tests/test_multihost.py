@@ -6,6 +6,8 @@ and address in 198.18.0.0/24, a slurmctld on the login node `ctl`, a slurmd per 
   host's own address; every role finishes and the bundles' pushes are accepted.
 - `srun -N 2 -n 4 --ntasks-per-node=2 --distribution=cyclic --server-shards 2`: one shard per
   host, every role finishes.
+- `srun -N 2 -n 4 --ntasks-per-node=2 --server-shards 2` (tasks packed per node): the
+  shards still land one per host (tasks 0 and 2), and process 0 logs where each role went.
 - `sbatch --nodes 2 --wait` of a job script that sruns the CartPole script.
 
 Each task first prints where it runs (`gorila-test: task T on HOST at ADDRESS`), then becomes
@@ -206,14 +208,17 @@ def _listening(output: str) -> dict[int, str]:
     }
 
 
-def _assert_finished(output: str, servers: list[str], bundles: int) -> None:
-    """Every server process and bundle said done, at the task SLURM gave it; the servers
-    applied updates and each bundle had pushes accepted (it learned against them)."""
+def _assert_finished(
+    output: str, servers: list[str], bundles: int, tasks: list[int] | None = None
+) -> None:
+    """Every server process and bundle said done, at the task it should have (`tasks`, in
+    the order servers then bundles; default: the servers first); the servers applied
+    updates and each bundle had pushes accepted (it learned against them)."""
     done = _done(output)
     expected = [*servers, *(f"bundle {i}" for i in range(1, bundles + 1))]
     missing = [process for process in expected if process not in done]
     assert not missing, f"no `done:` line from {missing}:\n{_tail(output)}"
-    for task, process in enumerate(expected):
+    for task, process in zip(tasks or range(len(expected)), expected, strict=True):
         assert done[process][0] == task, (process, done[process], _tail(output))
     for process in servers:
         updates = re.match(r"([\d,]+) updates", done[process][1])
@@ -263,6 +268,26 @@ def test_two_server_shards_one_per_host(cluster, tmp_path):
     for shard in (0, 1):
         assert listening.get(shard) == where[shard][1], (shard, where, listening)
     _assert_finished(output, ["shard 0", "shard 1"], bundles=2)
+
+
+def test_shards_spread_over_the_nodes_whatever_the_task_layout(cluster, tmp_path):
+    """srun -N 2 -n 4 --ntasks-per-node=2 (block: tasks 0-1 on one host, 2-3 on the other)
+    with --server-shards 2: the shards are tasks 0 and 2, one per host, each listening on
+    its own host's address; process 0 logs where every role landed. Catches "processes
+    0..S-1 are the shards", which put both on the first node."""
+    flags = ["-N", "2", "-n", "4", "--ntasks-per-node=2"]
+    output = _srun(cluster, tmp_path / "run", flags, "--server-shards", "2")
+
+    where = _placement(output, 4)
+    assert where[0][0] == where[1][0] != where[2][0] == where[3][0], where
+    listening = _listening(output)
+    assert listening.get(0) == where[0][1] and listening.get(2) == where[2][1], listening
+    roles = (
+        f"shard 0 on {where[0][0]} (process 0); shard 1 on {where[2][0]} (process 2); "
+        f"bundle 1 on {where[1][0]}; bundle 2 on {where[3][0]}"
+    )
+    assert f"0: [shard 0] INFO: roles: {roles}" in output, _tail(output)
+    _assert_finished(output, ["shard 0", "shard 1"], bundles=2, tasks=[0, 2, 1, 3])
 
 
 def test_sbatch_job_on_two_nodes(cluster, tmp_path):

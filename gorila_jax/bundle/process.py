@@ -26,16 +26,19 @@ from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.envs import make_env
 from gorila_jax.server.parameter_server import max_message_bytes
 from gorila_jax.wire import rendezvous, transport
+from gorila_jax.wire.placement import Placement
 
 log = logging.getLogger(__name__)
 
 
-def run_bundle(config: Config, info: rendezvous.ProcessInfo, stop: threading.Event) -> None:
+def run_bundle(
+    config: Config, info: rendezvous.ProcessInfo, placement: Placement, stop: threading.Event
+) -> None:
     """A process past the server shards: actors, replay and learner, pushing gradients to
     every server shard."""
     shards = config.server_shards
-    num_workers = info.count - shards
-    worker = info.index - shards
+    num_workers = len(placement.bundle_processes)
+    worker = placement.worker_of(info.index)
     bundle = worker + 1  # its number in names and directories: bundle1, bundle2, ...
     # A restarted bundle plays other episodes than its first start did.
     seed = config.seed + bundle + 1000 * int(info.restarted)

@@ -5,9 +5,9 @@
 - started by hand without SLURM: becomes the local launcher (`gorila_jax.run.launcher`),
   which starts the server's shards and the bundles as copies of this program;
 - started by srun or by the local launcher: joins the run (`wire.rendezvous`) and plays
-  its role, processes 0..S-1 the parameter server's shards (`--server-shards`, default
-  1, `gorila_jax.server.process`), every other process a bundle
-  (`gorila_jax.bundle.process`).
+  its role: S of them the parameter server's shards (`--server-shards`, default 1,
+  `gorila_jax.server.process`), spread over the hosts (`wire.placement`: processes 0..S-1
+  on one host), every other process a bundle (`gorila_jax.bundle.process`).
 
 A bad config, a refused checkpoint or a run directory that cannot be used ends the
 program with one line on stderr and exit status 2, before anything is started.
@@ -15,6 +15,7 @@ program with one line on stderr and exit status 2, before anything is started.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -28,6 +29,8 @@ from gorila_jax.io.checkpoint import CheckpointError
 from gorila_jax.io.files import make_private_dir, owner_only_files
 from gorila_jax.run import launcher
 from gorila_jax.wire import rendezvous
+
+log = logging.getLogger(__name__)
 
 
 def main(default: Config, *, description: str | None = None, args: list[str] | None = None) -> int:
@@ -71,8 +74,8 @@ def stop_on_signals() -> threading.Event:
 
 
 def run_role(config: Config) -> int:
-    """Join the run and be one of its parameter-server shards (processes 0..S-1) or one of
-    its bundles."""
+    """Join the run and be one of its parameter-server shards or one of its bundles, as
+    the placement says; process 0 logs where every role landed."""
     from gorila_jax.server.process import check_server_files, check_shard_layout
 
     stop = stop_on_signals()
@@ -80,23 +83,27 @@ def run_role(config: Config) -> int:
         launcher.die_with_launcher(int(os.environ[rendezvous.ENV_LAUNCHER_PID]), stop)
     info = rendezvous.initialize()
     shards = config.server_shards
-    logs.setup(launcher.process_name(info.index, shards))
     if info.count <= shards:
+        logs.setup(f"process {info.index}")
         return fail(
             f"a Gorila run needs its {shards} server process(es) and at least one bundle, "
             f"and {info.count} process(es) were started; use srun -n {shards + 2} or more, "
             "or --single-process"
         )
+    placement = rendezvous.place_roles(info, shards)
+    logs.setup(launcher.process_name(placement, info.index))
+    if info.index == 0:
+        log.info(f"roles: {placement.describe()}")
     if shards > 1:
         check_shard_layout(config)
     # Every process, before the rendezvous: all of them stop with the one line at once.
     check_server_files(Path(config.run_dir), shards)
-    if info.index < shards:
+    if placement.shard_of(info.index) is not None:
         from gorila_jax.server.process import run_server
 
-        run_server(config, info, stop, shard=info.index)
+        run_server(config, info, placement, stop)
     else:
         from gorila_jax.bundle.process import run_bundle
 
-        run_bundle(config, info, stop)
+        run_bundle(config, info, placement, stop)
     return launcher.EXIT_STOPPED if stop.is_set() else 0

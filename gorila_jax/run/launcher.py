@@ -34,6 +34,7 @@ from gorila_jax.core.config import Config
 from gorila_jax.io import logs
 from gorila_jax.server.process import check_server_files, check_shard_layout
 from gorila_jax.wire import rendezvous, transport
+from gorila_jax.wire.placement import Placement, place
 
 STOP_GRACE_SECONDS = 30.0
 LAUNCHER_GONE_GRACE_SECONDS = 15.0  # a child of a dead launcher exits this long after it
@@ -44,12 +45,13 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 log = logging.getLogger(__name__)
 
 
-def process_name(index: int, shards: int) -> str:
+def process_name(placement: Placement, index: int) -> str:
     """How a process of the run is named in its output: "server" (or "shard k" of a split
     server), or "bundle i" (i from 1)."""
-    if index < shards:
-        return "server" if shards == 1 else f"shard {index}"
-    return f"bundle {index - shards + 1}"
+    shard = placement.shard_of(index)
+    if shard is not None:
+        return "server" if len(placement.shard_processes) == 1 else f"shard {shard}"
+    return f"bundle {placement.worker_of(index) + 1}"
 
 
 def die_with_launcher(launcher_pid: int, stop: threading.Event) -> None:
@@ -179,6 +181,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
         check_shard_layout(config)  # before starting anything
     check_server_files(Path(config.run_dir), shards)
     count = config.workers + shards
+    placement = place(["127.0.0.1"] * count, shards)  # one host: processes 0..S-1 serve
     private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
     port_files = [private / f"server_port.{shard}" for shard in range(shards)]
     environ = dict(os.environ)
@@ -217,7 +220,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
             ports = [path.read_text() for path in mine if path.exists()]
             if len(ports) == len(mine):
                 child_environ[rendezvous.ENV_SERVER_PORT] = ",".join(ports)
-        return Child(process_name(index, shards), command, child_environ)
+        return Child(process_name(placement, index), command, child_environ)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []

@@ -33,6 +33,7 @@ from gorila_jax.io.params_file import PARAMS_FILE, SLICE_FILE, save_params, save
 from gorila_jax.server.parameter_server import ParameterServer, max_message_bytes
 from gorila_jax.server.server_stats import server_dir
 from gorila_jax.wire import rendezvous, transport
+from gorila_jax.wire.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,11 @@ def checkpoint_skew(run_dir: Path, shards: int) -> str:
 
 
 def run_server(
-    config: Config, info: rendezvous.ProcessInfo, stop: threading.Event, *, shard: int = 0
+    config: Config, info: rendezvous.ProcessInfo, placement: Placement, stop: threading.Event
 ) -> None:
-    """Process `shard` (< server_shards): hold its slice of the params, apply pushes,
-    publish its address, answer until done."""
+    """A shard's process: hold its slice of the params, apply pushes, publish its address,
+    answer until done."""
+    shard = placement.shard_of(info.index)
     run_dir = Path(config.run_dir)
     shards = config.server_shards
     own_dir = server_dir(run_dir, shard, shards)
@@ -94,7 +96,7 @@ def run_server(
     context = zmq.Context.instance()
     curve, authenticator, clients = None, None, set()
     meeting = rendezvous.open_rendezvous(info)
-    bundles = range(shards, info.count)
+    bundles = placement.bundle_processes
     if config.wire_security == "curve":
         curve = transport.ServerCurve(*rendezvous.own_curve_keys())
         clients.update(rendezvous.launcher_bundle_keys())

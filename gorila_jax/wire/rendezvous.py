@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
+
+from gorila_jax.wire.placement import Placement, place
 
 ENV_COORDINATOR = "GORILA_COORDINATOR"
 ENV_NUM_PROCESSES = "GORILA_NUM_PROCESSES"
@@ -54,6 +57,7 @@ KEY_ENDPOINT = "gorila/server_endpoint"  # + "/k": server shard k's address
 KEY_TOKEN = "gorila/run_token"  # + "/k": server shard k's run token
 KEY_SERVER_CURVE = "gorila/curve/server"  # + "/k": server shard k's CURVE public key
 KEY_BUNDLE_CURVE = "gorila/curve/bundle"  # + the process index: a bundle's public key
+KEY_EXCHANGE = "gorila/exchange"  # + "/<name>/i": what process i gave `exchange(name, ...)`
 KEY_VALUE_TIMEOUT_SECONDS = 120.0
 
 
@@ -139,7 +143,7 @@ class Rendezvous(Protocol):
     def publish_bundle_key(self, index: int, public_key: bytes) -> None:
         """Make the CURVE public key of the bundle of process `index` known."""
 
-    def bundle_keys(self, indices: range) -> list[bytes]:
+    def bundle_keys(self, indices: Sequence[int]) -> list[bytes]:
         """The CURVE public keys of the bundles of processes `indices` (waiting for them)."""
 
     def close(self) -> None:
@@ -188,8 +192,14 @@ class StoreRendezvous:
     def publish_bundle_key(self, index: int, public_key: bytes) -> None:
         self._set(f"{KEY_BUNDLE_CURVE}{index}", public_key.decode())
 
-    def bundle_keys(self, indices: range) -> list[bytes]:
+    def bundle_keys(self, indices: Sequence[int]) -> list[bytes]:
         return [self._get(f"{KEY_BUNDLE_CURVE}{index}").encode() for index in indices]
+
+    def exchange(self, name: str, index: int, value: str, count: int) -> list[str]:
+        """Publish process `index`'s `value` under `name` and return every one of the
+        `count` processes' values, in process order (waiting for them)."""
+        self._set(f"{KEY_EXCHANGE}/{name}/{index}", value)
+        return [self._get(f"{KEY_EXCHANGE}/{name}/{other}") for other in range(count)]
 
     def close(self) -> None:
         """Leave the jax.distributed group (a barrier: processes leave together).
@@ -231,7 +241,7 @@ class LauncherRendezvous:
     def publish_bundle_key(self, index: int, public_key: bytes) -> None:
         """Nothing to do: the launcher made this key and gave it to the shards."""
 
-    def bundle_keys(self, indices: range) -> list[bytes]:
+    def bundle_keys(self, indices: Sequence[int]) -> list[bytes]:
         keys = env_list(ENV_CURVE_CLIENTS)
         if len(keys) != len(indices):
             raise RendezvousError("restarted shard: the launcher gave no CURVE key per bundle")
@@ -253,6 +263,17 @@ def write_port_file(endpoint: str) -> None:
         tmp = Path(path + ".tmp")
         tmp.write_text(endpoint.rsplit(":", 1)[1])
         tmp.replace(path)
+
+
+def place_roles(info: ProcessInfo, shards: int) -> Placement:
+    """Every process's role (`placement.place`), from the hosts the processes run on:
+    exchanged through jax.distributed's store at a first start under SLURM; a local run
+    (first start or restart) is on one host. ValueError when no bundle is left."""
+    if info.launcher == "slurm" and not info.restarted:
+        hosts = StoreRendezvous().exchange("host", info.index, socket.gethostname(), info.count)
+    else:
+        hosts = [socket.gethostname()] * info.count
+    return place(hosts, shards)
 
 
 def run_token() -> str:

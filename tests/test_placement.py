@@ -1,0 +1,37 @@
+"""Roles from hosts: the shards spread over the nodes, the bundles numbered in order."""
+
+import pytest
+
+from gorila_jax.wire.placement import place
+
+
+def test_one_host_keeps_the_first_processes_as_shards():
+    placement = place(["a"] * 5, 2)
+    assert placement.shard_processes == (0, 1)
+    assert placement.bundle_processes == (2, 3, 4)
+    assert [placement.worker_of(i) for i in range(5)] == [None, None, 0, 1, 2]
+    assert [placement.shard_of(i) for i in range(5)] == [0, 1, None, None, None]
+
+
+def test_shards_go_one_per_node_when_srun_packs_the_tasks():
+    """`srun -N 2 -n 6`: tasks 0-2 on h1, 3-5 on h2 (block): shard 1 must be on h2, which
+    "processes 0..S-1" would have put on h1 too."""
+    hosts = ["h1", "h1", "h1", "h2", "h2", "h2"]
+    placement = place(hosts, 2)
+    assert placement.shard_processes == (0, 3)
+    assert placement.bundle_processes == (1, 2, 4, 5)
+    assert [placement.hosts[p] for p in placement.shard_processes] == ["h1", "h2"]
+    assert placement.describe() == (
+        "shard 0 on h1 (process 0); shard 1 on h2 (process 3); bundles 1-2 on h1; bundles 3-4 on h2"
+    )
+
+
+def test_more_shards_than_nodes_go_round_robin_and_cyclic_layouts_too():
+    cyclic = ["h1", "h2", "h1", "h2", "h1", "h2"]  # --distribution=cyclic
+    assert place(cyclic, 2).shard_processes == (0, 1)
+    assert place(["h1", "h1", "h2", "h2", "h3"], 4).shard_processes == (0, 2, 4, 1)
+
+
+def test_a_run_with_no_room_for_a_bundle_is_refused():
+    with pytest.raises(ValueError, match="cannot hold 2 server shard"):
+        place(["a", "b"], 2)
