@@ -11,6 +11,7 @@ def test_one_host_keeps_the_first_processes_as_shards():
     assert placement.bundle_processes == (2, 3, 4)
     assert [placement.worker_of(i) for i in range(5)] == [None, None, 0, 1, 2]
     assert [placement.shard_of(i) for i in range(5)] == [0, 1, None, None, None]
+    assert place(["a"] * 3, 1).describe() == "server on a (process 0); bundles 1-2 on a"
 
 
 def test_shards_go_one_per_node_when_srun_packs_the_tasks():

@@ -31,8 +31,9 @@ class Placement(NamedTuple):
 
     def describe(self) -> str:
         """Where each role landed, for the run's log: one line."""
+        single = len(self.shard_processes) == 1
         parts = [
-            f"shard {k} on {self.hosts[p]} (process {p})"
+            f"{'server' if single else f'shard {k}'} on {self.hosts[p]} (process {p})"
             for k, p in enumerate(self.shard_processes)
         ]
         by_host: dict[str, list[int]] = {}
