@@ -21,6 +21,11 @@
 # back. Only 198.18.0.0/24 (for benchmark networks) is used, and only inside these
 # namespaces: the machine's own network (root namespace) gets no address, route or link.
 #
+# Each host also has a disk of its own: LOCAL_DIR (/var/lib/gorila-cluster-local) is, inside
+# host hK's mount namespace, a directory only hK sees (kept as $STATE_ROOT/local/hK), so
+# a run directory under it is not shared between hosts, as on nodes without a shared file
+# system; everything else on the machine is seen by every host.
+#
 # Its own munged (own socket, key /etc/munge/munge.key), slurmctld and slurmds (own config
 # via -f and SLURM_CONF, own ports 6917/6918), so it runs beside .ci/slurm.sh's single-node
 # SLURM and neither one's start or stop touches the other.
@@ -28,6 +33,7 @@ set -euo pipefail
 
 HOSTS="${GORILA_CLUSTER_HOSTS:-2}"
 RATE="${GORILA_CLUSTER_RATE:-}"
+LOCAL_DIR=/var/lib/gorila-cluster-local
 STATE_ROOT="${GORILA_CLUSTER_DIR:-/tmp/gorila-cluster}"
 START_TIMEOUT_SECONDS="${GORILA_CLUSTER_START_TIMEOUT:-60}"
 CONF="$STATE_ROOT/slurm.conf"
@@ -309,8 +315,10 @@ start_in_host() {
     # it stays attached to our stdout, so a caller reading it sees the end.
     # shellcheck disable=SC2016  # $1, $2 and $@ are the inner shell's
     SLURM_CONF="$CONF" nsenter --net="/run/netns/$namespace" unshare --mount --uts \
-        sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' \
-        sh "$host" "/etc/netns/$namespace/hosts" "$@" </dev/null >"$output" 2>&1
+        sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" "$4" &&
+            shift 4 && exec "$@"' \
+        sh "$host" "/etc/netns/$namespace/hosts" "$STATE_ROOT/local/$host" "$LOCAL_DIR" "$@" \
+        </dev/null >"$output" 2>&1
 }
 
 # The last lines of a daemon's start-up output and log, for a failure message.
@@ -394,9 +402,13 @@ cmd_up() {
     touch "$MARKER"
     printf '%d\n' "$HOSTS" >"$STATE_ROOT/hosts"
     mkdir -p "$STATE_ROOT"/{state,spool,log,pid}
-    for host in $(host_names); do
-        mkdir -p "$STATE_ROOT/spool/$host"
+    for host in $(host_names) "$CTL"; do
+        mkdir -p "$STATE_ROOT/spool/$host" "$STATE_ROOT/local/$host"
     done
+    if [[ ! -d "$LOCAL_DIR" ]]; then
+        mkdir -p "$LOCAL_DIR"
+        touch "$STATE_ROOT/made-local-dir"  # down removes the (empty) mount point again
+    fi
     if [[ ! -d /etc/netns ]]; then
         touch "$STATE_ROOT/made-etc-netns"  # down removes /etc/netns again, if empty
     fi
@@ -507,6 +519,9 @@ cmd_down() {
     stop_by_pid_files "$MUNGE_PID_FILE"
     if [[ -e "$STATE_ROOT/made-etc-netns" ]]; then
         rmdir /etc/netns 2>/dev/null || true
+    fi
+    if [[ -e "$STATE_ROOT/made-local-dir" ]]; then
+        rmdir "$LOCAL_DIR" 2>/dev/null || true
     fi
     if [[ -e "$MARKER" ]]; then
         rm -rf "${STATE_ROOT:?}"

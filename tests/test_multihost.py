@@ -8,6 +8,8 @@ and address in 198.18.0.0/24, a slurmctld on the login node `ctl`, a slurmd per 
   host, every role finishes.
 - `srun -N 2 -n 4 --ntasks-per-node=2 --server-shards 2` (tasks packed per node): the
   shards still land one per host (tasks 0 and 2), and process 0 logs where each role went.
+- the same with the run directory on each host's own disk (no shared file system): each
+  host holds only its roles' files; collected into one directory, they are a whole run.
 - `sbatch --nodes 2 --wait` of a job script that sruns the CartPole script.
 
 Each task first prints where it runs (`gorila-test: task T on HOST at ADDRESS`), then becomes
@@ -21,8 +23,9 @@ where no cluster can be built (not root, no `ip netns`, SLURM not installed: see
 `bash .ci/cluster.sh check`), and fail instead where GORILA_REQUIRE_CLUSTER=1 says it must be
 there (.ci/run sets it where it brought the cluster up).
 
-The tasks of a run share its run directory here (every "host" sees this machine's files), and
-nothing below depends on that or asserts it: the checks read the tasks' output only.
+The tasks of a run share its run directory here (every "host" sees this machine's files),
+except in the test that puts it on each host's own disk (`/var/lib/gorila-cluster-local`,
+a directory only that host sees).
 """
 
 from __future__ import annotations
@@ -288,6 +291,49 @@ def test_shards_spread_over_the_nodes_whatever_the_task_layout(cluster, tmp_path
     )
     assert f"0: [shard 0] INFO: roles: {roles}" in output, _tail(output)
     _assert_finished(output, ["shard 0", "shard 1"], bundles=2, tasks=[0, 2, 1, 3])
+
+
+CLUSTER_DIR = Path(os.environ.get("GORILA_CLUSTER_DIR", "/tmp/gorila-cluster"))
+LOCAL_DIR = Path("/var/lib/gorila-cluster-local")  # each host's own disk (.ci/cluster.sh)
+
+
+def test_a_sharded_run_without_a_shared_run_directory(cluster, tmp_path, read_run_params):
+    """The run directory on each host's own disk (not shared, as on nodes without a shared
+    file system), --server-shards 2 one per host: every role finishes and writes only its
+    own part where it runs (no shard waits for another's files); collected into one
+    directory, the parts are a whole run: the params the two slices joined, the server's
+    figures both shards'. Catches a shard that gathers or combines from files only a shared
+    directory has, and parts that do not fit together once collected."""
+    import shutil
+
+    from gorila_jax.server.server_stats import read_run_stats
+
+    name = f"run-{uuid.uuid4().hex[:8]}"
+    flags = ["-N", "2", "-n", "4", "--ntasks-per-node=2"]
+    output = _srun(cluster, LOCAL_DIR / name, flags, "--server-shards", "2")
+    where = _placement(output, 4)
+    _assert_finished(output, ["shard 0", "shard 1"], bundles=2, tasks=[0, 2, 1, 3])
+    parts = {where[task][0]: CLUSTER_DIR / "local" / where[task][0] / name for task in (0, 2)}
+    first, second = (parts[where[0][0]], parts[where[2][0]])
+    try:
+        # Each host holds its own roles' files and none of the other's.
+        assert (first / "shard0" / "params_slice.msgpack").is_file()
+        assert (first / "config.yaml").is_file() and (first / "bundle1").is_dir()
+        assert not (first / "shard1").exists() and not (first / "bundle2").exists()
+        assert (second / "shard1" / "params_slice.msgpack").is_file()
+        assert (second / "bundle2").is_dir() and not (second / "shard0").exists()
+        collected = tmp_path / "collected"
+        for part in (first, second):
+            shutil.copytree(part, collected, dirs_exist_ok=True)
+        flat, versions, slices = read_run_params(collected)
+        assert len(slices) == 2 and min(versions) > 0
+        assert flat.size == sum(len(s) for s in slices)
+        stats = read_run_stats(collected)
+        assert stats is not None and stats["server_shards"] == 2
+        assert [s["server_shard"] for s in stats["shards"]] == [0, 1]
+    finally:
+        for part in (first, second):
+            shutil.rmtree(part, ignore_errors=True)
 
 
 def test_sbatch_job_on_two_nodes(cluster, tmp_path):
