@@ -10,6 +10,8 @@ and address in 198.18.0.0/24, a slurmctld on the login node `ctl`, a slurmd per 
   shards still land one per host (tasks 0 and 2), and process 0 logs where each role went.
 - the same with the run directory on each host's own disk (no shared file system): each
   host holds only its roles' files; collected into one directory, they are a whole run.
+- a partition: shard 1 alone on a host whose link is cut for 15 s; shard 0 goes on at
+  least half as fast, nobody takes it for lost, and the run finishes.
 - `sbatch --nodes 2 --wait` of a job script that sruns the CartPole script.
 
 Each task first prints where it runs (`gorila-test: task T on HOST at ADDRESS`), then becomes
@@ -334,6 +336,85 @@ def test_a_sharded_run_without_a_shared_run_directory(cluster, tmp_path, read_ru
     finally:
         for part in (first, second):
             shutil.rmtree(part, ignore_errors=True)
+
+
+CUT_SECONDS = 15.0
+
+
+def _shard_version(run_dir: Path, shard: int) -> int | None:
+    """Shard `shard`'s version from its own ps.json (None until it has written one)."""
+    import json
+
+    try:
+        return int(json.loads((run_dir / f"shard{shard}" / "ps.json").read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _rate(run_dir: Path, shard: int, seconds: float) -> float:
+    """Updates per second shard `shard` applied over the next `seconds` (its ps.json)."""
+    import time
+
+    first = _shard_version(run_dir, shard)
+    time.sleep(seconds)
+    last = _shard_version(run_dir, shard)
+    return ((last or 0) - (first or 0)) / seconds
+
+
+def test_a_cut_shard_host_stalls_only_its_own_slice(cluster, tmp_path):
+    """Shard 1 alone on one host (SLURM_HOSTFILE: tasks 0-2 on the first host, task 3 on
+    the second), --server-shards 2: cutting the second host's link for 15 s leaves shard 0
+    applying pushes at least half as fast as before, and no bundle takes shard 0 for lost;
+    once the link is back the run finishes with every role done. Catches pushes that wait
+    for every shard's ack in turn (shard 0 then froze with shard 1) and a reply's deadline
+    checked before the socket was read (a healthy shard declared lost)."""
+    import time
+
+    first, second = cluster.hosts[:2]
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{first}\n{first}\n{first}\n{second}\n")
+    run_dir = tmp_path / "run"
+    job_name = _job_name("cut")
+    command = cluster.command(
+        "srun", "-l", f"--job-name={job_name}", "-n", "4", "--distribution=arbitrary",
+        *_cartpole(run_dir, "--server-shards", "2", "--total-frames", "50000",
+                   "--stats-every-seconds", "1"),
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_HOSTFILE": str(hostfile)}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    cut = False
+    try:
+        deadline = time.monotonic() + 120
+        while (_shard_version(run_dir, 0) or 0) < 500:  # learning under way
+            assert process.poll() is None and time.monotonic() < deadline, "no updates"
+            time.sleep(0.5)
+        before = _rate(run_dir, 0, 6.0)
+        subprocess.run(["ip", "-n", "gorila-br", "link", "set", second, "down"], check=True)
+        cut = True
+        time.sleep(3.0)  # shard 1 is stalled after 2 s without an ack
+        during = _rate(run_dir, 0, CUT_SECONDS - 3.0)
+        stalled_shard_1 = _rate(run_dir, 1, 0.5)
+        subprocess.run(["ip", "-n", "gorila-br", "link", "set", second, "up"], check=True)
+        cut = False
+        output, _ = process.communicate(timeout=STEP_TIMEOUT_SECONDS)
+    finally:
+        if cut:
+            subprocess.run(["ip", "-n", "gorila-br", "link", "set", second, "up"], check=False)
+        if process.poll() is None:
+            cluster.cancel(job_name)
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, _tail(output)
+    print(f"shard 0: {before:.0f} updates/s before the cut, {during:.0f}/s during it")
+    assert during >= 0.5 * before > 0, (before, during, stalled_shard_1, _tail(output))
+    assert "lost server shard 0" not in output, _tail(output)
+    assert "reconnected to server shard 0" not in output, _tail(output)
+    where = _placement(output, 4)
+    assert where[3][0] == second and {where[t][0] for t in (0, 1, 2)} == {first}, where
+    _assert_finished(output, ["shard 0", "shard 1"], bundles=2, tasks=[0, 3, 1, 2])
 
 
 def test_sbatch_job_on_two_nodes(cluster, tmp_path):

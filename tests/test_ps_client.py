@@ -621,3 +621,47 @@ def test_a_slower_shard_that_answers_holds_the_others_back_and_loses_nothing():
         learner.close()
     assert len(healthy.pushed) == len(slow.pushed) == 6
     assert learner.rejected == {} and learner.accepted == 6
+
+
+class CutPulls(ShardConnection):
+    """A shard whose pull replies do not come while `cut` is set (its acks do)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cut = threading.Event()
+        self.cut.set()
+
+    def receive_pulled(self, seq: int, **_):
+        if self.cut.is_set():
+            return None
+        return super().receive_pulled(seq)
+
+
+def test_a_cut_shard_does_not_hold_back_the_others_params(monkeypatch):
+    """A pull asks every shard; shard 1 does not answer: once its pull is stalled, shard
+    0's fresh slice is handed over alone, and shard 1's, when it comes, with a later pull.
+    Catches a pull that waits for every shard (the bundle then acts on params as old as
+    the cut is long, and its pushes to the reachable shard go stale)."""
+    monkeypatch.setattr(client_module, "STALLED_SECONDS", 0.3)
+    layout = ShardLayout.even(58, 2)
+    healthy, cut = ShardConnection(0, layout), CutPulls(1, layout)
+    healthy.fresh, cut.fresh = 3.0, 4.0
+    learner = sharded_learner(healthy, cut)
+    try:
+        learner.client.push(Push(np.ones(58, np.float32), 0.5, (0, 0), 0, pull=True))
+        deadline = time.monotonic() + 10
+        while (flat := flat_params(learner.acting_params()))[0] != 3.0:
+            assert time.monotonic() < deadline, "shard 0's slice was held back"
+            time.sleep(0.02)
+        np.testing.assert_array_equal(flat[:29], 3.0)
+        np.testing.assert_array_equal(flat[29:], 0.0)  # shard 1's not come yet
+        cut.cut.clear()
+        learner.client.push(Push(np.ones(58, np.float32), 0.5, (0, 0), 0, pull=True))
+        while (flat := flat_params(learner.acting_params()))[29] != 4.0:
+            assert time.monotonic() < deadline, "shard 1's late slice never came"
+            time.sleep(0.02)
+        np.testing.assert_array_equal(flat[:29], 3.0)
+    finally:
+        cut.cut.clear()
+        learner.close()
+    assert learner.client.error is None

@@ -23,7 +23,8 @@ arrived is never taken for a loss.
 
 Pulls: every `push` that asks for one, and a target refresh every `target_period` server
 updates (counted as the mean of the shards' versions), ask every reachable shard for its
-newer slice; when all have answered (or been lost), the joined vector is handed over.
+newer slice; when all have answered (or been lost, or the ones left are stalled), the
+joined vector is handed over, so a shard cut off does not hold back the others' params.
 """
 
 from __future__ import annotations
@@ -332,6 +333,7 @@ class _Shard:
         # (push id, seq, the piece the frame is sent from, when it was sent)
         self.in_flight: collections.deque = collections.deque()
         self.pull: int | None = None  # seq of the pull waiting for its reply
+        self.pull_sent = 0.0  # when it was sent
         self.lost: _Lost | None = None
 
 
@@ -378,9 +380,9 @@ class ShardedClient:
         self._host = self.initial.flat
         self._target_epoch = self.server_version // target_period
         self._pull_wanted = False
-        self._pulling = False  # a pull is out: its replies are being gathered
+        self._pulling = False  # a round of pulls is out: its replies are being gathered
         self._pull_is_refresh = False
-        self._fresh: dict[int, np.ndarray] = {}  # slices pulled so far, by shard
+        self._fresh: dict[int, np.ndarray] = {}  # slices pulled, not yet handed over
         self._next_push_id = 0
         self._results: dict[int, dict[int, tuple[bool, str | None]]] = {}
         self._expected: dict[int, set[int]] = {}
@@ -592,9 +594,16 @@ class ShardedClient:
                         self._fresh[index] = flat
                         shard.held_version = version
                     progressed = True
-        if self._pulling and all(s.pull is None for s in self._shards):
+        if self._pulling and self._round_done():
             self._hand_over_pull()
         return progressed
+
+    def _round_done(self) -> bool:
+        """A round of pulls is over when every shard asked has answered, or those that
+        have not are stalled: the slices that came are not held back by a shard cut off
+        (its reply, when it comes, goes with the next hand-over)."""
+        now = time.monotonic()
+        return all(s.pull is None or now - s.pull_sent > STALLED_SECONDS for s in self._shards)
 
     def _settle(self, push_id: int, shard: int, result: tuple[bool, str | None]) -> None:
         results = self._results.get(push_id)
@@ -623,12 +632,12 @@ class ShardedClient:
         if not (refresh or self._pull_wanted):
             return False
         self._pull_wanted = False
-        self._pulling, self._pull_is_refresh, self._fresh = True, refresh, {}
+        self._pulling, self._pull_is_refresh = True, refresh
         for shard in self._shards:
-            if shard.lost:
+            if shard.lost or shard.pull is not None:  # still waiting for its last reply
                 continue
             have = -1 if refresh else shard.held_version
-            shard.pull = shard.connection.send_pull(have)
+            shard.pull, shard.pull_sent = shard.connection.send_pull(have), time.monotonic()
         if all(s.pull is None for s in self._shards):
             self._pulling = False
         return True
@@ -638,6 +647,7 @@ class ShardedClient:
         if not self._fresh:
             return
         self._host = self._with_slices(self._fresh)
+        self._fresh = {}
         refresh = self._pull_is_refresh
         if refresh:
             self._target_epoch = self.server_version // self._target_period
