@@ -48,7 +48,14 @@ class Config:
     """Train in this one process (actors, replay and learner together, no parameter
     server) instead of the distributed Gorila layout."""
     workers: int = 2
-    """Local runs without SLURM: number of bundle processes started beside the server."""
+    """Local runs without SLURM: number of bundle processes started beside the server (in
+    sync mode, the number of processes)."""
+    mode: Literal["gorila", "sync"] = "gorila"
+    """How the bundles learn together: "gorila", they push gradients to a parameter server,
+    which applies them as they come (asynchronous); "sync", there is no server, and every
+    learner step averages the gradients of all the processes (each a bundle) with jax's
+    multi-process collectives and applies the same update everywhere (synchronous data
+    parallelism: the params stay identical). See the README's "Synchronous mode"."""
 
     # --- environment -----------------------------------------------------------------
     num_envs: int = 8
@@ -186,7 +193,8 @@ class Config:
     RESUME_SAFE_FIELDS for the settings that may change without it)."""
     max_restarts: int = 3
     """Local runs: how many times the launcher restarts a process that died unexpectedly
-    (a bundle rejoins; the server comes back from its last checkpoint)."""
+    (a bundle rejoins; the server comes back from its last checkpoint; in sync mode every
+    process starts again from the last checkpoint)."""
 
     # --- logging ---------------------------------------------------------------------
     log_every_seconds: float = 10.0
@@ -284,6 +292,10 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         _fail("wire_security", "must be token or curve", config.wire_security)
     if config.dc_asgd not in ("off", "constant", "adaptive"):
         _fail("dc_asgd", "must be one of off, constant, adaptive", config.dc_asgd)
+    if config.mode not in ("gorila", "sync"):
+        _fail("mode", "must be gorila or sync", config.mode)
+    if config.mode == "sync":
+        validate_sync(config)
     parse_shard_factor(config.shard_factor)
     if config.log_every_seconds <= 0:
         _fail("log_every_seconds", "must be > 0", config.log_every_seconds)
@@ -312,6 +324,27 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         )
     validate_env_id(config.env_id)
     return config
+
+
+def validate_sync(config: Config) -> None:
+    """A sync run has no parameter server and several processes: refuse the settings that
+    only a server or a single process has (they would be ignored without a word)."""
+    if config.single_process:
+        _fail("mode", "sync is several processes averaging their gradients; drop "
+              "--single-process (or --mode sync)", config.mode)  # fmt: skip
+    if config.workers < 2:
+        _fail("workers", "a sync run needs at least 2 processes", config.workers)
+    if config.server_shards != 1:
+        _fail("server_shards", "a sync run has no parameter server (--mode sync)",
+              config.server_shards)  # fmt: skip
+    if config.dc_asgd != "off":
+        _fail("dc_asgd", "a sync run applies no stale gradient to compensate (--mode sync)",
+              config.dc_asgd)  # fmt: skip
+    if config.push_every != 1:
+        _fail("push_every", "a sync run pushes nothing (--mode sync)", config.push_every)
+    if config.shard_factor != "all":
+        _fail("shard_factor", "a sync run averages whole gradients (--mode sync)",
+              config.shard_factor)  # fmt: skip
 
 
 def parse_shard_factor(value: str) -> float | str:
