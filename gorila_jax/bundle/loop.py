@@ -89,6 +89,15 @@ class LoopCounters(NamedTuple):
         return counters
 
 
+class Turn(NamedTuple):
+    """What one turn of the loop does besides acting: learner steps (when due), a
+    checkpoint at its end, and whether the loop ends after it."""
+
+    learn: bool
+    stop: bool
+    checkpoint: bool
+
+
 class LoopResult(NamedTuple):
     """Counters at the end of a bundle's loop."""
 
@@ -141,6 +150,7 @@ def run_actor_learner(
     stop_event: threading.Event | None = None,
     resume: LoopCounters | None = None,
     checkpoint: Callable[[LoopCounters], None] | None = None,
+    lockstep: Callable[[Turn], Turn] | None = None,
 ) -> LoopResult:
     """Act, store, and learn until this bundle's frame budget is spent or something stops it.
 
@@ -156,6 +166,12 @@ def run_actor_learner(
     one without starts at `start_frames` with an empty replay.
     `checkpoint` is called with the current counters every `checkpoint_every_seconds` and
     once when the loop ends, on its budget or on a signal.
+
+    `lockstep` (a sync run, whose processes take every learner step together) turns this
+    process's `Turn`, made once per turn after the actions are sent, into the one every
+    process takes: learner steps only when every process can take them, a checkpoint or
+    the end (a signal, `updater.should_stop()`) when any process asks for one. So the
+    processes run the same turns and call `updater.learn` the same number of times.
     """
     stop_event = stop_event or threading.Event()
 
@@ -201,12 +217,16 @@ def run_actor_learner(
         key_data = np.asarray(jax.random.key_data(key)).reshape(-1)
         return LoopCounters(frames, agent_steps, logger.episode_count, tuple(map(int, key_data)))
 
+    def stopping() -> bool:
+        return updater.should_stop() or stop_event.is_set()
+
     updates_due = 0.0
     learner_window: list[Any] = []
     step = env.reset()
     epsilon = config.epsilon_start
+    turn = Turn(learn=False, stop=False, checkpoint=False)
     try:
-        while frames < frame_budget and not updater.should_stop() and not stop_event.is_set():
+        while frames < frame_budget and not turn.stop and (lockstep is not None or not stopping()):
             epsilon = linear_epsilon(
                 frames * epsilon_frame_scale,
                 start=config.epsilon_start,
@@ -227,7 +247,15 @@ def run_actor_learner(
             frames += frames_per_vector_step
             agent_steps += steps_per_vector_step
             learning = replay.num_adds * frames_per_vector_step >= config.learning_starts
-            if learning and replay.can_sample(config.batch_size):
+            turn = Turn(
+                learn=learning and replay.can_sample(config.batch_size),
+                stop=lockstep is not None and stopping(),
+                checkpoint=checkpoint is not None
+                and time.monotonic() - last_checkpoint >= config.checkpoint_every_seconds,
+            )
+            if lockstep is not None:
+                turn = lockstep(turn)
+            if turn.learn:
                 updates_due += steps_per_vector_step / config.train_every
                 while updates_due >= 1.0:
                     updates_due -= 1.0
@@ -243,9 +271,7 @@ def run_actor_learner(
             step, finished = env.recv()
             logger.episodes(finished, frames)
             report(frames, agent_steps, epsilon)
-            if checkpoint is not None and (
-                time.monotonic() - last_checkpoint >= config.checkpoint_every_seconds
-            ):
+            if turn.checkpoint:
                 checkpoint(counters())
                 last_checkpoint = time.monotonic()
         report(frames, agent_steps, epsilon, force=True)
