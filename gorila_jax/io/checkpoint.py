@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import orbax.checkpoint as ocp
 
 from gorila_jax.core.config import Config, fingerprint, resume_differences, to_dict
@@ -187,7 +188,7 @@ class Checkpointer:
         self.damaged_directory = Path(run_dir).absolute() / DAMAGED_DIR
         self.staging_directory = Path(run_dir).absolute() / STAGING_DIR
         self._finish_interrupted_replace()
-        self._manager = ocp.CheckpointManager(self.directory, options=_options(keep))
+        self._manager = _manager(self.directory, keep)
 
     def save(self, step: int, state: Any, meta: dict, *, replace: bool = False) -> bool:
         """Write a checkpoint for `step`, blocking until it is complete on disk; True when
@@ -216,7 +217,7 @@ class Checkpointer:
         written = attempt / str(step)
         fresh = staging / str(step)
         try:
-            manager = ocp.CheckpointManager(attempt, options=_options(1))
+            manager = _manager(attempt, 1)
             try:
                 saved = manager.save(step, args=_save_args(state, meta))
                 manager.wait_until_finished()
@@ -346,9 +347,34 @@ class Checkpointer:
         self._manager.close()
 
 
-def _options(keep: int) -> ocp.CheckpointManagerOptions:
+def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+    """An orbax manager of `directory` keeping `keep` steps, used by this process alone.
+
+    In a multi-process jax program (a sync run, whose process 0 alone writes the learner's
+    checkpoints) orbax is told so: by default it would wait at its barriers for processes
+    that never call it.
+    """
+    if jax.process_count() == 1:
+        return ocp.CheckpointManager(directory, options=_options(keep))
+    directory.mkdir(parents=True, exist_ok=True)  # orbax creates none for a subset
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.CheckpointManager(
+        directory, options=_options(keep, create=False, multiprocessing=alone)
+    )
+
+
+def _options(
+    keep: int,
+    *,
+    create: bool = True,
+    multiprocessing: ocp.options.MultiprocessingOptions | None = None,
+) -> ocp.CheckpointManagerOptions:
     return ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False
+        max_to_keep=keep,
+        create=create,
+        enable_async_checkpointing=False,
+        multiprocessing_options=multiprocessing or ocp.options.MultiprocessingOptions(),
     )
 
 

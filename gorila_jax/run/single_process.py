@@ -103,6 +103,49 @@ def restore_learner(
     return int(restored.meta.get("frames", 0))
 
 
+def write_learner_checkpoint(
+    checkpointer: Checkpointer,
+    config: Config,
+    state: Any,
+    updates: int,
+    frames: int,
+    *,
+    replay_saved: bool,
+) -> bool:
+    """Write the learner's checkpoint (`state`, host arrays) at `updates` and `frames`,
+    after its replay was saved (`replay_saved`: whether it was); True when it is on disk.
+
+    With no update since the last checkpoint the same step is written again at the new
+    frames, but only when its replay was saved (else the previous pair is kept). Anything
+    not written is one warning line and False.
+    """
+    again = updates in checkpointer.versions()
+    if again and not replay_saved:
+        log.warning(
+            f"learner checkpoint at {updates:,} updates not written again: its replay "
+            f"was not saved; the previous pair is kept"
+        )
+        return False
+    meta = {"updates": updates, "frames": frames, **run_meta(config)}
+    try:
+        saved = checkpointer.save(updates, state, meta, replace=again)
+    except Exception as error:  # orbax raises many types (a full disk among them)
+        log.warning(
+            f"learner checkpoint at {updates:,} updates not written "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:150]}); "
+            "the previous one is kept"
+        )
+        return False
+    if not saved:
+        newest = max(checkpointer.versions(), default=None)
+        log.warning(
+            f"learner checkpoint at {updates:,} updates skipped (orbax refused it; "
+            f"the newest on disk is at {newest} updates); the previous one is kept"
+        )
+        return False
+    return True
+
+
 def train(config: Config, stop_event: threading.Event | None = None) -> LoopResult:
     """Train in this process until `config.total_frames` or `stop_event`; save the params.
 
@@ -154,34 +197,11 @@ def _train(config: Config, run_dir: Path, stop_event: threading.Event | None) ->
             replay_saved = save_replay is None or (
                 save_replay(counters, {"updates": updates}, spare=paired_frames) is not None
             )
-            # No update since the learner's checkpoint: the same one again, at these frames.
-            again = updates in checkpointer.versions()
-            if again and not replay_saved:
-                log.warning(
-                    f"learner checkpoint at {updates:,} updates not written again: its replay "
-                    f"was not saved; the previous pair is kept"
-                )
-                return
-            meta = {"updates": updates, "frames": counters.frames, **run_meta(config)}
-            try:
-                saved = checkpointer.save(
-                    updates, jax.device_get(learner_state(learner)), meta, replace=again
-                )
-            except Exception as error:  # orbax raises many types (a full disk among them)
-                log.warning(
-                    f"learner checkpoint at {updates:,} updates not written "
-                    f"({type(error).__name__}: {' '.join(str(error).split())[:150]}); "
-                    "the previous one is kept"
-                )
-                return
-            if not saved:
-                newest = max(checkpointer.versions(), default=None)
-                log.warning(
-                    f"learner checkpoint at {updates:,} updates skipped (orbax refused it; "
-                    f"the newest on disk is at {newest} updates); the previous one is kept"
-                )
-                return
-            paired_frames = counters.frames
+            state = jax.device_get(learner_state(learner))
+            if write_learner_checkpoint(
+                checkpointer, config, state, updates, counters.frames, replay_saved=replay_saved
+            ):
+                paired_frames = counters.frames
 
         log.info(
             f"single-process DQN on {config.env_id}: {env.num_envs} envs, "
