@@ -25,6 +25,10 @@ never leave the process that made them. Two backends implement it:
   launcher made for every process.
 
 `open_rendezvous` picks the backend, so the roles have no "restarted" branch of their own.
+
+A sync run (`--mode sync`) has no server: its processes stay in the jax.distributed group
+for the whole run and compute together (`initialize(collectives=True)`); they meet only
+through `StoreRendezvous.exchange`, to compare what each starts from.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ KEY_SERVER_CURVE = "gorila/curve/server"  # + "/k": server shard k's CURVE publi
 KEY_BUNDLE_CURVE = "gorila/curve/bundle"  # + the process index: a bundle's public key
 KEY_EXCHANGE = "gorila/exchange"  # + "/<name>/i": what process i gave `exchange(name, ...)`
 KEY_VALUE_TIMEOUT_SECONDS = 120.0
+# A sync run's processes meet at every learner step: one that stops answering (hung, not
+# dead: a dead one fails the others' next step at once, where each process has one device)
+# makes jax's coordination service end the others after this long.
+SYNC_HEARTBEAT_SECONDS = 30
 
 
 class RendezvousError(RuntimeError):
@@ -92,11 +100,14 @@ def detect_launcher(environ: dict | None = None) -> str:
     return "none"
 
 
-def initialize(timeout_seconds: int = 120) -> ProcessInfo:
+def initialize(timeout_seconds: int = 120, *, collectives: bool = False) -> ProcessInfo:
     """Join the run's jax.distributed group (or stay alone) and say who this process is.
 
     A process the local launcher restarted does not join (the group is gone): its index
-    and the process count come from the launcher's variables.
+    and the process count come from the launcher's variables. With `collectives` (a sync
+    run, whose processes compute together through the group for the whole run), CPU
+    collectives go through gloo (jax has none across CPU processes otherwise; GPUs use
+    NCCL whatever this says).
     """
     launcher = detect_launcher()
     if launcher == "none":
@@ -110,6 +121,10 @@ def initialize(timeout_seconds: int = 120) -> ProcessInfo:
     # records the signal, so scancel, sbatch --signal and the local launcher's stop would
     # no longer reach the run's handler; the run stops through its own handler instead.
     jax.config.update("jax_enable_preemption_service", False)
+    options = {}
+    if collectives:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        options["heartbeat_timeout_seconds"] = SYNC_HEARTBEAT_SECONDS
     if launcher == "local":
         coordinator = os.environ[ENV_COORDINATOR]
         jax.distributed.initialize(
@@ -119,9 +134,10 @@ def initialize(timeout_seconds: int = 120) -> ProcessInfo:
             initialization_timeout=timeout_seconds,
             # jax's default binds the coordinator on every interface ([::]:port).
             coordinator_bind_address=coordinator,
+            **options,
         )
     else:
-        jax.distributed.initialize(initialization_timeout=timeout_seconds)
+        jax.distributed.initialize(initialization_timeout=timeout_seconds, **options)
     # Read the index from the distributed client, not jax.process_index(): that would start
     # the XLA backend inside the group, and processes must start theirs only after leaving
     # it (see `StoreRendezvous.close`).
@@ -199,7 +215,16 @@ class StoreRendezvous:
         """Publish process `index`'s `value` under `name` and return every one of the
         `count` processes' values, in process order (waiting for them)."""
         self._set(f"{KEY_EXCHANGE}/{name}/{index}", value)
-        return [self._get(f"{KEY_EXCHANGE}/{name}/{other}") for other in range(count)]
+        values = []
+        for other in range(count):
+            try:
+                values.append(self._get(f"{KEY_EXCHANGE}/{name}/{other}"))
+            except Exception as error:  # jax raises its runtime error on a timeout
+                raise RendezvousError(
+                    f"process {other} gave no {name} within {self._timeout_ms // 1000} s "
+                    f"({str(error).strip().splitlines()[0][:120]})"
+                ) from None
+        return values
 
     def close(self) -> None:
         """Leave the jax.distributed group (a barrier: processes leave together).
