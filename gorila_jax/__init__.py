@@ -5,7 +5,8 @@ above it in this list (tests/test_layout.py checks it):
 
 - `core`: the pure part, shared by every role: the config, the Q-network, the DQN loss
   and its gradient, the optimizers and DC-ASGD, the policy, the replay memory, how the
-  parameter vector is cut into server slices and gradient parts. No processes, no sockets.
+  parameter vector is cut into server slices and gradient parts, the learner step a sync
+  run's processes take together (jax's collectives). No processes, no sockets.
 - `envs`: the environments (envpool Atari, gymnasium CartPole) and their recordings.
 - `io`: what a run writes and reads: atomic files, checkpoints, params files, metrics,
   the log format.
@@ -16,5 +17,5 @@ above it in this list (tests/test_layout.py checks it):
   gradient for the server, the client (no JAX) that pushes it to the server's shards and
   pulls their params, and the process that runs a bundle.
 - `run`: what a user starts: the entry point that picks a role, the local launcher, the
-  single process, evaluation, plots. Nothing imports it.
+  single process, the processes of a sync run, evaluation, plots. Nothing imports it.
 """

@@ -7,7 +7,9 @@
 - started by srun or by the local launcher: joins the run (`wire.rendezvous`) and plays
   its role: S of them the parameter server's shards (`--server-shards`, default 1,
   `gorila_jax.server.process`), spread over the hosts (`wire.placement`: processes 0..S-1
-  on one host), every other process a bundle (`gorila_jax.bundle.process`).
+  on one host), every other process a bundle (`gorila_jax.bundle.process`); with
+  `--mode sync`, every process a bundle of the synchronous run
+  (`gorila_jax.run.sync_process`).
 
 A bad config, a refused checkpoint or a run directory that cannot be used ends the
 program with one line on stderr and exit status 2, before anything is started.
@@ -75,13 +77,20 @@ def stop_on_signals() -> threading.Event:
 
 def run_role(config: Config) -> int:
     """Join the run and be one of its parameter-server shards or one of its bundles, as
-    the placement says; process 0 logs where every role landed."""
+    the placement says (every process a bundle, in sync mode); process 0 logs where every
+    role landed."""
     from gorila_jax.server.process import check_server_files, check_shard_layout
 
     stop = stop_on_signals()
     if rendezvous.ENV_LAUNCHER_PID in os.environ:
         launcher.die_with_launcher(int(os.environ[rendezvous.ENV_LAUNCHER_PID]), stop)
-    info = rendezvous.initialize()
+    sync = config.mode == "sync"
+    info = rendezvous.initialize(collectives=sync)
+    if sync:
+        from gorila_jax.run.sync_process import run_sync
+
+        logs.setup(f"bundle {info.index + 1}")  # no server: every process a bundle
+        return run_sync(config, info, stop)
     shards = config.server_shards
     if info.count <= shards:
         logs.setup(f"process {info.index}")

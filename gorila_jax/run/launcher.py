@@ -9,6 +9,11 @@ that dies (up to `--max-restarts`; a restarted process meets the others through
 exits non-zero naming the process and its last error. `die_with_launcher`, called in each
 child, makes every process it started stop, and be gone within
 `LAUNCHER_GONE_GRACE_SECONDS` plus a poll, if the launcher itself dies (even by SIGKILL).
+
+A sync run (`--mode sync`) has no server: the launcher starts `--workers` bundles, which
+compute every step together and cannot take back one of their own; when one dies, the
+others stop at once (`EXIT_LOST_PROCESS`) and the launcher starts all of them again (up to
+`--max-restarts` times), in a new jax.distributed group, from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ from gorila_jax.wire import rendezvous, transport
 from gorila_jax.wire.placement import Placement, place
 
 STOP_GRACE_SECONDS = 30.0
+# The others of a sync run whose process died have nothing left to finish (every step
+# needs it); they stop at once by themselves, or hang in a collective of several devices.
+SYNC_STOP_GRACE_SECONDS = 5.0
 LAUNCHER_GONE_GRACE_SECONDS = 15.0  # a child of a dead launcher exits this long after it
 LAUNCHER_POLL_SECONDS = 0.5
 EXIT_STOPPED = 143  # 128 + SIGTERM: a process that stopped because it was told to
+EXIT_LOST_PROCESS = 3  # a process of a sync run that stopped because another one is gone
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 log = logging.getLogger(__name__)
@@ -78,6 +87,15 @@ def die_with_launcher(launcher_pid: int, stop: threading.Event) -> None:
         os._exit(EXIT_STOPPED)
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def lost_process(children: list[Child], found: Child) -> Child:
+    """The child whose end ended a sync run: the first one that ended otherwise than by
+    seeing another gone (`EXIT_LOST_PROCESS`), else `found`."""
+    for child in children:
+        if child.process.poll() not in (None, 0, EXIT_LOST_PROCESS):
+            return child
+    return found
 
 
 def free_port() -> int:
@@ -176,10 +194,12 @@ def launch_local(config: Config, argv: list[str]) -> int:
     error (status 2) of any process stops all and the exit is 2.
     """
     logs.setup("launcher")
-    shards = config.server_shards
+    sync = config.mode == "sync"
+    shards = 0 if sync else config.server_shards
     if shards > 1:
         check_shard_layout(config)  # before starting anything
-    check_server_files(Path(config.run_dir), shards)
+    if not sync:
+        check_server_files(Path(config.run_dir), shards)
     count = config.workers + shards
     placement = place(["127.0.0.1"] * count, shards)  # one host: processes 0..S-1 serve
     private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
@@ -192,9 +212,12 @@ def launch_local(config: Config, argv: list[str]) -> int:
     environ.pop(rendezvous.ENV_SERVER_PORT, None)
     environ.pop(rendezvous.ENV_PORT_FILE, None)
     environ["PYTHONUNBUFFERED"] = "1"
-    curve_keys = _launcher_curve_keys(count, shards) if config.wire_security == "curve" else {}
+    curve = config.wire_security == "curve" and not sync
+    curve_keys = _launcher_curve_keys(count, shards) if curve else {}
     command = [sys.executable, os.path.abspath(sys.argv[0]), *argv]
     servers = "1 parameter server" if shards == 1 else f"a parameter server in {shards} shards"
+    if sync:
+        servers = "sync mode, no server"
     log.info(
         f"local run: {servers} + {config.workers} bundle(s) on 127.0.0.1, run dir {config.run_dir}"
     )
@@ -225,6 +248,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []
     restarts = [0] * count
+    sync_restarts = 0
     try:
         children = [start(index, restarted=False) for index in range(count)]
         while not interrupted.is_set():
@@ -238,7 +262,21 @@ def launch_local(config: Config, argv: list[str]) -> int:
                     log.warning(f"stopping: {child.name} was stopped by a signal, stopping the run")
                     stop_children(children)
                     return EXIT_STOPPED
-                if code != 2 and restarts[index] < config.max_restarts:
+                if sync and code != 2 and sync_restarts < config.max_restarts:
+                    sync_restarts += 1
+                    gone = lost_process(children, child)
+                    gone.finish_output()
+                    log.warning(
+                        f"{gone.name} (pid {gone.process.pid}) died with status "
+                        f"{gone.process.poll()}: {gone.last_error()}; restarting every process "
+                        f"of the sync run from its last checkpoint "
+                        f"({sync_restarts}/{config.max_restarts})"
+                    )
+                    stop_children(children, grace=SYNC_STOP_GRACE_SECONDS)
+                    environ[rendezvous.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
+                    children = [start(index, restarted=False) for index in range(count)]
+                    break
+                if not sync and code != 2 and restarts[index] < config.max_restarts:
                     restarts[index] += 1
                     log.warning(
                         f"{child.name} (pid {child.process.pid}) died with status "
@@ -247,10 +285,13 @@ def launch_local(config: Config, argv: list[str]) -> int:
                     )
                     children[index] = start(index, restarted=True)
                     continue
-                stop_children(children)
+                gone = lost_process(children, child) if sync else child
+                stop_children(
+                    children, grace=SYNC_STOP_GRACE_SECONDS if sync else STOP_GRACE_SECONDS
+                )
                 log.error(
-                    f"{child.name} (pid {child.process.pid}) exited with status "
-                    f"{code}: {child.last_error()}"
+                    f"{gone.name} (pid {gone.process.pid}) exited with status "
+                    f"{gone.process.poll()}: {gone.last_error()}"
                 )
                 return 2 if code == 2 else 1
             if all(child.process.poll() == 0 for child in children):
