@@ -319,10 +319,10 @@ def _run_sync(config: Config, info: rendezvous.ProcessInfo, stop: threading.Even
             template = learner.host_state()
             try:
                 leaves = broadcast_from_first(restored[0] if writer else jax.tree.leaves(template))
-            except (jax.errors.JaxRuntimeError, ValueError) as error:
-                if not _collective_failure(error):
+            except (jax.errors.JaxRuntimeError, ValueError) as failure:
+                if not _collective_failure(failure):
                     raise
-                raise _failed(error, "the restore") from None
+                raise _failed(failure, "the restore") from None
             learner.set_state(
                 jax.tree.unflatten(jax.tree.structure(template), leaves),
                 first["restored"]["updates"],
