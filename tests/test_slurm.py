@@ -171,6 +171,27 @@ def test_srun_three_tasks_trains_cartpole(tmp_path):
         _assert_done(output, task, f"bundle {task}")
 
 
+def test_srun_two_tasks_in_sync_mode_step_together(tmp_path):
+    """srun -n 2 --mode sync: no server, both tasks bundles of one jax.distributed group
+    (gloo collectives across the tasks), each stepping its half of the frames; every
+    update taken by both (the same count), the params written once by task 0."""
+    _require_slurm("srun")
+    run_dir = tmp_path / "run"
+    output = _srun_cartpole(run_dir, 2, "--mode", "sync")
+
+    updates = {}
+    for task in (0, 1):
+        _assert_done(output, task, f"bundle {task + 1}")
+        done = next(
+            line for line in output.splitlines() if line.startswith(f"{task}: [bundle")
+            and "INFO: done:" in line
+        )  # fmt: skip
+        updates[task] = int(done.split(" frames, ")[1].split(" updates")[0].replace(",", ""))
+    assert updates[0] == updates[1] > 0, updates
+    assert (run_dir / "params.msgpack").is_file()
+    assert not (run_dir / "ps.json").exists()  # no server
+
+
 def _answers_a_plain_peer(run_dir: Path, found: dict) -> None:
     """Once the server has written ps.json, send it a request over a socket without CURVE
     keys; `found["answered"]`: whether any reply came within 3 s (a token-only server
