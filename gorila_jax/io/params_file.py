@@ -141,10 +141,15 @@ def _read_slice(path: Path) -> dict:
     return document
 
 
-def has_run_params(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a whole params file or any server shard's slice (a cheap
-    look before anything is built; `load_run_params` checks them)."""
-    return (run_dir / PARAMS_FILE).is_file() or any(run_dir.glob(f"shard*/{SLICE_FILE}"))
+def require_run_params(run_dir: Path) -> None:
+    """Refuse (ParamsError, one line) a run directory that holds neither a whole params
+    file nor any server shard's slice: a cheap look before anything is built
+    (`load_run_params` checks what is there)."""
+    if not (run_dir / PARAMS_FILE).is_file() and not any(run_dir.glob(f"shard*/{SLICE_FILE}")):
+        raise ParamsError(
+            f"no params in {run_dir}: neither {PARAMS_FILE} nor shard*/{SLICE_FILE} "
+            "(a run writes them when it stops)"
+        )
 
 
 class RunParams(NamedTuple):
@@ -166,12 +171,8 @@ def load_run_params(run_dir: Path, template: Any, network_name: str) -> RunParam
     whole = run_dir / PARAMS_FILE
     if whole.is_file():
         return RunParams(load_params(whole, template, network_name), str(whole), ())
+    require_run_params(run_dir)
     found = sorted(run_dir.glob(f"shard*/{SLICE_FILE}"))
-    if not found:
-        raise ParamsError(
-            f"no params in {run_dir}: neither {PARAMS_FILE} nor shard*/{SLICE_FILE} "
-            "(a run writes them when it stops)"
-        )
     first = _read_slice(found[0])
     bounds = first["bounds"]
     shards = len(bounds) - 1

@@ -23,12 +23,10 @@ from gorila_jax.core.env_ids import is_atari
 from gorila_jax.envs.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif
 from gorila_jax.io.files import write_atomically
 from gorila_jax.io.params_file import (
-    PARAMS_FILE,
-    SLICE_FILE,
     ParamsError,
-    has_run_params,
     load_params,
     load_run_params,
+    require_run_params,
 )
 
 
@@ -216,11 +214,11 @@ def evaluate_run(
     params_path = Path(settings.params) if settings.params else None
     if params_path is not None and not params_path.is_file():
         raise EvaluationError(f"params file not found: {params_path}")
-    if params_path is None and not has_run_params(run_dir):
-        raise EvaluationError(
-            f"no params in {run_dir}: neither {PARAMS_FILE} nor shard*/{SLICE_FILE} "
-            "(a run writes them when it stops)"
-        )
+    if params_path is None:
+        try:
+            require_run_params(run_dir)
+        except ParamsError as error:
+            raise EvaluationError(str(error)) from None
     max_frames = settings.max_frames or config.max_episode_frames
     if is_atari(config.env_id):  # envpool truncates Atari episodes itself at the cap
         config = dataclasses.replace(config, max_episode_frames=max_frames)
