@@ -267,10 +267,10 @@ class LauncherRendezvous:
         """Nothing to do: the launcher made this key and gave it to the shards."""
 
     def bundle_keys(self, indices: Sequence[int]) -> list[bytes]:
-        keys = env_list(ENV_CURVE_CLIENTS)
+        keys = launcher_bundle_keys()
         if len(keys) != len(indices):
             raise RendezvousError("restarted shard: the launcher gave no CURVE key per bundle")
-        return [key.encode() for key in keys]
+        return keys
 
     def close(self) -> None:
         """Nothing to leave."""
