@@ -19,6 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 SOLVED = 195.0
 DISTRIBUTED_BUDGET = 50_000  # run frames; seed 0 solved at 15-20k in 3 runs here
+# Asynchronous runs are seeded but not reproducible (the order in which pushes reach the
+# server varies from run to run), and some miss a budget that most meet with
+# room to spare (CI once saw sharded seed 0 plateau at 130-170; seed 1 solved at 14k in
+# one run and missed in the next). Those tests try the next seed when one misses: a path
+# that does not learn, or learns 2.5 times slower, still fails all three.
+ASYNC_SEEDS = ("0", "1", "2")
 
 
 def run(script: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -95,6 +101,27 @@ def run_until_solved(
     return frames_to_solve(*paths) if solved is None else solved, code, output.read_text()
 
 
+def run_async_until_solved(
+    run_dir: Path, *args: str, episodes: list[str]
+) -> tuple[int | None, int, str, Path]:
+    """`run_until_solved` of cartpole.py for each of ASYNC_SEEDS in turn (a fresh run
+    directory each) until one solves within DISTRIBUTED_BUDGET; returns the last attempt's
+    result and its run directory. The output of a seed that missed is kept in front of the
+    next one's, so a failure shows both."""
+    missed = ""
+    for seed in ASYNC_SEEDS:
+        attempt_dir = run_dir.with_name(f"{run_dir.name}-seed{seed}")
+        solved, code, output = run_until_solved(
+            attempt_dir, "cartpole.py", "--seed", seed, "--total-frames",
+            str(DISTRIBUTED_BUDGET), *args, episodes=episodes,
+        )  # fmt: skip
+        print(f"seed {seed}: solved after {solved} frames")
+        if solved is not None and solved <= DISTRIBUTED_BUDGET:
+            break
+        missed += f"--- seed {seed} missed; its last output:\n{output[-1500:]}\n"
+    return solved, code, missed + output[-3000:], attempt_dir
+
+
 def test_cartpole_single_process_learns(tmp_path):
     """Seeded, one process: solved (20 episodes averaging 195) within 30k frames, where
     the run is stopped. Catches a learner that does not learn (a random policy averages
@@ -116,17 +143,15 @@ def test_cartpole_single_process_learns(tmp_path):
 
 def test_cartpole_server_and_two_bundles_learn(tmp_path):
     """A server and 2 bundles, seeded (the order of pushes still varies): solved within
-    50k run frames, where the run is stopped. Catches an asynchronous path that does not
-    learn or learns 2.5 times slower than it does (15-20k frames in 3 runs on the 2-core
-    machine: pushes dropped or applied late, params not pulled, targets not refreshed)."""
-    run_dir = tmp_path / "run"
-    solved, code, output = run_until_solved(
-        run_dir, "cartpole.py", "--seed", "0", "--total-frames", str(DISTRIBUTED_BUDGET),
-        episodes=["bundle1/episodes.csv", "bundle2/episodes.csv"],
-    )  # fmt: skip
-    print(f"server and 2 bundles: solved after {solved} frames")
-    assert solved is not None and solved <= DISTRIBUTED_BUDGET, output[-3000:]
-    assert code in (0, 128 + signal.SIGTERM), output[-3000:]
+    50k run frames, where the run is stopped (seed 0, or the next of ASYNC_SEEDS where one
+    misses). Catches an asynchronous path that does not learn or learns 2.5 times slower
+    than it does (15-20k frames in 3 runs on the 2-core machine: pushes dropped or applied
+    late, params not pulled, targets not refreshed)."""
+    solved, code, output, run_dir = run_async_until_solved(
+        tmp_path / "run", episodes=["bundle1/episodes.csv", "bundle2/episodes.csv"]
+    )
+    assert solved is not None and solved <= DISTRIBUTED_BUDGET, output
+    assert code in (0, 128 + signal.SIGTERM), output
     stats = json.loads((run_dir / "ps.json").read_text())
     assert stats["workers"]["0"]["accepted"] > 0 and stats["workers"]["1"]["accepted"] > 0
 
@@ -136,14 +161,12 @@ def test_cartpole_two_server_shards_and_two_bundles_learn(tmp_path, read_run_par
     same budget, each shard applying every push to its half of the params, and the saved
     params the shards' final slices (a gather that swapped or mixed them up, or saved
     initial params, fails here; see also tests/test_params_gather.py)."""
-    run_dir = tmp_path / "run"
-    solved, code, output = run_until_solved(
-        run_dir, "cartpole.py", "--seed", "0", "--total-frames", str(DISTRIBUTED_BUDGET),
-        "--server-shards", "2", episodes=["bundle1/episodes.csv", "bundle2/episodes.csv"],
+    solved, code, output, run_dir = run_async_until_solved(
+        tmp_path / "run", "--server-shards", "2",
+        episodes=["bundle1/episodes.csv", "bundle2/episodes.csv"],
     )  # fmt: skip
-    print(f"2 server shards and 2 bundles: solved after {solved} frames")
-    assert solved is not None and solved <= DISTRIBUTED_BUDGET, output[-3000:]
-    assert code in (0, 128 + signal.SIGTERM), output[-3000:]
+    assert solved is not None and solved <= DISTRIBUTED_BUDGET, output
+    assert code in (0, 128 + signal.SIGTERM), output
     stats = json.loads((run_dir / "ps.json").read_text())
     assert stats["server_shards"] == 2 and len(stats["shards"]) == 2
     halves = [shard["num_params"] for shard in stats["shards"]]
