@@ -632,13 +632,13 @@ def tuned_plans(args: StudyArgs, chosen: dict[str, float | None]) -> list[Plan]:
     ]
 
 
-def run_plans(plans: list[Plan], args: StudyArgs, results: Path, done: set[str]) -> int:
+def run_plans(stage: str, plans: list[Plan], args: StudyArgs, results: Path, done: set[str]) -> int:
     """Run every plan not in `done`, one at a time, appending each to results; the count of
-    runs that failed."""
+    runs that failed. `stage` names this part of the study in the progress lines."""
     todo = [plan for plan in plans if plan.key(args.budget) not in done]
     failed = 0
     for index, plan in enumerate(todo, start=1):
-        print(f"[{index}/{len(todo)}] {plan.key(args.budget)} ...", flush=True)
+        print(f"[{stage} {index}/{len(todo)}] {plan.key(args.budget)} ...", flush=True)
         try:
             record = run_one(plan.setup, plan.phase, plan.seed, plan.dc_lambda, args)
         except RunFailed as error:
@@ -1136,14 +1136,14 @@ def run_study(args: StudyArgs, results: Path) -> int:
     """Every run the study still lacks: the plain configurations, the tuning runs, then the
     DC-ASGD configurations at their chosen lambdas; the count of runs that failed."""
     done = {record_key(r) for r in read_results(results)}
-    failed = run_plans(plain_plans(args), args, results, done)
-    failed += run_plans(tuning_plans(args), args, results, done)
+    failed = run_plans("runs", plain_plans(args), args, results, done)
+    failed += run_plans("lambda tuning", tuning_plans(args), args, results, done)
     chosen = chosen_lambdas(read_results(results), args)
     for name, dc_lambda in chosen.items():
         if name in args.configs:
             tuned_on = ", ".join(map(str, args.tune_seeds))
             print(f"{name}: lambda {dc_lambda} chosen on tuning seeds {tuned_on}", flush=True)
-    return failed + run_plans(tuned_plans(args, chosen), args, results, done)
+    return failed + run_plans("DC-ASGD runs", tuned_plans(args, chosen), args, results, done)
 
 
 def study(args: StudyArgs) -> int:
