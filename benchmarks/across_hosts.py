@@ -5,10 +5,12 @@ with Adam. A `ParameterServer` process serves it (`serve`, as a server does) and
 process (`ServerConnection`, as a bundle's thread uses it) measures, one after the other:
 `--pushes` pushes of a precomputed gradient with `PUSHES_IN_FLIGHT` unacknowledged (as a
 bundle pushes: each names the version of its latest ack), then as many pulls of the full
-params, one at a time (as a bundle pulls; `pull(-1)`: always the whole vector). The same
-server process answers a raw pyzmq ROUTER on a second port: the client repeats both with
-the same bytes through a bare DEALER (a push answered by 3 bytes, a pull by the params'
-bytes; no header, no decode, no apply), what zmq and the link alone allow.
+params, one at a time (as a bundle pulls; `send_pull(-1)`: always the whole vector). The
+same server process answers a raw pyzmq ROUTER on a second port: the client repeats both
+with the same bytes through a bare DEALER (a push answered by 3 bytes, a pull by the
+params' bytes; no header, no decode, no apply), what zmq and the link alone allow. The
+parent makes the run secret and gives it to both roles in the environment: the server
+checks each request's credential with it, a client derives its own worker's credential.
 
 Two pairs of processes: one on loopback in this (root) namespace, and one across the
 simulated cluster of `.ci/cluster.sh` (needs root): the server inside host h1, bound to
@@ -53,12 +55,12 @@ from gorila_jax.core import cli
 CLUSTER = ROOT / ".ci" / "cluster.sh"
 SERVER_HOST, CLIENT_HOST, SERVER_ADDRESS = "h1", "h2", "198.18.0.11"
 BRIDGE_NAMESPACE = "gorila-br"
-TOKEN_VARIABLE = "GORILA_ACROSS_HOSTS_TOKEN"
+SECRET_VARIABLE = "GORILA_ACROSS_HOSTS_SECRET"  # the run secret, from the parent
 READY, RESULT = "ACROSS_HOSTS_READY ", "ACROSS_HOSTS_RESULT "
 TIMEOUT_SECONDS = 60.0  # the client's wait for any one reply
 STARTUP_SECONDS = 300.0  # a server's start (JAX, the model, the apply compiled)
 SECONDS_PER_MESSAGE = 2.0  # the most a client run may take per message, to time it out
-LOSS = 1.0
+MEAN_ABS_TD = 1.0  # each push's mean |TD error| (the outlier filter's input)
 UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 
 
@@ -110,11 +112,13 @@ def serve_role(spec: dict) -> None:
     from gorila_jax.envs import model_of
     from gorila_jax.server.parameter_server import ParameterServer, max_message_bytes
     from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import WorkerAuthority
 
     config = Config()
     params = jax.tree.map(np.asarray, model_of(config).init(config.seed))
-    token = os.environ[TOKEN_VARIABLE]
-    server = ParameterServer(config, params, num_workers=spec["workers"], token=token)
+    secret = os.environ[SECRET_VARIABLE]
+    authority = WorkerAuthority(spec["workers"], secret=secret)
+    server = ParameterServer(config, params, num_workers=spec["workers"], authority=authority)
     server.warm_up()  # the apply compiled for every batch size before any push
     jax.block_until_ready(server.params)
     reply = server.host_params().copy()
@@ -146,7 +150,7 @@ def serve_role(spec: dict) -> None:
         "fingerprint": server.fingerprint,
         "num_params": server.num_params,
         "max_bytes": max_bytes,
-        "push_bytes": push_bytes(token, server.fingerprint, server.num_params),
+        "push_bytes": push_bytes(secret, server.fingerprint, server.num_params),
     }
     print(READY + json.dumps(ready), flush=True)
     try:
@@ -159,16 +163,17 @@ def serve_role(spec: dict) -> None:
     print(f"server: {server.version} updates, refusals {refused or 'none'}", file=sys.stderr)
 
 
-def push_bytes(token: str, fingerprint: str, num_params: int) -> int:
-    """Bytes of one push as encoded (header + gradient frame); a pull's reply is within a
-    few bytes of it."""
+def push_bytes(secret: str, fingerprint: str, num_params: int) -> int:
+    """Bytes of one push as encoded (header, with worker 1's credential, + gradient frame);
+    a pull's reply is within a few bytes of it."""
     import numpy as np
 
     from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import worker_credential
 
     header = transport.make_header(
-        "push", token=token, worker=1, seq=time.time_ns(), version=123_456,
-        fingerprint=fingerprint, loss=LOSS, shard=None, frames=0,
+        "push", credential=worker_credential(secret, 1), worker=1, seq=time.time_ns(),
+        version=123_456, fingerprint=fingerprint, mean_abs_td=MEAN_ABS_TD, frames=0,
     )  # fmt: skip
     frames = transport.encode(header, [np.zeros(num_params, np.float32)])
     return sum(memoryview(frame).nbytes for frame in frames)
@@ -183,6 +188,7 @@ def client_role(spec: dict) -> None:
     import zmq
 
     from gorila_jax.bundle.client import PUSHES_IN_FLIGHT, ServerConnection
+    from gorila_jax.wire.credentials import worker_credential
 
     num_params, count, warmup = spec["num_params"], spec["pushes"], spec["warmup"]
     grads = (1e-3 * np.random.default_rng(spec["worker"]).standard_normal(num_params)).astype(
@@ -190,7 +196,7 @@ def client_role(spec: dict) -> None:
     )
     connection = ServerConnection(
         spec["endpoint"],
-        token=os.environ[TOKEN_VARIABLE],
+        credential=worker_credential(os.environ[SECRET_VARIABLE], spec["worker"]),
         worker=spec["worker"],
         fingerprint=spec["fingerprint"],
         num_params=num_params,
@@ -211,7 +217,7 @@ def client_role(spec: dict) -> None:
                 if sent < n:
                     in_flight.append(
                         connection.send_push(
-                            grads, base_version=version, loss=LOSS, frames=0, shard=None
+                            grads, base_version=version, mean_abs_td=MEAN_ABS_TD, frames=0
                         )
                     )
                 if len(in_flight) == PUSHES_IN_FLIGHT or sent >= n:
@@ -222,7 +228,7 @@ def client_role(spec: dict) -> None:
         def server_pulls(n: int) -> None:
             nonlocal version
             for _ in range(n):
-                params, version = connection.pull(-1)
+                params, version = connection.receive_pulled(connection.send_pull(-1))
                 assert params is not None and params.size == num_params
 
         def raw_pushes(n: int) -> None:
@@ -391,9 +397,9 @@ def benchmark(args: AcrossHostsArgs) -> int:
     wanted = wanted_rate(args.rate)
     if args.pushes < 1 or args.repeats < 1 or args.warmup < 0:
         raise cli.CommandLineError("--pushes and --repeats must be positive, --warmup >= 0")
-    from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import new_run_secret
 
-    env = {**os.environ, TOKEN_VARIABLE: transport.new_run_token()}
+    env = {**os.environ, SECRET_VARIABLE: new_run_secret()}
     here = ["loopback"] if args.loopback_only else ["loopback", "hosts"]
     made = False
     servers: dict[str, Server] = {}

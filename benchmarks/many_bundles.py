@@ -8,7 +8,8 @@ The shard: shard 0 of a Pong server split 256 ways (`Config()` defaults, a 6,591
 slice of the Nature CNN), the real `ParameterServer` and `serve` on a loopback socket in a
 spawned process (`sharded_server.shard_process`: the outlier filter off and no staleness
 bound, as there). The bundles: `--bundles` DEALER sockets, each with its own worker id,
-multiplexed in `--client-processes` spawned processes; no learner: each says hello, then
+multiplexed in `--client-processes` spawned processes, each request signed with its
+worker's credential (the shard holds the run secret); no learner: each says hello, then
 pushes a precomputed random slice at `--rates` pushes per second (0: as fast as its window
 of `--window` unacknowledged pushes allows), naming as base version its latest ack's, and
 pulls every `--sync-every` pushes, as a bundle does. Offered load rises phase by phase.
@@ -38,11 +39,13 @@ import multiprocessing as mp
 import sys
 import time
 
+import msgpack
 import numpy as np
 from common import result_line
 from sharded_server import Collector, _config, shard_process
 
 from gorila_jax.core import cli
+from gorila_jax.wire import transport
 
 SHARDS = 256  # the split whose shard 0 is measured: a 6,591-element slice
 STARTUP_SECONDS = 300.0
@@ -68,15 +71,12 @@ class ManyBundlesArgs:
     """seconds of load before it"""
 
 
-def raw_router(num_workers: int, slice_size: int, token: str, commands, results) -> None:
+def raw_router(num_workers: int, slice_size: int, commands, results) -> None:
     """The floor: a ROUTER that answers each push with a fixed ack, each pull or hello with
-    fixed params, and nothing more (no decode, no apply)."""
+    fixed params, and nothing more (no decode, no credential check, no apply)."""
     import threading
 
-    import msgpack
     import zmq
-
-    from gorila_jax.wire import transport
 
     context = zmq.Context.instance()
     socket = context.socket(zmq.ROUTER)
@@ -130,14 +130,21 @@ def client_process(index: int, workers: list[int], commands, results) -> None:
         bundles_phase(index, workers, phase, context, commands, results)
 
 
+def request_header(kind: str, *, arrays: int, **fields) -> bytes:
+    """A request's packed header as the simulated bundles send it: built by hand, without
+    `transport.make_header`'s validation (a light client), but with the fields it writes:
+    `credential`, `worker`, `seq`, `version`, `fingerprint` and the kind's own."""
+    return msgpack.packb(
+        {"kind": kind, **fields, "protocol": transport.PROTOCOL_VERSION, "arrays": arrays}
+    )
+
+
 def bundles_phase(index: int, workers: list[int], phase, context, commands, results) -> None:
-    """One phase of `client_process`: connect, hello, load the server until "stop"."""
-    import msgpack
+    """One phase of `client_process`: connect, hello, load the server until "stop". The
+    phase names each worker's credential (`credentials`, by worker)."""
     import zmq
 
-    from gorila_jax.wire import transport
-
-    endpoint, fingerprint, slice_size, token, rate, window, sync_every, raw = phase
+    endpoint, fingerprint, slice_size, credentials, rate, window, sync_every, raw = phase
     rng = np.random.default_rng(index)
     grads = (1e-3 * rng.standard_normal(slice_size)).astype(np.float32)
     sockets = {}
@@ -154,12 +161,11 @@ def bundles_phase(index: int, workers: list[int], phase, context, commands, resu
 
     def request(worker: int, kind: str, arrays=(), **fields) -> int:
         seq[worker] += 1
-        header = {
-            "kind": kind, "token": token, "worker": worker, "seq": seq[worker],
-            "version": version[worker], "fingerprint": fingerprint, **fields,
-            "protocol": transport.PROTOCOL_VERSION, "arrays": len(arrays),
-        }  # fmt: skip
-        sockets[worker].send_multipart([msgpack.packb(header), *arrays], copy=False)
+        header = request_header(
+            kind, arrays=len(arrays), credential=credentials[worker], worker=worker,
+            seq=seq[worker], version=version[worker], fingerprint=fingerprint, **fields,
+        )  # fmt: skip
+        sockets[worker].send_multipart([header, *arrays], copy=False)
         return seq[worker]
 
     poller = zmq.Poller()
@@ -195,7 +201,7 @@ def bundles_phase(index: int, workers: list[int], phase, context, commands, resu
                 pushed[worker] += 1
                 if pushed[worker] % sync_every == 0:
                     request(worker, "pull")
-                s = request(worker, "push", [grads], loss=1.0, shard=None, frames=0)
+                s = request(worker, "push", [grads], mean_abs_td=1.0, frames=0)
                 in_flight[worker][s] = now
                 due[worker] = max(due[worker] + period, now - 1.0) if period else now
         next_due = min(due.values()) - time.perf_counter()
@@ -223,33 +229,30 @@ def bundles_phase(index: int, workers: list[int], phase, context, commands, resu
         sock.close(linger=0)
 
 
-def run_phase(target, args: ManyBundlesArgs, rate: float, clients, spawn, params, token):
+def run_phase(target, args: ManyBundlesArgs, rate: float, clients, spawn, params, secret):
     """Start the server (`target`: the shard or the raw router), load it at `rate`,
     measure; returns a dict of figures."""
     from gorila_jax.core.shard_layout import ShardLayout
+    from gorila_jax.wire.credentials import worker_credential
 
     results = spawn.Queue()
     commands = spawn.Queue()
     raw = target is raw_router
     if raw:
         total = sum(leaf.size for leaf in jax_leaves(params))
-        server_args = (
-            args.bundles,
-            ShardLayout.even(total, SHARDS).size(0),
-            token,
-            commands,
-            results,
-        )
+        server_args = (args.bundles, ShardLayout.even(total, SHARDS).size(0), commands, results)
     else:
-        server_args = (SHARDS, 0, params, args.bundles, token, commands, results)
+        server_args = (SHARDS, 0, params, args.bundles, secret, commands, results)
     server = spawn.Process(target=target, args=server_args, name="server")
     server.start()
     collect = Collector(results, [server])
     (endpoint, fingerprint, slice_size, _) = collect.collect("shard", 1)[0]
     client_collect = Collector(clients[0]["results"], [c["process"] for c in clients] + [server])
-    for client in clients:
+    window, sync_every = args.window, args.sync_every
+    for client in clients:  # each client process gets its own workers' credentials only
+        credentials = {w: worker_credential(secret, w) for w in client["workers"]}
         client["commands"].put(
-            (endpoint, fingerprint, slice_size, token, rate, args.window, args.sync_every, raw)
+            (endpoint, fingerprint, slice_size, credentials, rate, window, sync_every, raw)
         )
     client_collect.collect("ready", len(clients))
     time.sleep(args.warmup)
@@ -294,19 +297,22 @@ def benchmark(args: ManyBundlesArgs) -> int:
     import jax
 
     from gorila_jax.envs import model_of
-    from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import new_run_secret
 
     config = _config(SHARDS)
     params = jax.tree.map(np.asarray, model_of(config).init(config.seed))
-    token = transport.new_run_token()
+    secret = new_run_secret()
     spawn = mp.get_context("spawn")
     workers = np.array_split(np.arange(args.bundles), args.client_processes)
     shared_results = spawn.Queue()
-    clients = [{"commands": spawn.Queue(), "results": shared_results} for _ in workers]
-    for index, (client, mine) in enumerate(zip(clients, workers, strict=True)):
+    clients = [
+        {"commands": spawn.Queue(), "results": shared_results, "workers": [int(w) for w in mine]}
+        for mine in workers
+    ]
+    for index, client in enumerate(clients):
         process = spawn.Process(
             target=client_process,
-            args=(index, [int(w) for w in mine], client["commands"], shared_results),
+            args=(index, client["workers"], client["commands"], shared_results),
             name=f"bundles {index}",
         )
         process.start()
@@ -318,10 +324,10 @@ def benchmark(args: ManyBundlesArgs) -> int:
     shard_phases, raw_phase = [], None
     try:
         for rate in args.rates:
-            phase = run_phase(shard_process, args, rate, clients, spawn, params, token)
+            phase = run_phase(shard_process, args, rate, clients, spawn, params, secret)
             shard_phases.append(phase)
             print_phase("shard", phase)
-        raw_phase = run_phase(raw_router, args, 0.0, clients, spawn, params, token)
+        raw_phase = run_phase(raw_router, args, 0.0, clients, spawn, params, secret)
         print_phase("raw ROUTER (floor)", raw_phase)
     finally:
         for client in clients:

@@ -1,11 +1,12 @@
 """Benchmark: parameter-server pushes per second, Nature CNN with Adam, 2 client processes.
 
 The server (`ParameterServer.serve`, in a thread of this process) listens on loopback; two
-spawned client processes (workers 0 and 1, each a `ServerConnection`) push a precomputed
-float32 gradient as fast as the replies come back and pull the params every `--sync-every`
-pushes, as a bundle does. Each push names as its base version the version of the params
-its client last pulled (what a bundle computes its gradient on); staleness is never
-refused, the outlier filter is off, clipping stays at the config's default.
+spawned client processes (workers 0 and 1, each a `ServerConnection` with its worker's
+credential) push a precomputed float32 gradient as fast as the replies come back and pull
+the params every `--sync-every` pushes, as a bundle does. Each push names as its base
+version the version of the params its client last pulled (what a bundle computes its
+gradient on); staleness is never refused, the outlier filter is off, clipping stays at the
+config's default.
 
 Measured: accepted pushes / wall seconds over the timed window (after a warm-up; the apply
 is compiled before it).
@@ -44,7 +45,7 @@ from common import median_seconds, result_line
 
 from gorila_jax.core import cli
 
-LOSS = 1.0
+MEAN_ABS_TD = 1.0  # each push's mean |TD error| (the outlier filter is off)
 MAX_BYTES = 256 * 1024 * 1024
 TIMEOUT_SECONDS = 60.0
 
@@ -68,12 +69,12 @@ def _gradient(num_params: int, seed: int) -> np.ndarray:
     return (1e-3 * rng.standard_normal(num_params)).astype(np.float32)
 
 
-def _connect(endpoint: str, token: str, fingerprint: str, num_params: int, worker: int):
+def _connect(endpoint: str, credential: str, fingerprint: str, num_params: int, worker: int):
     from gorila_jax.bundle.client import ServerConnection
 
     return ServerConnection(
         endpoint,
-        token=token,
+        credential=credential,
         worker=worker,
         fingerprint=fingerprint,
         num_params=num_params,
@@ -85,7 +86,7 @@ def _connect(endpoint: str, token: str, fingerprint: str, num_params: int, worke
 def load_client(
     worker: int,
     endpoint: str,
-    token: str,
+    credential: str,
     fingerprint: str,
     num_params: int,
     sync_every: int,
@@ -96,7 +97,7 @@ def load_client(
     from gorila_jax.bundle.client import PUSHES_IN_FLIGHT
 
     grads = _gradient(num_params, worker)
-    connection = _connect(endpoint, token, fingerprint, num_params, worker)
+    connection = _connect(endpoint, credential, fingerprint, num_params, worker)
     try:
         _, params_version, _ = connection.hello()
         results.put(("ready", worker, None))
@@ -110,7 +111,7 @@ def load_client(
             while len(in_flight) < PUSHES_IN_FLIGHT:
                 in_flight.append(
                     connection.send_push(
-                        grads, base_version=params_version, loss=LOSS, frames=pushes, shard=None
+                        grads, base_version=params_version, mean_abs_td=MEAN_ABS_TD, frames=pushes
                     )
                 )
                 pushes += 1
@@ -121,7 +122,7 @@ def load_client(
                 timed["accepted"] += int(accepted)
                 timed["push_s"] += pushed - start
             if pushes % sync_every == 0:
-                params, version = connection.pull(params_version)
+                params, version = connection.receive_pulled(connection.send_pull(params_version))
                 if params is not None:
                     params_version = version
                 if counting:
@@ -138,7 +139,7 @@ def load_client(
 def roundtrip_client(
     endpoint: str,
     echo_endpoint: str,
-    token: str,
+    credential: str,
     fingerprint: str,
     num_params: int,
     repeats: int,
@@ -148,7 +149,7 @@ def roundtrip_client(
     import zmq
 
     grads = _gradient(num_params, 7)
-    connection = _connect(endpoint, token, fingerprint, num_params, 0)
+    connection = _connect(endpoint, credential, fingerprint, num_params, 0)
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(echo_endpoint)
@@ -157,8 +158,11 @@ def roundtrip_client(
 
         def server_trip() -> None:
             nonlocal version
-            connection.push(grads, base_version=version, loss=LOSS, frames=0, shard=None)
-            _, version = connection.pull(-1)
+            seq = connection.send_push(
+                grads, base_version=version, mean_abs_td=MEAN_ABS_TD, frames=0
+            )
+            connection.receive_ack(seq)
+            _, version = connection.receive_pulled(connection.send_pull(-1))
 
         def raw_trip() -> None:
             raw.send(grads, copy=False)
@@ -262,21 +266,21 @@ def guarded_apply_seconds(server, grads: np.ndarray, repeats: int = 40) -> tuple
     return statistics.median(timings["guarded"]), statistics.median(timings["plain"])
 
 
-def component_costs(server, grads: np.ndarray) -> dict[str, float]:
-    """Median seconds of the server's per-push steps, outside any socket (for the printout)."""
+def component_costs(server, grads: np.ndarray, credential: str) -> dict[str, float]:
+    """Median seconds of the server's per-push steps, outside any socket (for the printout);
+    `credential`: worker 0's. The decode includes the server's credential check."""
     import jax.numpy as jnp
 
     from gorila_jax.wire import transport
 
     header = transport.make_header(
         "push",
-        token=server.token,
+        credential=credential,
         worker=0,
         seq=1,
         version=0,
         fingerprint=server.fingerprint,
-        loss=LOSS,
-        shard=None,
+        mean_abs_td=MEAN_ABS_TD,
         frames=0,
     )
     # bytes objects: read-only and 16 bytes off a 64-byte boundary, like zmq's frames.
@@ -285,9 +289,9 @@ def component_costs(server, grads: np.ndarray) -> dict[str, float]:
     def decode():
         return transport.decode(
             frames,
-            expected_token=server.token,
+            authenticate=lambda h: server.authority.check(h, None),
             expected_fingerprint=server.fingerprint,
-            layout_for=server._specs_for,
+            layout_for=server._vector_length,
             max_bytes=server.max_bytes,
         )
 
@@ -316,9 +320,12 @@ def component_costs(server, grads: np.ndarray) -> dict[str, float]:
     }
 
 
-def handle_rate(server, grads: np.ndarray, sync_every: int, seconds: float) -> float:
+def handle_rate(
+    server, grads: np.ndarray, sync_every: int, seconds: float, credentials: list[str]
+) -> float:
     """Pushes/s of `server.handle` alone (no sockets): decode, checks, apply, ack, and a
-    pull (params copy) every `sync_every` pushes. Use a fresh server, not the served one."""
+    pull (params copy) every `sync_every` pushes, alternating workers 0 and 1
+    (`credentials`: theirs). Use a fresh server, not the served one."""
     import jax
 
     from gorila_jax.wire import transport
@@ -331,7 +338,7 @@ def handle_rate(server, grads: np.ndarray, sync_every: int, seconds: float) -> f
         seq += 1
         header = transport.make_header(
             kind,
-            token=server.token,
+            credential=credentials[seq % 2],
             worker=seq % 2,
             seq=seq,
             version=version,
@@ -345,13 +352,15 @@ def handle_rate(server, grads: np.ndarray, sync_every: int, seconds: float) -> f
         start, first = time.perf_counter(), server.version
         while time.perf_counter() - start < phase_seconds:
             push = header_frame(
-                "push", [grads], version=server.version, loss=LOSS, shard=None, frames=0
+                "push", [grads], version=server.version, mean_abs_td=MEAN_ABS_TD, frames=0
             )
             server.handle([push, payload])
             pushes += 1
             if pushes % sync_every == 0:
                 server.handle([header_frame("pull", version=-1)])
         jax.block_until_ready(server.params)
+    if server.counters.rejections:  # the rate counts applied pushes only
+        raise RuntimeError(f"handle() refused requests: {dict(server.counters.rejections)}")
     return (server.version - first) / (time.perf_counter() - start)
 
 
@@ -364,23 +373,29 @@ def benchmark(args: ParameterServerArgs) -> int:
     from gorila_jax.core.networks import NatureCNN
     from gorila_jax.server.parameter_server import ParameterServer
     from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import WorkerAuthority, new_run_secret, worker_credential
 
     config = dataclasses.replace(
         Config(), optimizer="adam", max_staleness=1_000_000, outlier_k=0.0, dc_asgd="off"
     )
     network = NatureCNN(num_actions=6)
     params = network.init(jax.random.key(0), np.zeros((1, 4, 84, 84), np.uint8))
-    token = transport.new_run_token()
-    server = ParameterServer(config, params, num_workers=2, token=token)
+    secret = new_run_secret()
+    credentials = [worker_credential(secret, worker) for worker in range(2)]
+    server = ParameterServer(
+        config, params, num_workers=2, authority=WorkerAuthority(2, secret=secret)
+    )
     num_params = server.num_params
     vector_bytes = num_params * 4
 
     # The server's per-push steps and the floor's parts, before any client runs (the floor's
     # parts again after the clients: the floor uses the mean of both medians).
     probe = _gradient(num_params, 99)
-    costs = component_costs(server, probe)
-    alone = ParameterServer(config, params, num_workers=2, token=token)
-    handle_pushes = handle_rate(alone, _gradient(num_params, 98), args.sync_every, 3.0)
+    costs = component_costs(server, probe, credentials[0])
+    alone = ParameterServer(
+        config, params, num_workers=2, authority=WorkerAuthority(2, secret=secret)
+    )
+    handle_pushes = handle_rate(alone, _gradient(num_params, 98), args.sync_every, 3.0, credentials)
     del alone
     bandwidths = [memory_bandwidth()]
     applies = [costs["apply"]]
@@ -425,7 +440,7 @@ def benchmark(args: ParameterServerArgs) -> int:
             args=(
                 endpoint,
                 echo_endpoint,
-                token,
+                credentials[0],
                 server.fingerprint,
                 num_params,
                 args.roundtrips,
@@ -449,7 +464,7 @@ def benchmark(args: ParameterServerArgs) -> int:
                     args=(
                         worker,
                         endpoint,
-                        token,
+                        credentials[worker],
                         server.fingerprint,
                         num_params,
                         args.sync_every,

@@ -9,7 +9,8 @@ per shard and push precomputed random float32 slices as fast as the acknowledgem
 back, as `RemoteLearner` does: every shard its slice at once (send all, then collect the
 acks), `PUSHES_IN_FLIGHT` whole pushes unacknowledged, each slice naming as its base
 version the version of that shard's latest ack. The outlier filter is off and staleness is never
-refused (it stays small: a few pushes in flight). No pulls.
+refused (it stays small: a few pushes in flight). No pulls. The shards hold the run secret
+and check each push's credential; a bundle holds its own worker's credential only.
 
 Measured per shard, over the timed window only (after `--warmup` seconds of pushing; each
 shard compiles its apply before it reports ready): the process's own CPU time (user + sys
@@ -60,7 +61,7 @@ from common import result_line
 
 from gorila_jax.core import cli
 
-LOSS = 1.0
+MEAN_ABS_TD = 1.0  # each push's mean |TD error| (the outlier filter is off)
 TIMEOUT_SECONDS = 120.0
 STARTUP_SECONDS = 300.0
 
@@ -94,9 +95,10 @@ def _config(shards: int):
 
 
 def shard_process(
-    shards: int, shard: int, params, num_workers: int, token: str, commands, results
+    shards: int, shard: int, params, num_workers: int, secret: str, commands, results
 ) -> None:
-    """One server shard: build it, compile its apply, serve on loopback, answer marks."""
+    """One server shard: build it (checking credentials with the run `secret`), compile its
+    apply, serve on loopback, answer marks."""
     import threading
 
     import jax
@@ -104,9 +106,13 @@ def shard_process(
 
     from gorila_jax.server.parameter_server import ParameterServer, max_message_bytes
     from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import WorkerAuthority
 
     config = _config(shards)
-    server = ParameterServer(config, params, num_workers=num_workers, token=token, shard=shard)
+    authority = WorkerAuthority(num_workers, secret=secret)
+    server = ParameterServer(
+        config, params, num_workers=num_workers, authority=authority, shard=shard
+    )
     # Compile the apply for every batch size before any push.
     server.warm_up()
     jax.block_until_ready(server.params)
@@ -137,7 +143,8 @@ def shard_process(
 
 
 def bundle_process(worker: int, commands, events: dict, results) -> None:
-    """A fake bundle: for each phase it is given, push slices to every shard until stopped."""
+    """A fake bundle: for each phase it is given (with this worker's credential), push
+    slices to every shard until stopped."""
     from collections import Counter, deque
 
     from gorila_jax.bundle.client import PUSHES_IN_FLIGHT, ServerConnection
@@ -148,7 +155,7 @@ def bundle_process(worker: int, commands, events: dict, results) -> None:
         phase = commands.get()
         if phase is None:
             return
-        endpoints, server_shards, fingerprint, token, num_params, max_bytes = phase
+        endpoints, server_shards, fingerprint, credential, num_params, max_bytes = phase
         layout = ShardLayout.even(num_params, server_shards)
         grads = (1e-3 * rng.standard_normal(num_params)).astype(np.float32)
         # Contiguous views, sent without a copy; the probe runs only the first shard(s).
@@ -156,7 +163,7 @@ def bundle_process(worker: int, commands, events: dict, results) -> None:
         connections = [
             ServerConnection(
                 endpoint,
-                token=token,
+                credential=credential,
                 worker=worker,
                 fingerprint=fingerprint,
                 num_params=layout.size(k),
@@ -183,7 +190,7 @@ def bundle_process(worker: int, commands, events: dict, results) -> None:
                     in_flight.append(
                         [
                             connection.send_push(
-                                piece, base_version=version, loss=LOSS, frames=pushes, shard=None
+                                piece, base_version=version, mean_abs_td=MEAN_ABS_TD, frames=pushes
                             )
                             for connection, piece, version in zip(
                                 connections, slices, versions, strict=True
@@ -241,14 +248,16 @@ class Collector:
         return got
 
 
-def wire_bytes(token: str, fingerprint: str, slice_size: int) -> tuple[int, int]:
-    """Bytes of one push of a `slice_size` slice (header + array frame) and of its ack, as
-    encoded (zmq adds a few bytes of framing per frame, TCP/IP its headers)."""
+def wire_bytes(secret: str, fingerprint: str, slice_size: int) -> tuple[int, int]:
+    """Bytes of one push of a `slice_size` slice (header, with worker 1's credential, +
+    vector frame) and of its ack, as encoded (zmq adds a few bytes of framing per frame,
+    TCP/IP its headers)."""
     from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import worker_credential
 
     header = transport.make_header(
-        "push", token=token, worker=1, seq=time.time_ns(), version=123_456,
-        fingerprint=fingerprint, loss=LOSS, shard=None, frames=1_234_567,
+        "push", credential=worker_credential(secret, 1), worker=1, seq=time.time_ns(),
+        version=123_456, fingerprint=fingerprint, mean_abs_td=MEAN_ABS_TD, frames=1_234_567,
     )  # fmt: skip
     push = transport.encode(header, [np.zeros(slice_size, np.float32)])
     ack = transport.encode(
@@ -262,7 +271,7 @@ def wire_bytes(token: str, fingerprint: str, slice_size: int) -> tuple[int, int]
 def run_phase(
     shards: int,
     params,
-    token: str,
+    secret: str,
     args,
     bundles: list,
     spawn,
@@ -276,6 +285,7 @@ def run_phase(
     import psutil
 
     from gorila_jax.server.parameter_server import max_message_bytes
+    from gorila_jax.wire.credentials import worker_credential
 
     running = shards if running is None else running
     results = spawn.Queue()
@@ -283,7 +293,7 @@ def run_phase(
     processes = [
         spawn.Process(
             target=shard_process,
-            args=(shards, k, params, args.bundles, token, commands[k], results),
+            args=(shards, k, params, args.bundles, secret, commands[k], results),
             name=f"shard {k} of {shards}",
         )
         for k in range(running)
@@ -300,8 +310,11 @@ def run_phase(
         max_bytes = max_message_bytes(_config(shards), num_params)
         for event in bundles[0]["events"].values():
             event.clear()
-        for bundle in bundles:
-            bundle["commands"].put((endpoints, shards, fingerprint, token, num_params, max_bytes))
+        for worker, bundle in enumerate(bundles):  # bundle_process(worker, ...)
+            credential = worker_credential(secret, worker)
+            bundle["commands"].put(
+                (endpoints, shards, fingerprint, credential, num_params, max_bytes)
+            )
         # The bundles answer on their own queue (shared across phases).
         Collector(bundles[0]["queue"], collector.processes).collect("ready", len(bundles))
         events = bundles[0]["events"]
@@ -335,7 +348,7 @@ def run_phase(
     for k in range(running):
         cpu = last[k][0] - first[k][0]
         updates = last[k][1] - first[k][1]
-        push_bytes, ack_bytes = wire_bytes(token, fingerprint, sizes[k])
+        push_bytes, ack_bytes = wire_bytes(secret, fingerprint, sizes[k])
         per_shard.append(
             {
                 "size": sizes[k],
@@ -395,14 +408,14 @@ def benchmark(args: ShardedServerArgs) -> int:
     import jax
 
     from gorila_jax.envs import model_of
-    from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import new_run_secret
 
     config = _config(1)
     model = model_of(config)
     num_actions = model.num_actions
     params = jax.tree.map(np.asarray, model.init(config.seed))
     num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-    token = transport.new_run_token()
+    secret = new_run_secret()
 
     spawn = mp.get_context("spawn")
     bundle_queue = spawn.Queue()
@@ -422,10 +435,10 @@ def benchmark(args: ShardedServerArgs) -> int:
     phases, alone = {}, {}
     try:
         for shards in args.shards:
-            phases[shards] = run_phase(shards, params, token, args, bundles, spawn)
+            phases[shards] = run_phase(shards, params, secret, args, bundles, spawn)
         for shards in args.alone:
             alone[shards] = run_phase(
-                shards, params, token, args, bundles, spawn, running=1, seconds=args.seconds / 2
+                shards, params, secret, args, bundles, spawn, running=1, seconds=args.seconds / 2
             )
     finally:
         for bundle in bundles:
@@ -446,7 +459,7 @@ def benchmark(args: ShardedServerArgs) -> int:
         print_phase(alone[shards])
     if alone:
         probe = alone[max(alone)]
-        handle = handle_cpu_per_push(params, max(alone), token)
+        handle = handle_cpu_per_push(params, max(alone), secret)
         print(
             f"of the probe's {probe['cpu_per_push'] * 1e3:.3f} ms, ParameterServer.handle() "
             f"alone (decode, checks, apply, ack; no sockets, in this process) takes "
@@ -467,12 +480,16 @@ SCENARIOS = (("100 CPU bundles, 30 ms step", 100, 33.0), ("8 GPU bundles, 2 ms s
              ("64 GPU bundles, 2 ms step", 64, 500.0))  # fmt: skip
 
 
-def handle_cpu_per_push(params, shards: int, token: str, seconds: float = 2.0) -> float:
-    """CPU seconds per push of `ParameterServer.handle` alone for shard 0 of `shards`."""
+def handle_cpu_per_push(params, shards: int, secret: str, seconds: float = 2.0) -> float:
+    """CPU seconds per push of `ParameterServer.handle` alone for shard 0 of `shards`
+    (worker 0's pushes, its credential checked as the served shards check it)."""
     from gorila_jax.server.parameter_server import ParameterServer
     from gorila_jax.wire import transport
+    from gorila_jax.wire.credentials import WorkerAuthority, worker_credential
 
-    server = ParameterServer(_config(shards), params, num_workers=1, token=token, shard=0)
+    authority = WorkerAuthority(1, secret=secret)
+    server = ParameterServer(_config(shards), params, num_workers=1, authority=authority, shard=0)
+    credential = worker_credential(secret, 0)
     grads = np.full(server.num_params, 1e-3, np.float32)
     payload = grads.tobytes()  # read-only and not 64-byte aligned, like a received frame
     seq = time.time_ns()
@@ -482,11 +499,13 @@ def handle_cpu_per_push(params, shards: int, token: str, seconds: float = 2.0) -
         while time.perf_counter() - start < phase_seconds:
             seq += 1
             header = transport.make_header(
-                "push", token=token, worker=0, seq=seq, version=server.version,
-                fingerprint=server.fingerprint, loss=LOSS, shard=None, frames=pushes,
+                "push", credential=credential, worker=0, seq=seq, version=server.version,
+                fingerprint=server.fingerprint, mean_abs_td=MEAN_ABS_TD, frames=pushes,
             )  # fmt: skip
             server.handle([transport.encode(header, [grads])[0], payload])
             pushes += 1
+    if server.counters.rejections:  # a refused push costs less: the figure would mean nothing
+        raise RuntimeError(f"handle() refused pushes: {dict(server.counters.rejections)}")
     return (time.process_time() - cpu) / (pushes - first)
 
 

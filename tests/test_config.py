@@ -35,8 +35,8 @@ BAD_VALUES = [
     ("gamma", 0.0, "gamma"),
     ("learning_rate", -1e-3, "learning_rate"),
     ("n_step", 0, "n_step"),
-    ("shard_factor", "half", "shard_factor"),
-    ("shard_factor", "1.5", "shard_factor"),
+    ("gradient_part", "half", "gradient_part"),
+    ("gradient_part", "1.5", "gradient_part"),
     ("env_id", "Pongg-v5", "env_id"),
     ("max_staleness", 0, "max_staleness"),
     ("max_message_mb", -1, "max_message_mb"),
@@ -94,7 +94,7 @@ def test_yaml_unknown_field_and_bad_type(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    config = dataclasses.replace(cartpole_defaults(), mlp_hidden=(32, 16), shard_factor="0.5")
+    config = dataclasses.replace(cartpole_defaults(), mlp_hidden=(32, 16), gradient_part="0.5")
     path = write_resolved(config, tmp_path)
     assert load_yaml(path, Config()) == config
     assert yaml.safe_load(path.read_text()) == to_dict(config)
@@ -253,3 +253,33 @@ def test_the_readme_names_every_setting_safe_to_change_on_a_resume():
         and not (field.startswith("checkpoint_") and "checkpoint_*" in paragraph)
     ]
     assert missing == []
+
+
+def test_a_renamed_field_reads_under_its_new_name_and_says_so(caplog):
+    """shard_factor (before protocol 3) is gradient_part now: a config file or a
+    checkpoint's saved config with the old name means the same setting, with one warning
+    line; nothing reads it differently without a word."""
+    import logging
+
+    from gorila_jax.core.config import from_dict
+
+    with caplog.at_level(logging.WARNING):
+        config = from_dict({"shard_factor": "default"}, cartpole_defaults())
+    assert config.gradient_part == "default"
+    assert [r.getMessage() for r in caplog.records] == [
+        "config field shard_factor is called gradient_part now; read as gradient_part"
+    ]
+    saved = to_dict(cartpole_defaults())
+    saved["shard_factor"] = saved.pop("gradient_part")
+    assert resume_differences(saved, cartpole_defaults()) == []
+    saved["shard_factor"] = "0.5"
+    assert resume_differences(saved, cartpole_defaults()) == ["gradient_part '0.5' -> 'all'"]
+
+
+def test_both_names_of_a_renamed_field_must_agree():
+    from gorila_jax.core.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"shard_factor .* and gradient_part disagree"):
+        from_dict({"shard_factor": "default", "gradient_part": "all"}, cartpole_defaults())
+    both = from_dict({"shard_factor": "0.5", "gradient_part": "0.5"}, cartpole_defaults())
+    assert both.gradient_part == "0.5"

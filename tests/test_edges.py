@@ -21,7 +21,8 @@ from gorila_jax.bundle.client import ServerConnection, ServerError
 from gorila_jax.core.config import cartpole_defaults
 from gorila_jax.core.networks import MLP
 from gorila_jax.server.parameter_server import ParameterServer
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
+from gorila_jax.wire.credentials import WorkerAuthority
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
@@ -127,11 +128,13 @@ def test_a_server_forced_onto_another_networks_checkpoint_says_so_not_damaged(tm
             cartpole_defaults(), run_dir=str(tmp_path), mlp_hidden=hidden, force_resume=True
         )
         params = MLP(num_actions=2, hidden=hidden).init(jax.random.key(0), np.zeros((1, 4)))
-        return config, ParameterServer(config, params, num_workers=1, token="t" * 64)
+        authority = WorkerAuthority(1, secret=credentials.new_run_secret())
+        return config, ParameterServer(config, params, num_workers=1, authority=authority)
 
     _, trained = server_of((8,))
     checkpointer = Checkpointer(tmp_path, keep=3)
-    trained.version = 5
+    for _ in range(5):
+        trained.apply(0, np.ones(trained.num_params, np.float32))
     trained.save_checkpoint(checkpointer)
     config, other = server_of((4,))
     state, _ = other.checkpoint_state()
@@ -161,10 +164,11 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
     context = zmq.Context.instance()
     server_public, server_secret = zmq.curve_keypair()
     client_public, client_secret = zmq.curve_keypair()
-    authenticator = transport.start_curve_authenticator(context, {client_public})
+    authenticator = transport.start_curve_authenticator(context, {client_public: 0})
     config = cartpole_defaults()
     params = MLP(num_actions=2, hidden=(8,)).init(jax.random.key(0), np.zeros((1, 4)))
-    server = ParameterServer(config, params, num_workers=1, token="k" * 64)
+    authority = WorkerAuthority(1, curve_workers={client_public: 0})
+    server = ParameterServer(config, params, num_workers=1, authority=authority)
     socket, endpoint = transport.make_server_socket(
         context, "tcp://127.0.0.1:0", server.max_bytes,
         curve=transport.ServerCurve(server_public, server_secret),
@@ -178,7 +182,7 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
         "client key": transport.ClientCurve(*zmq.curve_keypair(), server_public),
     }[mismatch]
     connection = ServerConnection(
-        endpoint, token=server.token, worker=0, fingerprint=server.fingerprint,
+        endpoint, credential="", worker=0, fingerprint=server.fingerprint,
         num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=2.0,
         curve=keys,
     )  # fmt: skip

@@ -260,14 +260,14 @@ def test_sharded_compensated_run_on_four_devices_per_bundle(tmp_path):
     environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run(
         [sys.executable, "experiments/cartpole.py", "--total-frames", "8000",
-         "--learning-starts", "500", "--shard-factor", "default", "--dc-asgd", "adaptive",
+         "--learning-starts", "500", "--gradient-part", "default", "--dc-asgd", "adaptive",
          "--run-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=400, env=environ,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[bundle 1] INFO: 4 envs, learner over 4 local device(s)" in result.stdout
     stats = json.loads((tmp_path / "ps.json").read_text())
-    assert stats["shard_factor"] == "default" and stats["dc_asgd"] == "adaptive"
+    assert stats["gradient_part"] == "default" and stats["dc_asgd"] == "adaptive"
     assert stats["workers"]["0"]["accepted"] > 100 and stats["workers"]["1"]["accepted"] > 100
     assert list((tmp_path / "server").glob("events.out.tfevents.*"))
     stale = sum(n for lag, n in stats["staleness_histogram"].items() if lag != "0")

@@ -25,7 +25,8 @@ from gorila_jax.core.config import cartpole_defaults
 from gorila_jax.core.networks import MLP
 from gorila_jax.io.checkpoint import Checkpointer, CheckpointError
 from gorila_jax.server.parameter_server import ParameterServer
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
+from gorila_jax.wire.credentials import WorkerAuthority
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
@@ -212,8 +213,18 @@ def small_server(tmp_path, **overrides):
         config,
         network,
         params,
-        ParameterServer(config, params, num_workers=1, token="t" * 64, run_dir=tmp_path),
+        ParameterServer(config, params, num_workers=1, authority=AUTHORITY, run_dir=tmp_path),
     )
+
+
+SECRET = credentials.new_run_secret()
+AUTHORITY = WorkerAuthority(1, secret=SECRET)
+
+
+def advance(server: ParameterServer, updates: int) -> None:
+    """`updates` real updates of the server (unjudged pushes of a gradient of ones)."""
+    for _ in range(updates):
+        server.apply(0, np.ones(server.num_params, np.float32))
 
 
 def expectations(config, server):
@@ -223,9 +234,8 @@ def expectations(config, server):
 def test_checkpoint_round_trip_and_keep(tmp_path):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=2)
-    for version in range(1, 5):
-        server.version = version
-        server.params = server.params + 1.0
+    for _ in range(1, 5):
+        advance(server, 1)
         server.save_checkpoint(checkpointer)
     assert checkpointer.versions() == [3, 4]
     _, _, _, fresh = small_server(tmp_path)
@@ -240,8 +250,8 @@ def test_checkpoint_round_trip_and_keep(tmp_path):
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
-    for version in (1, 2):
-        server.version = version
+    for _ in (1, 2):
+        advance(server, 1)
         server.save_checkpoint(checkpointer)
     newest = tmp_path / "checkpoints" / "2"
     for path in newest.rglob("*"):
@@ -264,7 +274,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
 def test_checkpoint_of_other_training_settings_is_refused_unless_forced(tmp_path, caplog):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
-    server.version = 7
+    advance(server, 7)
     server.save_checkpoint(checkpointer)
     state, _ = server.checkpoint_state()
     other = dataclasses.replace(config, seed=5, learning_rate=0.5, max_grad_norm=1.0)
@@ -297,9 +307,10 @@ def test_stopped_workers_survive_a_restart_of_the_server(tmp_path):
     config = dataclasses.replace(cartpole_defaults(), run_dir=str(tmp_path))
     network = MLP(num_actions=2, hidden=(8,))
     params = network.init(__import__("jax").random.key(0), np.zeros((1, 4), np.float32))
-    server = ParameterServer(config, params, num_workers=2, token="t" * 64, run_dir=tmp_path)
+    authority = WorkerAuthority(2, secret=credentials.new_run_secret())
+    server = ParameterServer(config, params, num_workers=2, authority=authority, run_dir=tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
-    server.version = 3
+    advance(server, 3)
     assert server.save_checkpoint(checkpointer)
     server.stopped_workers.add(0)  # bundle 1 is done; no update since the checkpoint
     assert server.checkpoint_due()
@@ -307,7 +318,9 @@ def test_stopped_workers_survive_a_restart_of_the_server(tmp_path):
     assert checkpointer.versions() == [3]
     checkpointer.close()
 
-    restarted = ParameterServer(config, params, num_workers=2, token="t" * 64, run_dir=tmp_path)
+    restarted = ParameterServer(
+        config, params, num_workers=2, authority=authority, run_dir=tmp_path
+    )
     state, _ = restarted.checkpoint_state()
     checkpointer = Checkpointer(tmp_path, keep=3)
     restored = checkpointer.restore_latest(state, **expectations(config, restarted))
@@ -319,7 +332,9 @@ def test_stopped_workers_survive_a_restart_of_the_server(tmp_path):
     checkpointer.close()
 
     # Started again after the run had ended (every bundle stopped): it waits for hellos.
-    continued = ParameterServer(config, params, num_workers=2, token="t" * 64, run_dir=tmp_path)
+    continued = ParameterServer(
+        config, params, num_workers=2, authority=authority, run_dir=tmp_path
+    )
     checkpointer = Checkpointer(tmp_path, keep=3)
     restored = checkpointer.restore_latest(state, **expectations(config, continued))
     assert restored.meta["stopped_workers"] == [0, 1]
@@ -331,9 +346,8 @@ def test_stopped_workers_survive_a_restart_of_the_server(tmp_path):
 def test_after_a_fallback_new_checkpoints_are_written_and_only_those_reported(tmp_path, caplog):
     config, _, _, server = small_server(tmp_path)
     checkpointer = Checkpointer(tmp_path, keep=3)
-    for version in (1, 2):
-        server.version = version
-        server.params = server.params + 1.0
+    for _ in (1, 2):
+        advance(server, 1)
         assert server.save_checkpoint(checkpointer)
     checkpointer.close()
     for path in (tmp_path / "checkpoints" / "2").rglob("*"):
@@ -350,8 +364,7 @@ def test_after_a_fallback_new_checkpoints_are_written_and_only_those_reported(tm
         r.levelno == logging.WARNING and "moved damaged checkpoint 2" in r.getMessage()
         for r in caplog.records
     )
-    resumed.version = 2  # an update after the fallback, then the final checkpoint
-    resumed.params = resumed.params + 5.0
+    advance(resumed, 1)  # an update after the fallback, then the final checkpoint
     assert resumed.save_checkpoint(checkpointer)
     assert resumed.stats()["checkpointed_version"] == 2
     checkpointer.close()
@@ -379,7 +392,7 @@ class RefusingCheckpointer:
 @pytest.mark.parametrize("outcome", [False, OSError(28, "No space left on device")])
 def test_a_checkpoint_that_was_not_written_is_never_reported(tmp_path, caplog, outcome):
     _, _, _, server = small_server(tmp_path)
-    server.version = 4
+    advance(server, 4)
     assert not server.save_checkpoint(RefusingCheckpointer(outcome))
     assert server.stats()["checkpointed_version"] == -1
     assert "checkpoint 4" in caplog.text
@@ -388,10 +401,12 @@ def test_a_checkpoint_that_was_not_written_is_never_reported(tmp_path, caplog, o
 
 
 def test_non_finite_params_are_never_checkpointed(tmp_path, caplog):
-    _, _, _, server = small_server(tmp_path)
+    config, _, params, healthy = small_server(tmp_path)
+    server = ParameterServer(
+        config, params, num_workers=1, authority=AUTHORITY, run_dir=tmp_path,
+        state=healthy.state._replace(params=healthy.params.at[3].set(float("nan")), version=1),
+    )  # fmt: skip
     checkpointer = Checkpointer(tmp_path, keep=3)
-    server.version = 1
-    server.params = server.params.at[3].set(float("nan"))
     assert not server.save_checkpoint(checkpointer)
     assert checkpointer.versions() == [] and server.checkpointed_version == -1
     assert "non-finite" in caplog.text
@@ -409,7 +424,8 @@ def test_bundle_gives_up_with_a_clear_message_when_the_server_stays_away(tmp_pat
     thread = threading.Thread(target=server.serve, args=(sock, endpoint, stop.is_set))
     thread.start()
     connection = ServerConnection(
-        endpoint, token=server.token, worker=0, fingerprint=server.fingerprint,
+        endpoint, credential=credentials.worker_credential(SECRET, 0), worker=0,
+        fingerprint=server.fingerprint,
         num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=1.0,
     )  # fmt: skip
     learner = RemoteLearner(config, network, params, [connection], num_workers=1)
@@ -613,3 +629,28 @@ def test_a_killed_shard_0_comes_back_and_the_run_params_are_whole(tmp_path, read
     assert list(versions) == [shard["version"] for shard in combined["shards"]]
     assert min(versions) > 0
     np.testing.assert_array_equal(flat, np.concatenate(slices))
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
+    """A checkpoint's format version (io.checkpoint.CHECKPOINT_FORMAT_VERSION) is checked
+    before anything is read into the server: one of a later format, or one from before
+    checkpoints recorded their config, is refused in one line naming both formats; nothing
+    is silently upgraded. One without the field is of format 1 (the runs of the Pong
+    seed-1 study were written so and resume)."""
+    from gorila_jax.io.checkpoint import CHECKPOINT_FORMAT_VERSION, check_format
+
+    config, _, _, server = small_server(tmp_path)
+    state, meta = server.checkpoint_state()
+    assert meta["format_version"] == CHECKPOINT_FORMAT_VERSION == 1
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    assert checkpointer.save(1, state, {**meta, "format_version": 2})
+    with pytest.raises(CheckpointError) as refused:
+        checkpointer.restore_latest(state, **expectations(config, server))
+    message = str(refused.value)
+    assert "checkpoint format 2" in message and "reads format 1" in message
+    assert "\n" not in message and server.version == 0
+    checkpointer.close()
+    unversioned = {k: v for k, v in meta.items() if k != "format_version"}
+    check_format(unversioned, "checkpoint 1")  # format 1
+    with pytest.raises(CheckpointError, match="records no config"):
+        check_format({k: v for k, v in unversioned.items() if k != "config"}, "checkpoint 1")

@@ -2,12 +2,14 @@
 
 An attacker DEALER sends the server seeded streams of malformed messages: random bytes,
 broken msgpack, truncated and extra frames, declared counts and byte lengths that do not
-match, wrong dtypes, NaN/inf, wrong tokens and fingerprints, replayed sequence numbers,
-out-of-range workers, huge fields and oversized messages. Every message that reaches the
-server must get a reply with the rejection reason predicted for it, be counted in
-`stats()["rejections"]`, and change nothing; a real bundle pushing at the same time must
-not notice. Messages with a frame over the socket's MAXMSGSIZE never reach the server: zmq
-drops the connection that sent them.
+match, wrong dtypes, NaN/inf, wrong credentials (another worker's among them) and
+fingerprints, replayed sequence numbers, out-of-range workers, protocol 2's fields (token,
+loss, shard) and stats request, whole protocol 2 requests, huge fields and oversized
+messages. Every message that reaches the server must get a reply with the rejection reason
+predicted for it, be counted in `stats()["rejections"]` (against its worker only when it
+carried that worker's credential), and change nothing; a real bundle pushing at the same
+time must not notice. Messages with a frame over the socket's MAXMSGSIZE never reach the
+server: zmq drops the connection that sent them.
 """
 
 from __future__ import annotations
@@ -33,16 +35,19 @@ from gorila_jax.bundle.client import ServerConnection
 from gorila_jax.core.config import Config
 from gorila_jax.core.networks import MLP
 from gorila_jax.server.parameter_server import MAX_REQUEST_FRAMES, ParameterServer
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
+from gorila_jax.wire.credentials import WorkerAuthority
 
-TOKEN = hashlib.sha256(b"gorila_jax fuzz token").hexdigest()
+SECRET = hashlib.sha256(b"gorila_jax fuzz secret").hexdigest()
+OTHER_SECRET = hashlib.sha256(b"another run's secret").hexdigest()
 U64 = 2**64 - 1
 REPLY_TIMEOUT_MS = 10_000
 # Attacker messages in flight before it waits for a reply: half of the replies the server
 # queues for one peer (zmq counts that queue lazily; a burst over it is dropped and counted).
 WINDOW = transport.SERVER_SEND_QUEUE // 2
 NUM_WORKERS = 2
-ATTACKER = 1  # the worker id the attacker says hello as (test 1) or shares (test 2)
+CREDENTIALS = [credentials.worker_credential(SECRET, w) for w in range(NUM_WORKERS)]
+ATTACKER = 1  # the worker the attacker says hello as; the bundle of test 2 is worker 0
 
 Frames = list[bytes]
 
@@ -74,12 +79,26 @@ def current(server: ParameterServer) -> np.ndarray:
     return np.array(server.params)
 
 
+def authority() -> WorkerAuthority:
+    return WorkerAuthority(NUM_WORKERS, secret=SECRET)
+
+
+def push_and_wait(connection: ServerConnection, grads, **fields) -> tuple:
+    """(accepted, reason, version) of one push, as the bundle's client sends it."""
+    return connection.receive_ack(connection.send_push(grads, **fields))
+
+
+def pull_and_wait(connection: ServerConnection, have_version: int) -> tuple:
+    """(params or None, version) of one pull, as the bundle's client sends it."""
+    return connection.receive_pulled(connection.send_pull(have_version))
+
+
 class Served:
     """A ParameterServer served on tcp://127.0.0.1 by a thread, with its own zmq context."""
 
     def __init__(self):
         self.server = ParameterServer(
-            make_config(), params_tree(), num_workers=NUM_WORKERS, token=TOKEN
+            make_config(), params_tree(), num_workers=NUM_WORKERS, authority=authority()
         )
         self.context = zmq.Context()
         self.socket, self.endpoint = transport.make_server_socket(
@@ -103,7 +122,7 @@ class Served:
     def connect(self, worker: int) -> ServerConnection:
         return ServerConnection(
             self.endpoint,
-            token=TOKEN,
+            credential=CREDENTIALS[worker],
             worker=worker,
             fingerprint=self.server.fingerprint,
             num_params=self.server.num_params,
@@ -172,6 +191,7 @@ class Attacker:
         else:
             raise AssertionError(f"no reply within {REPLY_TIMEOUT_MS} ms")
         frames = self.socket.recv_multipart()
+        assert SECRET.encode() not in frames[0]  # no reply gives the run secret away
         header = msgpack.unpackb(frames[0], raw=False)
         self.version = header["version"]
         self.versions_seen.add(header["version"])
@@ -185,7 +205,7 @@ class Attacker:
         else:
             assert header["kind"] == "error", f"{category}: got a {header['kind']} reply"
         assert header["reason"] in reasons, f"{category}: {header}, expected {set(reasons)}"
-        assert "token" not in header  # no reply carries a token
+        assert "credential" not in header  # no reply carries a credential
         self.reasons[header["reason"]] += 1
 
     def close(self) -> None:
@@ -201,9 +221,12 @@ class Fuzzer:
     """Seeded malformed messages, each with the rejection reasons the server may give it.
 
     The attacker holds a valid worker id (`worker`, said hello with seq `last_seq`) and the
-    run token, so messages can fail at every stage of validation. `self.last_seq` follows the
+    run secret, so it can sign as any worker (as a task of a SLURM job with token security
+    can) and messages can fail at every stage of validation. `self.last_seq` follows the
     server's `last_seq[worker]`: messages that get past decoding with a fresh seq move it.
-    `victim` is (worker, seq) of another worker that has used seqs up to `seq` already.
+    `victim` is (worker, seq) of another worker that has used seqs up to `seq` already; the
+    only messages signed as the victim are refused replays (`victim_refusals` counts them),
+    so nothing can lock it out.
     """
 
     def __init__(
@@ -224,6 +247,7 @@ class Fuzzer:
         self.worker = worker
         self.last_seq = last_seq
         self.victim = victim
+        self.victim_refusals = 0
         self.categories: dict[str, tuple[float, Callable[[], tuple[Frames, set[str]]]]] = {
             "random_bytes": (1.0, self.random_bytes),
             "not_msgpack": (1.0, self.not_msgpack),
@@ -234,14 +258,16 @@ class Fuzzer:
             "ext_or_bad_key": (0.5, self.ext_or_bad_key),
             "empty_frames": (0.5, self.empty_frames),
             "bad_protocol": (1.0, self.bad_protocol),
-            "wrong_token": (1.0, self.wrong_token),
-            "huge_token": (0.3, self.huge_token),
+            "protocol_2_request": (0.5, self.protocol_2_request),
+            "wrong_credential": (1.0, self.wrong_credential),
+            "another_workers_credential": (1.0, self.another_workers_credential),
+            "huge_credential": (0.3, self.huge_credential),
             "bad_schema": (2.0, self.bad_schema),
+            "protocol_2_fields": (1.0, self.protocol_2_fields),
             "wrong_fingerprint": (1.0, self.wrong_fingerprint),
             "frame_count": (1.5, self.frame_count),
             "byte_length": (1.5, self.byte_length),
             "worker_out_of_range": (1.0, self.worker_out_of_range),
-            "bad_shard": (0.5, self.bad_shard),
             "non_finite": (1.5, self.non_finite),
             "stale_version": (1.0, self.stale_version),
             "replayed_seq": (1.5, self.replayed_seq),
@@ -281,12 +307,17 @@ class Fuzzer:
         self.last_seq += 1 + self.number(3)
         return self.last_seq
 
+    def credential(self, worker) -> str:
+        """`worker`'s credential (the attacker's own for a worker that is not an int)."""
+        return credentials.worker_credential(SECRET, worker if type(worker) is int else self.worker)
+
     def header(self, kind: str = "push", **changes) -> dict:
-        """A valid header but for `changes` (seq: random unless given)."""
+        """A valid header but for `changes` (seq: random unless given; the credential of
+        the worker it names unless given)."""
         header = {
             "kind": kind,
             "protocol": transport.PROTOCOL_VERSION,
-            "token": TOKEN,
+            "credential": self.credential(changes.get("worker", self.worker)),
             "worker": self.worker,
             "seq": self.number(2**62),
             "version": self.attacker.version,
@@ -294,7 +325,7 @@ class Fuzzer:
             "arrays": 1 if kind == "push" else 0,
         }
         if kind == "push":
-            header |= {"loss": 1.0, "shard": None, "frames": 0}
+            header |= {"mean_abs_td": 1.0, "frames": 0}
         return header | changes
 
     def grads(self, size: int | None = None, dtype=np.float32) -> bytes:
@@ -335,7 +366,7 @@ class Fuzzer:
         header = self.header()
         choice = self.number(3)
         if choice == 0:
-            header["loss"] = msgpack.ExtType(1, b"1.0")
+            header["mean_abs_td"] = msgpack.ExtType(1, b"1.0")
         elif choice == 1:
             header[7] = "int key"
         else:
@@ -360,53 +391,87 @@ class Fuzzer:
         reason = "bad_protocol" if is_int else "malformed"
         return [pack(header), self.grads()], {reason}
 
-    def wrong_token(self):
-        """A push good in every other way, for this or another worker, with a bad token."""
+    def protocol_2_request(self):
+        """A request as a bundle of protocol 2 sent it (the run token, a push's loss and
+        shard, the stats request): refused for its version before anything else."""
+        kind = self.pick(["hello", "pull", "push", "push", "stats", "stop"])
+        header = {
+            "kind": kind, "protocol": 2, "token": self.pick([SECRET, CREDENTIALS[self.worker]]),
+            "worker": self.pick([self.worker, NUM_WORKERS]), "seq": self.pick([U64, 0, 1]),
+            "version": self.attacker.version, "fingerprint": self.fingerprint,
+            "arrays": int(kind == "push"),
+        }  # fmt: skip
+        if kind == "push":
+            header |= {"loss": 1.0, "shard": self.pick([None, 0]), "frames": 2**60}
+            return [pack(header), self.grads()], {"bad_protocol"}
+        return [pack(header)], {"bad_protocol"}
+
+    def wrong_credential(self):
+        """A push good in every other way, for this or another worker, with a credential
+        that is not that worker's."""
         worker = self.victim[0] if self.victim and self.number(2) else self.worker
-        token = self.pick(
+        own = CREDENTIALS[worker]
+        credential = self.pick(
             [
                 self.rng.bytes(32).hex(),
                 "",
-                TOKEN[:-1],
-                TOKEN + "0",
-                TOKEN.upper(),
-                TOKEN[::-1],
-                TOKEN.encode(),
+                own[:-1],
+                own + "0",
+                own.upper(),
+                own[::-1],
+                SECRET,  # the run secret is no credential
+                credentials.worker_credential(OTHER_SECRET, worker),  # another run's
+                own.encode(),
                 None,
                 123,
-                [TOKEN],
+                [own],
                 "drop",
             ]
         )
         header = self.header(worker=worker, seq=10**9 + self.number(10**6))
-        if token == "drop":
-            del header["token"]
+        if credential == "drop":
+            del header["credential"]
         else:
-            header["token"] = token
-        reason = "bad_token" if isinstance(token, str) and token != "drop" else "malformed"
-        return [pack(header), self.grads()], {reason}
+            header["credential"] = credential
+        valid_type = isinstance(credential, str) and credential != "drop"
+        return [pack(header), self.grads()], {"bad_credential" if valid_type else "malformed"}
 
-    def huge_token(self):
-        """A header up to and over MAX_HEADER_BYTES, nearly all of it a wrong token."""
+    def another_workers_credential(self):
+        """A request good in every way but one, it carries another worker's credential (in
+        the victim's name with the attacker's, or the reverse): a stop, a seq that would
+        lock the worker out, an absurd frame count are all refused before they are read."""
+        other = NUM_WORKERS - 1 - self.worker
+        worker, signer = self.pick([(other, self.worker), (self.worker, other)])
+        kind = self.pick(["push", "push", "stop", "hello", "pull"])
+        seq = self.pick([U64, 2**63, time.time_ns() + self.number(10**9)])
+        changes = {"worker": worker, "credential": CREDENTIALS[signer], "seq": seq}
+        if kind == "push":
+            changes["frames"] = self.pick([0, 2**60])
+            return self.push(**changes), {"bad_credential"}
+        return [pack(self.header(kind, **changes))], {"bad_credential"}
+
+    def huge_credential(self):
+        """A header up to and over MAX_HEADER_BYTES, nearly all of it a wrong credential."""
         length = transport.MAX_HEADER_BYTES - 1_000 + self.number(1_200)
-        token = self.pick(["x" * length, "\0" * length, random_text(self.rng, length // 2)])
-        header = pack(self.header(token=token))
+        credential = self.pick(["x" * length, "\0" * length, random_text(self.rng, length // 2)])
+        header = pack(self.header(credential=credential))
         too_big = len(header) > transport.MAX_HEADER_BYTES
-        return [header, self.grads()], {"oversized" if too_big else "bad_token"}
+        return [header, self.grads()], {"oversized" if too_big else "bad_credential"}
 
     def bad_schema(self):
-        """Valid token, then a header that breaks the schema."""
-        header = self.header(self.pick(["push", "pull", "stats", "hello"]))
+        """Valid credential, then a header that breaks the schema (a worker below 0 is no
+        worker: refused as such before its credential is looked at)."""
+        header = self.header(self.pick(["push", "pull", "stop", "hello"]))
         broken = {
             "worker": [-1, True, "1", 1.5, None],
             "seq": [-1, -(2**63), "7", None, 2.0],
             "version": [-2, -(2**63), "0", 0.0, None],
             "fingerprint": [5, None, self.fingerprint.encode(), [self.fingerprint]],
             "arrays": [-1, "1", None, 1.0],
-            "loss": ["1.0", None, [1.0], {"x": 1}],
-            "shard": [-1, "0", 1.5, False],
+            "mean_abs_td": ["1.0", None, [1.0], {"x": 1}],
             "frames": [-1, 2.5, "0", None],
         }
+        reasons = {"malformed"}
         choice = self.number(4)
         if choice == 0:
             kind_length = 1 + self.number(16_000)
@@ -414,16 +479,48 @@ class Fuzzer:
                 ["", "PUSH", "push ", 5, None, "\0" * kind_length, random_text(self.rng, 40)]
             )
         elif choice == 1:
-            name = self.pick([n for n in header if n not in ("protocol", "token")])
+            name = self.pick([n for n in header if n not in ("protocol", "credential")])
             del header[name]
         elif choice == 2:
             name = self.pick(list(broken))
-            kind = "push" if name in ("loss", "shard", "frames") else header["kind"]
-            header = self.header(kind) | {name: self.pick(broken[name])}
+            kind = "push" if name in ("mean_abs_td", "frames") else header["kind"]
+            value = self.pick(broken[name])
+            header = self.header(kind) | {name: value}
+            if name == "worker" and type(value) is int and value == -1:
+                reasons = {"bad_worker"}
         else:
             header[self.pick(["extra", "\0", "kind ", "x" * 5_000])] = self.number(10)
         frames = [pack(header)]
         if header.get("kind") == "push":
+            frames.append(self.grads())
+        return frames, reasons
+
+    def protocol_2_fields(self):
+        """Protocol 2's fields and kinds in a protocol 3 header with a valid credential: a
+        push's shard or loss, the run token, the stats request and its reply."""
+        choice = self.pick(
+            ["shard", "loss_for_mean_abs_td", "loss_too", "token_for_credential", "token_too",
+             "stats", "stats_reply"]
+        )  # fmt: skip
+        header = self.header("push")
+        if choice == "shard":
+            header["shard"] = self.pick([None, 0, self.worker, NUM_WORKERS])
+        elif choice == "loss_for_mean_abs_td":
+            header["loss"] = header.pop("mean_abs_td")
+        elif choice == "loss_too":
+            header["loss"] = header["mean_abs_td"]
+        elif choice == "token_for_credential":
+            header = self.header(self.pick(["push", "hello", "pull", "stop"]))
+            header["token"] = header.pop("credential")
+        elif choice == "token_too":
+            header = self.header(self.pick(["push", "hello", "pull", "stop"]))
+            header["token"] = self.pick([SECRET, header["credential"]])
+        elif choice == "stats":
+            header = self.header("stats")
+        else:
+            header = self.header("stats_reply", stats={})
+        frames = [pack(header)]
+        if header["kind"] == "push":
             frames.append(self.grads())
         return frames, {"malformed"}
 
@@ -455,7 +552,7 @@ class Fuzzer:
                 ("push", U64, 1),
                 ("pull", 0, 1),
                 ("pull", 1, 1),
-                ("stats", 1, 0),
+                ("stop", 1, 0),
                 ("hello", 2, 2),
             ]
         )
@@ -480,27 +577,30 @@ class Fuzzer:
         return [pack(self.header()), frame], {"bad_frames"}
 
     def worker_out_of_range(self):
+        """A worker the server does not have, whatever credential comes with it: refused
+        before the credential is looked at."""
         worker = self.pick([NUM_WORKERS, NUM_WORKERS + self.number(2**32), 2**63, U64])
+        credential = self.pick(
+            [CREDENTIALS[self.worker], self.credential(worker), "", self.rng.bytes(8).hex()]
+        )
         kind = self.pick(["push", "push", "pull", "hello", "stop"])
         if kind == "push":
-            return self.push(worker=worker), {"bad_worker"}
-        return [pack(self.header(kind, worker=worker))], {"bad_worker"}
-
-    def bad_shard(self):
-        return self.push(shard=self.pick([0, 1, NUM_WORKERS, U64])), {"bad_shard"}
+            return self.push(worker=worker, credential=credential), {"bad_worker"}
+        header = self.header(kind, worker=worker, credential=credential)
+        return [pack(header)], {"bad_worker"}
 
     def non_finite(self):
-        """A fresh, current push whose gradient or loss holds a NaN or an infinity."""
+        """A fresh, current push whose gradient or mean_abs_td holds a NaN or an infinity."""
         grads = (0.01 * self.rng.standard_normal(self.num_params)).astype(np.float32)
-        loss = 1.0
+        mean_abs_td = 1.0
         if self.number(4):
             bad = self.rng.choice(self.num_params, size=1 + self.number(4), replace=False)
             grads[bad] = self.pick([np.nan, np.inf, -np.inf])
             if self.number(8) == 0:
                 grads[:] = np.nan
         else:
-            loss = self.pick([float("nan"), float("inf"), float("-inf")])
-        header = self.header(seq=self.fresh_seq(), loss=loss)
+            mean_abs_td = self.pick([float("nan"), float("inf"), float("-inf")])
+        header = self.header(seq=self.fresh_seq(), mean_abs_td=mean_abs_td)
         return [pack(header), grads.tobytes()], {"non_finite"}
 
     def stale_version(self):
@@ -509,10 +609,12 @@ class Fuzzer:
         return self.push(seq=self.fresh_seq(), version=version), {"stale"}
 
     def replayed_seq(self):
-        """A push or pull that is valid but for a seq already used by its worker."""
+        """A push or pull that is valid but for a seq already used by its worker (signed
+        as that worker: the victim's replays are refused all the same)."""
         worker, last = self.worker, self.last_seq
         if self.victim and self.number(2):
             worker, last = self.victim
+            self.victim_refusals += 1
         seq = self.pick([last, self.number(last + 1), 0])
         if self.number(4) == 0:
             return [pack(self.header("pull", worker=worker, seq=seq, version=-1))], {"replayed"}
@@ -539,7 +641,6 @@ class Fuzzer:
                 ("not_modified", {}),
                 ("ack", {"accepted": True, "reason": None}),
                 ("error", {"reason": "stale", "message": "x" * self.number(1000)}),
-                ("stats_reply", {"stats": {}}),
             ]
         )
         # Refused while decoding, before the seq check: any seq, and last_seq stays.
@@ -559,7 +660,12 @@ class Fuzzer:
 def request(server: ParameterServer, kind: str, *, worker: int, seq: int, arrays=()) -> Frames:
     """The frames of a valid request."""
     header = transport.make_header(
-        kind, token=TOKEN, worker=worker, seq=seq, version=-1, fingerprint=server.fingerprint
+        kind,
+        credential=CREDENTIALS[worker],
+        worker=worker,
+        seq=seq,
+        version=-1,
+        fingerprint=server.fingerprint,
     )
     return [bytes(frame) for frame in transport.encode(header, arrays)]
 
@@ -568,13 +674,12 @@ def push_header(server: ParameterServer, *, worker: int, seq: int) -> bytes:
     """The header of a valid push (its one array frame is up to the caller)."""
     header = transport.make_header(
         "push",
-        token=TOKEN,
+        credential=CREDENTIALS[worker],
         worker=worker,
         seq=seq,
         version=0,
         fingerprint=server.fingerprint,
-        loss=1.0,
-        shard=None,
+        mean_abs_td=1.0,
         frames=0,
     )
     return pack(header | {"protocol": transport.PROTOCOL_VERSION, "arrays": 1})
@@ -615,6 +720,22 @@ def initial_flat() -> np.ndarray:
     return np.asarray(ravel_pytree(params_tree())[0])
 
 
+def assert_counted_where_due(stats: dict, reasons: Counter) -> None:
+    """Every rejection is counted once, against the worker whose credential the request
+    carried or under "unauthenticated"; what is refused before the credential is checked
+    (or for it) is never a worker's, what is refused after it always is; no worker the
+    server lacks gets a row."""
+    against_workers = sum(w.get("rejected", 0) for w in stats["workers"].values())
+    unauthenticated = stats["unauthenticated"].get("rejected", 0)
+    assert against_workers + unauthenticated == sum(stats["rejections"].values())
+    before = ("bad_protocol", "bad_credential", "bad_worker", "oversized")
+    after = ("bad_fingerprint", "bad_frames", "replayed", "future_seq", "stale", "non_finite",
+             "implausible_frames")  # fmt: skip
+    assert unauthenticated >= sum(reasons[reason] for reason in before) > 0
+    assert against_workers >= sum(reasons[reason] for reason in after) > 0
+    assert set(stats["workers"]) <= {str(w) for w in range(NUM_WORKERS)}
+
+
 # ---- tests ---------------------------------------------------------------------------------
 
 
@@ -636,15 +757,19 @@ def test_fuzz_params_bit_identical(served):
         assert_dropped_by_the_socket(served, dropped)
 
         # The attacker's own connection still gets answers.
-        stats = attacker.request(request(server, "stats", worker=ATTACKER, seq=fuzzer.fresh_seq()))
-        assert stats["kind"] == "stats_reply"
+        reply = attacker.request(request(server, "pull", worker=ATTACKER, seq=fuzzer.fresh_seq()))
+        assert (reply["kind"], reply["version"]) == ("params", version)
+        stats = server.stats()
     finally:
         attacker.close()
 
     assert attacker.bad >= 10_000
     assert set(attacker.categories) == set(fuzzer.categories)
     assert sum(attacker.reasons.values()) == attacker.bad
-    assert stats["stats"]["rejections"] == dict(attacker.reasons)
+    assert stats["rejections"] == dict(attacker.reasons)
+    assert_counted_where_due(stats, attacker.reasons)
+    # Worker 0's name was used, with credentials that are not its own: nothing of its.
+    assert set(stats["workers"]) == {str(ATTACKER)}
 
     # A fresh client is served normally, and nothing has changed.
     client = served.connect(worker=0)
@@ -652,12 +777,13 @@ def test_fuzz_params_bit_identical(served):
         flat, client_version, _ = client.hello()
         assert client_version == version
         assert np.array_equal(flat, before)
-        assert client.pull(version) == (None, version)
-        final = client.stats()
+        assert pull_and_wait(client, version) == (None, version)
     finally:
         client.close()
     served.assert_serving()
+    final = server.stats()
     assert final["rejections"] == dict(attacker.reasons)  # the dropped ones are not counted
+    assert "rejected" not in final["workers"]["0"]
     assert sum(final["rejections"].values()) == attacker.bad
     assert final["version"] == server.version == version
     assert final["staleness_histogram"] == {}
@@ -686,13 +812,13 @@ def test_fuzz_alongside_training_bundle(served):
                 for step in range(pushes_per_round):
                     grads = (0.01 * rng.standard_normal(server.num_params)).astype(np.float32)
                     frames = (round_index * pushes_per_round + step + 1) * 100
-                    accepted, reason, new_version = bundle.push(
-                        grads, base_version=version, loss=1.0, frames=frames, shard=None
+                    accepted, reason, new_version = push_and_wait(
+                        bundle, grads, base_version=version, mean_abs_td=1.0, frames=frames
                     )
                     pushed.append((grads, version))
                     results.append((accepted, reason, new_version))
                     version = new_version
-                assert bundle.pull(version) == (None, version)
+                assert pull_and_wait(bundle, version) == (None, version)
                 done.release()
         except BaseException as error:
             failures.append(error)
@@ -713,7 +839,7 @@ def test_fuzz_alongside_training_bundle(served):
             assert done.acquire(timeout=60), "the bundle stalled"
             assert not failures, f"the bundle failed: {failures[0]!r}"
         served.assert_serving()
-        stats = bundle.stats()
+        stats = server.stats()
     finally:
         abort.set()
         trainer.join(timeout=10)
@@ -730,12 +856,19 @@ def test_fuzz_alongside_training_bundle(served):
     assert stats["frames"] == total * 100  # the attacker's fresh pushes carry frames 0
     assert sum(attacker.reasons.values()) == attacker.bad
     assert stats["rejections"] == dict(attacker.reasons)
+    assert_counted_where_due(stats, attacker.reasons)
+    # Counted against the bundle's worker: only the replays signed as it, refused.
+    assert fuzzer.victim_refusals > 0
+    assert stats["workers"]["0"].get("rejected", 0) == fuzzer.victim_refusals
+    assert not server.stopped_workers
     # The attacker's replies carried versions from the start to the end of training.
     assert min(attacker.versions_seen) <= pushes_per_round
     assert max(attacker.versions_seen) >= total - pushes_per_round
 
     # The params are exactly those of the bundle's pushes applied alone, in order.
-    reference = ParameterServer(make_config(), params_tree(), num_workers=NUM_WORKERS, token=TOKEN)
+    reference = ParameterServer(
+        make_config(), params_tree(), num_workers=NUM_WORKERS, authority=authority()
+    )
     for grads, base_version in pushed:
         reference.apply(0, grads, base_version)
     assert np.array_equal(current(server), current(reference))
@@ -760,17 +893,17 @@ def test_socket_enforces_max_message_size(served):
             attacker.drain()
         finally:
             attacker.close()
-        assert client.pull(0) == (None, 0)  # the client connected before is unaffected
+        assert pull_and_wait(client, 0) == (None, 0)  # the client connected before is unaffected
     finally:
         client.close()
 
     fresh = served.connect(worker=1)
     try:
         flat, version, _ = fresh.hello()
-        stats = fresh.stats()
     finally:
         fresh.close()
     served.assert_serving()
+    stats = server.stats()
     assert version == 0 and np.array_equal(flat, before)
     assert stats["rejections"] == {"oversized": 1}
     assert server.version == 0

@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 
 from gorila_jax.core.config import Config
-from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.gradient_parts import part_indices
 from gorila_jax.core.learner import local_mesh, make_flat_grad_step
 from gorila_jax.core.networks import MLP
 from gorila_jax.core.replay import Transition
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.server.parameter_server import ParameterServer
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
+from gorila_jax.wire.credentials import WorkerAuthority
 
 BATCH, OBS, ACTIONS, GAMMA = 8, 4, 3, 0.9
 
@@ -117,7 +118,7 @@ def test_owned_part_is_returned_and_clipped_by_its_own_norm():
     checks the pushed vector's norm against max_grad_norm)."""
     network, params, target, batch, weights = setting(seed=3)
     whole = ravel_by_hand(reference_gradient(network, params, target, batch, weights))
-    owned = shard_indices(whole.size, 3, 1, "default", seed=11)
+    owned = part_indices(whole.size, 3, 1, "default", seed=11)
     assert owned is not None and 0 < len(owned) < whole.size
     part = whole[owned]
     max_norm = np.linalg.norm(part) / 2.0
@@ -137,7 +138,11 @@ def test_owned_part_is_returned_and_clipped_by_its_own_norm():
 
 # ---- the server's Adam ----------------------------------------------------------------------
 
-TOKEN = transport.new_run_token()
+SECRET = credentials.new_run_secret()
+
+
+def authority(num_workers: int) -> WorkerAuthority:
+    return WorkerAuthority(num_workers, secret=SECRET)
 
 
 class NumpyAdam:
@@ -163,16 +168,15 @@ class NumpyAdam:
 
 def request(server, kind, arrays=(), *, seq, version=-1, **fields) -> transport.Message:
     header = transport.make_header(
-        kind, token=TOKEN, worker=0, seq=seq, version=version,
+        kind, credential=credentials.worker_credential(SECRET, 0), worker=0, seq=seq,
+        version=version,
         fingerprint=server.fingerprint, **fields,
     )  # fmt: skip
     size = server.num_params
     return transport.decode_reply(
         server.handle(transport.encode(header, arrays)),
         expected_fingerprint=server.fingerprint,
-        layout_for=lambda h: (
-            (transport.vector_spec(size),) if h["kind"] in ("welcome", "params") else None
-        ),
+        layout_for=lambda h: size if h["kind"] in ("welcome", "params") else None,
         max_bytes=1 << 20,
     )
 
@@ -193,7 +197,7 @@ def test_server_adam_matches_adam_written_out(eps):
         Config(), env_id="CartPole-v1", optimizer="adam", learning_rate=lr, optimizer_eps=eps,
         max_grad_norm=1000.0, dc_asgd="off", outlier_k=0.0, seed=1,
     )  # fmt: skip
-    server = ParameterServer(config, tree, num_workers=1, token=TOKEN)
+    server = ParameterServer(config, tree, num_workers=1, authority=authority(1))
     initial = np.concatenate([tree["a"].ravel(), tree["b"]])  # ravel order: a, then b
     np.testing.assert_array_equal(np.asarray(server.params), initial)
     reference = NumpyAdam(initial, lr, eps)
@@ -203,7 +207,7 @@ def test_server_adam_matches_adam_written_out(eps):
         scale = 10.0 ** rng.uniform(-3, 1)
         grad = (scale * rng.standard_normal(initial.size)).astype(np.float32)
         seq += 1
-        ack = request(server, "push", [grad], seq=seq, version=version, loss=1.0, shard=None,
+        ack = request(server, "push", [grad], seq=seq, version=version, mean_abs_td=1.0,
                       frames=10)  # fmt: skip
         assert ack.header["accepted"], ack.header
         version += 1
@@ -233,7 +237,15 @@ class PushRecorder:
         self.seq = 0
 
     def hello(self):
-        return self.flat.copy(), 0, {"shard_size": self.num_params, "frames": 0}
+        info = {
+            "num_params": self.num_params,
+            "server_shard": 0,
+            "num_workers": 1,
+            "shard_layout": [0, self.num_params],
+            "part_size": self.num_params,
+            "frames": 0,
+        }
+        return self.flat.copy(), 0, info  # fmt: skip
 
     def send_push(self, grads, **fields) -> int:
         self.pushed.append((np.array(grads), fields))
@@ -289,9 +301,9 @@ def test_a_bundles_push_is_the_reference_step_and_the_server_applies_it():
     assert len(connection.pushed) == 1
     pushed, fields = connection.pushed[0]
     np.testing.assert_allclose(pushed, clip_by_hand(want, max_norm), rtol=2e-5, atol=1e-7)
-    assert fields["base_version"] == 0 and fields["frames"] == 1234 and fields["shard"] is None
+    assert fields["base_version"] == 0 and fields["frames"] == 1234
 
-    server = ParameterServer(config, params, num_workers=1, token=TOKEN)
+    server = ParameterServer(config, params, num_workers=1, authority=authority(1))
     np.testing.assert_array_equal(np.asarray(server.params), flat)
     assert request(server, "hello", seq=1).header["version"] == 0
     ack = request(server, "push", [pushed], seq=2, version=fields.pop("base_version"), **fields)
@@ -319,26 +331,25 @@ def test_server_adaptive_dc_asgd_compensates_a_stale_push_as_written_out():
         Config(), env_id="CartPole-v1", optimizer="sgd", learning_rate=lr, dc_asgd="adaptive",
         dc_asgd_lambda=lam, max_grad_norm=1000.0, outlier_k=0.0, seed=1,
     )  # fmt: skip
-    server = ParameterServer(config, tree, num_workers=2, token=TOKEN)
+    server = ParameterServer(config, tree, num_workers=2, authority=authority(2))
 
     def send(worker, kind, arrays=(), *, seq, version=-1, **fields) -> transport.Message:
         header = transport.make_header(
-            kind, token=TOKEN, worker=worker, seq=seq, version=version,
+            kind, credential=credentials.worker_credential(SECRET, worker), worker=worker,
+            seq=seq, version=version,
             fingerprint=server.fingerprint, **fields,
         )  # fmt: skip
         return transport.decode_reply(
             server.handle(transport.encode(header, arrays)),
             expected_fingerprint=server.fingerprint,
-            layout_for=lambda h: (
-                (transport.vector_spec(12),) if h["kind"] in ("welcome", "params") else None
-            ),
+            layout_for=lambda h: 12 if h["kind"] in ("welcome", "params") else None,
             max_bytes=1 << 20,
         )
 
     w0 = send(0, "hello", seq=1).arrays[0].astype(np.float64)
     np.testing.assert_array_equal(send(1, "hello", seq=1).arrays[0], w0)
     g1, g2 = (rng.standard_normal(12).astype(np.float32) * 3 for _ in range(2))
-    push = dict(loss=1.0, shard=None, frames=10)
+    push = dict(mean_abs_td=1.0, frames=10)
     assert send(0, "push", [g1], seq=2, version=0, **push).header["accepted"]
     ms = (1 - momentum) * g1.astype(np.float64) ** 2
     w1 = w0 - lr * g1  # on the current params: nothing to compensate

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import zmq
 
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = str(ROOT / "experiments" / "cartpole.py")
@@ -67,8 +67,19 @@ def test_success_leaves_no_process(tmp_path):
 
 
 def test_ctrl_c_stops_every_process(tmp_path):
+    """And (issue 20.4) the launcher hands the run secret to the server alone and each
+    bundle its own worker's credential, nothing that could act for another bundle."""
     launcher = start_local_run(tmp_path, "--total-frames", "10000000")
     children = wait_for_children(launcher, 3, tmp_path)
+    environs = {process_index(child): child.environ() for child in children}
+    secret = environs[0]["GORILA_RUN_SECRET"]
+    assert "GORILA_WORKER_CREDENTIAL" not in environs[0]
+    for index in (1, 2):
+        assert "GORILA_RUN_SECRET" not in environs[index]
+        own = environs[index]["GORILA_WORKER_CREDENTIAL"]
+        assert own == credentials.worker_credential(secret, index - 1)
+        assert secret not in environs[index].values()
+    assert environs[1]["GORILA_WORKER_CREDENTIAL"] != environs[2]["GORILA_WORKER_CREDENTIAL"]
     time.sleep(2)
     started = time.monotonic()
     launcher.send_signal(signal.SIGINT)
@@ -202,16 +213,19 @@ def test_a_curve_run_trains_and_lets_in_no_peer_without_a_key(tmp_path):
         while (stats := json.loads((tmp_path / "ps.json").read_text()))["updates"] < 30:
             assert time.monotonic() < deadline and launcher.poll() is None
             time.sleep(0.25)
-        server = next(p for p in psutil.Process(launcher.pid).children() if process_index(p) == 0)
-        token = server.environ()["GORILA_RUN_TOKEN"]
-        # Even with the token, a peer without an admitted CURVE key gets nothing in.
+        # With CURVE nobody holds a credential or the run secret: a process's key is its
+        # identity, and the launcher hands out nothing else.
+        for child in psutil.Process(launcher.pid).children():
+            environ = child.environ()
+            assert "GORILA_RUN_SECRET" not in environ and "GORILA_WORKER_CREDENTIAL" not in environ
+        # A peer without an admitted CURVE key gets nothing in.
         context = zmq.Context.instance()
         for curve in (None, transport.ClientCurve(*zmq.curve_keypair(), zmq.curve_keypair()[0])):
             peer = transport.make_client_socket(
                 context, stats["address"], None, 1 << 20, curve=curve
             )
             header = transport.make_header(
-                "stats", token=token, worker=0, seq=2**62, version=-1, fingerprint=""
+                "hello", credential="", worker=0, seq=2**62, version=-1, fingerprint=""
             )
             peer.send_multipart(transport.encode(header))
             assert not peer.poll(2000), "a peer without a CURVE key got an answer"

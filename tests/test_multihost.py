@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import uuid
@@ -42,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from gorila_jax.wire import credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SH = ROOT / ".ci" / "cluster.sh"
@@ -157,8 +160,16 @@ def _cartpole(run_dir: Path, *extra: str) -> list[str]:
     return ["sh", "-c", WHERE, sys.executable, *script]
 
 
-def _srun(cluster: Cluster, run_dir: Path, srun_flags: list[str], *extra: str) -> str:
-    """`srun -l` of the CartPole script on the cluster; its output, once it exited 0."""
+def _srun(
+    cluster: Cluster,
+    run_dir: Path,
+    srun_flags: list[str],
+    *extra: str,
+    env: dict | None = None,
+    expect_status: int = 0,
+) -> str:
+    """`srun -l` of the CartPole script on the cluster (with `env` added to the
+    environment srun passes on); its output, once it exited `expect_status`."""
     job_name = _job_name("srun")
     command = cluster.command(
         "srun", "-l", f"--job-name={job_name}", *srun_flags, *_cartpole(run_dir, *extra)
@@ -167,7 +178,7 @@ def _srun(cluster: Cluster, run_dir: Path, srun_flags: list[str], *extra: str) -
         result = subprocess.run(
             command,
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -177,7 +188,7 @@ def _srun(cluster: Cluster, run_dir: Path, srun_flags: list[str], *extra: str) -
         cluster.cancel(job_name)
         pytest.fail(f"srun ran past {STEP_TIMEOUT_SECONDS}s; output:\n{_tail(error.stdout)}")
     output = result.stdout + result.stderr
-    assert result.returncode == 0, f"srun exited {result.returncode}:\n{_tail(output)}"
+    assert result.returncode == expect_status, f"srun exited {result.returncode}:\n{_tail(output)}"
     return output
 
 
@@ -306,13 +317,13 @@ def test_a_sharded_run_without_a_shared_run_directory(cluster, tmp_path, read_ru
     directory, the parts are a whole run: the params the two slices joined, the server's
     figures both shards'. Catches a shard that gathers or combines from files only a shared
     directory has, and parts that do not fit together once collected."""
-    import shutil
-
     from gorila_jax.server.server_stats import read_run_stats
 
     name = f"run-{uuid.uuid4().hex[:8]}"
     flags = ["-N", "2", "-n", "4", "--ntasks-per-node=2"]
-    output = _srun(cluster, LOCAL_DIR / name, flags, "--server-shards", "2")
+    # No shared directory for RUN_DIR/run_secret: the job's environment carries the secret.
+    secret = {"GORILA_RUN_SECRET": credentials.new_run_secret()}
+    output = _srun(cluster, LOCAL_DIR / name, flags, "--server-shards", "2", env=secret)
     where = _placement(output, 4)
     _assert_finished(output, ["shard 0", "shard 1"], bundles=2, tasks=[0, 2, 1, 3])
     parts = {where[task][0]: CLUSTER_DIR / "local" / where[task][0] / name for task in (0, 2)}
@@ -336,6 +347,26 @@ def test_a_sharded_run_without_a_shared_run_directory(cluster, tmp_path, read_ru
     finally:
         for part in (first, second):
             shutil.rmtree(part, ignore_errors=True)
+
+
+def test_hosts_without_a_shared_secret_stop_in_one_line(cluster):
+    """The run directory on each host's own disk and no GORILA_RUN_SECRET: each host's
+    tasks write a secret of their own, so the rendezvous values of the other host's are
+    not signed with theirs. Every task stops (exit 2) with one line naming the variable
+    to set, before anything trains. Catches a rendezvous that trusts unsigned values (it
+    would train, or hang on credentials the server refuses)."""
+    name = f"run-{uuid.uuid4().hex[:8]}"
+    flags = ["-N", "2", "-n", "3", "--ntasks-per-node=2"]
+    try:
+        output = _srun(
+            cluster, LOCAL_DIR / name, flags, env={"GORILA_RUN_SECRET": ""}, expect_status=2
+        )
+    finally:
+        for host in ("h1", "h2"):
+            shutil.rmtree(CLUSTER_DIR / "local" / host / name, ignore_errors=True)
+    refusals = [line for line in output.splitlines() if "not signed with this run's key" in line]
+    assert refusals and all("GORILA_RUN_SECRET" in line for line in refusals), _tail(output)
+    assert "frames" not in output, _tail(output)
 
 
 CUT_SECONDS = 15.0

@@ -22,9 +22,9 @@ import pytest
 import zmq
 from jax.flatten_util import ravel_pytree
 
-from gorila_jax.bundle.client import ServerConnection
+from gorila_jax.bundle.client import ServerConnection, ServerError
 from gorila_jax.core.config import Config
-from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.gradient_parts import part_indices
 from gorila_jax.core.optim import make_optimizer
 from gorila_jax.io.checkpoint import Checkpointer
 from gorila_jax.server.parameter_server import (
@@ -35,10 +35,15 @@ from gorila_jax.server.parameter_server import (
     serve,
 )
 from gorila_jax.server.server_stats import staleness_bin
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
+from gorila_jax.wire.credentials import WorkerAuthority
 
-TOKEN = transport.new_run_token()
-OTHER_TOKEN = transport.new_run_token()
+SECRET = credentials.new_run_secret()
+OTHER_SECRET = credentials.new_run_secret()
+
+
+def authority(num_workers: int) -> WorkerAuthority:
+    return WorkerAuthority(num_workers, secret=SECRET)
 
 
 def params_tree() -> dict:
@@ -70,7 +75,10 @@ def make_config(**overrides) -> Config:
 
 def make_server(num_workers: int = 2, **overrides) -> ParameterServer:
     return ParameterServer(
-        make_config(**overrides), params_tree(), num_workers=num_workers, token=TOKEN
+        make_config(**overrides),
+        params_tree(),
+        num_workers=num_workers,
+        authority=authority(num_workers),
     )
 
 
@@ -90,10 +98,10 @@ def random_grad(seed: int, size: int = NUM_PARAMS) -> np.ndarray:
 class Worker:
     """The bundle side of the protocol, speaking to `server.handle` without sockets."""
 
-    def __init__(self, server: ParameterServer, worker: int, token: str = TOKEN):
+    def __init__(self, server: ParameterServer, worker: int, secret: str = SECRET):
         self.server = server
         self.worker = worker
-        self.token = token
+        self.credential = credentials.worker_credential(secret, worker)
         self.seq = 0
 
     def frames(self, kind: str, arrays=(), *, version=-1, seq=None, **fields) -> list:
@@ -102,7 +110,7 @@ class Worker:
             seq = self.seq
         header = transport.make_header(
             kind,
-            token=self.token,
+            credential=self.credential,
             worker=self.worker,
             seq=seq,
             version=version,
@@ -121,10 +129,8 @@ class Worker:
             max_bytes=1 << 20,
         )
 
-    def _reply_specs(self, header: dict):
-        if header["kind"] in ("welcome", "params"):
-            return (transport.vector_spec(self.server.num_params),)
-        return None
+    def _reply_specs(self, header: dict) -> int | None:
+        return self.server.num_params if header["kind"] in ("welcome", "params") else None
 
     def request(self, kind: str, arrays=(), **kwargs) -> transport.Message:
         return self.send(self.frames(kind, arrays, **kwargs))
@@ -135,13 +141,12 @@ class Worker:
     def pull(self, version: int) -> transport.Message:
         return self.request("pull", version=version)
 
-    def push(self, grads, base_version: int, loss: float = 1.0, shard=None) -> transport.Message:
+    def push(self, grads, base_version: int, mean_abs_td: float = 1.0) -> transport.Message:
         return self.request(
             "push",
             [np.asarray(grads, np.float32)],
             version=base_version,
-            loss=loss,
-            shard=shard,
+            mean_abs_td=mean_abs_td,
             frames=100,
         )
 
@@ -155,7 +160,7 @@ def expect_ack(reply: transport.Message, accepted: bool, reason=None) -> None:
 # ---- protocol round trips ------------------------------------------------------------------
 
 
-def test_hello_pull_stats_stop_round_trip():
+def test_hello_pull_stop_round_trip():
     server = make_server(num_workers=2)
     w0, w1 = Worker(server, 0), Worker(server, 1)
 
@@ -169,8 +174,7 @@ def test_hello_pull_stats_stop_round_trip():
         "server_shard": 0,
         "shard_layout": [0, NUM_PARAMS],
         "num_workers": 2,
-        "shard": None,
-        "shard_size": NUM_PARAMS,
+        "part_size": NUM_PARAMS,
         "frames": 0,
     }
     chex.assert_trees_all_equal(server.params_tree(), params_tree())
@@ -187,15 +191,14 @@ def test_hello_pull_stats_stop_round_trip():
     np.testing.assert_array_equal(newer.arrays[0], current(server))
     assert not np.array_equal(newer.arrays[0], INITIAL_FLAT)
 
-    stats = w1.request("stats").header
-    assert stats["kind"] == "stats_reply"
-    assert stats["stats"]["version"] == 1 and stats["stats"]["updates"] == 1
-    assert stats["stats"]["workers"]["0"]["hellos"] == 1
-    assert stats["stats"]["workers"]["0"]["pulls"] == 3  # the hello and two params replies
-    assert stats["stats"]["workers"]["0"]["accepted"] == 1
-    assert stats["stats"]["staleness_histogram"] == {"0": 1}
-    assert stats["stats"]["frames"] == 100
-    assert stats["stats"]["rejections"] == {}
+    stats = server.stats()
+    assert stats["version"] == 1 and stats["updates"] == 1
+    assert stats["workers"]["0"]["hellos"] == 1
+    assert stats["workers"]["0"]["pulls"] == 3  # the hello and two params replies
+    assert stats["workers"]["0"]["accepted"] == 1
+    assert stats["staleness_histogram"] == {"0": 1}
+    assert stats["frames"] == 100
+    assert stats["rejections"] == {}
 
     expect_ack(w0.request("stop"), accepted=True)
     assert not server.all_workers_stopped()
@@ -212,7 +215,7 @@ def test_hello_pull_stats_stop_round_trip():
 )
 def test_push_applies_the_same_update_as_optax(optimizer, max_grad_norm):
     config = make_config(optimizer=optimizer, learning_rate=0.05, max_grad_norm=max_grad_norm)
-    server = ParameterServer(config, params_tree(), num_workers=1, token=TOKEN)
+    server = ParameterServer(config, params_tree(), num_workers=1, authority=authority(1))
     tx = make_optimizer(
         optimizer, 0.05, eps=config.optimizer_eps, max_grad_norm=max_grad_norm or None
     )
@@ -243,7 +246,7 @@ def test_push_applies_the_same_update_as_optax(optimizer, max_grad_norm):
 
 def push_frames(worker: Worker, grads=None, **fields) -> list:
     grads = random_grad(7) if grads is None else grads
-    settings = {"version": worker.server.version, "loss": 1.0, "shard": None, "frames": 0}
+    settings = {"version": worker.server.version, "mean_abs_td": 1.0, "frames": 0}
     return worker.frames("push", [grads], **(settings | fields))
 
 
@@ -252,8 +255,17 @@ def replace_header(frames: list, **fields) -> list:
     return [msgpack.packb(header, use_bin_type=True), *frames[1:]]
 
 
+def rename_field(frames: list, old: str, new: str) -> list:
+    """A message with header field `old` under the name `new` (protocol 2's names)."""
+    header = raw_header(frames)
+    header[new] = header.pop(old)
+    return [msgpack.packb(header, use_bin_type=True), *frames[1:]]
+
+
 REJECTIONS = {
-    "bad_token": lambda w: push_frames(Worker(w.server, 0, token=OTHER_TOKEN)),
+    "bad_credential": lambda w: push_frames(Worker(w.server, 0, secret=OTHER_SECRET)),
+    "another_workers_credential": lambda w: replace_header(push_frames(w), worker=1),
+    "no_such_worker": lambda w: replace_header(push_frames(w), worker=2),
     "bad_fingerprint": lambda w: push_frames(w, fingerprint="0" * 32),
     "bad_protocol": lambda w: replace_header(push_frames(w), protocol=99),
     "missing_array": lambda w: push_frames(w)[:1],
@@ -261,17 +273,20 @@ REJECTIONS = {
     "extra_frame": lambda w: [*push_frames(w), np.zeros(4, np.float32).tobytes()],
     "short_array": lambda w: push_frames(w, grads=random_grad(1, NUM_PARAMS - 1)),
     "long_array": lambda w: push_frames(w, grads=random_grad(1, NUM_PARAMS + 1)),
-    "float64_array": lambda w: push_frames(w, grads=random_grad(1).astype(np.float64)),
+    "float64_array": lambda w: [push_frames(w)[0], random_grad(1).astype(np.float64).tobytes()],
     "garbage_header": lambda w: [b"\xc1\xff not msgpack", *push_frames(w)[1:]],
     "header_not_a_map": lambda w: [msgpack.packb([1, 2, 3]), *push_frames(w)[1:]],
     "unknown_field": lambda w: replace_header(push_frames(w), surprise=1),
     "reply_kind": lambda w: replace_header(
         w.frames("hello"), kind="ack", accepted=True, reason=None
     ),
-    "bad_shard": lambda w: push_frames(w, shard=0),
+    "old_shard_field": lambda w: replace_header(push_frames(w), shard=None),
+    "old_loss_field": lambda w: rename_field(push_frames(w), "mean_abs_td", "loss"),
 }
 EXPECTED_REASONS = {
-    "bad_token": "bad_token",
+    "bad_credential": "bad_credential",
+    "another_workers_credential": "bad_credential",
+    "no_such_worker": "bad_worker",
     "bad_fingerprint": "bad_fingerprint",
     "bad_protocol": "bad_protocol",
     "missing_array": "bad_frames",
@@ -284,7 +299,8 @@ EXPECTED_REASONS = {
     "header_not_a_map": "malformed",
     "unknown_field": "malformed",
     "reply_kind": "malformed",
-    "bad_shard": "bad_shard",
+    "old_shard_field": "malformed",
+    "old_loss_field": "malformed",
 }
 
 
@@ -317,30 +333,53 @@ def test_bad_message_gets_an_error_and_changes_nothing(case):
     expect_ack(worker.push(random_grad(9), base_version=version), accepted=True)
 
 
-def test_no_reply_carries_a_token():
+def test_no_reply_carries_a_credential():
     server, worker = primed_server()
-    intruder = Worker(server, 0, token=OTHER_TOKEN)
+    intruder = Worker(server, 0, secret=OTHER_SECRET)
     header = raw_header(server.handle(push_frames(intruder)))
-    assert header["reason"] == "bad_token" and "token" not in header
+    assert header["reason"] == "bad_credential" and "credential" not in header
     garbage = raw_header(server.handle([b"\xc1"]))
-    assert garbage["reason"] == "malformed" and "token" not in garbage
-    for reply in (worker.pull(-1), worker.request("stats"), worker.push(random_grad(3), 1)):
-        assert "token" not in reply.header
-    assert TOKEN not in json.dumps(server.stats())
+    assert garbage["reason"] == "malformed" and "credential" not in garbage
+    for reply in (worker.pull(-1), worker.push(random_grad(3), 1)):
+        assert "credential" not in reply.header
+    assert worker.credential not in json.dumps(server.stats())
+    assert SECRET not in json.dumps(server.stats())
 
 
-def test_senders_without_the_token_move_no_worker_counter():
+def test_one_workers_credential_cannot_act_for_another():
+    """Issue 20.4 from outside: with worker 0's credential, a request in worker 1's name
+    (a stop, a sequence number that would lock worker 1 out, a huge frame count) is
+    refused as unauthenticated and changes nothing of worker 1's."""
+    server, worker0 = primed_server()
+    worker1 = Worker(server, 1)
+    worker1.hello()
+    as_worker1 = {"worker": 1}
+    for frames in (
+        replace_header(worker0.frames("stop"), **as_worker1),
+        replace_header(worker0.frames("hello", seq=2**63), **as_worker1),
+        replace_header(push_frames(worker0, frames=2**60), **as_worker1),
+    ):
+        assert raw_header(server.handle(frames))["reason"] == "bad_credential"
+    assert not server.stopped_workers
+    assert server.last_seq[1] == worker1.seq  # no lockout
+    assert server.counters.frames.get(1, 0) == 0
+    assert server.stats()["unauthenticated"] == {"rejected": 3}
+    assert worker1.hello().header["config"]["frames"] == 0  # and worker 1 goes on
+    expect_ack(worker1.request("stop"), accepted=True)
+
+
+def test_senders_without_the_credential_move_no_worker_counter():
     server, worker = primed_server()
     before = dict(server.stats()["workers"]["0"])
     for seq in (worker.seq + 1, 2**62):  # neither may eat into worker 0's sequence numbers
-        intruder = Worker(server, 0, token=OTHER_TOKEN)
+        intruder = Worker(server, 0, secret=OTHER_SECRET)
         reply = raw_header(server.handle(push_frames(intruder, seq=seq)))
-        assert reply["reason"] == "bad_token"
+        assert reply["reason"] == "bad_credential"
     assert raw_header(server.handle([b"\xc1"]))["reason"] == "malformed"
     stats = server.stats()
     assert stats["workers"]["0"] == before
     assert stats["unauthenticated"] == {"rejected": 3}
-    assert stats["rejections"] == {"bad_token": 2, "malformed": 1}
+    assert stats["rejections"] == {"bad_credential": 2, "malformed": 1}
     expect_ack(worker.push(random_grad(4), base_version=server.version), accepted=True)
     # An authenticated error is the worker's own.
     reply = raw_header(server.handle(push_frames(worker, fingerprint="0" * 32)))
@@ -396,7 +435,7 @@ def test_empty_message_is_refused():
 def test_non_finite_push_is_refused(grads, loss):
     server, worker = primed_server()
     before, version = current(server), server.version
-    reply = worker.send(push_frames(worker, grads=grads, loss=loss))
+    reply = worker.send(push_frames(worker, grads=grads, mean_abs_td=loss))
     expect_ack(reply, accepted=False, reason="non_finite")
     assert server.stats()["rejections"] == {"non_finite": 1}
     assert server.stats()["workers"]["0"]["rejected"] == 1
@@ -453,10 +492,11 @@ def test_unknown_worker_is_refused(kind):
 def test_unauthenticated_senders_do_not_grow_the_worker_table():
     server, _ = primed_server()
     for worker in (5, 10**6, 2**40):
-        header = raw_header(server.handle(push_frames(Worker(server, worker, OTHER_TOKEN))))
-        assert header["reason"] == "bad_token"
+        header = raw_header(server.handle(push_frames(Worker(server, worker, OTHER_SECRET))))
+        assert header["reason"] == "bad_worker"
     assert set(server.stats()["workers"]) == {"0"}
-    assert server.counters.rejections["bad_token"] == 3
+    assert server.counters.rejections["bad_worker"] == 3
+    assert server.stats()["unauthenticated"] == {"rejected": 3}
 
 
 @pytest.mark.parametrize("loss", [50.0, -50.0])  # the filter looks at |loss|
@@ -465,9 +505,11 @@ def test_outlier_push_is_refused_after_warmup(loss):
     worker = Worker(server, 0)
     worker.hello()
     for step, typical in enumerate([1.0, 1.2, 0.8, 1.1, 0.9, 1.0]):
-        expect_ack(worker.push(random_grad(step), base_version=step, loss=typical), accepted=True)
+        expect_ack(
+            worker.push(random_grad(step), base_version=step, mean_abs_td=typical), accepted=True
+        )
     before, version = current(server), server.version
-    reply = worker.push(random_grad(9), base_version=version, loss=loss)
+    reply = worker.push(random_grad(9), base_version=version, mean_abs_td=loss)
     expect_ack(reply, accepted=False, reason="outlier")
     assert server.stats()["rejections"] == {"outlier": 1}
     assert server.stats()["workers"]["0"] == {
@@ -478,7 +520,7 @@ def test_outlier_push_is_refused_after_warmup(loss):
         "rejected": 1,
     }
     assert_unchanged(server, before, version)
-    expect_ack(worker.push(random_grad(10), base_version=version, loss=1.05), accepted=True)
+    expect_ack(worker.push(random_grad(10), base_version=version, mean_abs_td=1.05), accepted=True)
 
 
 @pytest.mark.parametrize("huge", [1e30, 1e300, float(np.finfo(np.float64).max)])
@@ -488,11 +530,17 @@ def test_one_huge_loss_does_not_disable_the_outlier_filter(huge):
     worker.hello()
     for step in range(20):
         loss = 0.9 + 0.05 * (step % 5)  # 0.9 ... 1.1
-        expect_ack(worker.push(random_grad(step), base_version=step, loss=loss), accepted=True)
+        expect_ack(
+            worker.push(random_grad(step), base_version=step, mean_abs_td=loss), accepted=True
+        )
     version = server.version
-    expect_ack(worker.push(random_grad(30), version, loss=huge), accepted=False, reason="outlier")
-    expect_ack(worker.push(random_grad(31), version, loss=50.0), accepted=False, reason="outlier")
-    expect_ack(worker.push(random_grad(32), version, loss=1.05), accepted=True)
+    expect_ack(
+        worker.push(random_grad(30), version, mean_abs_td=huge), accepted=False, reason="outlier"
+    )
+    expect_ack(
+        worker.push(random_grad(31), version, mean_abs_td=50.0), accepted=False, reason="outlier"
+    )
+    expect_ack(worker.push(random_grad(32), version, mean_abs_td=1.05), accepted=True)
     assert server.outliers.threshold() < 2.0
 
 
@@ -638,7 +686,7 @@ def test_a_batch_applies_exactly_the_pushes_one_at_a_time_would(dc_asgd):
             continue
         worker, kind, version, grads = step
         arrays = [] if grads is None else [grads]
-        fields = dict(loss=1.0, shard=None, frames=10) if kind == "push" else {}
+        fields = dict(mean_abs_td=1.0, frames=10) if kind == "push" else {}
         for name, server in (("one", one_by_one), ("batched", batched)):
             frames = workers[name][worker].frames(kind, arrays, version=version, **fields)
             if name == "one":
@@ -672,10 +720,10 @@ def test_staleness_bins():
 # ---- gradient sharding -------------------------------------------------------------------
 
 
-def test_default_shards_partition_the_params():
+def test_default_gradient_parts_partition_the_params():
     for num_params, num_workers in [(NUM_PARAMS, 2), (NUM_PARAMS, 3), (NUM_PARAMS, 4), (7, 7)]:
         parts = [
-            shard_indices(num_params, num_workers, w, "default", seed=3) for w in range(num_workers)
+            part_indices(num_params, num_workers, w, "default", seed=3) for w in range(num_workers)
         ]
         for part in parts:
             assert part.dtype == np.int32
@@ -684,18 +732,18 @@ def test_default_shards_partition_the_params():
         assert len(together) == num_params
         np.testing.assert_array_equal(np.sort(together), np.arange(num_params))
         assert max(map(len, parts)) - min(map(len, parts)) < num_workers
-    a = shard_indices(NUM_PARAMS, 2, 0, "default", seed=3)
-    b = shard_indices(NUM_PARAMS, 2, 0, "default", seed=4)
+    a = part_indices(NUM_PARAMS, 2, 0, "default", seed=3)
+    b = part_indices(NUM_PARAMS, 2, 0, "default", seed=4)
     assert not np.array_equal(a, b)  # the permutation follows the seed
-    assert shard_indices(NUM_PARAMS, 2, 0, "all", seed=3) is None
-    assert shard_indices(NUM_PARAMS, 2, 0, "1.0", seed=3) is None
+    assert part_indices(NUM_PARAMS, 2, 0, "all", seed=3) is None
+    assert part_indices(NUM_PARAMS, 2, 0, "1.0", seed=3) is None
     with pytest.raises(ValueError, match="outside"):
-        shard_indices(NUM_PARAMS, 2, 2, "default", seed=3)
+        part_indices(NUM_PARAMS, 2, 2, "default", seed=3)
 
 
 @pytest.mark.parametrize(("factor", "size"), [("0.75", 15), ("0.3", 6), ("0.5", 10)])
-def test_fractional_shards_have_the_right_size_and_cover_everything(factor, size):
-    parts = [shard_indices(NUM_PARAMS, 2, w, factor, seed=3) for w in range(2)]
+def test_fractional_gradient_parts_have_the_right_size_and_cover_everything(factor, size):
+    parts = [part_indices(NUM_PARAMS, 2, w, factor, seed=3) for w in range(2)]
     for part in parts:
         assert len(part) == size
         assert len(np.unique(part)) == size
@@ -706,26 +754,26 @@ def test_fractional_shards_have_the_right_size_and_cover_everything(factor, size
         np.testing.assert_array_equal(np.union1d(*parts), np.arange(NUM_PARAMS))
     if factor == "0.5":  # 1/W is the default split
         for w in range(2):
-            default = shard_indices(NUM_PARAMS, 2, w, "default", seed=3)
+            default = part_indices(NUM_PARAMS, 2, w, "default", seed=3)
             np.testing.assert_array_equal(parts[w], default)
 
 
-def test_sharded_pushes_update_only_their_shard_and_reassemble_the_full_step():
-    server = make_server(num_workers=2, shard_factor="default")
+def test_gradient_parts_update_only_their_elements_and_reassemble_the_full_step():
+    server = make_server(num_workers=2, gradient_part="default")
     workers = [Worker(server, w) for w in range(2)]
-    for w, worker in enumerate(workers):
+    for worker in workers:
         info = worker.hello().header["config"]
-        assert info["shard"] == w and info["shard_size"] == NUM_PARAMS // 2
-    owned = [server.shards[w] for w in range(2)]
-    np.testing.assert_array_equal(owned[0], shard_indices(NUM_PARAMS, 2, 0, "default", 3))
+        assert info["part_size"] == NUM_PARAMS // 2
+    owned = [server.parts[w] for w in range(2)]
+    np.testing.assert_array_equal(owned[0], part_indices(NUM_PARAMS, 2, 0, "default", 3))
 
     full = random_grad(11)
     before = current(server)
-    expect_ack(workers[0].push(full[owned[0]], base_version=0, shard=0), accepted=True)
+    expect_ack(workers[0].push(full[owned[0]], base_version=0), accepted=True)
     after_first = current(server)
     assert np.array_equal(after_first[owned[1]], before[owned[1]])
     assert not np.any(after_first[owned[0]] == before[owned[0]])
-    expect_ack(workers[1].push(full[owned[1]], base_version=0, shard=1), accepted=True)
+    expect_ack(workers[1].push(full[owned[1]], base_version=0), accepted=True)
     after_second = current(server)
     assert np.array_equal(after_second[owned[0]], after_first[owned[0]])
     assert server.version == 2
@@ -740,18 +788,18 @@ def test_sharded_pushes_update_only_their_shard_and_reassemble_the_full_step():
     )
 
 
-def test_sharded_adam_keeps_per_element_state():
-    server = make_server(num_workers=2, shard_factor="default", optimizer="adam")
+def test_adam_over_gradient_parts_keeps_per_element_state():
+    server = make_server(num_workers=2, gradient_part="default", optimizer="adam")
     worker = Worker(server, 0)
     worker.hello()
-    owned = server.shards[0]
-    others = server.shards[1]
+    owned = server.parts[0]
+    others = server.parts[1]
     tx = make_optimizer("adam", 0.1, eps=server.config.optimizer_eps)
     params = jnp.asarray(INITIAL_FLAT[owned])
     state = tx.init(params)
     for step in range(3):
         grads = random_grad(step, len(owned))
-        expect_ack(worker.push(grads, base_version=step, shard=0), accepted=True)
+        expect_ack(worker.push(grads, base_version=step), accepted=True)
         updates, state = tx.update(jnp.asarray(grads), state, params)
         params = optax.apply_updates(params, updates)
         chex.assert_trees_all_close(server.params[owned], params, rtol=1e-5, atol=1e-6)
@@ -759,32 +807,33 @@ def test_sharded_adam_keeps_per_element_state():
 
 
 @pytest.mark.parametrize(
-    ("shard_factor", "worker", "shard", "size"),
+    ("gradient_part", "worker", "size"),
     [
-        ("all", 0, 0, NUM_PARAMS),  # no sharding: shard must be None
-        ("default", 0, None, NUM_PARAMS),  # sharded: the whole gradient is refused
-        ("default", 0, 1, NUM_PARAMS // 2),  # another worker's shard
-        ("0.75", 1, 0, 15),
+        ("all", 0, NUM_PARAMS // 2),  # a part where the whole gradient is due
+        ("default", 0, NUM_PARAMS),  # the whole gradient where a half is due
+        ("0.75", 1, 10),  # 15 are due
     ],
 )
-def test_wrong_shard_field_is_refused(shard_factor, worker, shard, size):
-    server = make_server(num_workers=2, shard_factor=shard_factor)
+def test_a_push_not_of_its_gradient_parts_size_is_refused(gradient_part, worker, size):
+    """The wire carries only the values: both ends know each worker's part from the
+    config, and a vector of any other length is refused before it is looked at."""
+    server = make_server(num_workers=2, gradient_part=gradient_part)
     client = Worker(server, worker)
     client.hello()
     before = current(server)
-    header = raw_header(server.handle(push_frames(client, random_grad(0, size), shard=shard)))
-    assert (header["kind"], header["reason"]) == ("error", "bad_shard")
-    assert server.stats()["rejections"] == {"bad_shard": 1}
+    header = raw_header(server.handle(push_frames(client, random_grad(0, size))))
+    assert (header["kind"], header["reason"]) == ("error", "bad_frames")
+    assert server.stats()["rejections"] == {"bad_frames": 1}
     assert_unchanged(server, before, 0)
 
 
-def test_overlapping_shards_apply_to_their_own_elements():
-    server = make_server(num_workers=2, shard_factor="0.75")
+def test_overlapping_gradient_parts_apply_to_their_own_elements():
+    server = make_server(num_workers=2, gradient_part="0.75")
     worker = Worker(server, 1)
-    assert worker.hello().header["config"]["shard_size"] == 15
-    owned = server.shards[1]
+    assert worker.hello().header["config"]["part_size"] == 15
+    owned = server.parts[1]
     grads = random_grad(4, len(owned))
-    expect_ack(worker.push(grads, base_version=0, shard=1), accepted=True)
+    expect_ack(worker.push(grads, base_version=0), accepted=True)
     expected = INITIAL_FLAT.copy()
     expected[owned] -= 0.1 * grads
     chex.assert_trees_all_close(server.params, jnp.asarray(expected), rtol=1e-6, atol=1e-7)
@@ -865,29 +914,30 @@ def test_dc_asgd_forgets_params_no_push_can_use():
     for step in range(6):  # worker 1 pulls every version worker 0 makes, never pushing
         expect_ack(w0.push(random_grad(step), base_version=step), accepted=True)
         assert w1.pull(version=step).header["version"] == step + 1
-        assert set(server.pulled[1]) <= set(range(step + 1 - 2, step + 2))
+        assert set(server.stale_params.versions(1)) <= set(range(step + 1 - 2, step + 2))
     # Worker 0 was never sent version 5: its push on it is applied without compensation.
     before = current(server)
     expect_ack(w0.push(random_grad(60), base_version=5), accepted=True)
     np.testing.assert_allclose(current(server), before - LR * random_grad(60), rtol=1e-6)
     # Worker 1 was: its push on version 5 is compensated from the params it was sent then.
-    p5, p7 = np.asarray(server.pulled[1][5]), current(server)
+    p5, p7 = np.asarray(server.stale_params.for_push(1, 5)), current(server)
     expect_ack(w1.push(random_grad(61), base_version=5), accepted=True)
     np.testing.assert_allclose(
         current(server), dc_sgd_step(p7, random_grad(61), p5), rtol=1e-5, atol=1e-6
     )
-    assert set(server.pulled[1]) == {5, 6}  # records older than the push's base are dropped
+    # Records older than the push's base are dropped.
+    assert set(server.stale_params.versions(1)) == {5, 6}
 
 
 def test_adaptive_dc_asgd_with_adam_matches_optax_and_shards():
     config = make_config(
-        optimizer="adam", dc_asgd="adaptive", dc_asgd_lambda=2.0, shard_factor="default"
+        optimizer="adam", dc_asgd="adaptive", dc_asgd_lambda=2.0, gradient_part="default"
     )
-    server = ParameterServer(config, params_tree(), num_workers=2, token=TOKEN)
+    server = ParameterServer(config, params_tree(), num_workers=2, authority=authority(2))
     w0, w1 = Worker(server, 0), Worker(server, 1)
     p0 = jnp.asarray(w0.hello().arrays[0])
     w1.hello()
-    owned = [server.shards[0], server.shards[1]]
+    owned = [server.parts[0], server.parts[1]]
     tx = make_optimizer(
         "adam", LR, eps=config.optimizer_eps, dc_asgd_lambda=2.0, dc_asgd_adaptive=True
     )
@@ -900,7 +950,7 @@ def test_adaptive_dc_asgd_with_adam_matches_optax_and_shards():
         if step == 3:
             pulled[1] = jnp.asarray(w1.pull(version=0).arrays[0])
         grads = 2.0 * random_grad(40 + step, len(owned[w]))
-        expect_ack([w0, w1][w].push(grads, base_version=base, shard=w), accepted=True)
+        expect_ack([w0, w1][w].push(grads, base_version=base), accepted=True)
         idx = jnp.asarray(owned[w])
         updates, owned_state = tx.update(
             jnp.asarray(grads), take(state, idx), params[idx], stale_params=pulled[w][idx]
@@ -925,9 +975,21 @@ def put(full, part, idx):
 # ---- serving over a socket ------------------------------------------------------------------
 
 
+def push_and_wait(connection: ServerConnection, grads, **fields) -> tuple:
+    """(accepted, reason, version) of one push, as the bundle's client sends it."""
+    return connection.receive_ack(connection.send_push(grads, **fields))
+
+
+def pull_and_wait(connection: ServerConnection, have_version: int) -> tuple:
+    """(params or None, version) of one pull, as the bundle's client sends it."""
+    return connection.receive_pulled(connection.send_pull(have_version))
+
+
 def test_serve_over_a_socket(tmp_path):
     config = make_config(stats_every_seconds=0.05)
-    server = ParameterServer(config, params_tree(), num_workers=2, token=TOKEN, run_dir=tmp_path)
+    server = ParameterServer(
+        config, params_tree(), num_workers=2, authority=authority(2), run_dir=tmp_path
+    )
     socket, endpoint = transport.make_server_socket(
         zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
     )
@@ -938,7 +1000,7 @@ def test_serve_over_a_socket(tmp_path):
     connections = [
         ServerConnection(
             endpoint,
-            token=TOKEN,
+            credential=credentials.worker_credential(SECRET, w),
             worker=w,
             fingerprint=server.fingerprint,
             num_params=NUM_PARAMS,
@@ -950,22 +1012,28 @@ def test_serve_over_a_socket(tmp_path):
     try:
         c0, c1 = connections
         flat, version, info = c0.hello()
-        assert version == 0 and info["shard"] is None and info["shard_size"] == NUM_PARAMS
+        assert version == 0 and info["part_size"] == NUM_PARAMS
         np.testing.assert_array_equal(flat, INITIAL_FLAT)
         c1.hello()
         grads = random_grad(50)
-        assert c0.push(grads, base_version=0, loss=0.5, frames=321, shard=None) == (True, None, 1)
-        assert c1.push(grads, base_version=0, loss=0.5, frames=123, shard=None) == (True, None, 2)
-        accepted, reason, _ = c1.push(
-            np.full(NUM_PARAMS, np.nan, np.float32), base_version=2, loss=0.5, frames=0, shard=None
+        assert push_and_wait(c0, grads, base_version=0, mean_abs_td=0.5, frames=321) == (
+            True,
+            None,
+            1,
+        )
+        assert push_and_wait(c1, grads, base_version=0, mean_abs_td=0.5, frames=123) == (
+            True,
+            None,
+            2,
+        )
+        accepted, reason, _ = push_and_wait(
+            c1, np.full(NUM_PARAMS, np.nan, np.float32), base_version=2, mean_abs_td=0.5, frames=0
         )
         assert (accepted, reason) == (False, "non_finite")
-        assert c0.pull(2) == (None, 2)
-        flat, version = c0.pull(0)
+        assert pull_and_wait(c0, 2) == (None, 2)
+        flat, version = pull_and_wait(c0, 0)
         assert version == 2
         np.testing.assert_allclose(flat, INITIAL_FLAT - 2 * 0.1 * grads, rtol=1e-6, atol=1e-6)
-        stats = c1.stats()
-        assert stats["version"] == 2 and stats["rejections"] == {"non_finite": 1}
         c0.stop()
         assert thread.is_alive()
         c1.stop()
@@ -992,7 +1060,7 @@ def test_serve_over_a_socket(tmp_path):
 
 
 def test_serve_returns_when_asked_to_stop(tmp_path):
-    server = ParameterServer(make_config(), params_tree(), num_workers=1, token=TOKEN)
+    server = ParameterServer(make_config(), params_tree(), num_workers=1, authority=authority(1))
     socket, endpoint = transport.make_server_socket(
         zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
     )
@@ -1043,7 +1111,9 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
     config = make_config(
         stats_every_seconds=0.2, checkpoint_every_seconds=0.5, checkpoint_every_updates=10**6
     )
-    server = ParameterServer(config, params_tree(), num_workers=1, token=TOKEN, run_dir=tmp_path)
+    server = ParameterServer(
+        config, params_tree(), num_workers=1, authority=authority(1), run_dir=tmp_path
+    )
     socket, endpoint = transport.make_server_socket(
         zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
     )
@@ -1065,7 +1135,8 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
     )
     flood = subprocess.Popen([sys.executable, "-c", FLOOD, endpoint])
     bundle = ServerConnection(
-        endpoint, token=TOKEN, worker=0, fingerprint=server.fingerprint, num_params=NUM_PARAMS,
+        endpoint, credential=credentials.worker_credential(SECRET, 0), worker=0,
+        fingerprint=server.fingerprint, num_params=NUM_PARAMS,
         max_bytes=server.max_bytes, timeout_seconds=20.0,
     )  # fmt: skip
     uptimes, saved, round_trips = set(), set(), []
@@ -1076,8 +1147,8 @@ def test_serve_stays_in_charge_under_a_flood(tmp_path):
         deadline = time.monotonic() + 6.0
         while time.monotonic() < deadline:
             sent = time.monotonic()
-            accepted, _, version = bundle.push(
-                random_grad(version), base_version=version, loss=1.0, frames=0, shard=None
+            accepted, _, version = push_and_wait(
+                bundle, random_grad(version), base_version=version, mean_abs_td=1.0, frames=0
             )
             round_trips.append(time.monotonic() - sent)
             assert accepted
@@ -1156,7 +1227,7 @@ def test_a_pull_waits_for_its_batch_and_gets_the_params_after_it():
     grads = np.full(NUM_PARAMS, 0.5, np.float32)
 
     def push(worker: Worker) -> list:
-        frames = worker.frames("push", [grads], version=0, loss=1.0, shard=None, frames=1)
+        frames = worker.frames("push", [grads], version=0, mean_abs_td=1.0, frames=1)
         return server.submit(frames, worker.worker)
 
     ready = push(first) + server.submit(second.frames("pull", version=0), "pull")
@@ -1195,3 +1266,56 @@ def test_whole_run_rates_divide_by_the_time_the_run_was_running_over_sittings():
     stats = third.snapshot(150, stopped_workers=[])
     assert stats["updates_per_second_run"] is None and stats["running_seconds"] is None
     assert stats["updates_per_second_sitting"] == 5.0
+
+
+def test_with_curve_each_bundle_key_is_its_worker_and_no_other(tmp_path):
+    """--wire-security curve: the server knows each bundle's CURVE key as one worker's
+    (zmq's ZAP handler names the key of every message's connection). A bundle with its own
+    key is that worker; the same key claiming another worker is refused, whatever
+    credential the header carries, and changes nothing of that worker's."""
+    server_keys = list(zmq.curve_keypair())
+    bundle_keys = [zmq.curve_keypair() for _ in range(2)]
+    workers = {public: w for w, (public, _) in enumerate(bundle_keys)}
+    context = zmq.Context()
+    authenticator = transport.start_curve_authenticator(context, workers)
+    server = ParameterServer(
+        make_config(),
+        params_tree(),
+        num_workers=2,
+        authority=WorkerAuthority(2, curve_workers=workers),
+        run_dir=tmp_path,
+    )
+    socket, endpoint = transport.make_server_socket(
+        context, "tcp://127.0.0.1:0", server.max_bytes, curve=transport.ServerCurve(*server_keys)
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(socket, endpoint, stop.is_set))
+    thread.start()
+
+    def connect(keys, worker: int) -> ServerConnection:
+        return ServerConnection(
+            endpoint, credential="", worker=worker, fingerprint=server.fingerprint,
+            num_params=NUM_PARAMS, max_bytes=server.max_bytes, timeout_seconds=10.0,
+            curve=transport.ClientCurve(*keys, server_keys[0]),
+        )  # fmt: skip
+
+    own, impostor = connect(bundle_keys[0], 0), connect(bundle_keys[0], 1)
+    try:
+        flat, _, _ = own.hello()
+        np.testing.assert_array_equal(flat, INITIAL_FLAT)
+        for request in (impostor.hello, impostor.stop):
+            with pytest.raises(ServerError, match="bad_credential"):
+                request()
+        assert push_and_wait(own, random_grad(1), base_version=0, mean_abs_td=1.0, frames=5)[0]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        for connection in (own, impostor):
+            connection.close()
+        socket.close(linger=0)
+        authenticator.stop()
+        context.term()
+    stats = json.loads((tmp_path / "ps.json").read_text())
+    assert stats["rejections"] == {"bad_credential": 2}
+    assert stats["unauthenticated"] == {"rejected": 2}
+    assert "1" not in stats["workers"] and stats["workers"]["0"]["accepted"] == 1

@@ -11,6 +11,7 @@ it: a slice missing, damaged, or from a server split another way.
 import dataclasses
 
 import chex
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,9 +26,10 @@ from gorila_jax.io.params_file import (
 from gorila_jax.server.parameter_server import ParameterServer
 from gorila_jax.server.process import save_final_params
 from gorila_jax.server.server_stats import server_dir
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials
+from gorila_jax.wire.credentials import WorkerAuthority
 
-TOKEN = transport.new_run_token()
+AUTHORITY = WorkerAuthority(1, secret=credentials.new_run_secret())
 
 
 def params_tree() -> dict:
@@ -50,20 +52,28 @@ def tree_from_flat(flat: np.ndarray) -> dict:
     }
 
 
-def make_shards(run_dir, shards: int) -> list[ParameterServer]:
+def make_shards(run_dir, shards: int, final: np.ndarray, versions=None) -> list[ParameterServer]:
+    """`shards` server shards whose params are their slices of `final`, at `versions`
+    (0 each by default), built through the constructor as a resumed shard would be."""
     config = dataclasses.replace(Config(), env_id="CartPole-v1", server_shards=shards)
-    return [
-        ParameterServer(config, params_tree(), num_workers=1, token=TOKEN, run_dir=run_dir,
-                        shard=k)
-        for k in range(shards)
-    ]  # fmt: skip
+    versions = versions or [0] * shards
+    servers = []
+    for k in range(shards):
+        fresh = ParameterServer(config, params_tree(), num_workers=1, authority=AUTHORITY, shard=k)
+        bounds = fresh.layout.bounds
+        state = fresh.state._replace(
+            params=jnp.asarray(final[bounds[k] : bounds[k + 1]]), version=versions[k]
+        )
+        servers.append(
+            ParameterServer(config, params_tree(), num_workers=1, authority=AUTHORITY,
+                            run_dir=run_dir, shard=k, state=state)
+        )  # fmt: skip
+    return servers
 
 
-def finish(servers, final: np.ndarray, run_dir, order=None) -> None:
-    """Give each shard its part of `final` as its last params and let it stop."""
-    bounds = servers[0].layout.bounds
+def finish(servers, run_dir, order=None) -> None:
+    """Let each shard stop (in `order`), writing its final slice."""
     for k in order or range(len(servers)):
-        servers[k].params = final[bounds[k] : bounds[k + 1]]
         save_final_params(servers[k], run_dir)
 
 
@@ -75,9 +85,9 @@ def test_two_shards_final_params_are_their_slices_in_order(tmp_path):
     initial params instead of its final ones, or an unravel in another order: each shard
     holds values nothing else has, and the joined tree must be exactly the hand-built tree
     of slice 0 followed by slice 1. No whole file is written: nothing waits to gather."""
-    servers = make_shards(tmp_path, 2)
+    servers = make_shards(tmp_path, 2, FINAL)
     assert [s.num_params for s in servers] == [12, 12]
-    finish(servers, FINAL, tmp_path, order=[1, 0])
+    finish(servers, tmp_path, order=[1, 0])
     assert not (tmp_path / PARAMS_FILE).exists()
     loaded = load_run_params(tmp_path, params_tree(), "mlp")
     chex.assert_trees_all_equal(loaded.params, tree_from_flat(FINAL))
@@ -89,8 +99,8 @@ def test_two_shards_final_params_are_their_slices_in_order(tmp_path):
 def test_the_order_check_fails_on_swapped_slices(tmp_path):
     """The comparison above bites: the same joined params checked against the slices in
     swapped order fail (so a join that swapped them would have failed it)."""
-    servers = make_shards(tmp_path, 2)
-    finish(servers, FINAL, tmp_path)
+    servers = make_shards(tmp_path, 2, FINAL)
+    finish(servers, tmp_path)
     loaded = load_run_params(tmp_path, params_tree(), "mlp")
     swapped = np.concatenate([FINAL[12:], FINAL[:12]])
     with pytest.raises(AssertionError):
@@ -101,27 +111,25 @@ def test_three_shards_join_in_order_with_their_versions(tmp_path):
     """Catches a join that orders the slices by anything but the shard number (the order
     their files were written in: shard 2 first, shard 0 last), and versions reported in
     another order than the shards'."""
-    servers = make_shards(tmp_path, 3)
-    assert [s.num_params for s in servers] == [8, 8, 8]
     final = -np.arange(24, dtype=np.float32) - 0.5
-    for k, server in enumerate(servers):
-        server.version = 10 + k
-    finish(servers, final, tmp_path, order=[2, 1, 0])
+    servers = make_shards(tmp_path, 3, final, versions=[10, 11, 12])
+    assert [s.num_params for s in servers] == [8, 8, 8]
+    finish(servers, tmp_path, order=[2, 1, 0])
     loaded = load_run_params(tmp_path, params_tree(), "mlp")
     chex.assert_trees_all_equal(loaded.params, tree_from_flat(final))
     assert loaded.versions == (10, 11, 12)
 
 
 def test_a_missing_slice_is_named(tmp_path):
-    servers = make_shards(tmp_path, 2)
-    finish(servers, FINAL, tmp_path, order=[0])
+    servers = make_shards(tmp_path, 2, FINAL)
+    finish(servers, tmp_path, order=[0])
     with pytest.raises(ParamsError, match=r"shard1/params_slice\.msgpack is missing"):
         load_run_params(tmp_path, params_tree(), "mlp")
 
 
 def test_a_damaged_or_foreign_slice_is_refused_in_one_line(tmp_path):
-    servers = make_shards(tmp_path, 2)
-    finish(servers, FINAL, tmp_path)
+    servers = make_shards(tmp_path, 2, FINAL)
+    finish(servers, tmp_path)
     slice_1 = server_dir(tmp_path, 1, 2) / SLICE_FILE
     slice_1.write_bytes(b"\x81\xa6format\xa3bad")  # msgpack, but not a slice
     with pytest.raises(ParamsError, match="is not a params slice file") as caught:
@@ -129,15 +137,15 @@ def test_a_damaged_or_foreign_slice_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(caught.value)
     # A slice of a server split in 3 beside the slices of a server split in 2.
     other = tmp_path / "other"
-    finish(make_shards(other, 3), FINAL, other)
+    finish(make_shards(other, 3, FINAL), other)
     slice_1.write_bytes((server_dir(other, 1, 3) / SLICE_FILE).read_bytes())
     with pytest.raises(ParamsError, match="belongs to another split of the server"):
         load_run_params(tmp_path, params_tree(), "mlp")
 
 
 def test_slices_of_another_network_and_no_params_at_all(tmp_path):
-    servers = make_shards(tmp_path, 2)
-    finish(servers, FINAL, tmp_path)
+    servers = make_shards(tmp_path, 2, FINAL)
+    finish(servers, tmp_path)
     bigger = {**params_tree(), "extra": np.zeros(3, np.float32)}
     with pytest.raises(ParamsError, match="hold 24 parameters, the run's network"):
         load_run_params(tmp_path, bigger, "mlp")

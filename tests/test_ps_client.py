@@ -1,5 +1,6 @@
 """The bundle's connection: several requests in flight, replies matched by sequence number,
-no route another peer can take over; the remote learner's hand-over of pulled params."""
+no route another peer can take over, a server of another wire protocol named as such; the
+welcome the client requires; the remote learner's hand-over of pulled params."""
 
 import dataclasses
 import threading
@@ -20,14 +21,34 @@ from gorila_jax.core.config import cartpole_defaults
 from gorila_jax.core.networks import MLP
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.server.parameter_server import ParameterServer
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
+from gorila_jax.wire.credentials import WorkerAuthority
+
+SECRET = credentials.new_run_secret()
+
+
+def credential(worker: int) -> str:
+    return credentials.worker_credential(SECRET, worker)
+
+
+def push_and_wait(connection: ServerConnection, grads, **fields) -> tuple:
+    """(accepted, reason, version) of one push, as the bundle's client sends it."""
+    return connection.receive_ack(connection.send_push(grads, **fields))
+
+
+def pull_and_wait(connection: ServerConnection, have_version: int) -> tuple:
+    """(params or None, version) of one pull, as the bundle's client sends it."""
+    return connection.receive_pulled(connection.send_pull(have_version))
 
 
 @pytest.fixture
 def served(tmp_path):
     config = dataclasses.replace(cartpole_defaults(), optimizer="sgd", max_grad_norm=0.0)
     params = MLP(num_actions=2, hidden=(8,)).init(jax.random.key(0), np.zeros((1, 4)))
-    server = ParameterServer(config, params, num_workers=1, token="k" * 64, run_dir=tmp_path)
+    server = ParameterServer(
+        config, params, num_workers=1, authority=WorkerAuthority(1, secret=SECRET),
+        run_dir=tmp_path,
+    )  # fmt: skip
     sock, endpoint = transport.make_server_socket(
         zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
     )
@@ -35,7 +56,7 @@ def served(tmp_path):
     thread = threading.Thread(target=server.serve, args=(sock, endpoint, stop.is_set))
     thread.start()
     connection = ServerConnection(
-        endpoint, token=server.token, worker=0, fingerprint=server.fingerprint,
+        endpoint, credential=credential(0), worker=0, fingerprint=server.fingerprint,
         num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=5.0,
     )  # fmt: skip
     yield server, connection
@@ -49,9 +70,9 @@ def test_pushes_in_flight_and_a_pull_between_them(served):
     server, connection = served
     flat, version, _ = connection.hello()
     grads = [np.full(server.num_params, value, np.float32) for value in (1.0, 2.0)]
-    first = connection.send_push(grads[0], base_version=version, loss=0.1, frames=4, shard=None)
-    second = connection.send_push(grads[1], base_version=version, loss=0.1, frames=8, shard=None)
-    params, pulled_version = connection.pull(-1)  # its reply arrives after both acks
+    first = connection.send_push(grads[0], base_version=version, mean_abs_td=0.1, frames=4)
+    second = connection.send_push(grads[1], base_version=version, mean_abs_td=0.1, frames=8)
+    params, pulled_version = pull_and_wait(connection, -1)  # its reply comes after both acks
     assert pulled_version == 2
     assert connection.receive_ack(second) == (True, None, 2)
     assert connection.receive_ack(first) == (True, None, 1)
@@ -62,15 +83,15 @@ def test_pushes_in_flight_and_a_pull_between_them(served):
 def test_a_reply_that_never_comes_is_lost_and_cancel_stops_waiting(served):
     server, connection = served
     connection.hello()
-    seq = connection.send_request("stats")
+    server.submit = lambda *args: []  # a server that answers nothing
+    seq = connection.send_pull(-1)
     connection.cancel.set()
     with pytest.raises(ServerError, match="cancelled"):
         connection.receive_reply(seq)
     connection.cancel.clear()
     connection.timeout_seconds = 0.5
-    server.submit = lambda frames, peer=None: []  # a server that answers nothing
     with pytest.raises(ServerError, match="no reply") as lost:
-        connection.request("stats")
+        connection.request("pull")
     assert lost.value.lost
 
 
@@ -94,11 +115,14 @@ def impostor(context: zmq.Context, endpoint: str, identity: bytes) -> zmq.Socket
 def test_a_peer_claiming_a_bundles_identity_gets_nothing_meant_for_it(tmp_path):
     config = dataclasses.replace(cartpole_defaults(), optimizer="sgd", max_grad_norm=0.0)
     params = MLP(num_actions=2, hidden=(8,)).init(jax.random.key(0), np.zeros((1, 4)))
-    server = ParameterServer(config, params, num_workers=2, token="k" * 64, run_dir=tmp_path)
+    server = ParameterServer(
+        config, params, num_workers=2, authority=WorkerAuthority(2, secret=SECRET),
+        run_dir=tmp_path,
+    )  # fmt: skip
     context = zmq.Context.instance()
     sock, endpoint = transport.make_server_socket(context, "tcp://127.0.0.1:0", server.max_bytes)
     connection = ServerConnection(
-        endpoint, token=server.token, worker=0, fingerprint=server.fingerprint,
+        endpoint, credential=credential(0), worker=0, fingerprint=server.fingerprint,
         num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=5.0,
     )  # fmt: skip
     stop = threading.Event()
@@ -114,23 +138,24 @@ def test_a_peer_claiming_a_bundles_identity_gets_nothing_meant_for_it(tmp_path):
         assert welcome.header["kind"] == "welcome"
         np.testing.assert_array_equal(welcome.arrays[0], ravel_pytree(params)[0])
         grads = np.ones(server.num_params, np.float32)
-        assert connection.push(grads, base_version=0, loss=1.0, frames=4, shard=None)[0]
-        assert connection.pull(0)[1] == 1
+        assert push_and_wait(connection, grads, base_version=0, mean_abs_td=1.0, frames=4)[0]
+        assert pull_and_wait(connection, 0)[1] == 1
         received = []
         for peer in impostors:
             assert not peer.poll(300), "a reply meant for the bundle reached another peer"
-            # What an impostor gets for a request of its own: an error, with no token.
+            # What an impostor gets for a request of its own: an error, with no credential.
             header = transport.make_header(
-                "pull", token="x" * 64, worker=0, seq=1, version=-1,
+                "pull", credential="x" * 64, worker=0, seq=1, version=-1,
                 fingerprint=server.fingerprint,
             )  # fmt: skip
             peer.send_multipart(transport.encode(header))
             assert peer.poll(5000)
             received.append(peer.recv_multipart())
         for frames in received:
-            assert len(frames) == 1 and server.token.encode() not in frames[0]
+            assert len(frames) == 1
+            assert SECRET.encode() not in frames[0] and credential(0).encode() not in frames[0]
             reply = msgpack.unpackb(frames[0])
-            assert (reply["kind"], reply["reason"]) == ("error", "bad_token")
+            assert (reply["kind"], reply["reason"]) == ("error", "bad_credential")
         assert server.stats()["workers"]["0"]["accepted"] == 1
     finally:
         stop.set()
@@ -163,7 +188,11 @@ class FakeConnection:
 
     def hello(self):
         self._record("hello")
-        info = {"shard_size": self.num_params, "frames": 0}
+        info = {
+            "num_params": self.num_params, "server_shard": 0,
+            "shard_layout": [0, self.num_params], "num_workers": 1,
+            "part_size": self.num_params, "frames": 0,
+        }  # fmt: skip
         return np.zeros(self.num_params, np.float32), 0, info
 
     def send_pull(self, have_version: int) -> int:
@@ -227,7 +256,7 @@ def test_a_target_refresh_is_not_lost_to_a_later_pull():
 def test_only_the_communication_thread_touches_the_connection_after_it_starts():
     connection = FakeConnection(num_params=58)
     learner, _ = remote_learner(connection)
-    learner.client.push(Push(np.zeros(58, np.float32), 0.5, (0,), 0))
+    learner.client.push(Push(np.zeros(58, np.float32), mean_abs_td=0.5, versions=(0,), frames=0))
     learner.close()
     assert [name for name, _ in connection.calls][-2:] == ["stop", "close"]
     assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
@@ -253,10 +282,14 @@ def test_close_leaves_the_socket_to_a_communication_thread_that_does_not_finish(
     assert {thread for name, thread in connection.calls if name != "hello"} == {"ps-client"}
 
 
+MISSING = object()  # a welcome field a stand-in server leaves out
+
+
 class ShardConnection:
     """One server shard as RemoteLearner sees it, without a server: acks every push (the
     first one lost when `lose_first_ack`), answers a hello sent again on the third look
-    (never when `never_back`)."""
+    (never when `never_back`). `welcome` changes what its welcome says (a value of
+    `MISSING`: the field left out)."""
 
     worker = 0
 
@@ -270,11 +303,14 @@ class ShardConnection:
         self.seq = self.version = self.looks = 0
         self.lose, self.never_back = lose_first_ack, never_back
         self.fresh: float | None = None
+        self.welcome: dict = {}
 
     def _info(self) -> dict:
         bounds = list(self.layout.bounds)
-        return {"server_shard": self.shard, "shard_layout": bounds,
-                "shard_size": self.num_params, "frames": 0}  # fmt: skip
+        info = {"num_params": self.num_params, "server_shard": self.shard,
+                "shard_layout": bounds, "num_workers": 1, "part_size": self.num_params,
+                "frames": 0} | self.welcome  # fmt: skip
+        return {name: value for name, value in info.items() if value is not MISSING}
 
     def _next(self, call: str) -> int:
         self.calls.append(call)
@@ -381,10 +417,154 @@ def test_a_reply_can_be_looked_for_without_waiting(served):
 def test_a_reply_of_the_wrong_kind_is_one_error_not_a_key_error(served):
     server, connection = served
     connection.hello()
-    # A server (or a stand-in) answering a stats request with "not_modified".
-    server._handlers["stats"] = lambda header, arrays: server._reply(header, "not_modified")
-    with pytest.raises(ServerError, match="bad reply to stats: a 'not_modified' reply"):
-        connection.stats()
+    # A server (or a stand-in) answering a stop with "not_modified".
+    server._handlers["stop"] = lambda header, arrays: server._reply(header, "not_modified")
+    with pytest.raises(ServerError, match="bad reply to stop: a 'not_modified' reply"):
+        connection.stop()
+
+
+# ---- a server of another wire protocol -----------------------------------------------------
+
+
+@pytest.fixture
+def stand_in():
+    """A bare ROUTER standing in for a server (it answers what a test makes it answer), and
+    a connection to it."""
+    router, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), "tcp://127.0.0.1:0", 1 << 20
+    )
+    connection = ServerConnection(
+        endpoint, credential=credential(0), worker=0, fingerprint="f" * 32, num_params=8,
+        max_bytes=1 << 20, timeout_seconds=5.0,
+    )  # fmt: skip
+    yield router, connection
+    connection.close()
+    router.close(linger=0)
+
+
+def answer(router: zmq.Socket, reply_for) -> dict:
+    """Take one request at the stand-in and send back the frames `reply_for(its header)`
+    makes; returns the request's header."""
+    assert router.poll(5000), "no request came"
+    routing_id, frames = transport.recv(router)
+    request = msgpack.unpackb(frames[0].buffer)
+    router.send_multipart([routing_id, *reply_for(request)])
+    return request
+
+
+def protocol_2_reply(kind: str, **fields):
+    """What a server of protocol 2 answered: a reply header saying protocol 2 (a welcome
+    with its shard and shard_size), a vector with a welcome or params."""
+    vector = kind in ("welcome", "params")
+
+    def reply_for(request: dict) -> list[bytes]:
+        header = {
+            "kind": kind, "protocol": 2, "worker": request["worker"], "seq": request["seq"],
+            "version": 0, "fingerprint": "f" * 32, "arrays": int(vector), **fields,
+        }  # fmt: skip
+        return [msgpack.packb(header), *([np.zeros(8, np.float32).tobytes()] if vector else [])]
+
+    return reply_for
+
+
+OLD_WELCOME = {"num_params": 8, "server_shard": 0, "shard_layout": [0, 8], "num_workers": 1,
+               "shard": None, "shard_size": 8, "frames": 0}  # fmt: skip
+SENDS = {
+    "hello": lambda c: c.send_request("hello"),
+    "pull": lambda c: c.send_pull(-1),
+    "push": lambda c: c.send_push(
+        np.zeros(8, np.float32), base_version=0, mean_abs_td=1.0, frames=0
+    ),
+    "stop": lambda c: c.send_request("stop"),
+}
+RECEIVES = {
+    "hello": lambda c, seq: c.receive_reply(seq),
+    "pull": lambda c, seq: c.receive_pulled(seq),
+    "push": lambda c, seq: c.receive_ack(seq),
+    "stop": lambda c, seq: c.receive_reply(seq, interruptible=False),
+}
+
+
+@pytest.mark.parametrize(
+    ("request_kind", "reply_kind", "fields"),
+    [
+        ("hello", "welcome", {"config": OLD_WELCOME}),
+        ("pull", "params", {}),
+        ("pull", "not_modified", {}),
+        ("push", "ack", {"accepted": True, "reason": None}),
+        ("stop", "ack", {"accepted": True, "reason": None}),
+        ("hello", "error", {"reason": "bad_token", "message": "wrong run token"}),
+    ],
+)
+def test_a_reply_of_protocol_2_says_the_server_speaks_another_wire_protocol(
+    stand_in, request_kind, reply_kind, fields
+):
+    """Catches a client that reports a server of the previous release as a bad reply, a
+    missing field or a KeyError: whatever the reply, its version is looked at first, and
+    the error names the server, both versions and what to do."""
+    router, connection = stand_in
+    seq = SENDS[request_kind](connection)
+    request = answer(router, protocol_2_reply(reply_kind, **fields))
+    assert request["protocol"] == transport.PROTOCOL_VERSION
+    with pytest.raises(ServerError, match="another wire protocol") as caught:
+        RECEIVES[request_kind](connection, seq)
+    message = str(caught.value)
+    assert "protocol 2, expected 3" in message and connection.endpoint in message
+    assert "same gorila_jax version" in message and not caught.value.lost
+
+
+def test_an_error_reply_bad_protocol_says_the_server_speaks_another_wire_protocol(stand_in):
+    """A server of this protocol's replies that refuses the request's protocol (a bundle
+    newer than the server, say) answers "bad_protocol": named as another wire protocol,
+    with the server's message; any other error stays a refusal."""
+    router, connection = stand_in
+
+    def error(reason: str, message: str):
+        return lambda request: transport.encode(
+            transport.reply_header(
+                request, "error", version=0, fingerprint="f" * 32, reason=reason,
+                message=message,
+            )
+        )  # fmt: skip
+
+    seq = connection.send_request("hello")
+    answer(router, error("bad_protocol", "protocol 4, expected 3"))
+    with pytest.raises(ServerError, match="another wire protocol") as caught:
+        connection.receive_reply(seq)
+    assert "protocol 4, expected 3" in str(caught.value)
+    seq = connection.send_request("hello")
+    answer(router, error("bad_credential", "not worker 0's credential"))
+    with pytest.raises(ServerError, match="server refused hello: bad_credential") as caught:
+        connection.receive_reply(seq)
+    assert "another wire protocol" not in str(caught.value)
+
+
+def send_as_protocol_2(connection: ServerConnection, kind: str) -> int:
+    """Send `kind` as a bundle of protocol 2 would (its version; the rest as this one's:
+    the server looks at the version first), pending on `connection`; returns its seq."""
+    connection.seq += 1
+    header = transport.make_header(
+        kind, credential=connection.credential, worker=connection.worker, seq=connection.seq,
+        version=-1, fingerprint=connection.fingerprint,
+    ) | {"protocol": 2, "arrays": 0}  # fmt: skip
+    connection.socket.send(msgpack.packb(header))
+    connection._pending[connection.seq] = (kind, time.monotonic() + connection.timeout_seconds)
+    return connection.seq
+
+
+def test_the_server_refuses_a_protocol_2_request_and_the_client_says_why(served):
+    """End to end: the server answers a request of protocol 2 with "bad_protocol" naming
+    both versions, which the client turns into the one line that says the server speaks
+    another wire protocol; nothing of the worker's moved, and it goes on in protocol 3."""
+    server, connection = served
+    seq = send_as_protocol_2(connection, "hello")
+    with pytest.raises(ServerError, match="another wire protocol") as caught:
+        connection.receive_reply(seq)
+    assert "(protocol 2, expected 3)" in str(caught.value)
+    stats = server.stats()
+    assert stats["rejections"] == {"bad_protocol": 1}
+    assert stats["unauthenticated"] == {"rejected": 1} and stats["workers"] == {}
+    assert connection.hello()[1] == 0
 
 
 def test_a_pull_joins_the_fresh_slices_with_the_ones_not_modified():
@@ -409,6 +589,80 @@ def test_a_welcome_of_another_layout_fails_and_closes_every_connection():
     with pytest.raises(ServerError, match="server shard 1 answered as shard 1 of layout"):
         sharded_learner(first, second)
     assert first.calls[-1] == "close" and second.calls[-1] == "close"
+
+
+@pytest.mark.parametrize("name", client_module.WELCOME_FIELDS)
+def test_a_welcome_missing_a_field_is_refused_and_closes_every_connection(name):
+    """Catches a client that fills in a default for a field a server left out (protocol 2's
+    welcome had no part_size: its default would push the wrong part)."""
+    layout = ShardLayout.even(58, 2)
+    first, second = ShardConnection(0, layout), ShardConnection(1, layout)
+    second.welcome = {name: MISSING}
+    with pytest.raises(ServerError, match=f"bad welcome from server shard 1: {name} None"):
+        sharded_learner(first, second)
+    assert first.calls[-1] == "close" and second.calls[-1] == "close"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("num_params", -1),
+        ("num_params", 29.0),
+        ("server_shard", True),
+        ("server_shard", "1"),
+        ("shard_layout", [0, 29.0, 58]),
+        ("shard_layout", "0,29,58"),
+        ("shard_layout", [0, True, 58]),
+        ("num_workers", None),
+        ("part_size", -29),
+        ("part_size", "29"),
+        ("frames", -1),
+        ("frames", True),
+        ("frames", 2.5),
+    ],
+)
+def test_a_welcome_field_of_the_wrong_type_is_refused(name, value):
+    layout = ShardLayout.even(58, 2)
+    first, second = ShardConnection(0, layout), ShardConnection(1, layout)
+    second.welcome = {name: value}
+    with pytest.raises(ServerError, match=f"bad welcome from server shard 1: {name} "):
+        sharded_learner(first, second)
+    assert first.calls[-1] == "close" and second.calls[-1] == "close"
+
+
+def test_a_protocol_2_welcome_is_refused():
+    """Protocol 2's welcome said shard and shard_size where protocol 3's says part_size."""
+    layout = ShardLayout.even(58, 2)
+    first, second = ShardConnection(0, layout), ShardConnection(1, layout)
+    second.welcome = {"part_size": MISSING, "shard": None, "shard_size": 29}
+    with pytest.raises(ServerError, match="bad welcome from server shard 1: part_size None"):
+        sharded_learner(first, second)
+
+
+def test_a_welcome_of_another_gradient_part_fails():
+    layout = ShardLayout.even(58, 2)
+    first, second = ShardConnection(0, layout), ShardConnection(1, layout)
+    second.welcome = {"part_size": 28}
+    with pytest.raises(ServerError, match="gradient part differs"):
+        sharded_learner(first, second)
+    assert first.calls[-1] == "close" and second.calls[-1] == "close"
+
+
+def test_the_servers_welcome_is_one_the_client_accepts(served):
+    """The server's welcome has exactly the fields the client requires, of their types."""
+    server, connection = served
+    _, _, info = connection.hello()
+    assert set(info) == set(client_module.WELCOME_FIELDS)
+    layout = ShardLayout.even(server.num_params, 1)
+    client = client_module.ShardedClient(
+        [connection], layout=layout, pieces=[layout.slice(0)], target_period=100,
+        retry_seconds=1.0,
+    )  # fmt: skip
+    try:
+        assert client.initial.versions == (0,) and client.start_frames == 0
+    finally:
+        client.close(timeout_seconds=10)
+    assert server.all_workers_stopped()
 
 
 class RecordingConnection(FakeConnection):
@@ -453,8 +707,9 @@ def test_push_every_pushes_the_mean_of_k_gradients_with_the_oldest_versions():
     groups = ([0, 1, 2], [3, 4, 5], [6])
     for (sent, fields), group, first in zip(pushed, groups, (0, 3, 6), strict=True):
         np.testing.assert_allclose(sent, np.mean([grads[i] for i in group], axis=0), rtol=1e-6)
+        assert set(fields) == {"base_version", "mean_abs_td", "frames"}  # no shard, no loss
         assert fields["base_version"] == 10 + first
-        assert fields["loss"] == pytest.approx(np.mean([i + 1 for i in group]))
+        assert fields["mean_abs_td"] == pytest.approx(np.mean([i + 1 for i in group]))
 
 
 class VersionedServer(FakeConnection):

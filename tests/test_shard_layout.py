@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.gradient_parts import part_indices
 from gorila_jax.core.shard_layout import ShardLayout
 
 
@@ -54,7 +54,7 @@ def test_owned_indices_reach_exactly_the_shards_that_hold_them():
     rng = np.random.default_rng(0)
     grads = rng.normal(size=num_params).astype(np.float32)
     for worker in range(2):
-        owned = shard_indices(num_params, 2, worker, "default", seed=1)
+        owned = part_indices(num_params, 2, worker, "default", seed=1)
         values = grads[owned]
         rebuilt = np.zeros(num_params, np.float32)
         for shard, (positions, local) in enumerate(layout.split_indices(owned)):

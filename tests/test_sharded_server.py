@@ -15,17 +15,24 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from gorila_jax.core.config import Config
-from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.gradient_parts import part_indices
 from gorila_jax.core.optim import make_optimizer
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.io.checkpoint import CheckpointError
 from gorila_jax.server.parameter_server import ParameterServer
 from gorila_jax.server.process import check_server_files
 from gorila_jax.server.server_stats import combine, read_shard_stats, server_dir
-from gorila_jax.wire import transport
+from gorila_jax.wire import credentials, transport
+from gorila_jax.wire.credentials import WorkerAuthority
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = transport.new_run_token()
+SECRET = credentials.new_run_secret()
+
+
+def authority(num_workers: int) -> WorkerAuthority:
+    return WorkerAuthority(num_workers, secret=SECRET)
+
+
 MAX_NORM = 1.0
 LAMBDA = 0.5
 LR = 0.05
@@ -68,16 +75,15 @@ class Client:
     def request(self, kind: str, arrays=(), *, version: int = -1, **fields) -> transport.Message:
         self.seq += 1
         header = transport.make_header(
-            kind, token=TOKEN, worker=self.worker, seq=self.seq, version=version,
+            kind, credential=credentials.worker_credential(SECRET, self.worker),
+            worker=self.worker, seq=self.seq, version=version,
             fingerprint=self.server.fingerprint, **fields,
         )  # fmt: skip
         size = self.server.num_params
         return transport.decode_reply(
             self.server.handle(transport.encode(header, arrays)),
             expected_fingerprint=self.server.fingerprint,
-            layout_for=lambda h: (
-                (transport.vector_spec(size),) if h["kind"] in ("welcome", "params") else None
-            ),
+            layout_for=lambda h: size if h["kind"] in ("welcome", "params") else None,
             max_bytes=1 << 20,
         )
 
@@ -88,16 +94,16 @@ def clip(grads: np.ndarray) -> np.ndarray:
     return np.asarray(clipper.update(jnp.asarray(grads), clipper.init(grads))[0])
 
 
-@pytest.mark.parametrize("shard_factor", ["all", "default"])
-def test_three_shards_apply_what_one_server_applies(shard_factor):
+@pytest.mark.parametrize("gradient_part", ["all", "default"])
+def test_three_shards_apply_what_one_server_applies(gradient_part):
     """Adam, clipping (in the bundle) and DC-ASGD, two bundles pushing stale gradients
     between pulls: the three shards' slices joined equal the single server's params, and
     both equal optax's chain with the clipping in it (what the server did before)."""
-    one = ParameterServer(make_config(shard_factor=shard_factor), params_tree(),
-                          num_workers=2, token=TOKEN)  # fmt: skip
-    config = make_config(shard_factor=shard_factor, server_shards=3)
+    one = ParameterServer(make_config(gradient_part=gradient_part), params_tree(),
+                          num_workers=2, authority=authority(2))  # fmt: skip
+    config = make_config(gradient_part=gradient_part, server_shards=3)
     shards = [
-        ParameterServer(config, params_tree(), num_workers=2, token=TOKEN, shard=k)
+        ParameterServer(config, params_tree(), num_workers=2, authority=authority(2), shard=k)
         for k in range(3)
     ]
     layout = shards[0].layout
@@ -107,7 +113,7 @@ def test_three_shards_apply_what_one_server_applies(shard_factor):
     for w, (single, pieces) in clients.items():
         single.request("hello")
         held[w] = (0, [piece.request("hello").header["version"] for piece in pieces])
-    owned = {w: shard_indices(INITIAL.size, 2, w, shard_factor, config.seed) for w in (0, 1)}
+    owned = {w: part_indices(INITIAL.size, 2, w, gradient_part, config.seed) for w in (0, 1)}
     # The reference: optax with the clipping inside, one state for all elements.
     tx = make_optimizer("adam", LR, eps=config.optimizer_eps, max_grad_norm=MAX_NORM,
                         dc_asgd_lambda=LAMBDA)  # fmt: skip
@@ -126,7 +132,7 @@ def test_three_shards_apply_what_one_server_applies(shard_factor):
         size = INITIAL.size if owned[w] is None else len(owned[w])
         raw = (5.0 * rng.standard_normal(size)).astype(np.float32)  # norm ~20: clipped
         pushed = clip(raw)
-        fields = {"loss": 1.0, "shard": None if owned[w] is None else w, "frames": 10}
+        fields = {"mean_abs_td": 1.0, "frames": 10}
         ack = single.request("push", [pushed], version=held[w][0], **fields)
         assert ack.header["accepted"], ack.header
         if owned[w] is None:
@@ -135,7 +141,7 @@ def test_three_shards_apply_what_one_server_applies(shard_factor):
             parts = [pushed[where] for where, _ in layout.split_indices(owned[w])]
         for shard, (piece, part) in enumerate(zip(pieces, parts, strict=True)):
             if owned[w] is not None:
-                assert len(part) == len(shards[shard].shards[w])
+                assert len(part) == len(shards[shard].parts[w])
             ack = piece.request("push", [part], version=held[w][1][shard], **fields)
             assert ack.header["accepted"], (step, shard, ack.header)
         joined = np.concatenate([np.asarray(s.params) for s in shards])
@@ -151,7 +157,7 @@ def test_three_shards_apply_what_one_server_applies(shard_factor):
 def test_a_shard_refuses_the_checkpoint_of_another_shard_or_layout():
     config = make_config(server_shards=2)
     first, second = (
-        ParameterServer(config, params_tree(), num_workers=1, token=TOKEN, shard=k)
+        ParameterServer(config, params_tree(), num_workers=1, authority=authority(1), shard=k)
         for k in range(2)
     )
     state, meta = second.checkpoint_state()
@@ -159,27 +165,32 @@ def test_a_shard_refuses_the_checkpoint_of_another_shard_or_layout():
     with pytest.raises(CheckpointError, match="shard 1 of layout"):
         first.restore(state, meta)
     assert first.version == 0
-    # A checkpoint from before shards existed is one unsharded server's.
-    single = ParameterServer(make_config(), params_tree(), num_workers=1, token=TOKEN)
-    state, meta = single.checkpoint_state()
-    del meta["shard_layout"], meta["server_shard"]
-    single.restore(state, meta)
+    single = ParameterServer(make_config(), params_tree(), num_workers=1, authority=authority(1))
     with pytest.raises(CheckpointError, match="layout"):
         first.restore(*single.checkpoint_state())
+    # A checkpoint without the server's part of the meta is no server checkpoint of this
+    # format: refused in one line, nothing changed.
+    state, meta = single.checkpoint_state()
+    del meta["shard_layout"], meta["server_shard"]
+    with pytest.raises(CheckpointError, match="lacks server_shard, shard_layout") as refused:
+        single.restore(state, meta)
+    assert "\n" not in str(refused.value) and single.version == 0
 
 
 def test_a_shard_holds_only_its_slice_and_says_so_in_its_welcome():
     config = make_config(server_shards=3)
-    shard = ParameterServer(config, params_tree(), num_workers=2, token=TOKEN, shard=2)
+    shard = ParameterServer(config, params_tree(), num_workers=2, authority=authority(2), shard=2)
     welcome = Client(shard, 0).request("hello")
     np.testing.assert_array_equal(welcome.arrays[0], INITIAL[15:])
     info = welcome.header["config"]
     assert info["server_shard"] == 2 and info["shard_layout"] == [0, 8, 15, 23]
-    assert info["num_params"] == info["shard_size"] == 8
+    assert info["num_params"] == info["part_size"] == 8
     with pytest.raises(ValueError, match="slice"):
         shard.params_tree()
     with pytest.raises(ValueError, match="at least one parameter"):
-        ParameterServer(make_config(server_shards=24), params_tree(), num_workers=1, token=TOKEN)
+        ParameterServer(
+            make_config(server_shards=24), params_tree(), num_workers=1, authority=authority(1)
+        )
 
 
 def test_combined_stats_keep_the_meaning_of_one_servers(tmp_path):
@@ -237,13 +248,13 @@ def test_combining_a_damaged_shard_file_skips_what_it_cannot_use():
         "version": float("inf"),
         "stopped_workers": [[0], {"a": 1}, "1", True, 0],
         "workers": ["not", "a", "dict"],
-        "rejections": {"stale": float("inf"), "outlier": "many", "bad_token": 2},
+        "rejections": {"stale": float("inf"), "outlier": "many", "bad_credential": 2},
     }
     combined = combine([good, damaged])
     assert combined["version"] == 5  # the damaged version counts as 0
     assert combined["workers"] == {"0": {"accepted": 5}}
     assert combined["stopped_workers"] == [0]
-    assert combined["rejections"] == {"stale": 1, "bad_token": 2}
+    assert combined["rejections"] == {"stale": 1, "bad_credential": 2}
 
 
 def _fake_checkpoint(directory: Path) -> None:

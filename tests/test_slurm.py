@@ -154,11 +154,46 @@ def test_a_missing_slurm_skips_unless_it_is_required(monkeypatch, required):
             _require_slurm("srun")
 
 
+def _watch_listening(run_dir: Path, seen: set, done: threading.Event) -> None:
+    """Until `done`: every (address, port) a task of the run in `run_dir` listens on,
+    sampled every 0.1 s (the jax.distributed coordinator listens only until the rendezvous
+    is over)."""
+    import psutil
+
+    while not done.is_set():
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                command = process.info["cmdline"] or []
+                # The run's own processes (srun's I/O sockets are SLURM's, not the run's).
+                if not command or command[0] != sys.executable or str(run_dir) not in command:
+                    continue
+                for socket in process.net_connections(kind="tcp"):
+                    if socket.status == psutil.CONN_LISTEN:
+                        seen.add((socket.laddr.ip, socket.laddr.port))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.1)
+
+
 def test_srun_three_tasks_trains_cartpole(tmp_path):
-    """srun -n 3: task 0 serves the params, tasks 1 and 2 push accepted gradients."""
+    """srun -n 3: task 0 serves the params, tasks 1 and 2 push accepted gradients; the run
+    secret is RUN_DIR/run_secret, readable by its owner only (no GORILA_RUN_SECRET set), and
+    nothing of the run listens on every interface: the rendezvous store and the server
+    each on one address (issue 20.6; jax's default store listens on [::])."""
     _require_slurm("srun")
     run_dir = tmp_path / "run"
-    output = _srun_cartpole(run_dir, 3)
+    seen: set = set()
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_listening, args=(run_dir, seen, done), daemon=True)
+    watcher.start()
+    try:
+        output = _srun_cartpole(run_dir, 3)
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    assert len({port for _, port in seen}) >= 2, seen  # the store and the server were seen
+    assert not {ip for ip, _ in seen} & {"0.0.0.0", "::", ""}, seen
+    assert (run_dir / "run_secret").stat().st_mode & 0o077 == 0
 
     ps = _read_ps(run_dir, output)
     assert ps["updates"] > 0, ps
@@ -194,8 +229,8 @@ def test_srun_two_tasks_in_sync_mode_step_together(tmp_path):
 
 def _answers_a_plain_peer(run_dir: Path, found: dict) -> None:
     """Once the server has written ps.json, send it a request over a socket without CURVE
-    keys; `found["answered"]`: whether any reply came within 3 s (a token-only server
-    answers even a wrong token, with an error)."""
+    keys; `found["answered"]`: whether any reply came within 3 s (a server without CURVE
+    answers even a wrong credential, with an error)."""
     import zmq
 
     from gorila_jax.wire import transport
@@ -212,7 +247,7 @@ def _answers_a_plain_peer(run_dir: Path, found: dict) -> None:
     peer = transport.make_client_socket(zmq.Context.instance(), address, None, 1 << 20)
     try:
         header = transport.make_header(
-            "stats", token="x" * 64, worker=0, seq=2**62, version=-1, fingerprint=""
+            "hello", credential="x" * 64, worker=0, seq=2**62, version=-1, fingerprint=""
         )
         peer.send_multipart(transport.encode(header))
         found["answered"] = bool(peer.poll(3000))

@@ -91,12 +91,13 @@ def test_two_processes_with_batch_b_step_like_one_with_batch_2b(tmp_path):
 
     from gorila_jax.envs import model_of
     from gorila_jax.run.single_process import LocalLearner
-    from gorila_jax.wire import rendezvous
+    from gorila_jax.wire import credentials, rendezvous
 
     environ = {
         **os.environ,
         rendezvous.ENV_COORDINATOR: f"127.0.0.1:{free_port()}",
         rendezvous.ENV_NUM_PROCESSES: "2",
+        rendezvous.ENV_RENDEZVOUS_KEY: credentials.rendezvous_key(credentials.new_run_secret()),
         # 2 devices per process: the global batch of 16 is split over 4.
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
     }
@@ -169,7 +170,7 @@ def free_port() -> int:
         ({"single_process": True}, "config.mode: sync is several processes"),
         ({"workers": 1}, "config.workers: a sync run needs at least 2 processes"),
         ({"push_every": 4}, "config.push_every: a sync run pushes nothing"),
-        ({"shard_factor": "default"}, "config.shard_factor: a sync run averages whole"),
+        ({"gradient_part": "default"}, "config.gradient_part: a sync run averages whole"),
     ],
 )
 def test_settings_a_sync_run_cannot_have_are_refused(change, named):
@@ -226,12 +227,13 @@ def test_processes_with_another_config_stop_before_training(tmp_path):
     """2 processes of one sync run, started by hand (as srun would) with different
     learning rates: both stop with exit 2 and one line naming process 1, before any
     episode is played."""
-    from gorila_jax.wire import rendezvous
+    from gorila_jax.wire import credentials, rendezvous
 
     environ = {
         **os.environ,
         rendezvous.ENV_COORDINATOR: f"127.0.0.1:{free_port()}",
         rendezvous.ENV_NUM_PROCESSES: "2",
+        rendezvous.ENV_RENDEZVOUS_KEY: credentials.rendezvous_key(credentials.new_run_secret()),
     }
     rates = ["0.001", "0.002"]
     processes = [

@@ -5,7 +5,7 @@ server) over one DEALER socket: every request gets one reply, matched by sequenc
 so several can be in flight. `ShardedClient` holds one connection per server shard and a
 communication thread, the only one that touches the sockets once it runs. Its whole API:
 `push` a gradient (with everything the thread needs to send it: the versions it was
-computed on, the loss statistic, the frames played, whether to pull afterwards),
+computed on, its mean |TD error|, the frames played, whether to pull afterwards),
 `latest` params pulled since the last look (and a target refresh, if one came), and
 `close`.
 
@@ -52,6 +52,15 @@ QUICK_STOP_SECONDS = 2.0  # how long a bundle stopped by a signal waits for the 
 HELLO_AGAIN_SECONDS = 5.0  # how long a hello to a lost server shard may take to be answered
 IDLE_WAIT_SECONDS = 0.05  # the longest the thread sleeps with nothing in flight
 STALLED_SECONDS = 2.0  # a shard this long without acknowledging its oldest push is stalled
+# What a welcome says (protocol 3): every field is required.
+WELCOME_FIELDS = (
+    "num_params",
+    "server_shard",
+    "shard_layout",
+    "num_workers",
+    "part_size",
+    "frames",
+)
 
 
 class ServerError(RuntimeError):
@@ -77,7 +86,7 @@ class ServerConnection:
         self,
         endpoint: str,
         *,
-        token: str,
+        credential: str,
         worker: int,
         fingerprint: str,
         num_params: int,
@@ -86,7 +95,7 @@ class ServerConnection:
         cancel: threading.Event | None = None,
         curve: transport.ClientCurve | None = None,
     ):
-        self.token = token
+        self.credential = credential
         self.worker = worker
         self.fingerprint = fingerprint
         self.num_params = num_params
@@ -116,10 +125,8 @@ class ServerConnection:
             self._replies.clear()
         self._connect()
 
-    def _specs(self, header: dict):
-        if header["kind"] in ("welcome", "params"):
-            return (transport.vector_spec(self.num_params),)
-        return None
+    def _vector_length(self, header: dict) -> int | None:
+        return self.num_params if header["kind"] in ("welcome", "params") else None
 
     def send_request(
         self, kind: str, arrays=(), *, version: int = transport.NO_VERSION, **fields
@@ -131,7 +138,7 @@ class ServerConnection:
         self.seq += 1
         header = transport.make_header(
             kind,
-            token=self.token,
+            credential=self.credential,
             worker=self.worker,
             seq=self.seq,
             version=version,
@@ -183,6 +190,11 @@ class ServerConnection:
                 with self._lock:
                     if seq not in self._replies:
                         self._pending.pop(seq, None)
+        if reply.header["kind"] == "error" and reply.header["reason"] == "bad_protocol":
+            raise ServerError(
+                f"the server at {self.endpoint} speaks another wire protocol "
+                f"({reply.header['message']}): run the same gorila_jax version on every host"
+            )
         if reply.header["kind"] == "error":
             raise ServerError(
                 f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
@@ -201,10 +213,15 @@ class ServerConnection:
             reply = transport.decode_reply(
                 frames,
                 expected_fingerprint=self.fingerprint,
-                layout_for=self._specs,
+                layout_for=self._vector_length,
                 max_bytes=self.max_bytes,
             )
         except transport.ProtocolError as error:
+            if error.reason == "bad_protocol":
+                raise ServerError(
+                    f"the server at {self.endpoint} speaks another wire protocol "
+                    f"({error.message}): run the same gorila_jax version on every host"
+                ) from None
             raise ServerError(f"bad reply to {kind}: {error}") from None
         with self._lock:
             if reply.header["seq"] in self._pending:
@@ -240,10 +257,6 @@ class ServerConnection:
         reply = self.request("hello")
         return reply.arrays[0], reply.header["version"], reply.header["config"]
 
-    def pull(self, have_version: int) -> tuple[np.ndarray | None, int]:
-        """Params newer than `have_version` (None if not modified) and the server's version."""
-        return self.receive_pulled(self.send_pull(have_version))
-
     def send_pull(self, have_version: int) -> int:
         """Ask for params newer than `have_version` without waiting; returns the seq."""
         return self.send_request("pull", version=have_version)
@@ -258,11 +271,12 @@ class ServerConnection:
         return params, reply.header["version"]
 
     def send_push(
-        self, grads: np.ndarray, *, base_version: int, loss: float, frames: int, shard: int | None
+        self, grads: np.ndarray, *, base_version: int, mean_abs_td: float, frames: int
     ) -> int:
-        """Send a gradient without waiting for its acknowledgement; returns its seq."""
+        """Send a gradient (this worker's part of it, for this shard's slice) without
+        waiting for its acknowledgement; returns its seq."""
         return self.send_request(
-            "push", [grads], version=base_version, loss=float(loss), shard=shard, frames=frames
+            "push", [grads], version=base_version, mean_abs_td=float(mean_abs_td), frames=frames
         )
 
     def receive_ack(self, seq: int, *, wait: bool = True):
@@ -272,19 +286,6 @@ class ServerConnection:
         if reply is None:
             return None
         return reply.header["accepted"], reply.header["reason"], reply.header["version"]
-
-    def push(
-        self, grads: np.ndarray, *, base_version: int, loss: float, frames: int, shard: int | None
-    ) -> tuple[bool, str | None, int]:
-        """Push a gradient and wait; returns (accepted, reason if not, server version)."""
-        seq = self.send_push(
-            grads, base_version=base_version, loss=loss, frames=frames, shard=shard
-        )
-        return self.receive_ack(seq)
-
-    def stats(self) -> dict:
-        """The server's statistics."""
-        return self.request("stats").header["stats"]
 
     def stop(self) -> None:
         """Tell the server this worker is done (even while the bundle is being stopped)."""
@@ -299,7 +300,7 @@ class Push(NamedTuple):
     """One gradient for the server, with all the communication thread needs to send it."""
 
     grads: Any  # the flat gradient (a host or device array; read on the thread)
-    loss: float  # the mean |TD error| of the batch, for the server's outlier filter
+    mean_abs_td: float  # of the batch the gradient comes from, for the outlier filter
     versions: tuple[int, ...]  # per shard, the version of the params it was computed on
     frames: int  # frames this bundle has played, reported to the server
     pull: bool = False  # ask every shard for newer params once this is sent
@@ -340,9 +341,8 @@ class _Shard:
 class ShardedClient:
     """One bundle's client of a server in S shards (S >= 1); see the module docstring.
 
-    `pieces[k]` is the part of a pushed vector that shard k gets (None: nothing, with
-    gradient sharding); `gradient_part` is this bundle's gradient part, sent with each
-    push (None: the whole gradient)."""
+    `pieces[k]` is the part of a pushed vector that shard k gets (None: nothing, when
+    this bundle's gradient part has no element in shard k's slice)."""
 
     def __init__(
         self,
@@ -350,14 +350,12 @@ class ShardedClient:
         *,
         layout: ShardLayout,
         pieces: list[slice | None],
-        gradient_part: int | None,
         target_period: int,
         retry_seconds: float,
         stop_event: threading.Event | None = None,
     ):
         self.layout = layout
         self._pieces = pieces
-        self._gradient_part = gradient_part
         self._target_period = target_period
         self._retry_seconds = retry_seconds
         self._stop = stop_event or threading.Event()
@@ -369,7 +367,7 @@ class ShardedClient:
                 self._check_welcome(shard, info)
                 slices.append(flat)
                 versions.append(version)
-                frames.append(info.get("frames", 0))
+                frames.append(info["frames"])
         except BaseException:  # no client to close later: close the sockets now
             for connection in connections:
                 connection.close()
@@ -400,25 +398,27 @@ class ShardedClient:
         self._thread.start()
 
     def _check_welcome(self, shard: int, info: dict) -> None:
-        """The server shard at this connection holds the slice this bundle expects, for
-        the gradient part it pushes."""
-        layout = info.get("shard_layout", [0, self.layout.num_params])
-        if info.get("server_shard", 0) != shard or layout != list(self.layout.bounds):
+        """The welcome is protocol 3's (every field, of its type), and the server shard at
+        this connection holds the slice this bundle expects, for the gradient part it
+        pushes."""
+        for name in WELCOME_FIELDS:
+            value = info.get(name)
+            valid = (
+                isinstance(value, list) and all(type(v) is int for v in value)
+                if name == "shard_layout"
+                else type(value) is int and value >= 0
+            )
+            if not valid:
+                raise ServerError(f"bad welcome from server shard {shard}: {name} {value!r}")
+        layout = info["shard_layout"]
+        if info["server_shard"] != shard or layout != list(self.layout.bounds):
             raise ServerError(
-                f"server shard {shard} answered as shard {info.get('server_shard', 0)} of "
+                f"server shard {shard} answered as shard {info['server_shard']} of "
                 f"layout {layout}, expected {list(self.layout.bounds)}; same config?"
             )
         piece = self._pieces[shard]
-        expected = 0 if piece is None else piece.stop - piece.start
-        if self._gradient_part is None:
-            expected = self.layout.size(shard)
-        if info.get("shard_size") != expected:
-            raise ServerError(
-                "the server's gradient shard differs from this bundle's; same config?"
-            )
-        frames = info.get("frames", 0)
-        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
-            raise ServerError(f"bad welcome from server shard {shard}: frames {frames!r}")
+        if info["part_size"] != (0 if piece is None else piece.stop - piece.start):
+            raise ServerError("the server's gradient part differs from this bundle's; same config?")
 
     # ---- the main thread's API ---------------------------------------------------------
 
@@ -562,8 +562,8 @@ class ShardedClient:
             while shard.backlog and not shard.lost and len(shard.in_flight) < PUSHES_IN_FLIGHT:
                 push_id, piece, item = shard.backlog.popleft()
                 seq = shard.connection.send_push(
-                    piece, base_version=item.versions[index], loss=float(item.loss),
-                    frames=item.frames, shard=self._gradient_part,
+                    piece, base_version=item.versions[index],
+                    mean_abs_td=float(item.mean_abs_td), frames=item.frames,
                 )  # fmt: skip
                 # The frame is sent from `piece` without a copy: keep it until the ack.
                 shard.in_flight.append((push_id, seq, piece, time.monotonic()))

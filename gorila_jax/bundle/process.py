@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 def run_bundle(
-    config: Config, info: rendezvous.ProcessInfo, placement: Placement, stop: threading.Event
+    config: Config,
+    info: rendezvous.ProcessInfo,
+    placement: Placement,
+    keys: rendezvous.RunKeys,
+    stop: threading.Event,
 ) -> None:
     """A process past the server shards: actors, replay and learner, pushing gradients to
     every server shard."""
@@ -43,7 +47,9 @@ def run_bundle(
     # A restarted bundle plays other episodes than its first start did.
     seed = config.seed + bundle + 1000 * int(info.restarted)
     own_curve = rendezvous.own_curve_keys() if config.wire_security == "curve" else None
-    meeting = rendezvous.open_rendezvous(info)
+    meeting = rendezvous.open_rendezvous(info, keys)
+    # With CURVE the connection's key names the worker: no credential to present.
+    credential = "" if own_curve is not None else keys.worker_credential(worker)
     if own_curve is not None:
         meeting.publish_bundle_key(info.index, own_curve[0])
     addresses = meeting.shard_addresses(shards, curve=own_curve is not None)
@@ -61,7 +67,7 @@ def run_bundle(
         connections = [
             ServerConnection(
                 address.endpoint,
-                token=address.token,
+                credential=credential,
                 worker=worker,
                 fingerprint=transport.tree_fingerprint(template),
                 num_params=layout.size(shard),

@@ -30,7 +30,7 @@ from gorila_jax.bundle.client import (
     ShardedClient,
 )
 from gorila_jax.core.config import Config
-from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.gradient_parts import part_indices
 from gorila_jax.core.learner import local_mesh, make_flat_grad_step, shardings
 from gorila_jax.core.replay import Sample
 from gorila_jax.core.shard_layout import ShardLayout
@@ -90,8 +90,8 @@ class RemoteLearner:
         flat_template, self._unravel = ravel_pytree(params_template)
         worker = connections[0].worker
         layout = ShardLayout.even(int(flat_template.size), len(connections))
-        owned = shard_indices(
-            layout.num_params, num_workers, worker, config.shard_factor, config.seed
+        owned = part_indices(
+            layout.num_params, num_workers, worker, config.gradient_part, config.seed
         )
         if owned is None:  # every shard gets its whole slice
             pieces: list[slice | None] = [layout.slice(k) for k in range(layout.num_shards)]
@@ -106,7 +106,6 @@ class RemoteLearner:
             connections,
             layout=layout,
             pieces=pieces,
-            gradient_part=None if owned is None else worker,
             target_period=config.target_period,
             retry_seconds=config.server_retry_seconds,
             stop_event=self._stop,

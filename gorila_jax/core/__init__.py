@@ -4,5 +4,5 @@ The config and its validation (`config`, `cli`, `env_ids`), the Q-networks (`net
 `model`), the DQN loss, targets and jitted steps (`learner`), the optimizers and DC-ASGD
 (`optim`), the epsilon-greedy policy (`actor`), the replay memory (`replay`, `sum_tree`),
 and how the flat parameter vector is cut into server slices (`shard_layout`) and a
-bundle's gradient parts (`gradient_shards`). It imports nothing else from the package.
+bundle's gradient parts (`gradient_parts`). It imports nothing else from the package.
 """

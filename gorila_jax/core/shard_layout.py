@@ -9,7 +9,7 @@ global-norm clipping looks at the whole gradient. So S shards apply exactly what
 would provided the gradient is clipped before it is split, in the bundle, and the shards do
 not clip again.
 
-Gradient sharding composes: a bundle that owns the sorted flat `indices` sends each shard
+Gradient parts compose: a bundle that owns the sorted flat `indices` sends each shard
 the owned indices that fall in its slice (relative to the slice's start), and nothing to a
 shard that holds none of them.
 """

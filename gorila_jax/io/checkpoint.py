@@ -50,6 +50,9 @@ DAMAGED_DIR = "damaged_checkpoints"
 STAGING_DIR = "checkpoints.replacing"  # a replacement is written here, then swapped in
 ASIDE_SUFFIX = ".replaced"  # a replaced step moved aside (where no exchange is possible)
 MAX_NAMED_DIFFERENCES = 6
+# The layout of a checkpoint's JSON document (`run_meta` and what each role adds); a
+# checkpoint of another version is refused in one line (`check_format`).
+CHECKPOINT_FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
@@ -71,23 +74,41 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def run_meta(config: Config) -> dict:
     """What every checkpoint's JSON document records about the run that made it: the
-    resolved config and the fingerprint of its training settings (see `check_same_run`)."""
-    return {"config": to_dict(config), "config_fingerprint": fingerprint(config)}
+    format version, the resolved config and the fingerprint of its training settings (see
+    `check_same_run`)."""
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "config": to_dict(config),
+        "config_fingerprint": fingerprint(config),
+    }
+
+
+def check_format(meta: Mapping, where: str) -> None:
+    """Refuse (one-line CheckpointError) a checkpoint of another format version than this
+    code reads. Checkpoints written before the field existed are of version 1, and say so
+    by their config (every one of them records it)."""
+    version = meta.get("format_version", 1)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(
+            f"{where} records no config: it predates the checkpoint format this gorila_jax "
+            f"reads ({CHECKPOINT_FORMAT_VERSION}); use another --run-dir"
+        )
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} is of checkpoint format {version!r}; this gorila_jax reads format "
+            f"{CHECKPOINT_FORMAT_VERSION}: resume it with the version that wrote it, or use "
+            "another --run-dir"
+        )
 
 
 def settings_differences(meta: Mapping, config: Config) -> list[str]:
     """The training settings in which a checkpoint's meta differs from `config`, as
     "field saved -> now" strings (empty when it is the same run).
 
-    The saved config is compared field by field when the checkpoint holds it (`run_meta`);
-    an older checkpoint without it is compared by fingerprint.
+    The saved config (`run_meta`; `check_format` has made sure it is there) is compared
+    field by field.
     """
-    saved = meta.get("config")
-    if isinstance(saved, dict):
-        return resume_differences(saved, config)
-    if meta.get("config_fingerprint") != fingerprint(config):
-        return ["training settings (the checkpoint does not record which)"]
-    return []
+    return resume_differences(meta["config"], config)
 
 
 def _listed(differences: list[str]) -> str:
@@ -307,6 +328,7 @@ class Checkpointer:
                 log.warning(f"checkpoint {version} has no metadata; trying older")
                 damaged.append(version)
                 continue
+            check_format(meta, where)
             check_same_network(meta, config, where, expect or {})
             if force:
                 _warn_forced(meta, config, where)

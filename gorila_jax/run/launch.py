@@ -86,11 +86,12 @@ def run_role(config: Config) -> int:
         launcher.die_with_launcher(int(os.environ[rendezvous.ENV_LAUNCHER_PID]), stop)
     sync = config.mode == "sync"
     info = rendezvous.initialize(collectives=sync)
+    keys = rendezvous.run_keys(info, Path(config.run_dir))
     if sync:
         from gorila_jax.run.sync_process import run_sync
 
         logs.setup(f"bundle {info.index + 1}")  # no server: every process a bundle
-        return run_sync(config, info, stop)
+        return run_sync(config, info, keys, stop)
     shards = config.server_shards
     if info.count <= shards:
         logs.setup(f"process {info.index}")
@@ -99,7 +100,7 @@ def run_role(config: Config) -> int:
             f"and {info.count} process(es) were started; use srun -n {shards + 2} or more, "
             "or --single-process"
         )
-    placement = rendezvous.place_roles(info, shards)
+    placement = rendezvous.place_roles(info, shards, keys)
     logs.setup(launcher.process_name(placement, info.index))
     if info.index == 0:
         log.info(f"roles: {placement.describe()}")
@@ -110,9 +111,9 @@ def run_role(config: Config) -> int:
     if placement.shard_of(info.index) is not None:
         from gorila_jax.server.process import run_server
 
-        run_server(config, info, placement, stop)
+        run_server(config, info, placement, keys, stop)
     else:
         from gorila_jax.bundle.process import run_bundle
 
-        run_bundle(config, info, placement, stop)
+        run_bundle(config, info, placement, keys, stop)
     return launcher.EXIT_STOPPED if stop.is_set() else 0

@@ -2,7 +2,7 @@
 
 `launch_local` starts the server's shards and `--workers` bundles on 127.0.0.1 (the same
 script, told its place through GORILA_* variables: the jax.distributed coordinator, the
-process count and index, the run token, the CURVE keys it made for every process),
+process count and index, the run secret or a bundle's credential, the CURVE keys it made),
 prefixes and forwards their output, stops all of them on Ctrl-C or SIGTERM, restarts one
 that dies (up to `--max-restarts`; a restarted process meets the others through
 `rendezvous.LauncherRendezvous`), and when one cannot be restarted stops the others and
@@ -38,7 +38,7 @@ import zmq
 from gorila_jax.core.config import Config
 from gorila_jax.io import logs
 from gorila_jax.server.process import check_server_files, check_shard_layout
-from gorila_jax.wire import rendezvous, transport
+from gorila_jax.wire import credentials, rendezvous
 from gorila_jax.wire.placement import Placement, place
 
 STOP_GRACE_SECONDS = 30.0
@@ -207,7 +207,12 @@ def launch_local(config: Config, argv: list[str]) -> int:
     environ = dict(os.environ)
     environ[rendezvous.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
     environ[rendezvous.ENV_NUM_PROCESSES] = str(count)
-    environ[rendezvous.ENV_RUN_TOKEN] = transport.new_run_token()
+    # The shards get the run secret, each bundle its own credential only, every process
+    # the key that signs the rendezvous (gorila_jax.wire.credentials); nothing inherited.
+    secret = credentials.new_run_secret()
+    environ[rendezvous.ENV_RENDEZVOUS_KEY] = credentials.rendezvous_key(secret)
+    environ.pop(credentials.ENV_RUN_SECRET, None)
+    environ.pop(credentials.ENV_WORKER_CREDENTIAL, None)
     environ[rendezvous.ENV_LAUNCHER_PID] = str(os.getpid())
     environ.pop(rendezvous.ENV_SERVER_PORT, None)
     environ.pop(rendezvous.ENV_PORT_FILE, None)
@@ -236,6 +241,15 @@ def launch_local(config: Config, argv: list[str]) -> int:
         }
         if index < shards:
             child_environ[rendezvous.ENV_PORT_FILE] = str(port_files[index])
+        if curve or sync:  # a process's CURVE key is its identity; a sync run has no server
+            pass
+        elif index < shards:
+            child_environ[credentials.ENV_RUN_SECRET] = secret
+        else:
+            worker = placement.worker_of(index)
+            child_environ[credentials.ENV_WORKER_CREDENTIAL] = credentials.worker_credential(
+                secret, worker
+            )
         if restarted:
             child_environ[rendezvous.ENV_RESTARTED] = "1"
             # A shard takes back its own port; a bundle gets every shard's.

@@ -257,7 +257,9 @@ def check_start(records: list[str]) -> dict:
     return first
 
 
-def run_sync(config: Config, info: rendezvous.ProcessInfo, stop: threading.Event) -> int:
+def run_sync(
+    config: Config, info: rendezvous.ProcessInfo, keys: rendezvous.RunKeys, stop: threading.Event
+) -> int:
     """Be process `info.index` of a sync run; the exit status (a lost process: this
     process ends at once, with one line, `EXIT_LOST_PROCESS`)."""
     if info.count < 2:
@@ -268,7 +270,7 @@ def run_sync(config: Config, info: rendezvous.ProcessInfo, stop: threading.Event
     try:
         validate(config, local_device_count=jax.local_device_count())
         with private_files(Path(config.run_dir)):
-            return _run_sync(config, info, stop)
+            return _run_sync(config, info, keys, stop)
     except StartMismatch as error:
         return fail(str(error))
     except StepFailed as error:
@@ -282,7 +284,9 @@ def run_sync(config: Config, info: rendezvous.ProcessInfo, stop: threading.Event
         os._exit(EXIT_LOST_PROCESS)
 
 
-def _run_sync(config: Config, info: rendezvous.ProcessInfo, stop: threading.Event) -> int:
+def _run_sync(
+    config: Config, info: rendezvous.ProcessInfo, keys: rendezvous.RunKeys, stop: threading.Event
+) -> int:
     run_dir = Path(config.run_dir)
     bundle = info.index + 1
     writer = info.index == 0
@@ -308,7 +312,7 @@ def _run_sync(config: Config, info: rendezvous.ProcessInfo, stop: threading.Even
             None if restored is None else {"updates": restored[1], "frames": restored[2]},
             error,
         )
-        store = rendezvous.StoreRendezvous()
+        store = rendezvous.StoreRendezvous(keys.rendezvous_key)
         first = check_start(store.exchange("start", info.index, record, info.count))
         # Every process is here now: the first collective (which sets up gloo, and fails
         # if a process is more than 30 s late) comes before anything slow.

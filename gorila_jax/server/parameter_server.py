@@ -3,7 +3,7 @@
 State: a `ShardState` (`gorila_jax.server.shard_state`): the parameters as one flat float32 vector
 (`ravel_pytree` order), the optax state of the optimizer the config names (DC-ASGD chained
 in front when configured), and `version`, the number of updates applied. Each accepted push
-goes through the shard state's pure jitted apply; a partial push (gradient sharding)
+goes through the shard state's pure jitted apply; a partial push (a gradient part)
 updates only the owned elements of the parameters and of every element-wise optimizer
 statistic.
 
@@ -29,7 +29,7 @@ Batched absorb. `serve` takes every request waiting (up to `MAX_BATCH` pushes) b
 applies anything: each push is judged on arrival (`submit`) against the version it will
 be applied at, in the order the pushes came, and waits in a batch; the batch is applied in
 one call of the shard state's apply (`flush`) at the end of the turn, or before a hello or
-a stats request. Pulls wait for the batch too and get the params after it (fresher than
+a stop. Pulls wait for the batch too and get the params after it (fresher than
 one at a time would give; at load every `sync_every`-th push comes with a pull, and
 flushing for each would cut batches to a few pushes). Versions, staleness, the outlier
 filter, DC-ASGD's stale params and the counters are exactly those of applying the pushes
@@ -47,13 +47,14 @@ writes no checkpoint, and `serve` raises `ParamsDiverged`: the process exits wit
 and a restart resumes from the last checkpoint, which is never non-finite. Non-finite
 params are never sent to a bundle or saved.
 
-Every message is validated by `gorila_jax.wire.transport.decode` before anything is used; a bad
-one gets an error reply and a counter, and never changes the parameters. Only a request
-that presented the run token moves anything kept per worker (counters, the last sequence
-number); the others are counted under "unauthenticated". Sequence numbers must grow over
-a worker's whole life, hellos included, so no request is accepted twice. `serve` handles a
-bounded amount of work per turn of its loop, so checkpoints, ps.json and stopping happen on
-time under any load. Statistics are written to RUN_DIR/ps.json every few seconds.
+Every message is validated by `gorila_jax.wire.transport.decode` before anything is used; a
+bad one gets an error reply and a counter, and never changes the parameters. Only a request
+whose credential is its worker's (`gorila_jax.wire.credentials`) moves anything kept per
+worker (counters, the last sequence number); the others are counted under "unauthenticated".
+Sequence numbers must grow over a worker's whole life, hellos included, so no request is
+accepted twice. `serve` handles a bounded amount of work per turn of its loop, so
+checkpoints, ps.json and stopping happen on time under any load. Statistics are written to
+RUN_DIR/ps.json every few seconds.
 """
 
 from __future__ import annotations
@@ -73,13 +74,21 @@ import zmq
 from jax.flatten_util import ravel_pytree
 
 from gorila_jax.core.config import Config
-from gorila_jax.core.gradient_shards import shard_indices
+from gorila_jax.core.gradient_parts import part_indices
 from gorila_jax.core.optim import config_optimizer
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.io.checkpoint import CheckpointError, run_meta
 from gorila_jax.server.server_stats import ServerStats, server_dir
-from gorila_jax.server.shard_state import Push, init_shard_state, make_apply, state_is_finite
+from gorila_jax.server.shard_state import (
+    Push,
+    ShardState,
+    init_shard_state,
+    make_apply,
+    state_is_finite,
+)
+from gorila_jax.server.stale_params import StaleParams
 from gorila_jax.wire import transport
+from gorila_jax.wire.credentials import WorkerAuthority
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +103,20 @@ MAX_BATCH = 32  # pushes applied in one call of the shard state's apply
 CHECKPOINT_RETRY_SECONDS = 1.0  # the first wait after a failed checkpoint (then doubling)
 MAX_CLOCK_SKEW_SECONDS = 3600.0  # how far a bundle's clock (its seq numbers) may run ahead
 MAX_FRAMES_PER_SECOND = 1_000_000  # frames a bundle could report per second, generously
+# What a server checkpoint's meta holds besides `run_meta` (restore refuses one without).
+SERVER_META_FIELDS = (
+    "version",
+    "server_shard",
+    "shard_layout",
+    "last_seq",
+    "stopped_workers",
+    "outliers",
+    "workers",
+    "frames",
+    "rejections",
+    "staleness_histogram",
+    "events",
+)
 NORM_TOLERANCE = 1e-3  # relative slack on max_grad_norm for float32 rounding in the clip
 
 
@@ -152,14 +175,13 @@ class OutlierFilter:
         """The filter as JSON values, for a checkpoint."""
         return {"count": self.count, "losses": list(self.losses)}
 
-    def load(self, state: Any) -> None:
-        """Continue from `state()`; anything else (an older format) starts afresh."""
-        if isinstance(state, dict) and isinstance(state.get("losses"), list):
-            losses = [float(x) for x in state["losses"] if math.isfinite(float(x))]
-            self.losses.clear()
-            self.losses.extend(losses)
-            self.count = int(state.get("count", len(losses)))
-            self._threshold = None
+    def load(self, state: dict) -> None:
+        """Continue from `state()` (a checkpoint's, checked by `ParameterServer.restore`)."""
+        losses = [float(x) for x in state["losses"] if math.isfinite(float(x))]
+        self.losses.clear()
+        self.losses.extend(losses)
+        self.count = int(state["count"])
+        self._threshold = None
 
 
 class ParameterServer:
@@ -171,14 +193,21 @@ class ParameterServer:
         params_tree: Any,
         *,
         num_workers: int,
-        token: str,
+        authority: WorkerAuthority,
         run_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
         shard: int = 0,
+        state: ShardState | None = None,
     ):
+        """A server (shard `shard` of `config.server_shards`) of `params_tree`'s network for
+        `num_workers` bundles, whose requests `authority` authenticates. It starts from
+        version 0 of those params, or from `state` (its slice's params, optimizer state
+        and version) where given; a checkpoint is taken back with `restore`."""
         self.config = config
         self.num_workers = num_workers
-        self.token = token
+        if authority.num_workers != num_workers:
+            raise ValueError(f"credentials for {authority.num_workers} workers, not {num_workers}")
+        self.authority = authority
         self.run_dir = run_dir
         self.clock = clock
         flat, self.unravel = ravel_pytree(params_tree)
@@ -194,27 +223,23 @@ class ParameterServer:
         self.num_params = int(flat.size)  # the elements this shard holds
         self.fingerprint = transport.tree_fingerprint(params_tree)
         self.tx = config_optimizer(config, server=True)
-        self.state = init_shard_state(self.tx, flat)
-        self._apply = make_apply(self.tx, self.num_params, compensated=config.dc_asgd != "off")
-        # Gradient sharding: the elements of this shard's slice each worker pushes (None:
-        # all of them), relative to the slice's start.
-        self.shards = {w: self._owned_here(w) for w in range(num_workers)}
-        self._device_shards = {
-            w: (None if idx is None else jnp.asarray(idx)) for w, idx in self.shards.items()
-        }
-        # What each worker's push must carry: (its gradient part's id, the frame's spec).
-        self._push_specs = {
-            w: (
-                None if idx is None else w,
-                (transport.vector_spec(self.num_params if idx is None else len(idx)),),
+        self.state = init_shard_state(self.tx, flat) if state is None else state
+        if self.state.params.shape != flat.shape:
+            raise ValueError(
+                f"a state of {self.state.params.shape} params for a slice of {flat.shape}"
             )
-            for w, idx in self.shards.items()
+        self._apply = make_apply(self.tx, self.num_params, compensated=config.dc_asgd != "off")
+        # Gradient parts: the elements of this shard's slice each worker pushes (None: all
+        # of them), relative to the slice's start, and how many that is.
+        self.parts = {w: self._part_here(w) for w in range(num_workers)}
+        self._device_parts = {
+            w: (None if idx is None else jnp.asarray(idx)) for w, idx in self.parts.items()
         }
-        self.uses_dc_asgd = config.dc_asgd != "off"
-        # DC-ASGD: worker -> {version: the params it was sent at that version}. Gradients a
-        # bundle queued before a pull arrive after it, so the stale params are looked up by
-        # the push's base version, not taken from the latest pull.
-        self.pulled: dict[int, dict[int, jnp.ndarray]] = {}
+        self._part_sizes = {
+            w: self.num_params if idx is None else len(idx) for w, idx in self.parts.items()
+        }
+        # DC-ASGD: the params each worker was sent, by version (None without DC-ASGD).
+        self.stale_params = StaleParams(config.max_staleness) if config.dc_asgd != "off" else None
         self._host_params: tuple[int, np.ndarray] | None = None
         self.outliers = OutlierFilter(config.outlier_k, config.outlier_warmup)
         self.max_bytes = max_message_bytes(config, self.num_params)
@@ -243,13 +268,12 @@ class ParameterServer:
         self._handlers: dict[str, Callable[[dict, list], list]] = {
             "hello": self._on_hello,
             "pull": self._on_pull,
-            "stats": self._on_stats,
             "stop": self._on_stop,
         }
 
-    def _owned_here(self, worker: int) -> np.ndarray | None:
-        owned = shard_indices(
-            self.total_params, self.num_workers, worker, self.config.shard_factor,
+    def _part_here(self, worker: int) -> np.ndarray | None:
+        owned = part_indices(
+            self.total_params, self.num_workers, worker, self.config.gradient_part,
             self.config.seed,
         )  # fmt: skip
         if owned is None:
@@ -263,27 +287,15 @@ class ParameterServer:
         """The flat params (the shard state's)."""
         return self.state.params
 
-    @params.setter
-    def params(self, value) -> None:
-        self.state = self.state._replace(params=jnp.asarray(value, jnp.float32))
-
     @property
     def opt_state(self) -> Any:
         """The optimizer state (the shard state's)."""
         return self.state.opt_state
 
-    @opt_state.setter
-    def opt_state(self, value) -> None:
-        self.state = self.state._replace(opt_state=value)
-
     @property
     def version(self) -> int:
         """Updates applied so far (the shard state's)."""
         return self.state.version
-
-    @version.setter
-    def version(self, value: int) -> None:
-        self.state = self.state._replace(version=int(value))
 
     def params_tree(self) -> Any:
         """The current params as the network's pytree (an unsharded server only)."""
@@ -321,28 +333,19 @@ class ParameterServer:
 
     # ---- messages ------------------------------------------------------------------------
 
-    def _specs_for(self, header: dict):
-        if header["kind"] != "push":
-            return None
-        worker = header["worker"]
-        if worker >= self.num_workers:
-            raise transport.ProtocolError(
-                "bad_worker", f"worker {worker} >= {self.num_workers}", header
-            )
-        expected_shard, specs = self._push_specs[worker]
-        if header["shard"] != expected_shard:
-            raise transport.ProtocolError(
-                "bad_shard", f"worker {worker} owns shard {expected_shard}", header
-            )
-        return specs
+    def _vector_length(self, header: dict) -> int | None:
+        """The elements a request's vector must have: a push carries its worker's gradient
+        part; no other request carries one (the worker is authenticated already)."""
+        return self._part_sizes[header["worker"]] if header["kind"] == "push" else None
 
     def reject(
         self, reason: str, request: dict | None, message: str, *, authenticated: bool
     ) -> list:
         """Count a refused message and build its error reply.
 
-        Only an `authenticated` request (its token was right) is counted against the worker
-        it names; any other is counted under "unauthenticated", whatever worker it claims.
+        Only an `authenticated` request (its credential was its worker's) is counted
+        against the worker it names; any other is counted under "unauthenticated",
+        whatever worker it claims.
         """
         worker = request.get("worker") if request else None
         if not (isinstance(worker, int) and 0 <= worker < self.num_workers):
@@ -368,26 +371,29 @@ class ParameterServer:
         ready += self.flush()
         return [frames for peer, frames in ready if peer is None][-1]
 
-    def submit(self, frames: list, peer: Any = None) -> list[tuple[Any, list]]:
-        """Take one request from `peer` (a routing id); return the (peer, reply frames)
-        ready to send: the replies of the batch this request made the server apply first,
-        if any, then this request's, unless it is an accepted push, whose ack comes with
-        its batch's `flush`. Never raises on input."""
+    def submit(
+        self, frames: list, peer: Any = None, client_key: str | None = None
+    ) -> list[tuple[Any, list]]:
+        """Take one request from `peer` (a routing id) whose connection zmq authenticated
+        with the CURVE key `client_key` (z85; None without CURVE); return the (peer, reply
+        frames) ready to send: the replies of the batch this request made the server
+        apply first, if any, then this request's, unless it is an accepted push, whose
+        ack comes with its batch's `flush`. Never raises on input."""
         ready: list[tuple[Any, list]] = []
-        reply = self._receive(frames, peer, ready)
+        reply = self._receive(frames, peer, client_key, ready)
         if reply is not None:
             ready.append((peer, reply))
         if len(self._batch) >= MAX_BATCH:
             ready += self.flush()
         return ready
 
-    def _receive(self, frames: list, peer: Any, ready: list) -> list | None:
+    def _receive(self, frames: list, peer: Any, client_key: str | None, ready: list) -> list | None:
         try:
             message = transport.decode(
                 frames,
-                expected_token=self.token,
+                authenticate=lambda header: self.authority.check(header, client_key),
                 expected_fingerprint=self.fingerprint,
-                layout_for=self._specs_for,
+                layout_for=self._vector_length,
                 max_bytes=self.max_bytes,
             )
         except transport.ProtocolError as error:
@@ -396,27 +402,17 @@ class ParameterServer:
             )
         header = message.header
         worker, seq = header["worker"], header["seq"]
-        if header["kind"] != "stats" and worker >= self.num_workers:
+        # Hellos included: a restarted worker numbers on from where it was (see
+        # bundle.client), so a request seen once is refused for good.
+        if seq <= self.last_seq.get(worker, -1):
+            return self.reject("replayed", header, f"seq {seq} already seen", authenticated=True)
+        # Bundles number from the wall clock in ns (bundle.client), one a request: a
+        # number far above it would lock the worker's real requests out for good.
+        if seq > (self.clock() + MAX_CLOCK_SKEW_SECONDS) * 1e9:
             return self.reject(
-                "bad_worker",
-                header,
-                f"worker {worker} >= {self.num_workers}",
-                authenticated=True,
+                "future_seq", header, f"seq {seq} is ahead of the clock", authenticated=True
             )
-        if worker < self.num_workers:
-            # Hellos included: a restarted worker numbers on from where it was (see
-            # bundle.client), so a request seen once is refused for good.
-            if seq <= self.last_seq.get(worker, -1):
-                return self.reject(
-                    "replayed", header, f"seq {seq} already seen", authenticated=True
-                )
-            # Bundles number from the wall clock in ns (bundle.client), one a request: a
-            # number far above it would lock the worker's real requests out for good.
-            if seq > (self.clock() + MAX_CLOCK_SKEW_SECONDS) * 1e9:
-                return self.reject(
-                    "future_seq", header, f"seq {seq} is ahead of the clock", authenticated=True
-                )
-            self.last_seq[worker] = seq
+        self.last_seq[worker] = seq
         if header["kind"] == "push":
             return self._on_push(header, message.arrays, peer)
         if self.diverged is not None:
@@ -445,26 +441,20 @@ class ParameterServer:
             return self.reject("non_finite_update", request, self.diverged, authenticated=True)
         worker = request["worker"]
         self.counters.pulled(worker, self.version)
-        if self.uses_dc_asgd:
-            held = self.pulled.setdefault(worker, {})
-            held[self.version] = self.params  # a reference: jax arrays are immutable
-            too_old = self.version - self.config.max_staleness  # pushes on these are refused
-            for version in [v for v in held if v < too_old]:
-                del held[version]
+        if self.stale_params is not None:
+            self.stale_params.sent(worker, self.version, self.params)
         return self._reply(request, kind, [host], **fields)
 
     def _on_hello(self, header: dict, arrays) -> list:
         worker = header["worker"]
         self.counters.hello(worker)
         self.stopped_workers.discard(worker)
-        indices = self.shards[worker]
         info = {
             "num_params": self.num_params,
             "server_shard": self.shard,
             "shard_layout": list(self.layout.bounds),
             "num_workers": self.num_workers,
-            "shard": None if indices is None else worker,
-            "shard_size": self.num_params if indices is None else len(indices),
+            "part_size": self._part_sizes[worker],
             "frames": self.counters.frames.get(worker, 0),
         }
         return self._send_params(header, "welcome", config=info)
@@ -473,9 +463,6 @@ class ParameterServer:
         if header["version"] == self.version:
             return self._reply(header, "not_modified")
         return self._send_params(header, "params")
-
-    def _on_stats(self, header: dict, arrays) -> list:
-        return self._reply(header, "stats_reply", stats=self.stats())
 
     def _on_stop(self, header: dict, arrays) -> list:
         self.stopped_workers.add(header["worker"])
@@ -505,15 +492,17 @@ class ParameterServer:
         # overflows float32, which only an over-norm gradient can do).
         with np.errstate(over="ignore", invalid="ignore"):
             norm_squared = float(np.dot(grads, grads))
-        if not math.isfinite(header["loss"]) or (
+        if not math.isfinite(header["mean_abs_td"]) or (
             not math.isfinite(norm_squared) and not transport.all_finite(arrays)
         ):
-            return self._refuse_push(header, "non_finite", "gradient or loss not finite")
+            return self._refuse_push(header, "non_finite", "gradient or mean_abs_td not finite")
         if not norm_squared <= self.max_norm_squared:
             return self._refuse_push(header, "over_norm", "gradient norm over max_grad_norm")
-        if self.outliers.is_outlier(abs(header["loss"])):
-            return self._refuse_push(header, "outlier", f"loss {header['loss']:.4g}")
-        push = Push(grads, self._device_shards[worker], self._stale_params(worker, header))
+        if self.outliers.is_outlier(abs(header["mean_abs_td"])):
+            return self._refuse_push(header, "outlier", f"mean_abs_td {header['mean_abs_td']:.4g}")
+        push = Push(
+            grads, self._device_parts[worker], self._stale_params(worker, header["version"])
+        )
         self._batch.append((peer, header, push, staleness))
         return None
 
@@ -526,17 +515,11 @@ class ParameterServer:
         elapsed = max(0.0, self.clock() - since)  # a wall clock stepped back: no time
         return frames <= reached + (elapsed + 1.0) * MAX_FRAMES_PER_SECOND
 
-    def _stale_params(self, worker: int, header: dict) -> jax.Array | None:
-        """DC-ASGD: the params `worker` was sent at the push's base version (None: the
-        params current when it is applied, no compensation, when there is no record)."""
-        held = self.pulled.get(worker) if self.uses_dc_asgd else None
-        if not held:
+    def _stale_params(self, worker: int, base_version: int | None) -> jax.Array | None:
+        """DC-ASGD: the params `worker` was sent at `base_version` (None: no compensation)."""
+        if self.stale_params is None:
             return None
-        base_version = header["version"]
-        # A bundle's base versions never decrease: older records are no longer needed.
-        for version in [v for v in held if v < base_version]:
-            del held[version]
-        return held.get(base_version)
+        return self.stale_params.for_push(worker, base_version)
 
     def _refuse_push(self, header: dict, reason: str, message: str) -> list:
         self.counters.refused(reason, header["worker"], authenticated=True)
@@ -582,11 +565,7 @@ class ParameterServer:
         """Apply one gradient (whole or the worker's part) now, unjudged, and bump the
         version: for tests and benchmarks. With DC-ASGD the stale params are those `worker`
         was sent at `base_version` (None: its latest pull)."""
-        held = self.pulled.get(worker) if self.uses_dc_asgd else None
-        if held and base_version is None:
-            base_version = max(held)
-        stale = self._stale_params(worker, {"version": base_version})
-        push = Push(grads, self._device_shards[worker], stale)
+        push = Push(grads, self._device_parts[worker], self._stale_params(worker, base_version))
         self.state = self._apply(self.state, [push])
 
     def warm_up(self) -> None:
@@ -596,7 +575,7 @@ class ParameterServer:
     # ---- statistics ----------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """The statistics of ps.json and the stats reply (`ServerStats.snapshot`)."""
+        """The statistics of ps.json (`ServerStats.snapshot`)."""
         return self.counters.snapshot(
             self.version,
             stopped_workers=sorted(self.stopped_workers),
@@ -605,7 +584,7 @@ class ParameterServer:
             num_params=self.num_params,
             server_shard=self.shard,
             server_shards=self.layout.num_shards,
-            shard_factor=self.config.shard_factor,
+            gradient_part=self.config.gradient_part,
             dc_asgd=self.config.dc_asgd,
         )
 
@@ -649,26 +628,32 @@ class ParameterServer:
     def restore(self, state: dict, meta: dict) -> None:
         """Continue from a checkpoint: params, optimizer state, version and every counter,
         the workers that had stopped (unless all had) and each worker's last sequence
-        number. A checkpoint of another shard or shard layout is refused (CheckpointError)
-        before anything changes; one that predates shards is one unsharded server's."""
-        layout = meta.get("shard_layout", [0, self.total_params])
-        shard = meta.get("server_shard", 0)
+        number. A checkpoint that lacks part of a server's meta, or of another shard or shard
+        layout, is refused (CheckpointError) before anything changes."""
+        missing = [name for name in SERVER_META_FIELDS if name not in meta]
+        outliers = meta.get("outliers")
+        if missing or not (isinstance(outliers, dict) and {"count", "losses"} <= set(outliers)):
+            raise CheckpointError(
+                f"the checkpoint's meta lacks {', '.join(missing) or 'the outlier filter'}: "
+                "not a server checkpoint this version of gorila_jax wrote"
+            )
+        layout, shard = meta["shard_layout"], meta["server_shard"]
         if layout != list(self.layout.bounds) or shard != self.shard:
             raise CheckpointError(
                 f"the checkpoint holds shard {shard} of layout {layout}, this process is shard "
                 f"{self.shard} of {list(self.layout.bounds)}; resume with the same "
                 "--server-shards, or use another --run-dir"
             )
-        self.params = jnp.asarray(state["params"], jnp.float32)
-        self.opt_state = state["opt_state"]
-        self.version = int(meta["version"])
+        self.state = ShardState(
+            jnp.asarray(state["params"], jnp.float32), state["opt_state"], int(meta["version"])
+        )
         self.counters.load(meta)
-        self.last_seq = {int(w): int(s) for w, s in meta.get("last_seq", {}).items()}
-        stopped = {int(w) for w in meta.get("stopped_workers", [])}
+        self.last_seq = {int(w): int(s) for w, s in meta["last_seq"].items()}
+        stopped = {int(w) for w in meta["stopped_workers"]}
         # Every worker had stopped: the run had ended, and this start continues it with
         # bundles that will say hello. Otherwise those that stopped will not stop again.
         self.stopped_workers = set() if len(stopped) >= self.num_workers else stopped
-        self.outliers.load(meta.get("outliers"))
+        self.outliers.load(meta["outliers"])
         self.checkpointed_version = self.version
         self._checkpointed_stops = frozenset(self.stopped_workers)
 
@@ -794,7 +779,7 @@ def _answer(server: ParameterServer, socket: zmq.Socket, turn_ends: float) -> No
                 reply = server.reject(error.reason, None, error.message, authenticated=False)
                 ready = [(error.routing_id, reply)]
             else:
-                ready = server.submit(frames, routing_id)
+                ready = server.submit(frames, routing_id, _client_key(server, frames))
             for peer, reply in ready:
                 _send_reply(server, socket, peer, reply)
             if time.monotonic() >= turn_ends:
@@ -802,6 +787,14 @@ def _answer(server: ParameterServer, socket: zmq.Socket, turn_ends: float) -> No
     finally:
         for peer, reply in server.flush():
             _send_reply(server, socket, peer, reply)
+
+
+def _client_key(server: ParameterServer, frames: list) -> str | None:
+    """The z85 CURVE key zmq authenticated a request's connection with (its ZAP User-Id;
+    None without CURVE)."""
+    if server.authority.curve_workers is None or not frames:
+        return None
+    return frames[0].get("User-Id")
 
 
 def _send_reply(server: ParameterServer, socket: zmq.Socket, peer: bytes, reply: list) -> None:

@@ -33,6 +33,7 @@ from gorila_jax.io.params_file import PARAMS_FILE, SLICE_FILE, save_params, save
 from gorila_jax.server.parameter_server import ParameterServer, max_message_bytes
 from gorila_jax.server.server_stats import server_dir
 from gorila_jax.wire import rendezvous, transport
+from gorila_jax.wire.credentials import WorkerAuthority
 from gorila_jax.wire.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,22 @@ def checkpoint_skew(run_dir: Path, shards: int) -> str:
     return f"the shards resume from checkpoints at versions {shown} ({spread:,} apart)"
 
 
+def curve_workers(keys: list[bytes]) -> dict[bytes, int]:
+    """Each bundle's CURVE public key -> its worker index (the keys in worker order);
+    RendezvousError when two bundles gave the same key, which would make one of them
+    the other."""
+    workers = {key: worker for worker, key in enumerate(keys)}
+    if len(workers) != len(keys):
+        raise rendezvous.RendezvousError("two bundles published the same CURVE key")
+    return workers
+
+
 def run_server(
-    config: Config, info: rendezvous.ProcessInfo, placement: Placement, stop: threading.Event
+    config: Config,
+    info: rendezvous.ProcessInfo,
+    placement: Placement,
+    keys: rendezvous.RunKeys,
+    stop: threading.Event,
 ) -> None:
     """A shard's process: hold its slice of the params, apply pushes, publish its address,
     answer until done."""
@@ -88,36 +103,39 @@ def run_server(
     own_dir = server_dir(run_dir, shard, shards)
     # First thing: a final slice left by an earlier sitting must not be read as this one's.
     (own_dir / SLICE_FILE).unlink(missing_ok=True)
-    token = rendezvous.run_token()
     # A first start binds a free port itself (no probing race); a restart takes it back.
     port = rendezvous.own_port()
     model = model_of(config)
     max_bytes = max_message_bytes(config, model.num_params)
     context = zmq.Context.instance()
-    curve, authenticator, clients = None, None, set()
-    meeting = rendezvous.open_rendezvous(info)
+    curve, authenticator = None, None
+    clients: dict[bytes, int] = {}  # with CURVE: each bundle's public key -> its worker
+    meeting = rendezvous.open_rendezvous(info, keys)
     bundles = placement.bundle_processes
     if config.wire_security == "curve":
         curve = transport.ServerCurve(*rendezvous.own_curve_keys())
-        clients.update(rendezvous.launcher_bundle_keys())
+        clients.update(curve_workers(rendezvous.launcher_bundle_keys()))
         authenticator = transport.start_curve_authenticator(context, clients)
+        authority = WorkerAuthority(len(bundles), curve_workers=clients)
+    else:
+        authority = WorkerAuthority(len(bundles), secret=keys.server_secret())
     sock, endpoint = transport.make_server_socket(
         context, f"tcp://{rendezvous.reachable_host(info)}:{port}", max_bytes, curve=curve
     )
     # Bundles may connect now; their hellos wait in the socket until serve() starts (with
     # CURVE, they connect once the rendezvous has given this server their keys).
     meeting.publish_shard(
-        shard, rendezvous.ShardAddress(endpoint, token, None if curve is None else curve.public)
+        shard, rendezvous.ShardAddress(endpoint, None if curve is None else curve.public)
     )
-    if curve is not None:
-        clients.update(meeting.bundle_keys(bundles))
+    if curve is not None and not clients:  # the local launcher's keys, where it gave them
+        clients.update(curve_workers(meeting.bundle_keys(bundles)))
     meeting.close()
     validate(config, local_device_count=jax.local_device_count())
     server = ParameterServer(
         config,
         model.init(config.seed),
         num_workers=len(bundles),
-        token=token,
+        authority=authority,
         run_dir=run_dir,
         shard=shard,
     )
@@ -144,8 +162,8 @@ def run_server(
         log.info(
             f"{config.env_id}: {server.total_params:,} params (this process holds "
             f"{held.start:,}..{held.stop - 1:,}), {server.num_workers} bundle(s), optimizer "
-            f"{config.optimizer}, dc_asgd {config.dc_asgd}, shard_factor "
-            f"{config.shard_factor}, listening on {endpoint}"
+            f"{config.optimizer}, dc_asgd {config.dc_asgd}, gradient_part "
+            f"{config.gradient_part}, listening on {endpoint}"
         )
         server.warm_up()
         server.serve(sock, endpoint, stop.is_set, checkpointer=checkpointer)

@@ -2,12 +2,12 @@
 of a server split in shards.
 
 `ServerStats` holds the counters of one server process, apart from its protocol state:
-rejections by reason, refusals of requests without the run token ("unauthenticated"), the
-staleness histogram of accepted pushes, per bundle (`workers`) its hellos, pulls, accepted
-and rejected pushes and the last version it was sent, the frames each bundle reported,
-events ("bundle_rejoined", "resumed") and the update rate. The server tells it what happened
-(`refused`, `accepted`, `pulled`, `hello`, `frames_reported`); it makes the statistics
-(`snapshot`: the stats reply and ps.json), writes them (`write`: ps.json and TensorBoard)
+rejections by reason, refusals of requests without their worker's credential
+("unauthenticated"), the staleness histogram of accepted pushes, per bundle (`workers`) its
+hellos, pulls, accepted and rejected pushes and the last version it was sent, the frames
+each bundle reported, events ("bundle_rejoined", "resumed") and the update rate. The server
+tells it what happened (`refused`, `accepted`, `pulled`, `hello`, `frames_reported`); it
+makes the statistics (`snapshot`: ps.json), writes them (`write`: ps.json and TensorBoard)
 and gives and takes its part of a checkpoint's meta (`state`, `load`).
 
 One unsharded server (`server_shards` 1) keeps the run directory's historical layout: its
@@ -82,7 +82,7 @@ class ServerStats:
 
     def refused(self, reason: str, worker: int | None, *, authenticated: bool) -> None:
         """A request refused for `reason`: counted against `worker` (None: a worker the
-        server does not have) when the request presented the run token, else under
+        server does not have) when the request presented its worker's credential, else under
         "unauthenticated", whatever worker it claims."""
         self.rejections[reason] += 1
         if not authenticated:
@@ -289,7 +289,7 @@ def combine(shards: list[dict]) -> dict:
     combined["frames"] = int(max(_number(s, "frames") for s in shards))
     combined["checkpointed_version"] = int(min(_number(s, "checkpointed_version") for s in shards))
     first = shards[0]
-    for key in ("num_workers", "shard_factor", "dc_asgd", "address"):
+    for key in ("num_workers", "gradient_part", "dc_asgd", "address"):
         if key in first:
             combined[key] = first[key]
     combined["num_params"] = int(sum(_number(s, "num_params") for s in shards))

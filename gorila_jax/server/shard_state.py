@@ -14,11 +14,11 @@ place, one fused pass per push, and the program's dispatch is paid once per chun
 of once per push. (A `lax.scan` over the stacked gradients was measured 2-4x slower per
 push on CPU: the loop's carry is copied.)
 
-A push may carry the whole slice's gradient or, under gradient sharding, the gradient of
-some owned elements (`indices`, relative to the slice): the partial apply gathers those
-elements of the params, of the stale params and of every element-wise optimizer statistic,
-updates them and scatters them back, while scalar statistics (adam's step count) advance.
-Partial pushes are applied one call each.
+A push may carry the whole slice's gradient or, from a bundle with a gradient part, the
+gradient of some owned elements (`indices`, relative to the slice): the partial apply
+gathers those elements of the params, of the stale params and of every element-wise
+optimizer statistic, updates them and scatters them back, while scalar statistics (adam's
+step count) advance. Partial pushes are applied one call each.
 
 There is no guard in here. The server refuses, on arrival, every gradient that is not finite
 or whose norm is over what the bundle's clipping allows (`gorila_jax.server.parameter_server`), so

@@ -8,9 +8,12 @@ calls both ends need. What the server does with a message is in
 
 Protocol
 --------
-``PROTOCOL_VERSION`` is 2 (protocol 1 replies carried the run token). Every header says
-its version and a message of another version is refused ("bad_protocol"). Each request
-of a bundle gets exactly one reply, sent back on the connection the request came from:
+``PROTOCOL_VERSION`` is 3 (protocol 2 carried one run token for every worker, a gradient
+part's index in each push and a ``stats`` request; protocol 1 replies carried the token).
+Every header says its version and a message of another version is refused
+("bad_protocol"; a bundle that gets that reply, or a reply of another version, stops with
+one line naming both versions). Each request of a bundle gets exactly one reply, sent
+back on the connection the request came from:
 
 =======  ==========================  ===================================================
 request  replies                     what the server does
@@ -24,7 +27,6 @@ pull     params or not_modified      params when the request's ``version`` diffe
                                      must get, such as a target network refresh)
 push     ack                         applies the gradient, or refuses it (ack with
                                      ``accepted`` false and the reason)
-stats    stats_reply                 sends its statistics (the counters of ps.json)
 stop     ack                         records that this worker is done; the server's
                                      ``serve`` returns once every bundle has stopped
 =======  ==========================  ===================================================
@@ -36,13 +38,12 @@ gets one is only counted in the statistics, it never changes the parameters.
 Message layout
 --------------
 A message is a list of frames. Frame 0 is a msgpack-encoded header (a map with str keys,
-at most ``MAX_HEADER_BYTES``). Then comes one frame per array: the array's raw
-little-endian, C-ordered bytes. Shapes and dtypes never travel: the receiver passes
+at most ``MAX_HEADER_BYTES``). At most one frame follows: a 1-D float32 vector, its raw
+little-endian bytes (the parameters, or the part of a gradient a worker pushes, flattened
+in ``jax.flatten_util.ravel_pytree`` order). Its length never travels: the receiver passes
 ``decode`` / ``decode_reply`` a ``layout_for`` callback that gives, from the validated
-header, the ``ArraySpec`` of every frame it expects, so a sender cannot make the receiver
-allocate or interpret anything it did not expect. In this project every message carries at
-most one array, a 1-D float32 vector (``vector_spec``): the parameters or a gradient,
-flattened in ``jax.flatten_util.ravel_pytree`` order.
+header, the number of elements it expects (None: no vector), so a sender cannot make the
+receiver allocate or interpret anything it did not expect.
 
 Header fields carried by every message
 --------------------------------------
@@ -51,12 +52,16 @@ field         type   meaning
 ============  =====  ===================================================================
 kind          str    one of ``REQUEST_KINDS`` or ``REPLY_KINDS``
 protocol      int    ``PROTOCOL_VERSION`` (``encode`` fills it)
-token         str    requests only: the run token from ``new_run_token``. A reply never
-                     carries it (``decode_reply`` refuses one that does): a reply goes to
-                     the connection its request came from, so it needs no credential,
-                     and a peer that did not present the token is never sent it
-worker        int    worker id, >= 0 (the server refuses one that is not below its number
-                     of workers, "bad_worker", except in ``stats``); a reply echoes the
+credential    str    requests only: what proves the request comes from ``worker``
+                     (``gorila_jax.wire.credentials``): with token security the
+                     worker's own credential, derived from the run secret and its index,
+                     so one bundle's credential cannot act for another; with CURVE
+                     security the empty string (the connection's CURVE key names the
+                     worker). A reply never carries one (``decode_reply`` refuses one
+                     that does): a reply goes to the connection its request came from
+worker        int    worker id, >= 0 (the server's ``authenticate`` refuses one that is not
+                     below its number of workers, "bad_worker", before the schema is
+                     checked, so a negative one is "bad_worker" too); a reply echoes the
                      request's
 seq           int    per-worker sequence number, >= 0, strictly increasing over the
                      worker's whole life, restarts included: a bundle starts from the
@@ -69,7 +74,7 @@ version       int    parameter version, >= ``NO_VERSION`` (-1, "no parameters").
 fingerprint   str    ``tree_fingerprint`` of the Q-network's parameter tree; the server
                      checks it on every request, a bundle on every reply (checkpoints
                      record it too)
-arrays        int    number of array frames that follow (``encode`` fills it)
+arrays        int    number of vector frames that follow, 0 or 1 (``encode`` fills it)
 ============  =====  ===================================================================
 
 A reply to a request whose header could not be read echoes worker 0 and seq 0
@@ -78,45 +83,39 @@ A reply to a request whose header could not be read echoes worker 0 and seq 0
 Kind-specific fields (all listed fields are required; no other field is accepted)
 ---------------------------------------------------------------------------------
 ============  ================  =========================================================
-kind          field: type       meaning / array frames
+kind          field: type       meaning / vector frame
 ============  ================  =========================================================
 hello         -                 worker -> server, first contact (and after a lost
-                                connection); no arrays
+                                connection); no vector
 welcome       config: dict      server -> worker, the info dict ``ParameterServer.
                                 _on_hello`` builds for that worker: ``num_params``
                                 (elements of the parameter vector the server holds: its
                                 slice when it is one of several server shards),
                                 ``server_shard`` (which one, 0 when it is alone),
                                 ``shard_layout`` (the slices' bounds, ``[0, N]`` alone),
-                                ``num_workers``, ``shard`` (the worker's gradient shard
-                                index, None when it pushes whole gradients),
-                                ``shard_size`` (elements of each of its pushes) and
-                                ``frames`` (environment frames the server has recorded
-                                for it, so a restarted bundle counts on);
-                                arrays: the parameters (``num_params`` float32)
-pull          -                 worker -> server; no arrays
-params        -                 server -> worker; arrays: the parameters
+                                ``num_workers``, ``part_size`` (elements of each of the
+                                worker's pushes: its gradient part within this slice,
+                                ``gorila_jax.core.gradient_parts``; both ends compute
+                                which elements from the config) and ``frames``
+                                (environment frames the server has recorded for it, so
+                                a restarted bundle counts on);
+                                vector: the parameters (``num_params``)
+pull          -                 worker -> server; no vector
+params        -                 server -> worker; vector: the parameters
 not_modified  -                 server -> worker, the worker's version is current
-push          loss: float       the mean absolute TD error of the batch the gradient
-                                comes from; the server's outlier filter refuses a push
-                                whose loss is far above those of recent pushes, and a
+push          mean_abs_td:      the mean absolute TD error of the batch the gradient
+              float             comes from; the server's outlier filter refuses a push
+                                whose value is far above those of recent pushes, and a
                                 non-finite one as "non_finite"
-              shard: int|None   None: the gradient of every parameter; otherwise the
-                                worker's own index, and the gradient only of the
-                                elements it owns (``gorila_jax.core.gradient_shards``; both
-                                ends compute them from the config, the wire carries
-                                only the values); any other value is "bad_shard"
               frames: int       environment frames the worker has done, >= 0
-                                arrays: the gradient, ``shard_size`` float32
+                                vector: the worker's gradient part (``part_size``)
 ack           accepted: bool    whether the push was applied (a ``stop`` is always
                                 acknowledged with true)
               reason: str|None  why not, a reason code (None when accepted)
 error         reason: str       a reason code (see below)
               message: str      human-readable detail (the server cuts it short)
-stats         -                 worker -> server (any worker id); no arrays
 stop          -                 worker -> server: this worker is done (a bundle sends it
-                                when it closes); no arrays
-stats_reply   stats: dict       server -> worker, a msgpack-able dict
+                                when it closes); no vector
 ============  ================  =========================================================
 
 Reason codes
@@ -125,25 +124,25 @@ Reason codes
 in ``REASONS``. ``decode`` / ``decode_reply`` raise: "malformed" (header is not msgpack /
 not a map / a field is missing, unknown or mistyped / unknown kind / a reply where a
 request is expected or the reverse), "bad_protocol" (protocol version differs),
-"bad_token", "bad_fingerprint", "bad_frames" (array frame count or byte length wrong),
-"oversized" (message over ``max_bytes`` or header over ``MAX_HEADER_BYTES``; ``recv``
-raises it too, for a message over its frame or byte bound). The server's ``layout_for``
-raises "bad_worker" (no such worker) and "bad_shard" (not the worker's shard); the server
-answers "bad_worker", "replayed" (a sequence number already seen) and "future_seq" (a
-sequence number over the server's wall clock in ns plus an hour: bundles number from the
-clock, and such a number would lock the worker out) in error replies too; a push whose
-``frames`` jumps further than a bundle could have gone since its last report gets an ack
-with "implausible_frames".
+"bad_worker" and "bad_credential" (the receiver's ``authenticate`` callback: no such
+worker, or a credential that is not that worker's), "bad_fingerprint", "bad_frames"
+(vector frame count or byte length wrong), "oversized" (message over ``max_bytes`` or
+header over ``MAX_HEADER_BYTES``; ``recv`` raises it too, for a message over its frame or
+byte bound). The server answers "replayed" (a sequence number already seen) and
+"future_seq" (a sequence number over the server's wall clock in ns plus an hour: bundles
+number from the clock, and such a number would lock the worker out) in error replies
+too; a push whose ``frames`` jumps further than a bundle could have gone since its last
+report gets an ack with "implausible_frames".
 A refused push gets an ack with "stale" (computed on parameters more than
 ``max_staleness`` versions old, or on a version the server has not made),
-"non_finite" (a NaN or an infinity in the gradient or the loss), "over_norm" (the
-gradient's norm is over the clip the bundle applies, ``max_grad_norm``, or its square
-overflows float32), "outlier" (the loss) or "non_finite_update" (the parameters or the
-optimizer state stopped being finite after the batch it was applied in; the server then
-refuses every push and pull and stops, see ``gorila_jax.server.parameter_server``).
-``ProtocolError.authenticated`` says whether the request's token had been verified before
-the error was found: only then may a receiver count it against the worker the header
-names.
+"non_finite" (a NaN or an infinity in the gradient or its ``mean_abs_td``), "over_norm"
+(the gradient's norm is over the clip the bundle applies, ``max_grad_norm``, or its
+square overflows float32), "outlier" (its ``mean_abs_td``) or "non_finite_update" (the
+parameters or the optimizer state stopped being finite after the batch it was applied
+in; the server then refuses every push and pull and stops, see
+``gorila_jax.server.parameter_server``). ``ProtocolError.authenticated`` says whether the
+request's credential had been verified before the error was found: only then may a
+receiver count it against the worker the header names.
 
 Sockets
 -------
@@ -174,11 +173,7 @@ zmq has sent them. ``recv`` returns zero-copy ``zmq.Frame`` objects, and the arr
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-import math
-import secrets
-import sys
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -187,7 +182,7 @@ import msgpack
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 NO_VERSION = -1
 SERVER_RECEIVE_QUEUE = 16  # whole messages zmq queues per peer on the server's socket
@@ -195,14 +190,13 @@ SERVER_RECEIVE_QUEUE = 16  # whole messages zmq queues per peer on the server's 
 # counts a queue lazily (in steps of half of it), so a turn's burst of replies needs room.
 SERVER_SEND_QUEUE = 32
 
-REQUEST_KINDS = frozenset({"hello", "pull", "push", "stats", "stop"})
-REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error", "stats_reply"})
+REQUEST_KINDS = frozenset({"hello", "pull", "push", "stop"})
+REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error"})
 KINDS = REQUEST_KINDS | REPLY_KINDS
 ANSWERS = {  # the replies each request may get, besides "error" (the table above)
     "hello": frozenset({"welcome"}),
     "pull": frozenset({"params", "not_modified"}),
     "push": frozenset({"ack"}),
-    "stats": frozenset({"stats_reply"}),
     "stop": frozenset({"ack"}),
 }
 assert set(ANSWERS) == REQUEST_KINDS
@@ -211,10 +205,9 @@ REASONS = frozenset(
     {
         "malformed",
         "bad_protocol",
-        "bad_token",
+        "bad_credential",
         "bad_fingerprint",
         "bad_frames",
-        "bad_shard",
         "oversized",
         "bad_worker",
         "replayed",
@@ -244,8 +237,9 @@ class ProtocolError(ValueError):
 
     ``reason`` is a short code (see ``REASONS``), ``message`` a readable detail and
     ``header`` the decoded header when decoding got that far (use it only to address an
-    error reply, see ``reply_header``). ``authenticated``: the header's token was checked
-    and right, so its ``worker`` is who sent it; otherwise nothing in it is trustworthy.
+    error reply, see ``reply_header``). ``authenticated``: the header's credential was
+    checked and is its ``worker``'s, so that worker sent it; otherwise nothing in it is
+    trustworthy.
     """
 
     def __init__(
@@ -264,63 +258,20 @@ class ProtocolError(ValueError):
 
 
 # --------------------------------------------------------------------------------------
-# Array specs and tree fingerprints
+# Tree fingerprints
 # --------------------------------------------------------------------------------------
 
 
-class ArraySpec(NamedTuple):
-    """Shape and dtype of one array frame."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
+def _leaf_description(leaf: Any) -> tuple[list[int], str]:
+    """A leaf's shape and dtype name (numpy and jax arrays, ``jax.ShapeDtypeStruct``)."""
+    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+        leaf = np.asarray(leaf)
+    return [int(d) for d in leaf.shape], np.dtype(leaf.dtype).name
 
 
-def vector_spec(length: int) -> ArraySpec:
-    """Spec of a 1-D float32 frame of ``length`` elements (params or a gradient)."""
-    return ArraySpec((int(length),), FLOAT32)
-
-
-def _wire_dtype(dtype: np.dtype) -> np.dtype:
-    """The little-endian form of ``dtype``, as it travels on the wire."""
-    dtype = np.dtype(dtype)
-    big = dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big")
-    return dtype.newbyteorder("<") if big else dtype
-
-
-def _check_array_dtype(dtype: np.dtype, where: str) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
-        raise ValueError(f"{where}: dtype {dtype} cannot travel as raw bytes")
-    if dtype.itemsize == 0:
-        raise ValueError(f"{where}: dtype {dtype} has no fixed size")
-    return dtype
-
-
-def _spec_of(leaf: Any, where: str) -> ArraySpec:
-    if isinstance(leaf, ArraySpec) or (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
-        shape, dtype = leaf.shape, leaf.dtype
-    else:
-        array = np.asarray(leaf)
-        shape, dtype = array.shape, array.dtype
-    return ArraySpec(tuple(int(d) for d in shape), _check_array_dtype(dtype, where))
-
-
-def _is_spec_leaf(node: Any) -> bool:
-    return isinstance(node, ArraySpec)
-
-
-def _fingerprint(paths: Sequence[str], specs: Sequence[ArraySpec]) -> str:
+def _fingerprint(paths: Sequence[str], leaves: Sequence[Any]) -> str:
     description = [
-        [path, list(spec.shape), np.dtype(spec.dtype).name]
-        for path, spec in zip(paths, specs, strict=True)
+        [path, *_leaf_description(leaf)] for path, leaf in zip(paths, leaves, strict=True)
     ]
     text = json.dumps(description, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
@@ -329,16 +280,15 @@ def _fingerprint(paths: Sequence[str], specs: Sequence[ArraySpec]) -> str:
 def tree_fingerprint(tree: Any) -> str:
     """Hash of a pytree's leaf paths, shapes and dtypes (not values, not byte order).
 
-    Leaves are arrays (numpy or jax), ``jax.ShapeDtypeStruct`` or ``ArraySpec``; numpy and
-    jax leaves of the same spec give the same fingerprint. Both ends of the wire compute it
+    Leaves are arrays (numpy or jax) or ``jax.ShapeDtypeStruct``; numpy and jax leaves of
+    the same shape and dtype give the same fingerprint. Both ends of the wire compute it
     from their own copy of the model, and checkpoints record it: the string must not change.
     """
     import jax  # here only: a bundle's client and the wire need no JAX otherwise
 
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
     paths = [jax.tree_util.keystr(path) for path, _ in with_paths]
-    specs = [_spec_of(leaf, path) for path, (_, leaf) in zip(paths, with_paths, strict=True)]
-    return _fingerprint(paths, specs)
+    return _fingerprint(paths, [leaf for _, leaf in with_paths])
 
 
 # --------------------------------------------------------------------------------------
@@ -371,10 +321,6 @@ def _optional_str(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
 
-def _optional_shard(value: Any) -> bool:
-    return value is None or _non_negative_int(value)
-
-
 def _is_bool(value: Any) -> bool:
     return isinstance(value, bool)
 
@@ -400,18 +346,15 @@ _KIND_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "params": {},
     "not_modified": {},
     "push": {
-        "loss": (_number, "float"),
-        "shard": (_optional_shard, "int >= 0 or None"),
+        "mean_abs_td": (_number, "float"),
         "frames": (_non_negative_int, "int >= 0"),
     },
     "ack": {"accepted": (_is_bool, "bool"), "reason": (_optional_str, "str or None")},
     "error": {"reason": (_is_str, "str"), "message": (_is_str, "str")},
-    "stats": {},
     "stop": {},
-    "stats_reply": {"stats": (_is_dict, "dict")},
 }
 assert set(_KIND_FIELDS) == KINDS
-_REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {"token": (_is_str, "str")}
+_REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {"credential": (_is_str, "str")}
 # Every kind's whole schema, merged once: (fields in order, their names as a frozenset).
 _SCHEMAS = {
     kind: (
@@ -436,8 +379,8 @@ def _check_protocol(header: dict) -> None:
 
 
 def _validate_header(header: dict, *, authenticated: bool = False) -> None:
-    """Check field names and types (not token or fingerprint values); requests carry a
-    token, replies none."""
+    """Check field names and types (not credential or fingerprint values); requests carry
+    a credential, replies none."""
 
     def refuse(message: str) -> ProtocolError:
         return ProtocolError("malformed", message, header, authenticated=authenticated)
@@ -462,12 +405,12 @@ def _validate_header(header: dict, *, authenticated: bool = False) -> None:
 
 
 def make_header(
-    kind: str, *, token: str, worker: int, seq: int, version: int, fingerprint: str, **fields
+    kind: str, *, credential: str, worker: int, seq: int, version: int, fingerprint: str, **fields
 ) -> dict:
     """A request header for ``encode`` (which adds ``protocol`` and ``arrays``)."""
     return {
         "kind": kind,
-        "token": token,
+        "credential": credential,
         "worker": worker,
         "seq": seq,
         "version": version,
@@ -479,7 +422,7 @@ def make_header(
 def reply_header(
     request: Mapping | None, kind: str, *, version: int, fingerprint: str, **fields
 ) -> dict:
-    """A reply header echoing ``worker`` and ``seq`` of ``request`` (never a token).
+    """A reply header echoing ``worker`` and ``seq`` of ``request`` (never a credential).
 
     ``request`` may be a partial header (``ProtocolError.header``) or None; fields it
     lacks or has mistyped become 0 / 0.
@@ -503,32 +446,33 @@ def reply_header(
 
 
 class Message(NamedTuple):
-    """A validated message: its header and its arrays (read-only views)."""
+    """A validated message: its header and its vectors (read-only views; 0 or 1)."""
 
     header: dict
     arrays: list[np.ndarray]
 
 
-def _array_frame(array: Any, index: int) -> memoryview:
+def _vector_frame(array: Any) -> memoryview:
+    """The little-endian bytes of a 1-D float32 vector (copied only when it is not
+    contiguous little-endian float32 already)."""
     array = np.asarray(array)
-    _check_array_dtype(array.dtype, f"array {index}")
-    wire = _wire_dtype(array.dtype)
-    if wire != array.dtype:
-        array = array.astype(wire)
-    array = np.ascontiguousarray(array)
-    return memoryview(array.reshape(-1).view(np.uint8))
+    if array.ndim != 1 or array.dtype.kind != "f" or array.dtype.itemsize != 4:
+        raise ValueError(f"the wire carries 1-D float32 vectors, not {array.dtype}{array.shape}")
+    return memoryview(np.ascontiguousarray(array, dtype=FLOAT32).view(np.uint8))
 
 
 def encode(
     header: Mapping, arrays: Sequence[Any] = (), *, validate: bool = True
 ) -> list[bytes | memoryview]:
-    """Frames of a message: the packed header then one little-endian frame per array.
+    """Frames of a message: the packed header, then the vector if there is one.
 
     Fills ``protocol`` and ``arrays``, validates the header (``ProtocolError`` on a bad
     one; ``validate=False`` skips that for a header the caller built from checked values,
-    the server's acks on its hot path) and avoids copying arrays that are already
-    contiguous and little-endian.
+    the server's acks on its hot path) and does not copy a vector that is already
+    contiguous little-endian float32 (ValueError for anything but a 1-D float32 vector).
     """
+    if len(arrays) > 1:
+        raise ValueError(f"a message carries at most one vector, not {len(arrays)}")
     header = dict(header)
     header["protocol"] = PROTOCOL_VERSION
     header["arrays"] = len(arrays)
@@ -540,7 +484,7 @@ def encode(
         raise ProtocolError("malformed", f"header not msgpack-able: {error}", header) from None
     if len(packed) > MAX_HEADER_BYTES:
         raise ProtocolError("oversized", f"header of {len(packed)} bytes", header)
-    return [packed, *(_array_frame(array, i) for i, array in enumerate(arrays))]
+    return [packed, *(_vector_frame(array) for array in arrays)]
 
 
 def _as_byte_view(frame: Any) -> memoryview:
@@ -560,7 +504,11 @@ def _unpack_header(view: memoryview) -> dict:
             view, raw=False, strict_map_key=True, ext_hook=_refuse_ext, **_MSGPACK_LIMITS
         )
     except Exception as error:  # msgpack raises many types for bad input
-        raise ProtocolError("malformed", f"header is not msgpack: {error!r}") from None
+        # The error's type only: its text can quote the header, credential included, and
+        # an error reply must never carry one back.
+        raise ProtocolError(
+            "malformed", f"header is not msgpack ({type(error).__name__})"
+        ) from None
     if not isinstance(header, dict):
         raise ProtocolError("malformed", f"header is a {type(header).__name__}, not a map")
     return header
@@ -581,15 +529,15 @@ def _open(frames: Sequence[Any], max_bytes: int) -> tuple[list[memoryview], dict
     return views, header
 
 
-def _check_arrays(
+def _check_vector(
     header: dict,
     array_views: list[memoryview],
     *,
     expected_fingerprint: str | None,
-    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
+    layout_for: Callable[[dict], int | None],
     authenticated: bool,
 ) -> Message:
-    """Fingerprint, frame count and frame sizes of a validated header; the message."""
+    """Fingerprint, frame count and vector length of a validated header; the message."""
 
     def refuse(reason: str, message: str) -> ProtocolError:
         return ProtocolError(reason, message, header, authenticated=authenticated)
@@ -602,60 +550,56 @@ def _check_arrays(
     if header["arrays"] != len(array_views):
         raise refuse("bad_frames", f"header says {header['arrays']} arrays, got {len(array_views)}")
     try:
-        specs = layout_for(header)
+        length = layout_for(header)
     except ProtocolError as error:
         error.authenticated = authenticated
         raise
-    specs = () if specs is None else tuple(specs)
-    if len(specs) != len(array_views):
+    expected = 0 if length is None else 1
+    if len(array_views) != expected:
         raise refuse(
-            "bad_frames", f"{header['kind']}: expected {len(specs)} arrays, got {len(array_views)}"
+            "bad_frames", f"{header['kind']}: expected {expected} vectors, got {len(array_views)}"
         )
     arrays = []
-    for index, (spec, view) in enumerate(zip(specs, array_views, strict=True)):
-        if view.nbytes != spec.nbytes:
-            raise refuse(
-                "bad_frames", f"array {index}: {view.nbytes} bytes, expected {spec.nbytes}"
-            )
-        array = np.frombuffer(view, dtype=_wire_dtype(spec.dtype)).reshape(spec.shape)
+    if array_views:
+        (view,) = array_views
+        if view.nbytes != 4 * length:
+            raise refuse("bad_frames", f"vector of {view.nbytes} bytes, expected {4 * length}")
+        array = np.frombuffer(view, dtype=FLOAT32)
         array.flags.writeable = False
         arrays.append(array)
-    if "loss" in header:
-        header["loss"] = float(header["loss"])
+    if "mean_abs_td" in header:
+        header["mean_abs_td"] = float(header["mean_abs_td"])
     return Message(header, arrays)
 
 
 def decode(
     frames: Sequence[Any],
     *,
-    expected_token: str,
+    authenticate: Callable[[dict], None],
     expected_fingerprint: str | None,
-    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
+    layout_for: Callable[[dict], int | None],
     max_bytes: int,
 ) -> Message:
     """Validate and decode a request (the server's side), or raise ``ProtocolError``.
 
     ``frames``: bytes, memoryviews or ``zmq.Frame`` (no routing id). Checks, in order:
     total size <= ``max_bytes`` and header size; header is a msgpack map; protocol;
-    token (constant time); field names and types, the kind a request; fingerprint
-    (skipped when ``expected_fingerprint`` is None); array frame count; then
-    ``layout_for(header)`` (called only on a valid header; None means no arrays; it may
-    raise ``ProtocolError("bad_shard", ...)``) gives the specs each frame's byte length
-    must match. Errors raised after the token check are ``authenticated``. Arrays are
-    zero-copy, read-only views of the frames.
+    ``authenticate(header)``, given the unchecked header, which raises ``ProtocolError``
+    ("bad_worker", "bad_credential") unless the header's credential is its worker's
+    (``gorila_jax.wire.credentials``); field names and types, the kind a request;
+    fingerprint (skipped when ``expected_fingerprint`` is None); vector frame count; then
+    ``layout_for(header)`` (called only on a valid header) gives the vector's length, or
+    None for none. Errors raised after the credential check are ``authenticated``. The
+    vector is a zero-copy, read-only view of its frame.
     """
     views, header = _open(frames, max_bytes)
-    token = header.get("token")
-    if not isinstance(token, str):
-        raise ProtocolError("malformed", "field 'token' missing or not a str", header)
-    if not hmac.compare_digest(token.encode("utf-8"), expected_token.encode("utf-8")):
-        raise ProtocolError("bad_token", "wrong run token", header)
+    authenticate(header)
     if isinstance(header.get("kind"), str) and header["kind"] in REPLY_KINDS:
         raise ProtocolError(
             "malformed", f"{header['kind']} is not a request", header, authenticated=True
         )
     _validate_header(header, authenticated=True)
-    return _check_arrays(
+    return _check_vector(
         header,
         views[1:],
         expected_fingerprint=expected_fingerprint,
@@ -668,19 +612,19 @@ def decode_reply(
     frames: Sequence[Any],
     *,
     expected_fingerprint: str | None,
-    layout_for: Callable[[dict], Sequence[ArraySpec] | None],
+    layout_for: Callable[[dict], int | None],
     max_bytes: int,
 ) -> Message:
     """Validate and decode a reply (the worker's side), or raise ``ProtocolError``.
 
-    The same checks as ``decode`` except the token: a reply carries none, and one that
-    does, or a request kind, is "malformed".
+    The same checks as ``decode`` except the credential: a reply carries none, and one
+    that does, or a request kind, is "malformed".
     """
     views, header = _open(frames, max_bytes)
     if isinstance(header.get("kind"), str) and header["kind"] in REQUEST_KINDS:
         raise ProtocolError("malformed", f"{header['kind']} is not a reply", header)
     _validate_header(header)
-    return _check_arrays(
+    return _check_vector(
         header,
         views[1:],
         expected_fingerprint=expected_fingerprint,
@@ -698,11 +642,6 @@ def all_finite(arrays: Sequence[np.ndarray]) -> bool:
         if not np.isfinite(array).all():
             return False
     return True
-
-
-def new_run_token() -> str:
-    """A fresh run token: 32 random bytes as hex."""
-    return secrets.token_hex(32)
 
 
 # --------------------------------------------------------------------------------------
