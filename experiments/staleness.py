@@ -1000,8 +1000,9 @@ def readme_text(
     said = reading({s.config: s for s in summaries}, budget)
     lines += [f"- {line}" for line in said] or ["- Nothing yet: no evaluation run has finished."]
     lines += [
-        "- Seconds were measured on a shared 2-core machine (other jobs ran beside the study); "
-        "they compare configurations only roughly, and 6 bundles get no more cores than 2.",
+        "- Seconds were measured on a 2-core machine, one run at a time: the processes of a "
+        "run share its 2 cores (6 bundles get no more than 2), so seconds compare layouts "
+        "on this machine only; frames are the measure that carries over.",
         "",
         "## Lambda, chosen on the tuning seeds",
         "",
