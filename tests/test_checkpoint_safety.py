@@ -162,7 +162,8 @@ def wait_for_line(process: subprocess.Popen, line: str, timeout: float) -> None:
             if not got:
                 break
     process.kill()
-    raise AssertionError(f"no {line!r} from the helper: {process.communicate()[1][-3000:]}")
+    _out, err = process.communicate(timeout=60)
+    raise AssertionError(f"no {line!r} from the helper: {err[-3000:]}")
 
 
 @pytest.mark.slow

@@ -55,7 +55,8 @@ def wait_until(predicate, timeout: float, what: str, launcher=None):
         if value:
             return value
         if launcher is not None and launcher.poll() is not None:
-            raise AssertionError(f"run ended while waiting for {what}: {launcher.communicate()}")
+            output = launcher.communicate(timeout=60)
+            raise AssertionError(f"run ended while waiting for {what}: {output}")
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -581,7 +582,7 @@ def kill_a_shard_and_see_it_back(tmp_path, shard: int):
     deadline = time.monotonic() + 180
     while not read_shard_stats(tmp_path, shard).get("events", {}).get("resumed"):
         assert time.monotonic() < deadline, f"shard {shard} did not come back"
-        assert launcher.poll() is None, launcher.communicate()
+        assert launcher.poll() is None, launcher.communicate(timeout=60)
         during_outage = max(during_outage, read_shard_stats(tmp_path, other).get("version", 0))
         time.sleep(0.25)
     assert during_outage > killed_at + 10, (killed_at, during_outage)

@@ -437,7 +437,7 @@ def test_a_cut_shard_host_stalls_only_its_own_slice(cluster, tmp_path):
         if process.poll() is None:
             cluster.cancel(job_name)
             process.kill()
-            process.communicate()
+            process.communicate(timeout=60)
     assert process.returncode == 0, _tail(output)
     print(f"shard 0: {before:.0f} updates/s before the cut, {during:.0f}/s during it")
     assert during >= 0.5 * before > 0, (before, during, stalled_shard_1, _tail(output))

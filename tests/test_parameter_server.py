@@ -1319,3 +1319,62 @@ def test_with_curve_each_bundle_key_is_its_worker_and_no_other(tmp_path):
     assert stats["rejections"] == {"bad_credential": 2}
     assert stats["unauthenticated"] == {"rejected": 2}
     assert "1" not in stats["workers"] and stats["workers"]["0"]["accepted"] == 1
+
+
+def test_a_connection_the_curve_server_refuses_fails_in_one_line_and_never_hangs(tmp_path):
+    """A bundle whose CURVE key the server does not admit, or that speaks plain zmq to a
+    CURVE server, gets a bounded, lost (retried) error that names the cause; once zmq has
+    dropped the refused connection a request fails at once rather than wait to be queued
+    (a DEALER with no connection would block its send forever)."""
+    server_keys = list(zmq.curve_keypair())
+    admitted = zmq.curve_keypair()
+    context = zmq.Context()
+    authenticator = transport.start_curve_authenticator(context, {admitted[0]: 0})
+    server = ParameterServer(
+        make_config(),
+        params_tree(),
+        num_workers=1,
+        authority=WorkerAuthority(1, curve_workers={admitted[0]: 0}),
+        run_dir=tmp_path,
+    )
+    socket, endpoint = transport.make_server_socket(
+        context, "tcp://127.0.0.1:0", server.max_bytes, curve=transport.ServerCurve(*server_keys)
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(socket, endpoint, stop.is_set))
+    thread.start()
+    refused = {
+        "refused this process's CURVE key": transport.ClientCurve(
+            *zmq.curve_keypair(), server_keys[0]
+        ),
+        "disagree on wire security": None,
+    }
+    connections = []
+    try:
+        for cause, curve in refused.items():
+            connection = ServerConnection(
+                endpoint, credential="", worker=0, fingerprint=server.fingerprint,
+                num_params=NUM_PARAMS, max_bytes=server.max_bytes, timeout_seconds=2.0,
+                curve=curve,
+            )  # fmt: skip
+            connections.append(connection)
+            started = time.monotonic()
+            with pytest.raises(
+                ServerError, match=f"no reply to hello within 2s: .*{cause}"
+            ) as hello:
+                connection.hello()
+            assert hello.value.lost and time.monotonic() - started < 5
+            started = time.monotonic()
+            with pytest.raises(ServerError, match=f"could not send pull to .*: .*{cause}") as pull:
+                connection.send_pull(-1)
+            assert pull.value.lost and time.monotonic() - started < 1
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        for connection in connections:
+            connection.close()
+        socket.close(linger=0)
+        authenticator.stop()
+        context.term()
+    stats = json.loads((tmp_path / "ps.json").read_text())
+    assert stats["workers"] == {} or all(w["accepted"] == 0 for w in stats["workers"].values())

@@ -13,6 +13,7 @@ with apt-get, after starting SLURM). On a Debian machine as root,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -249,7 +250,10 @@ def _answers_a_plain_peer(run_dir: Path, found: dict) -> None:
         header = transport.make_header(
             "hello", credential="x" * 64, worker=0, seq=2**62, version=-1, fingerprint=""
         )
-        peer.send_multipart(transport.encode(header))
+        # A DEALER whose connection zmq dropped (the refused handshake) would wait forever
+        # to queue: not queued is as unanswered as no reply.
+        with contextlib.suppress(zmq.Again):
+            transport.send(peer, transport.encode(header), flags=zmq.NOBLOCK)
         found["answered"] = bool(peer.poll(3000))
     finally:
         peer.close(linger=0)

@@ -111,15 +111,31 @@ class ServerConnection:
         self._connect()
 
     def _connect(self) -> None:
-        self._socket = transport.make_client_socket(
-            zmq.Context.instance(), self.endpoint, None, self.max_bytes, curve=self.curve
-        )
+        socket = transport.make_client_socket(
+            zmq.Context.instance(), self.endpoint, None, self.max_bytes, curve=self.curve,
+            connect=False,
+        )  # fmt: skip
+        handshakes = None
+        try:  # the watch first, so that it sees the first handshake
+            handshakes = transport.HandshakeWatch(socket)
+            socket.connect(self.endpoint)
+        except BaseException:
+            if handshakes is not None:
+                handshakes.close()
+            socket.close(linger=0)
+            raise
+        self._socket, self._handshakes = socket, handshakes
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
 
+    def _unanswered(self, what: str) -> str:
+        """`what` went wrong, and why the connection never opened if zmq said why."""
+        failure = self._handshakes.failure()
+        return what if failure is None else f"{what}: {failure}"
+
     def reconnect(self) -> None:
         """A fresh socket: requests queued for a dead server are dropped, not replayed."""
-        self._socket.close(linger=0)
+        self.close()
         with self._lock:
             self._pending.clear()
             self._replies.clear()
@@ -145,7 +161,15 @@ class ServerConnection:
             fingerprint=self.fingerprint,
             **fields,
         )
-        transport.send(self._socket, transport.encode(header, arrays), copy=False)
+        frames = transport.encode(header, arrays)
+        try:
+            # Never wait to queue: zmq refuses at once only when there is no connection to
+            # take the message (its handshake was refused) or the server is not reading.
+            transport.send(self._socket, frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise ServerError(
+                self._unanswered(f"could not send {kind} to {self.endpoint}"), lost=True
+            ) from None
         with self._lock:
             self._pending[self.seq] = (kind, time.monotonic() + self.timeout_seconds)
         return self.seq
@@ -173,7 +197,8 @@ class ServerConnection:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ServerError(
-                        f"no reply to {kind} within {self.timeout_seconds:.0f}s", lost=True
+                        self._unanswered(f"no reply to {kind} within {self.timeout_seconds:.0f}s"),
+                        lost=True,
                     )
                 if not wait:
                     return None
@@ -293,6 +318,7 @@ class ServerConnection:
 
     def close(self) -> None:
         """Close the socket."""
+        self._handshakes.close()
         self._socket.close(linger=0)
 
 
@@ -560,11 +586,14 @@ class ShardedClient:
         sent = False
         for index, shard in enumerate(self._shards):
             while shard.backlog and not shard.lost and len(shard.in_flight) < PUSHES_IN_FLIGHT:
-                push_id, piece, item = shard.backlog.popleft()
-                seq = shard.connection.send_push(
-                    piece, base_version=item.versions[index],
+                push_id, piece, item = shard.backlog[0]
+                seq = self._call(
+                    index, shard.connection.send_push, piece, base_version=item.versions[index],
                     mean_abs_td=float(item.mean_abs_td), frames=item.frames,
                 )  # fmt: skip
+                if seq is None:  # lost: its backlog, this slice included, was dropped
+                    break
+                shard.backlog.popleft()
                 # The frame is sent from `piece` without a copy: keep it until the ack.
                 shard.in_flight.append((push_id, seq, piece, time.monotonic()))
                 sent = True
@@ -633,11 +662,12 @@ class ShardedClient:
             return False
         self._pull_wanted = False
         self._pulling, self._pull_is_refresh = True, refresh
-        for shard in self._shards:
+        for index, shard in enumerate(self._shards):
             if shard.lost or shard.pull is not None:  # still waiting for its last reply
                 continue
             have = -1 if refresh else shard.held_version
-            shard.pull, shard.pull_sent = shard.connection.send_pull(have), time.monotonic()
+            shard.pull = self._call(index, shard.connection.send_pull, have)
+            shard.pull_sent = time.monotonic()
         if all(s.pull is None for s in self._shards):
             self._pulling = False
         return True
@@ -717,22 +747,15 @@ class ShardedClient:
                 connection.timeout_seconds = min(timeout, HELLO_AGAIN_SECONDS)
                 try:
                     shard.lost = lost._replace(hello=connection.send_request("hello"))
+                except ServerError as attempt:
+                    self._hello_failed(index, attempt)
                 finally:
                     connection.timeout_seconds = timeout
                 continue
             try:
                 reply = connection.receive_reply(lost.hello, wait=False)
             except ServerError as attempt:
-                if not attempt.lost or time.monotonic() + lost.delay > lost.deadline:
-                    raise ServerError(
-                        f"{self._name(index)} did not come back within "
-                        f"{self._retry_seconds:.0f}s ({attempt})"
-                    ) from None
-                shard.lost = lost._replace(
-                    hello=None,
-                    next_attempt=time.monotonic() + lost.delay,
-                    delay=min(2 * lost.delay, 10.0),
-                )
+                self._hello_failed(index, attempt)
                 continue
             if reply is None:
                 continue
@@ -745,6 +768,22 @@ class ShardedClient:
             self._deliver(refresh_target=True)
             self.reconnects += 1
             log.info(f"reconnected to {self._name(index)} at version {version}")
+
+    def _hello_failed(self, index: int, attempt: ServerError) -> None:
+        """A hello to a lost shard went unanswered (or could not be sent): try again after
+        the backoff, or end the bundle once that would pass the shard's deadline."""
+        shard = self._shards[index]
+        lost = shard.lost
+        if not attempt.lost or time.monotonic() + lost.delay > lost.deadline:
+            raise ServerError(
+                f"{self._name(index)} did not come back within "
+                f"{self._retry_seconds:.0f}s ({attempt})"
+            ) from None
+        shard.lost = lost._replace(
+            hello=None,
+            next_attempt=time.monotonic() + lost.delay,
+            delay=min(2 * lost.delay, 10.0),
+        )
 
     def _say_goodbye(self) -> None:
         """Tell every shard this bundle is done, then close the sockets: in this thread,

@@ -172,6 +172,7 @@ zmq has sent them. ``recv`` returns zero-copy ``zmq.Frame`` objects, and the arr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import weakref
@@ -181,6 +182,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
@@ -691,6 +693,57 @@ def start_curve_authenticator(context: zmq.Context, clients: Collection[bytes]):
     return authenticator
 
 
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+class HandshakeWatch:
+    """Why a client socket's connection never opened, from zmq's socket monitor.
+
+    A handshake the server refuses (a CURVE key it does not admit, a CURVE client
+    against a plain server or the reverse, the wrong server key) leaves the client with no
+    connection and nothing to read: its requests go unanswered, or cannot even be queued.
+    `failure()` names the cause so the error a user sees says what to fix, not only that
+    the server was silent. `close()` before closing the socket.
+    """
+
+    def __init__(self, socket: zmq.Socket):
+        self._socket = socket
+        self._monitor = socket.get_monitor_socket(_HANDSHAKE_FAILURES)
+        self._failure: str | None = None
+
+    def failure(self) -> str | None:
+        """The last handshake failure seen on the socket (None: none so far)."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self._failure = _describe_handshake_failure(int(event["event"]), int(event["value"]))
+        return self._failure
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._socket.disable_monitor()
+        self._monitor.close(linger=0)
+
+
+def _describe_handshake_failure(event: int, value: int) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the server refused this process's CURVE key (ZAP status {value})"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return (
+                "the server and this process disagree on wire security (CURVE on one side "
+                "only): run every process with the same --wire-security"
+            )
+        return f"the handshake broke zmq's protocol (error {value:#x})"
+    return (
+        "the handshake failed: with CURVE, the server's key is not the one this process "
+        "was given (a stale address or key?)"
+    )
+
+
 def message_limit(array_bytes: int) -> int:
     """The byte limit for messages whose arrays total at most ``array_bytes`` (the flat
     float32 parameter vector: 4 bytes per parameter): the largest legitimate message, a
@@ -753,6 +806,7 @@ def make_client_socket(
     *,
     receive_timeout_ms: int | None = None,
     curve: ClientCurve | None = None,
+    connect: bool = True,
 ) -> zmq.Socket:
     """A DEALER connected to ``endpoint``, with routing id ``identity``.
 
@@ -761,7 +815,8 @@ def make_client_socket(
     and, when given, ``RCVTIMEO`` (``recv`` then raises ``zmq.Again`` on timeout; a late
     reply can still arrive afterwards, so match replies to requests by ``seq``). With
     ``curve`` the connection is CURVE-encrypted and made only to the server holding the
-    secret key of ``curve.server``.
+    secret key of ``curve.server``. With ``connect=False`` the caller connects it to
+    ``endpoint`` (after attaching a `HandshakeWatch`, which sees only later handshakes).
     """
     if identity is not None and (not 1 <= len(identity) <= 255 or identity.startswith(b"\0")):
         raise ValueError("identity must be 1..255 bytes and not start with a zero byte")
@@ -777,7 +832,8 @@ def make_client_socket(
         socket.setsockopt(zmq.LINGER, 0)
         if receive_timeout_ms is not None:
             socket.setsockopt(zmq.RCVTIMEO, int(receive_timeout_ms))
-        socket.connect(endpoint)
+        if connect:
+            socket.connect(endpoint)
     except BaseException:
         socket.close(linger=0)
         raise
