@@ -151,16 +151,25 @@ def test_a_server_forced_onto_another_networks_checkpoint_says_so_not_damaged(tm
 # ---- CURVE keys that do not match --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mismatch", ["none", "server key", "client key"])
+CURVE_MISMATCH_CAUSES = {
+    "server key": "the server's key is not the one this process was given",
+    "client key": "the server refused this process's CURVE key",
+    "no CURVE": "disagree on wire security",
+}
+
+
+@pytest.mark.parametrize("mismatch", ["none", *CURVE_MISMATCH_CAUSES])
 def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_time(mismatch):
-    """What a bundle sees when its CURVE keys do not match the server's: its hello gets no
-    reply (the handshake never completes, so not one byte reaches the server), and after its
-    timeout a one-line ServerError, marked lost (the bundle then retries until
-    server_retry_seconds, as for a server that is away). Its message says no reply came; it
-    does not name the keys. "none" is the control: the right keys get a welcome. Catches a
-    wrong key that hangs the bundle past its timeout, reaches the server (a counted hello
-    or unauthenticated sender: the server talked to a peer it must not know), or ends in a
-    traceback from zmq instead of the bundle's own error."""
+    """What a bundle sees when its CURVE keys do not match the server's (or it speaks plain
+    zmq to a CURVE server): its hello gets no reply (the handshake never completes, so not
+    one byte reaches the server), and after its timeout a one-line ServerError, marked lost
+    (the bundle then retries until server_retry_seconds, as for a server that is away),
+    that names the cause zmq's socket monitor saw. Once zmq has dropped the refused
+    connection, a request fails at once instead of waiting to be queued. "none" is the
+    control: the right keys get a welcome. Catches a wrong key that hangs the bundle (a
+    blocking send on a DEALER with no connection waits forever: this hung CI once),
+    reaches the server (a counted hello or unauthenticated sender), or ends in a traceback
+    from zmq instead of the bundle's own error."""
     context = zmq.Context.instance()
     server_public, server_secret = zmq.curve_keypair()
     client_public, client_secret = zmq.curve_keypair()
@@ -180,6 +189,7 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
         "none": transport.ClientCurve(client_public, client_secret, server_public),
         "server key": transport.ClientCurve(client_public, client_secret, zmq.curve_keypair()[0]),
         "client key": transport.ClientCurve(*zmq.curve_keypair(), server_public),
+        "no CURVE": None,
     }[mismatch]
     connection = ServerConnection(
         endpoint, credential="", worker=0, fingerprint=server.fingerprint,
@@ -195,7 +205,15 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
         with pytest.raises(ServerError) as lost:
             connection.hello()
         assert 1.5 < time.monotonic() - started < 10
-        assert lost.value.lost and str(lost.value) == "no reply to hello within 2s"
+        cause = CURVE_MISMATCH_CAUSES[mismatch]
+        assert lost.value.lost and str(lost.value).startswith("no reply to hello within 2s: ")
+        assert cause in str(lost.value) and "\n" not in str(lost.value)
+        if mismatch != "server key":  # zmq drops a connection the server refused
+            started = time.monotonic()
+            with pytest.raises(ServerError, match="could not send pull to ") as unsent:
+                connection.send_pull(-1)
+            assert unsent.value.lost and cause in str(unsent.value)
+            assert time.monotonic() - started < 1
         stats = server.stats()
         assert stats["workers"] == {} and stats["unauthenticated"] == {}, stats
         assert stats["rejections"] == {}, stats
