@@ -792,10 +792,13 @@ class ShardedClient:
         Stopped by a signal (`close(quick=True)`), wait only a moment for the server, which
         is stopping too; after an error, the server is gone or refused: just close.
         """
+        # A signal sets the connections' cancel event before `close(quick=True)` comes:
+        # the wait it cut short is no error of the server's, and the stop must still go.
+        quick = self._quick or any(s.connection.cancel.is_set() for s in self._shards)
         for shard in self._shards:
             connection = shard.connection
             try:
-                if self._quick:
+                if quick:
                     connection.timeout_seconds = min(connection.timeout_seconds, QUICK_STOP_SECONDS)
                     with contextlib.suppress(ServerError):
                         connection.stop()
