@@ -1,7 +1,11 @@
-"""Roles from hosts: the shards spread over the nodes, the bundles numbered in order."""
+"""Roles from hosts: the shards spread over the nodes, the bundles numbered in order; task 0
+on the node where jax.distributed puts the coordinator."""
+
+import os
 
 import pytest
 
+from gorila_jax.wire import rendezvous
 from gorila_jax.wire.placement import place
 
 
@@ -36,3 +40,32 @@ def test_more_shards_than_nodes_go_round_robin_and_cyclic_layouts_too():
 def test_a_run_with_no_room_for_a_bundle_is_refused():
     with pytest.raises(ValueError, match="cannot hold 2 server shard"):
         place(["a", "b"], 2)
+
+
+SLURM_STEP = {
+    "SLURM_JOB_ID": "42",
+    "SLURM_STEP_NODELIST": "h[1-2]",
+    "SLURM_JOB_NODELIST": "h[1-2]",
+}
+
+
+@pytest.mark.parametrize(
+    "procid, node, refused",
+    [("0", "h1", False), ("0", "h2", True), ("1", "h2", False), ("2", "h1", False)],
+)
+def test_task_0_off_the_steps_first_node_stops_in_one_line(monkeypatch, procid, node, refused):
+    """jax.distributed puts a SLURM step's coordinator on its first node, which task 0 must
+    run on (a SLURM_HOSTFILE with --distribution=arbitrary can put it elsewhere: jax then
+    failed to bind with a traceback and the other tasks waited 2 minutes for it)."""
+    for name in [n for n in os.environ if n.startswith(("SLURM", "JAX_COORDINATOR"))]:
+        monkeypatch.delenv(name)
+    for name, value in {**SLURM_STEP, "SLURM_PROCID": procid, "SLURMD_NODENAME": node}.items():
+        monkeypatch.setenv(name, value)
+    if not refused:
+        rendezvous.check_task_0_on_the_first_node()
+        return
+    with pytest.raises(rendezvous.RendezvousError, match="task 0 runs on h2") as caught:
+        rendezvous.check_task_0_on_the_first_node()
+    assert "first node, h1" in str(caught.value) and "\n" not in str(caught.value)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h2:1234")  # the user's choice stands
+    rendezvous.check_task_0_on_the_first_node()

@@ -258,6 +258,7 @@ def initialize(timeout_seconds: int = 120, *, collectives: bool = False) -> Proc
             **options,
         )
     else:
+        check_task_0_on_the_first_node()
         bind = slurm_coordinator_bind_address()
         if bind is not None:
             options["coordinator_bind_address"] = bind
@@ -269,6 +270,30 @@ def initialize(timeout_seconds: int = 120, *, collectives: bool = False) -> Proc
 
     state = distributed.global_state
     return ProcessInfo(int(state.process_id), int(state.num_processes), launcher)
+
+
+def check_task_0_on_the_first_node() -> None:
+    """jax.distributed puts a SLURM step's coordinator on the step's first node, and task 0
+    runs it: a task 0 placed elsewhere (SLURM_HOSTFILE, --distribution=arbitrary) could
+    neither bind it nor be reached there. RendezvousError (one line) for task 0 off the
+    first node; the other tasks then stop when their wait for the coordinator times out."""
+    from jax._src.clusters.slurm_cluster import SlurmCluster
+
+    own = os.environ.get("SLURMD_NODENAME")
+    if os.environ.get("SLURM_PROCID") != "0" or not own:
+        return
+    if any(name.startswith("JAX_COORDINATOR") for name in os.environ):
+        return  # the user chose the coordinator
+    try:
+        first = SlurmCluster.get_coordinator_address(None, None).rsplit(":", 1)[0]
+    except (KeyError, ValueError):
+        return
+    if own != first:
+        raise RendezvousError(
+            f"task 0 runs on {own}, but jax.distributed puts the run's coordinator on the "
+            f"step's first node, {first}: give task 0 that node (srun's block or cyclic "
+            "distribution do; with SLURM_HOSTFILE, list it first)"
+        )
 
 
 def slurm_coordinator_bind_address() -> str | None:
