@@ -125,7 +125,7 @@ EXPECTED_RESUME_SAFE_FIELDS = {
     "total_frames", "run_dir", "resume", "force_resume", "max_restarts", "log_every_seconds",
     "stats_every_seconds", "checkpoint_every_updates", "checkpoint_every_seconds",
     "checkpoint_keep", "checkpoint_replay", "server_timeout_seconds", "server_retry_seconds",
-    "max_message_mb", "wire_security",
+    "max_message_mb", "wire_security", "max_bundles", "join",
 }  # fmt: skip
 
 

@@ -239,3 +239,79 @@ def test_a_curve_run_trains_and_lets_in_no_peer_without_a_key(tmp_path):
         launcher.send_signal(signal.SIGINT)
         _out, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130, err[-2000:]
+
+
+def run_program(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+def accepted(run_dir: Path, worker: int) -> int:
+    try:
+        stats = json.loads((run_dir / "ps.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(stats["workers"].get(str(worker), {}).get("accepted", 0))
+
+
+def test_a_bundle_joins_a_running_local_job_and_leaves_it_without_stopping_it(tmp_path):
+    """A local job of 1 bundle with room for 2 (--max-bundles 2): `cartpole.py --join
+    RUN_DIR` becomes bundle 2, its pushes are accepted beside bundle 1's and ps.json lists
+    it; a third bundle is turned away (full), so is the Pong program (another env) and a
+    directory with no job; SIGTERM takes the joined bundle out and the job goes on."""
+    launcher = start_local_run(
+        tmp_path, "--workers", "1", "--max-bundles", "2", "--total-frames", "10000000",
+        "--learning-starts", "300", "--stats-every-seconds", "0.5",
+    )  # fmt: skip
+    joiner = None
+    try:
+        wait_for_children(launcher, 2, tmp_path)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "join.json").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "no join file"
+            time.sleep(0.25)
+        assert (tmp_path / "join.json").stat().st_mode & 0o077 == 0
+        joiner = subprocess.Popen(
+            [sys.executable, CARTPOLE, "--join", str(tmp_path)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        while accepted(tmp_path, 1) < 20:
+            assert time.monotonic() < deadline + 120, "the joined bundle's pushes never came"
+            assert joiner.poll() is None, joiner.communicate(timeout=60)
+            time.sleep(0.5)
+        stats = json.loads((tmp_path / "ps.json").read_text())
+        assert stats["joined"] == [1] and stats["launched"] == 1, stats
+        assert stats["workers"]["0"]["accepted"] > 0
+        refusals = {
+            "is full": run_program("cartpole.py", "--join", str(tmp_path)),
+            "trains CartPole-v1, this program Pong-v5": run_program(
+                "pong.py", "--join", str(tmp_path)
+            ),
+            "no running job in": run_program("cartpole.py", "--join", str(tmp_path / "none")),
+        }
+        for complaint, refused in refusals.items():
+            lines = refused.stderr.strip().splitlines()
+            assert refused.returncode == 2 and complaint in lines[-1], refused.stderr[-2000:]
+            assert "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        joiner.send_signal(signal.SIGTERM)
+        _out, err = joiner.communicate(timeout=90)
+        assert joiner.returncode == 143, err[-2000:]  # 128 + SIGTERM: stopped as told
+        assert "[bundle 2] INFO: joined the job" in err, err[-2000:]
+        time.sleep(2.0)
+        before = accepted(tmp_path, 0)
+        time.sleep(3.0)
+        assert launcher.poll() is None, "the job stopped with its joined bundle"
+        assert accepted(tmp_path, 0) > before, "bundle 1 stopped pushing"
+        stats = json.loads((tmp_path / "ps.json").read_text())
+        shown = {k: stats[k] for k in ("joined", "stopped_workers", "workers", "rejections")}
+        assert stats["joined"] == [] and 1 in stats["stopped_workers"], (shown, err[-3000:])
+    finally:
+        if joiner is not None and joiner.poll() is None:
+            joiner.kill()
+            joiner.communicate(timeout=60)
+        launcher.send_signal(signal.SIGINT)
+        _out, err = launcher.communicate(timeout=90)
+    assert launcher.returncode == 130, err[-2000:]
+    assert not (tmp_path / "join.json").exists(), "the join file outlived the job"

@@ -509,7 +509,7 @@ def test_a_reply_of_protocol_2_says_the_server_speaks_another_wire_protocol(
     with pytest.raises(ServerError, match="another wire protocol") as caught:
         RECEIVES[request_kind](connection, seq)
     message = str(caught.value)
-    assert "protocol 2, expected 3" in message and connection.endpoint in message
+    assert "protocol 2, expected 4" in message and connection.endpoint in message
     assert "same gorila_jax version" in message and not caught.value.lost
 
 
@@ -528,10 +528,10 @@ def test_an_error_reply_bad_protocol_says_the_server_speaks_another_wire_protoco
         )  # fmt: skip
 
     seq = connection.send_request("hello")
-    answer(router, error("bad_protocol", "protocol 4, expected 3"))
+    answer(router, error("bad_protocol", "protocol 5, expected 4"))
     with pytest.raises(ServerError, match="another wire protocol") as caught:
         connection.receive_reply(seq)
-    assert "protocol 4, expected 3" in str(caught.value)
+    assert "protocol 5, expected 4" in str(caught.value)
     seq = connection.send_request("hello")
     answer(router, error("bad_credential", "not worker 0's credential"))
     with pytest.raises(ServerError, match="server refused hello: bad_credential") as caught:
@@ -555,12 +555,12 @@ def send_as_protocol_2(connection: ServerConnection, kind: str) -> int:
 def test_the_server_refuses_a_protocol_2_request_and_the_client_says_why(served):
     """End to end: the server answers a request of protocol 2 with "bad_protocol" naming
     both versions, which the client turns into the one line that says the server speaks
-    another wire protocol; nothing of the worker's moved, and it goes on in protocol 3."""
+    another wire protocol; nothing of the worker's moved, and it goes on in this protocol."""
     server, connection = served
     seq = send_as_protocol_2(connection, "hello")
     with pytest.raises(ServerError, match="another wire protocol") as caught:
         connection.receive_reply(seq)
-    assert "(protocol 2, expected 3)" in str(caught.value)
+    assert "(protocol 2, expected 4)" in str(caught.value)
     stats = server.stats()
     assert stats["rejections"] == {"bad_protocol": 1}
     assert stats["unauthenticated"] == {"rejected": 1} and stats["workers"] == {}

@@ -269,8 +269,8 @@ def test_a_protocol_2_request_gets_bad_protocol_naming_both_versions_and_changes
                 frames = [vector] if kind == "push" else []
                 reply = served.raw_reply(msgpack.packb(header), *frames)
                 assert reply["kind"] == "error" and reply["reason"] == "bad_protocol", reply
-                assert reply["message"] == "protocol 2, expected 3"
-                assert reply["protocol"] == transport.PROTOCOL_VERSION == 3
+                assert reply["message"] == "protocol 2, expected 4"
+                assert reply["protocol"] == transport.PROTOCOL_VERSION == 4
                 assert (reply["worker"], reply["seq"]) == (0, seq)
                 assert "credential" not in reply and "token" not in reply
             stats = server.stats()

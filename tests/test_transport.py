@@ -119,6 +119,8 @@ def sample_messages() -> dict[str, tuple[dict, list[np.ndarray]]]:
         "ack": (header_for("ack", accepted=False, reason="stale"), []),
         "error": (header_for("error", reason="bad_frames", message="vector short"), []),
         "stop": (header_for("stop"), []),
+        "join": (header_for("join", worker=0, credential=credentials.join_credential(SECRET)), []),
+        "joined": (header_for("joined", assigned=3, frame_budget=5000, launched=2), []),
     }
 
 
@@ -169,11 +171,14 @@ def assert_same_message(message, header, arrays):
 # --------------------------------------------------------------------------------------
 
 
-def test_protocol_version_is_3():
-    assert transport.PROTOCOL_VERSION == 3
-    assert set(transport.REQUEST_KINDS) == {"hello", "pull", "push", "stop"}
-    assert set(transport.REPLY_KINDS) == {"welcome", "params", "not_modified", "ack", "error"}
-    assert {"bad_credential", "bad_worker"} <= transport.REASONS
+def test_protocol_version_is_4():
+    assert transport.PROTOCOL_VERSION == 4
+    assert set(transport.REQUEST_KINDS) == {"hello", "pull", "push", "stop", "join"}
+    assert set(transport.REPLY_KINDS) == {
+        "welcome", "params", "not_modified", "ack", "error", "joined"
+    }  # fmt: skip
+    assert transport.ANSWERS["join"] == {"joined"}
+    assert {"bad_credential", "bad_worker", "full", "no_join"} <= transport.REASONS
     assert not {"bad_token", "bad_shard"} & transport.REASONS
 
 
@@ -489,7 +494,11 @@ REJECTIONS = {
         lambda: to_wire(
             [
                 msgpack.packb(
-                    {**header_for("push", mean_abs_td=0.0, frames=0), "protocol": 3, "arrays": 2}
+                    {
+                        **header_for("push", mean_abs_td=0.0, frames=0),
+                        "protocol": transport.PROTOCOL_VERSION,
+                        "arrays": 2,
+                    }
                 ),
                 part_of(WORKER).tobytes(),
                 part_of(WORKER).tobytes(),
@@ -609,7 +618,7 @@ def test_a_protocol_2_request_is_refused_naming_both_versions(kind):
     with pytest.raises(ProtocolError) as caught:
         decode(frames)
     assert caught.value.reason == "bad_protocol" and not caught.value.authenticated
-    assert caught.value.message == "protocol 2, expected 3"
+    assert caught.value.message == "protocol 2, expected 4"
     assert caught.value.header["worker"] == WORKER  # enough to address the error reply
 
 
@@ -622,7 +631,7 @@ def test_a_protocol_2_reply_is_refused_naming_both_versions(kind):
     with pytest.raises(ProtocolError) as caught:
         decode_reply(frames)
     assert caught.value.reason == "bad_protocol"
-    assert caught.value.message == "protocol 2, expected 3"
+    assert caught.value.message == "protocol 2, expected 4"
 
 
 def test_wrong_field_type_for_kind_specific_fields():

@@ -198,6 +198,16 @@ class Config:
     """Local runs: how many times the launcher restarts a process that died unexpectedly
     (a bundle rejoins; the server comes back from its last checkpoint; in sync mode every
     process starts again from the last checkpoint)."""
+    max_bundles: int = 0
+    """Room for bundles that join the running job (`--join`): the most bundles at once,
+    those started with it included; 0, none can join. Needs token wire security and
+    gradient_part all. A joined bundle plays a started bundle's share of total_frames, and
+    the run ends once the started bundles are done and no joined one is active."""
+    join: str = ""
+    """Join the running job whose run directory this is, as one more bundle (its server
+    must have been started with room: --max-bundles), with that run's own settings; it
+    reads RUN_DIR/join.json, which only the run's owner can read. SIGTERM takes it out
+    again without stopping the run."""
 
     # --- logging ---------------------------------------------------------------------
     log_every_seconds: float = 10.0
@@ -300,6 +310,16 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
     if config.mode == "sync":
         validate_sync(config)
     parse_gradient_part(config.gradient_part)
+    if not isinstance(config.max_bundles, int) or config.max_bundles < 0:
+        _fail("max_bundles", "must be a non-negative integer", config.max_bundles)
+    if config.max_bundles or config.join:
+        name, value = ("join", config.join) if config.join else ("max_bundles", config.max_bundles)
+        if config.wire_security != "token":
+            _fail(name, "needs --wire-security token (CURVE keys are exchanged at launch)", value)
+        if config.gradient_part != "all":
+            _fail(name, "needs --gradient-part all (a part per bundle is fixed at launch)", value)
+        if config.mode != "gorila" or config.single_process:
+            _fail(name, "adds bundles to a Gorila run, not to a sync or single-process one", value)
     if config.log_every_seconds <= 0:
         _fail("log_every_seconds", "must be > 0", config.log_every_seconds)
     if config.optimizer not in OPTIMIZERS:
@@ -403,6 +423,8 @@ RESUME_SAFE_FIELDS = (
     "server_retry_seconds",
     "max_message_mb",
     "wire_security",
+    "max_bundles",
+    "join",
 )
 
 

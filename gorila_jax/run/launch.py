@@ -1,6 +1,8 @@
 """Entry point of every run: it gives this process its role.
 
 `main` parses the config, then:
+- `--join RUN_DIR`: becomes one more bundle of the job running there
+  (`gorila_jax.bundle.process.run_joining_bundle`);
 - `--single-process`: trains here (`gorila_jax.run.single_process`);
 - started by hand without SLURM: becomes the local launcher (`gorila_jax.run.launcher`),
   which starts the server's shards and the bundles as copies of this program;
@@ -31,6 +33,7 @@ from gorila_jax.io.checkpoint import CheckpointError
 from gorila_jax.io.files import make_private_dir, owner_only_files
 from gorila_jax.run import launcher
 from gorila_jax.wire import rendezvous
+from gorila_jax.wire.join_file import JoinError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,13 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
     # owner's alone.
     previous_umask = owner_only_files()
     try:
+        if config.join:  # its run directory is the job's: --run-dir plays no part
+            from gorila_jax.bundle.process import run_joining_bundle
+
+            logs.setup("joining bundle")
+            stop = stop_on_signals()
+            run_joining_bundle(config, default, stop)
+            return launcher.EXIT_STOPPED if stop.is_set() else 0
         try:
             make_private_dir(Path(config.run_dir), create=False)
         except OSError as error:
@@ -57,7 +67,9 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
         if rendezvous.detect_launcher() == "none":
             return launcher.launch_local(config, argv)
         return run_role(config)
-    except (ConfigError, MemoryError, CheckpointError, rendezvous.RendezvousError) as error:
+    except (
+        ConfigError, MemoryError, CheckpointError, rendezvous.RendezvousError, JoinError
+    ) as error:  # fmt: skip
         return fail(str(error))
     finally:
         os.umask(previous_umask)
@@ -99,6 +111,12 @@ def run_role(config: Config) -> int:
             f"a Gorila run needs its {shards} server process(es) and at least one bundle, "
             f"and {info.count} process(es) were started; use srun -n {shards + 2} or more, "
             "or --single-process"
+        )
+    if config.max_bundles and config.max_bundles < info.count - shards:
+        logs.setup(f"process {info.index}")
+        return fail(
+            f"config.max_bundles: must be at least the {info.count - shards} bundles "
+            f"started, got {config.max_bundles}"
         )
     placement = rendezvous.place_roles(info, shards, keys)
     logs.setup(launcher.process_name(placement, info.index))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import zmq
 
-from gorila_jax.core.config import Config
+from gorila_jax.core.config import Config, ConfigError
 from gorila_jax.io import logs
 from gorila_jax.server.process import check_server_files, check_shard_layout
 from gorila_jax.wire import credentials, rendezvous
@@ -200,6 +200,11 @@ def launch_local(config: Config, argv: list[str]) -> int:
         check_shard_layout(config)  # before starting anything
     if not sync:
         check_server_files(Path(config.run_dir), shards)
+    if config.max_bundles and config.max_bundles < config.workers:
+        raise ConfigError(
+            f"config.max_bundles: must be at least the {config.workers} bundles started "
+            f"(--workers), got {config.max_bundles}"
+        )
     count = config.workers + shards
     placement = place(["127.0.0.1"] * count, shards)  # one host: processes 0..S-1 serve
     private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))

@@ -198,13 +198,22 @@ class ParameterServer:
         clock: Callable[[], float] = time.time,
         shard: int = 0,
         state: ShardState | None = None,
+        launched: int | None = None,
     ):
         """A server (shard `shard` of `config.server_shards`) of `params_tree`'s network for
         `num_workers` bundles, whose requests `authority` authenticates. It starts from
         version 0 of those params, or from `state` (its slice's params, optimizer state
-        and version) where given; a checkpoint is taken back with `restore`."""
+        and version) where given; a checkpoint is taken back with `restore`.
+
+        `launched` (default: all of them) of the workers were started with the run; the
+        others, up to `num_workers` (`--max-bundles`), are for bundles that join it while
+        it runs (`join`, on shard 0). The run is over when the launched workers have all
+        stopped and no joined one is still active."""
         self.config = config
         self.num_workers = num_workers
+        self.launched = num_workers if launched is None else launched
+        if not 1 <= self.launched <= num_workers:
+            raise ValueError(f"{self.launched} launched workers of {num_workers}")
         if authority.num_workers != num_workers:
             raise ValueError(f"credentials for {authority.num_workers} workers, not {num_workers}")
         self.authority = authority
@@ -261,6 +270,12 @@ class ParameterServer:
         self.last_seq: dict[int, int] = {}
         self._frames_at: dict[int, float] = {}  # when each worker last reported its frames
         self.stopped_workers: set[int] = set()
+        # Joined workers (indices past the launched ones) that have not stopped, and when
+        # each worker was last heard from: a joined bundle silent for as long as a bundle
+        # retries a lost server (`server_retry_seconds`) is gone, and its index free again.
+        self.joined: set[int] = set()
+        self._heard: dict[int, float] = {}
+        self._last_join_seq = -1
         self.checkpointed_version = -1
         self._checkpointed_stops: frozenset[int] = frozenset()
         self.checkpointed_at = clock()
@@ -269,6 +284,7 @@ class ParameterServer:
             "hello": self._on_hello,
             "pull": self._on_pull,
             "stop": self._on_stop,
+            "join": self._on_join,
         }
 
     def _part_here(self, worker: int) -> np.ndarray | None:
@@ -350,6 +366,8 @@ class ParameterServer:
         worker = request.get("worker") if request else None
         if not (isinstance(worker, int) and 0 <= worker < self.num_workers):
             worker = None
+        if request and request.get("kind") == "join":  # its worker field names nobody
+            worker = None
         self.counters.refused(reason, worker, authenticated=authenticated)
         if len(message) > MAX_ERROR_MESSAGE:  # details may quote the request at length
             message = message[:MAX_ERROR_MESSAGE] + "..."
@@ -402,6 +420,13 @@ class ParameterServer:
             )
         header = message.header
         worker, seq = header["worker"], header["seq"]
+        if header["kind"] == "join":  # names no worker yet: its seq is the joins' own
+            if seq <= self._last_join_seq:
+                return self.reject("replayed", header, f"seq {seq} seen", authenticated=True)
+            self._last_join_seq = seq
+            ready += self.flush()
+            return self._on_join(header, message.arrays)
+        self._heard[worker] = self.clock()
         # Hellos included: a restarted worker numbers on from where it was (see
         # bundle.client), so a request seen once is refused for good.
         if seq <= self.last_seq.get(worker, -1):
@@ -449,6 +474,8 @@ class ParameterServer:
         worker = header["worker"]
         self.counters.hello(worker)
         self.stopped_workers.discard(worker)
+        if worker >= self.launched:
+            self.joined.add(worker)
         info = {
             "num_params": self.num_params,
             "server_shard": self.shard,
@@ -466,7 +493,49 @@ class ParameterServer:
 
     def _on_stop(self, header: dict, arrays) -> list:
         self.stopped_workers.add(header["worker"])
+        self.joined.discard(header["worker"])
         return self._reply(header, "ack", accepted=True, reason=None)
+
+    def _on_join(self, header: dict, arrays) -> list:
+        """Hand a bundle started with `--join` the lowest worker index that is free (never
+        a launched one, nor a joined one still active); shard 0 alone hands them out."""
+        if self.shard != 0 or self.launched == self.num_workers:
+            return self.reject(
+                "no_join",
+                header,
+                "this run takes no joining bundles (start it with --max-bundles)"
+                if self.shard == 0
+                else f"joins go to server shard 0, not shard {self.shard}",
+                authenticated=True,
+            )
+        active = self.active_joined()
+        free = [w for w in range(self.launched, self.num_workers) if w not in active]
+        if not free:
+            return self.reject(
+                "full",
+                header,
+                f"all {self.num_workers} bundles the run has room for (--max-bundles) are running",
+                authenticated=True,
+            )
+        worker = free[0]
+        self.joined.add(worker)
+        self._heard[worker] = self.clock()  # held for it until it has been silent too long
+        self.stopped_workers.discard(worker)
+        log.info(f"bundle {worker + 1} joins (worker {worker})")
+        return self._reply(
+            header,
+            "joined",
+            assigned=worker,
+            frame_budget=self.config.total_frames // self.launched,
+            launched=self.launched,
+        )
+
+    def active_joined(self) -> set[int]:
+        """Joined workers that have not stopped and were heard from within
+        `server_retry_seconds` (one silent longer has given up on the server, or died)."""
+        now = self.clock()
+        patience = self.config.server_retry_seconds
+        return {w for w in self.joined if now - self._heard.get(w, -math.inf) <= patience}
 
     def _on_push(self, header: dict, arrays, peer: Any) -> list | None:
         """Judge a push against the version it would be applied at (the current one plus
@@ -581,6 +650,8 @@ class ParameterServer:
             stopped_workers=sorted(self.stopped_workers),
             checkpointed_version=self.checkpointed_version,
             num_workers=self.num_workers,
+            launched=self.launched,
+            joined=sorted(self.active_joined()),
             num_params=self.num_params,
             server_shard=self.shard,
             server_shards=self.layout.num_shards,
@@ -603,8 +674,10 @@ class ParameterServer:
         )
 
     def all_workers_stopped(self) -> bool:
-        """Every bundle has said it is done."""
-        return len(self.stopped_workers) >= self.num_workers
+        """Every bundle started with the run has said it is done, and no joined one is
+        still active."""
+        launched_done = all(w in self.stopped_workers for w in range(self.launched))
+        return launched_done and not self.active_joined()
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -652,7 +725,8 @@ class ParameterServer:
         stopped = {int(w) for w in meta["stopped_workers"]}
         # Every worker had stopped: the run had ended, and this start continues it with
         # bundles that will say hello. Otherwise those that stopped will not stop again.
-        self.stopped_workers = set() if len(stopped) >= self.num_workers else stopped
+        ended = all(w in stopped for w in range(self.launched))
+        self.stopped_workers = set() if ended else stopped
         self.outliers.load(meta["outliers"])
         self.checkpointed_version = self.version
         self._checkpointed_stops = frozenset(self.stopped_workers)

@@ -13,13 +13,14 @@ server the whole RUN_DIR/params.msgpack, a shard its slice with its version
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from pathlib import Path
 
 import jax
 import zmq
 
-from gorila_jax.core.config import Config, ConfigError, validate
+from gorila_jax.core.config import Config, ConfigError, to_dict, validate
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.envs import model_of
 from gorila_jax.io.checkpoint import (
@@ -34,6 +35,7 @@ from gorila_jax.server.parameter_server import ParameterServer, max_message_byte
 from gorila_jax.server.server_stats import server_dir
 from gorila_jax.wire import rendezvous, transport
 from gorila_jax.wire.credentials import WorkerAuthority
+from gorila_jax.wire.join_file import JoinInfo, remove_join_file, write_join_file
 from gorila_jax.wire.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -112,13 +114,15 @@ def run_server(
     clients: dict[bytes, int] = {}  # with CURVE: each bundle's public key -> its worker
     meeting = rendezvous.open_rendezvous(info, keys)
     bundles = placement.bundle_processes
+    # Workers past the bundles started are for bundles that join (`--join`, token only).
+    capacity = max(len(bundles), config.max_bundles)
     if config.wire_security == "curve":
         curve = transport.ServerCurve(*rendezvous.own_curve_keys())
         clients.update(curve_workers(rendezvous.launcher_bundle_keys()))
         authenticator = transport.start_curve_authenticator(context, clients)
-        authority = WorkerAuthority(len(bundles), curve_workers=clients)
+        authority = WorkerAuthority(capacity, curve_workers=clients)
     else:
-        authority = WorkerAuthority(len(bundles), secret=keys.server_secret())
+        authority = WorkerAuthority(capacity, secret=keys.server_secret())
     sock, endpoint = transport.make_server_socket(
         context, f"tcp://{rendezvous.reachable_host(info)}:{port}", max_bytes, curve=curve
     )
@@ -129,15 +133,20 @@ def run_server(
     )
     if curve is not None and not clients:  # the local launcher's keys, where it gave them
         clients.update(curve_workers(meeting.bundle_keys(bundles)))
+    joinable = shard == 0 and capacity > len(bundles)
+    endpoints = []  # every shard's, for the join file
+    if joinable:
+        endpoints = [address.endpoint for address in meeting.shard_addresses(shards, curve=False)]
     meeting.close()
     validate(config, local_device_count=jax.local_device_count())
     server = ParameterServer(
         config,
         model.init(config.seed),
-        num_workers=len(bundles),
+        num_workers=capacity,
         authority=authority,
         run_dir=run_dir,
         shard=shard,
+        launched=len(bundles),
     )
     checkpointer = None
     try:
@@ -166,8 +175,18 @@ def run_server(
             f"{config.gradient_part}, listening on {endpoint}"
         )
         server.warm_up()
+        if joinable:
+            join_info = JoinInfo(
+                tuple(endpoints), keys.server_secret(), server.fingerprint, config.env_id,
+                len(bundles), capacity, to_dict(config),
+            )  # fmt: skip
+            write_join_file(run_dir, join_info)
+            room = capacity - len(bundles)
+            log.info(f"room for {room} more bundle(s): python {sys.argv[0]} --join {run_dir}")
         server.serve(sock, endpoint, stop.is_set, checkpointer=checkpointer)
     finally:
+        if shard == 0:
+            remove_join_file(run_dir)
         sock.close(linger=2000)  # let the last stop ack leave before closing
         if authenticator is not None:
             authenticator.stop()

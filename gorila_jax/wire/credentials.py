@@ -66,6 +66,14 @@ def worker_credential(secret: str, worker: int) -> str:
     return _mac(secret, f"gorila worker {int(worker)}")
 
 
+def join_credential(secret: str) -> str:
+    """What a bundle started with `--join` presents to ask for a worker index (64 hex
+    digits): it names no worker, so it cannot act for one; the server answers with a free
+    index, whose credential the joining bundle derives from the secret it read in the
+    run's join file."""
+    return _mac(secret, "gorila join")
+
+
 def sign(secret: str, name: str, value: str) -> str:
     """A signature of `value` published under `name` (the rendezvous store's values):
     only a holder of the run secret can make one."""
@@ -107,6 +115,9 @@ class WorkerAuthority:
             if secret is None
             else [worker_credential(secret, w).encode() for w in range(num_workers)]
         )
+        # A join names no worker yet: it proves the run's join credential instead (token
+        # security only; with CURVE a bundle's key must be known when its worker starts).
+        self._join = None if secret is None else join_credential(secret).encode()
 
     def check(self, header: dict, client_key: str | bytes | None = None) -> None:
         """Return if `header` comes from the worker it names; else raise ProtocolError,
@@ -118,6 +129,12 @@ class WorkerAuthority:
             raise ProtocolError(
                 "malformed", "fields 'worker' and 'credential' are required", header
             )
+        if header.get("kind") == "join":
+            if self._join is None or not hmac.compare_digest(
+                credential.encode("utf-8"), self._join
+            ):
+                raise ProtocolError("bad_credential", "not the run's join credential", header)
+            return
         if not 0 <= worker < self.num_workers:
             raise ProtocolError("bad_worker", f"worker {worker} >= {self.num_workers}", header)
         if self._credentials is not None:

@@ -8,8 +8,9 @@ calls both ends need. What the server does with a message is in
 
 Protocol
 --------
-``PROTOCOL_VERSION`` is 3 (protocol 2 carried one run token for every worker, a gradient
-part's index in each push and a ``stats`` request; protocol 1 replies carried the token).
+``PROTOCOL_VERSION`` is 4 (protocol 3 had no ``join``; protocol 2 carried one run token
+for every worker, a gradient part's index in each push and a ``stats`` request; protocol 1
+replies carried the token).
 Every header says its version and a message of another version is refused
 ("bad_protocol"; a bundle that gets that reply, or a reply of another version, stops with
 one line naming both versions). Each request of a bundle gets exactly one reply, sent
@@ -29,6 +30,10 @@ push     ack                         applies the gradient, or refuses it (ack wi
                                      ``accepted`` false and the reason)
 stop     ack                         records that this worker is done; the server's
                                      ``serve`` returns once every bundle has stopped
+join     joined                      server shard 0 of a run started with room for more
+                                     bundles (``--max-bundles``) hands a bundle started
+                                     with ``--join`` a free worker index; the bundle
+                                     then says hello to every shard as that worker
 =======  ==========================  ===================================================
 
 Any request can instead get an ``error`` reply, when it breaks the wire format or the
@@ -116,6 +121,16 @@ error         reason: str       a reason code (see below)
               message: str      human-readable detail (the server cuts it short)
 stop          -                 worker -> server: this worker is done (a bundle sends it
                                 when it closes); no vector
+join          -                 joining bundle -> server shard 0: its ``worker`` is 0
+                                (it has none yet) and its credential the run's join
+                                credential (``credentials.join_credential``); its
+                                ``seq`` is checked against other joins, not worker 0's
+joined        assigned: int     server -> joining bundle: its worker index (>= the
+                                bundles started with the run); it derives that
+                                worker's credential and says hello as it
+              frame_budget: int  the frames it plays (a started bundle's share)
+              launched: int     bundles started with the run (its epsilon schedule is
+                                stretched as theirs is)
 ============  ================  =========================================================
 
 Reason codes
@@ -132,7 +147,9 @@ byte bound). The server answers "replayed" (a sequence number already seen) and
 "future_seq" (a sequence number over the server's wall clock in ns plus an hour: bundles
 number from the clock, and such a number would lock the worker out) in error replies
 too; a push whose ``frames`` jumps further than a bundle could have gone since its last
-report gets an ack with "implausible_frames".
+report gets an ack with "implausible_frames". A join is refused "no_join" by a server
+(or a shard other than 0) that takes no joining bundles and "full" when every worker index
+the run has room for is in use.
 A refused push gets an ack with "stale" (computed on parameters more than
 ``max_staleness`` versions old, or on a version the server has not made),
 "non_finite" (a NaN or an infinity in the gradient or its ``mean_abs_td``), "over_norm"
@@ -184,7 +201,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = 64 * 1024
 NO_VERSION = -1
 SERVER_RECEIVE_QUEUE = 16  # whole messages zmq queues per peer on the server's socket
@@ -192,14 +209,15 @@ SERVER_RECEIVE_QUEUE = 16  # whole messages zmq queues per peer on the server's 
 # counts a queue lazily (in steps of half of it), so a turn's burst of replies needs room.
 SERVER_SEND_QUEUE = 32
 
-REQUEST_KINDS = frozenset({"hello", "pull", "push", "stop"})
-REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error"})
+REQUEST_KINDS = frozenset({"hello", "pull", "push", "stop", "join"})
+REPLY_KINDS = frozenset({"welcome", "params", "not_modified", "ack", "error", "joined"})
 KINDS = REQUEST_KINDS | REPLY_KINDS
 ANSWERS = {  # the replies each request may get, besides "error" (the table above)
     "hello": frozenset({"welcome"}),
     "pull": frozenset({"params", "not_modified"}),
     "push": frozenset({"ack"}),
     "stop": frozenset({"ack"}),
+    "join": frozenset({"joined"}),
 }
 assert set(ANSWERS) == REQUEST_KINDS
 
@@ -220,6 +238,8 @@ REASONS = frozenset(
         "implausible_frames",
         "outlier",
         "non_finite_update",
+        "no_join",
+        "full",
     }
 )
 
@@ -354,6 +374,12 @@ _KIND_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "ack": {"accepted": (_is_bool, "bool"), "reason": (_optional_str, "str or None")},
     "error": {"reason": (_is_str, "str"), "message": (_is_str, "str")},
     "stop": {},
+    "join": {},
+    "joined": {
+        "assigned": (_non_negative_int, "int >= 0"),
+        "frame_budget": (_non_negative_int, "int >= 0"),
+        "launched": (_non_negative_int, "int >= 0"),
+    },
 }
 assert set(_KIND_FIELDS) == KINDS
 _REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {"credential": (_is_str, "str")}
