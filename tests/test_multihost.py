@@ -10,8 +10,11 @@ and address in 198.18.0.0/24, a slurmctld on the login node `ctl`, a slurmd per 
   shards still land one per host (tasks 0 and 2), and process 0 logs where each role went.
 - the same with the run directory on each host's own disk (no shared file system): each
   host holds only its roles' files; collected into one directory, they are a whole run.
-- a partition: shard 1 alone on a host whose link is cut for 15 s; shard 0 goes on at
-  least half as fast, nobody takes it for lost, and the run finishes.
+- partitions: shard 1 alone on a host whose link is cut for 15 s (shard 0 goes on at
+  least half as fast, nobody takes it for lost, the run finishes); a bundle's host cut for
+  45 s (the server and the other bundle go on, the cut bundle comes back by itself); a
+  single server's host cut for 25 s (the bundles back off and resume against it).
+- a bundle joins a running job from the other host (`--join RUN_DIR`) and leaves it.
 - `sbatch --nodes 2 --wait` of a job script that sruns the CartPole script.
 
 Each task first prints where it runs (`gorila-test: task T on HOST at ADDRESS`), then becomes
@@ -32,12 +35,15 @@ a directory only that host sees).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,83 +375,222 @@ def test_hosts_without_a_shared_secret_stop_in_one_line(cluster):
     assert "frames" not in output, _tail(output)
 
 
-CUT_SECONDS = 15.0
+CUT_SECONDS = 15.0  # a shard's host (shorter than the bundles' server timeout, 30 s)
+BUNDLE_CUT_SECONDS = 45.0  # a bundle's host: longer than that timeout
+SERVER_CUT_SECONDS = 25.0  # the single server's host, with a 10 s server timeout
 
 
-def _shard_version(run_dir: Path, shard: int) -> int | None:
-    """Shard `shard`'s version from its own ps.json (None until it has written one)."""
-    import json
-
+def _server_stats(run_dir: Path, shard: int | None = None) -> dict | None:
+    """The server's ps.json (shard `shard`'s own, in a sharded run); None until written."""
+    path = run_dir / ("ps.json" if shard is None else f"shard{shard}/ps.json")
     try:
-        return int(json.loads((run_dir / f"shard{shard}" / "ps.json").read_text())["version"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
 
 
-def _rate(run_dir: Path, shard: int, seconds: float) -> float:
-    """Updates per second shard `shard` applied over the next `seconds` (its ps.json)."""
-    import time
+def _version(run_dir: Path, shard: int | None = None) -> int:
+    """The server's (or shard's) version from its ps.json; 0 until it has written one."""
+    stats = _server_stats(run_dir, shard) or {}
+    return int(stats.get("version") or 0)
 
-    first = _shard_version(run_dir, shard)
+
+def _accepted(run_dir: Path, worker: int) -> int:
+    """How many of worker `worker`'s pushes the single server accepted (its ps.json)."""
+    workers = (_server_stats(run_dir) or {}).get("workers") or {}
+    return int((workers.get(str(worker)) or {}).get("accepted") or 0)
+
+
+def _rate(run_dir: Path, shard: int | None, seconds: float) -> float:
+    """Updates per second the server (or shard `shard`) applied over the next `seconds`."""
+    first = _version(run_dir, shard)
     time.sleep(seconds)
-    last = _shard_version(run_dir, shard)
-    return ((last or 0) - (first or 0)) / seconds
+    return (_version(run_dir, shard) - first) / seconds
 
 
-def test_a_cut_shard_host_stalls_only_its_own_slice(cluster, tmp_path):
-    """Shard 1 alone on one host (SLURM_HOSTFILE: tasks 0-2 on the first host, task 3 on
-    the second), --server-shards 2: cutting the second host's link for 15 s leaves shard 0
-    applying pushes at least half as fast as before, and no bundle takes shard 0 for lost;
-    once the link is back the run finishes with every role done. Catches pushes that wait
-    for every shard's ack in turn (shard 0 then froze with shard 1) and a reply's deadline
-    checked before the socket was read (a healthy shard declared lost)."""
-    import time
-
-    first, second = cluster.hosts[:2]
+@contextlib.contextmanager
+def _srun_placed(cluster: Cluster, tmp_path: Path, hosts: list[str], *extra: str):
+    """`srun -l` of the CartPole script in the background, task i on `hosts[i]`
+    (SLURM_HOSTFILE with --distribution=arbitrary); yields (process, run dir). Whatever is
+    left when the block ends is cancelled and killed."""
     hostfile = tmp_path / "hosts"
-    hostfile.write_text(f"{first}\n{first}\n{first}\n{second}\n")
+    hostfile.write_text("".join(f"{host}\n" for host in hosts))
     run_dir = tmp_path / "run"
-    job_name = _job_name("cut")
+    job_name = _job_name("placed")
     command = cluster.command(
-        "srun", "-l", f"--job-name={job_name}", "-n", "4", "--distribution=arbitrary",
-        *_cartpole(run_dir, "--server-shards", "2", "--total-frames", "50000",
-                   "--stats-every-seconds", "1"),
+        "srun", "-l", f"--job-name={job_name}", "-n", str(len(hosts)),
+        "--distribution=arbitrary", *_cartpole(run_dir, "--stats-every-seconds", "1", *extra),
     )  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_HOSTFILE": str(hostfile)}
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    cut = False
+    with open(tmp_path / "srun.out", "w") as output:  # read with _output (no pipe to fill)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    process.output_path = tmp_path / "srun.out"
     try:
-        deadline = time.monotonic() + 120
-        while (_shard_version(run_dir, 0) or 0) < 500:  # learning under way
-            assert process.poll() is None and time.monotonic() < deadline, "no updates"
-            time.sleep(0.5)
-        before = _rate(run_dir, 0, 6.0)
-        subprocess.run(["ip", "-n", "gorila-br", "link", "set", second, "down"], check=True)
-        cut = True
-        time.sleep(3.0)  # shard 1 is stalled after 2 s without an ack
-        during = _rate(run_dir, 0, CUT_SECONDS - 3.0)
-        stalled_shard_1 = _rate(run_dir, 1, 0.5)
-        subprocess.run(["ip", "-n", "gorila-br", "link", "set", second, "up"], check=True)
-        cut = False
-        output, _ = process.communicate(timeout=STEP_TIMEOUT_SECONDS)
+        yield process, run_dir
     finally:
-        if cut:
-            subprocess.run(["ip", "-n", "gorila-br", "link", "set", second, "up"], check=False)
         if process.poll() is None:
             cluster.cancel(job_name)
             process.kill()
-            process.communicate(timeout=60)
+            process.wait(timeout=60)
+
+
+def _output(process: subprocess.Popen) -> str:
+    """What a `_srun_placed` run has printed so far."""
+    return process.output_path.read_text(errors="replace")
+
+
+def _finish(process: subprocess.Popen) -> str:
+    """Wait for a `_srun_placed` run to end; its whole output."""
+    try:
+        process.wait(timeout=STEP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run went on past {STEP_TIMEOUT_SECONDS}s:\n{_tail(_output(process))}")
+    return _output(process)
+
+
+@contextlib.contextmanager
+def _link_cut(host: str):
+    """`host`'s link to the bridge down for the block, and up again whatever happens."""
+    subprocess.run(["ip", "-n", "gorila-br", "link", "set", host, "down"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "-n", "gorila-br", "link", "set", host, "up"], check=True)
+
+
+def _wait_until(condition, process: subprocess.Popen, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        shown = _tail(_output(process)) if hasattr(process, "output_path") else ""
+        assert process.poll() is None, f"the run ended before {what}:\n{shown}"
+        assert time.monotonic() < deadline, f"no {what} within {seconds:.0f}s:\n{shown}"
+        time.sleep(0.5)
+
+
+def test_a_cut_shard_host_stalls_only_its_own_slice(cluster, tmp_path):
+    """Shard 1 alone on one host (tasks 0-2 on the first host, task 3 on the second),
+    --server-shards 2: cutting the second host's link for 15 s leaves shard 0 applying
+    pushes at least half as fast as before, and no bundle takes shard 0 for lost; once the
+    link is back the run finishes with every role done. Catches pushes that wait for every
+    shard's ack in turn (shard 0 then froze with shard 1) and a reply's deadline checked
+    before the socket was read (a healthy shard declared lost)."""
+    first, second = cluster.hosts[:2]
+    placed = [first, first, first, second]
+    extra = ("--server-shards", "2", "--total-frames", "50000")
+    with _srun_placed(cluster, tmp_path, placed, *extra) as (process, run_dir):
+        _wait_until(lambda: _version(run_dir, 0) >= 500, process, 120, "learning")
+        before = _rate(run_dir, 0, 6.0)
+        with _link_cut(second):
+            time.sleep(3.0)  # shard 1 is stalled after 2 s without an ack
+            during = _rate(run_dir, 0, CUT_SECONDS - 3.0)
+        output = _finish(process)
     assert process.returncode == 0, _tail(output)
     print(f"shard 0: {before:.0f} updates/s before the cut, {during:.0f}/s during it")
-    assert during >= 0.5 * before > 0, (before, during, stalled_shard_1, _tail(output))
+    assert during >= 0.5 * before > 0, (before, during, _tail(output))
     assert "lost server shard 0" not in output, _tail(output)
     assert "reconnected to server shard 0" not in output, _tail(output)
     where = _placement(output, 4)
     assert where[3][0] == second and {where[t][0] for t in (0, 1, 2)} == {first}, where
     _assert_finished(output, ["shard 0", "shard 1"], bundles=2, tasks=[0, 3, 1, 2])
+
+
+def test_a_cut_bundle_host_leaves_the_rest_going_and_its_bundle_comes_back(cluster, tmp_path):
+    """The server and bundle 1 on one host, bundle 2 alone on the other, whose link is cut
+    for 45 s (past the 30 s server timeout): the server goes on applying bundle 1's pushes
+    during the cut, only bundle 2 loses the server, and it comes back by itself once the
+    link is up (its pushes are accepted again); the run finishes with every role done."""
+    first, second = cluster.hosts[:2]
+    with _srun_placed(cluster, tmp_path, [first, first, second], "--total-frames", "40000") as (
+        process,
+        run_dir,
+    ):
+        _wait_until(lambda: _accepted(run_dir, 1) >= 100, process, 120, "pushes from bundle 2")
+        before = _rate(run_dir, None, 5.0)
+        with _link_cut(second):
+            during = _rate(run_dir, None, 15.0)
+            time.sleep(BUNDLE_CUT_SECONDS - 15.0)
+            cut_off_at = _accepted(run_dir, 1)
+        _wait_until(lambda: _accepted(run_dir, 1) > cut_off_at, process, 60, "pushes after")
+        output = _finish(process)
+    assert process.returncode == 0, _tail(output)
+    print(f"server: {before:.0f} updates/s before the cut, {during:.0f}/s during it")
+    assert during >= 0.25 * before > 0, (before, during, _tail(output))
+    lines = output.splitlines()
+    assert any("[bundle 2] WARNING: lost the server" in line for line in lines), _tail(output)
+    assert any("[bundle 2] INFO: reconnected to the server" in line for line in lines)
+    assert not any("[bundle 1]" in line and "lost the server" in line for line in lines)
+    _assert_finished(output, ["server"], bundles=2)
+
+
+def test_a_cut_server_host_makes_bundles_back_off_and_resume(cluster, tmp_path):
+    """A single server alone on a host whose link is cut for 25 s, bundles on the other
+    with a 10 s server timeout: both lose the server, back off, and resume once the link
+    is up, against the same server (its version goes on from where it was: nothing is
+    lost, nothing restarted); the run finishes with every role done. (The server is task
+    0, on the step's first node, where jax.distributed's coordinator must be.)"""
+    first, second = cluster.hosts[:2]
+    extra = ("--total-frames", "30000", "--server-timeout-seconds", "10")
+    with _srun_placed(cluster, tmp_path, [first, second, second], *extra) as (process, run_dir):
+        _wait_until(lambda: _version(run_dir) >= 300, process, 120, "learning")
+        with _link_cut(first):
+            time.sleep(SERVER_CUT_SECONDS)
+        at_the_cut = _version(run_dir)
+        _wait_until(lambda: _version(run_dir) > at_the_cut + 100, process, 90, "updates after")
+        output = _finish(process)
+    assert process.returncode == 0, _tail(output)
+    lines = output.splitlines()
+    for bundle in (1, 2):
+        assert any(f"[bundle {bundle}] WARNING: lost the server" in line for line in lines)
+        assert any(f"[bundle {bundle}] INFO: reconnected to the server" in line for line in lines)
+    assert not any("ERROR" in line for line in lines), _tail(output)
+    done = _done(output)
+    updates = int(re.match(r"([\d,]+) updates", done["server"][1])[1].replace(",", ""))
+    assert updates > at_the_cut, (updates, at_the_cut)
+    _assert_finished(output, ["server"], bundles=2)
+
+
+def test_a_bundle_joins_the_running_job_from_the_other_host(cluster, tmp_path):
+    """A job of server + 1 bundle on the first host with room for 2 (--max-bundles 2); a
+    second srun on the other host runs `cartpole.py --join RUN_DIR` and becomes bundle 2,
+    reaching the server at the first host's address: the server's per-bundle counts show
+    both bundles' pushes accepted. SIGTERM (scancel) takes the joined bundle out, the job
+    goes on, and it finishes with its own bundle done."""
+    first, second = cluster.hosts[:2]
+    extra = ("--max-bundles", "2", "--total-frames", "20000")
+    with _srun_placed(cluster, tmp_path, [first, first], *extra) as (process, run_dir):
+        _wait_until(lambda: (run_dir / "join.json").exists(), process, 120, "join file")
+        job_name = _job_name("join")
+        joiner = subprocess.Popen(
+            cluster.command(
+                "srun", "-l", f"--job-name={job_name}", "-w", second, "-n", "1",
+                "sh", "-c", WHERE, sys.executable, "experiments/cartpole.py",
+                "--join", str(run_dir),
+            ),
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            _wait_until(lambda: _accepted(run_dir, 1) >= 20, joiner, 180, "joined pushes")
+            stats = _server_stats(run_dir)
+            assert stats["joined"] == [1] and stats["workers"]["0"]["accepted"] > 0, stats
+            cluster.cancel(job_name)  # SIGTERM to the joined bundle
+            joined_output, _ = joiner.communicate(timeout=90)
+        finally:
+            if joiner.poll() is None:
+                cluster.cancel(job_name)
+                joiner.kill()
+                joiner.communicate(timeout=60)
+        assert f"gorila-test: task 0 on {second}" in joined_output, _tail(joined_output)
+        assert "[bundle 2] INFO: joined the job" in joined_output, _tail(joined_output)
+        assert process.poll() is None, "the job ended with its joined bundle"
+        output = _finish(process)
+    assert process.returncode == 0, _tail(output)
+    stats = _server_stats(run_dir)
+    assert stats["workers"]["1"]["accepted"] >= 20 and 1 in stats["stopped_workers"], stats
+    _assert_finished(output, ["server"], bundles=1)
 
 
 def test_sbatch_job_on_two_nodes(cluster, tmp_path):
