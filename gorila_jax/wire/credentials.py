@@ -21,6 +21,11 @@ credentials go depends on who started the run:
   still publish a key in another bundle's name before it (that bundle then stops with one
   line). Both modes protect a run from outsiders, not from its own tasks.
 
+A bundle that joins a running job (`--join`) reads the secret from the job's join file
+(`gorila_jax.wire.join_file`, as a task under SLURM reads RUN_DIR/run_secret), asks for a
+worker index with `join_credential`, which names no worker and so acts for none, and then
+presents the credential of the worker it was given.
+
 `WorkerAuthority` is the server's side of it: given a request's header (and, with CURVE,
 the client key zmq authenticated the connection with), it says which worker sent it or
 raises the protocol error that refuses it. Secrets and credentials are compared in
