@@ -219,9 +219,9 @@ def test_why_a_join_failed_is_one_line_that_says_what_to_do(tmp_path):
     endpoint = "tcp://198.18.0.11:5555"
     lost = ServerError("no reply to join within 30s", lost=True)
     assert "still running?" in why_not_joined(lost, tmp_path, endpoint)
-    full = ServerError("server refused join: full (all 3 bundles ... are running)")
+    full = ServerError("server refused join: full (...)", reason="full", detail="all 3 ...")
     assert why_not_joined(full, tmp_path, endpoint).startswith(f"the job in {tmp_path} is full")
-    stale = ServerError("server refused join: bad_credential (not the run's join credential)")
+    stale = ServerError("server refused join: bad_credential (...)", reason="bad_credential")
     assert "a stale file?" in why_not_joined(stale, tmp_path, endpoint)
 
 

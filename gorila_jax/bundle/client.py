@@ -64,11 +64,16 @@ WELCOME_FIELDS = (
 
 
 class ServerError(RuntimeError):
-    """The server refused a request, or did not answer in time (`lost`: worth a retry)."""
+    """The server refused a request (`reason`: the error reply's code, when it sent one),
+    or did not answer in time (`lost`: worth a retry)."""
 
-    def __init__(self, message: str, *, lost: bool = False):
+    def __init__(
+        self, message: str, *, lost: bool = False, reason: str | None = None, detail: str = ""
+    ):
         super().__init__(message)
         self.lost = lost
+        self.reason = reason
+        self.detail = detail  # the error reply's message
 
 
 class ServerConnection:
@@ -222,7 +227,9 @@ class ServerConnection:
             )
         if reply.header["kind"] == "error":
             raise ServerError(
-                f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})"
+                f"server refused {kind}: {reply.header['reason']} ({reply.header['message']})",
+                reason=reply.header["reason"],
+                detail=reply.header["message"],
             )
         if reply.header["kind"] not in transport.ANSWERS[kind]:
             raise ServerError(f"bad reply to {kind}: a {reply.header['kind']!r} reply")

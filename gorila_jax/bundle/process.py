@@ -163,9 +163,9 @@ def why_not_joined(error: ServerError, run_dir: Path, endpoint: str) -> str:
             f"no answer to the join from {endpoint} ({text}): is the job in {run_dir} "
             "still running?"
         )
-    if ": full " in text:
-        return f"the job in {run_dir} is full: {text.split(': full ', 1)[1].strip('()')}"
-    if "bad_credential" in text:
+    if error.reason == "full":
+        return f"the job in {run_dir} is full: {error.detail}"
+    if error.reason == "bad_credential":
         return f"the server at {endpoint} is not the job of {run_dir}/join.json (a stale file?)"
     return f"the job in {run_dir} refused the join: {text}"
 
