@@ -44,6 +44,26 @@ BAD_VALUES = [
 ]
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"single_process": True},
+        {"mode": "sync", "workers": 2},
+        {"wire_security": "curve"},
+        {"gradient_part": "0.5"},
+        {"max_bundles": 4},
+    ],
+)
+def test_aggregate_per_host_is_refused_where_it_cannot_work(settings):
+    """One line naming the field: a single process has no bundles to aggregate, a sync run
+    no server, CURVE no credentials for it to check, a gradient part no whole gradient to
+    sum, joins no aggregator to join."""
+    with pytest.raises(ConfigError, match=r"^config\.aggregate_per_host: ") as refused:
+        validate(dataclasses.replace(Config(), aggregate_per_host=True, **settings))
+    assert "\n" not in str(refused.value)
+    validate(dataclasses.replace(Config(), aggregate_per_host=True))
+
+
 def test_push_every_is_refused_for_a_single_process():
     """Catches --push-every silently ignored where no gradient is pushed."""
     with pytest.raises(ConfigError, match=r"config\.push_every: applies to the bundles"):

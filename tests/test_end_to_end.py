@@ -179,6 +179,26 @@ def test_cartpole_two_server_shards_and_two_bundles_learn(tmp_path, read_run_par
     np.testing.assert_array_equal(flat, np.concatenate(slices))
 
 
+def test_cartpole_learns_through_a_per_host_aggregator(tmp_path):
+    """The same run with --aggregate-per-host: the bundles push to one aggregator, which
+    forwards the mean of what they pushed since its last forward to the server: solved
+    within the same budget, the server's only worker the aggregator (its frames the
+    bundles' sum), and the aggregator's statistics showing both bundles' pushes, more
+    of them than forwards (they were summed)."""
+    solved, code, output, run_dir = run_async_until_solved(
+        tmp_path / "run", "--aggregate-per-host",
+        episodes=["bundle1/episodes.csv", "bundle2/episodes.csv"],
+    )  # fmt: skip
+    assert solved is not None and solved <= DISTRIBUTED_BUDGET, output
+    assert code in (0, 128 + signal.SIGTERM), output
+    stats = json.loads((run_dir / "ps.json").read_text())
+    assert set(stats["workers"]) == {"0"} and stats["num_workers"] == 1, stats["workers"]
+    hub = json.loads((run_dir / "aggregator1.json").read_text())
+    assert hub["received"]["0"] > 0 and hub["received"]["1"] > 0, hub
+    assert hub["forwarded_gradients"] > hub["forwards"] > 0, hub
+    assert stats["workers"]["0"]["accepted"] >= hub["shards_accepted"] - 2, (stats, hub)
+
+
 def initial_pong_params() -> np.ndarray:
     """The params a default Pong server starts from (seed 0), flat, computed here apart."""
     import jax

@@ -42,6 +42,29 @@ def test_a_run_with_no_room_for_a_bundle_is_refused():
         place(["a", "b"], 2)
 
 
+def test_each_host_gets_an_aggregator_for_its_bundles():
+    """`srun -N 2 -n 7`, 2 shards, --aggregate-per-host: after the shards, the first task
+    left on each node aggregates the bundles of that node; the server's workers are the
+    aggregators, and the bundles keep their numbers in process order."""
+    hosts = ["h1", "h1", "h1", "h1", "h2", "h2", "h2"]
+    placement = place(hosts, 2, aggregate=True)
+    assert placement.shard_processes == (0, 4)
+    assert placement.aggregator_processes == (1, 5)
+    assert placement.bundle_processes == (2, 3, 6)
+    assert placement.server_workers == 2
+    assert [placement.aggregator_for(w) for w in range(3)] == [0, 0, 1]
+    assert placement.workers_of(0) == (0, 1) and placement.workers_of(1) == (2,)
+    assert [placement.aggregator_of(i) for i in range(7)] == [None, 0, None, None, None, 1, None]
+    assert [placement.worker_of(i) for i in range(7)] == [None, None, 0, 1, None, None, 2]
+    assert "aggregator 2 on h2 (process 5)" in placement.describe()
+    assert place(hosts, 2).server_workers == 5 and place(hosts, 2).aggregator_for(0) is None
+
+
+def test_an_aggregator_with_no_bundle_beside_it_is_refused():
+    with pytest.raises(ValueError, match="h2 has one process besides the server shards"):
+        place(["h1", "h1", "h1", "h2", "h2"], 2, aggregate=True)
+
+
 SLURM_STEP = {
     "SLURM_JOB_ID": "42",
     "SLURM_STEP_NODELIST": "h[1-2]",

@@ -309,6 +309,24 @@ def test_srun_two_shards_three_bundles_trains_cartpole(tmp_path):
         _assert_done(output, bundle + 1, f"bundle {bundle}")
 
 
+def test_srun_with_an_aggregator_per_host_trains_cartpole(tmp_path):
+    """srun -n 4 --aggregate-per-host: task 0 serves, task 1 is the node's aggregator,
+    tasks 2 and 3 (bundles 1 and 2) push to it, and the server's one worker is the
+    aggregator, its pushes accepted; every role is done."""
+    _require_slurm("srun")
+    run_dir = tmp_path / "run"
+    output = _srun_cartpole(run_dir, 4, "--aggregate-per-host")
+    ps = _read_ps(run_dir, output)
+    assert ps["num_workers"] == 1 and ps["workers"]["0"]["accepted"] > 0, ps
+    hub = json.loads((run_dir / "aggregator1.json").read_text())
+    assert hub["received"]["0"] > 0 and hub["received"]["1"] > 0, hub
+    assert "roles: server on" in output and "aggregator 1 on" in output, _tail(output)
+    _assert_done(output, 0, "server")
+    _assert_done(output, 1, "aggregator 1")
+    for bundle in (1, 2):
+        _assert_done(output, bundle + 1, f"bundle {bundle}")
+
+
 def test_pong_sbatch_example_runs(tmp_path):
     """experiments/slurm/pong.sbatch, as written, with tiny settings passed in GORILA_ARGS."""
     _require_slurm("sbatch")

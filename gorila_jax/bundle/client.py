@@ -478,6 +478,18 @@ class ShardedClient:
             except queue.Full:
                 continue
 
+    def has_room(self) -> bool:
+        """Whether `push` would queue a gradient at once (an aggregator sums what comes
+        meanwhile, rather than wait)."""
+        return not self._outbox.full()
+
+    def pull(self) -> None:
+        """Ask every shard for newer params without pushing (an aggregator, for its
+        bundles' pulls): the thread sends the round on its next turn, or after the round
+        out now. Setting the flag races only with the thread clearing it as it starts a
+        round, which fetches newer params all the same."""
+        self._pull_wanted = True
+
     def latest(self) -> tuple[Pulled | None, Pulled | None]:
         """The newest params pulled since the last look, and the newest target refresh
         (each None when none came): a refresh is kept apart, so a later plain pull cannot

@@ -43,7 +43,8 @@ def run_bundle(
     stop: threading.Event,
 ) -> None:
     """A process past the server shards: actors, replay and learner, pushing gradients to
-    every server shard."""
+    every server shard (or to its host's aggregator, which it sees as an unsharded
+    server)."""
     shards = config.server_shards
     num_workers = len(placement.bundle_processes)
     worker = placement.worker_of(info.index)
@@ -53,17 +54,22 @@ def run_bundle(
     credential = "" if own_curve is not None else keys.worker_credential(worker)
     if own_curve is not None:
         meeting.publish_bundle_key(info.index, own_curve[0])
-    addresses = meeting.shard_addresses(shards, curve=own_curve is not None)
+    aggregator = placement.aggregator_for(worker)
+    if aggregator is not None:  # --aggregate-per-host: the host's aggregator is its server
+        endpoints, curves = [meeting.aggregator_address(aggregator)], [None]
+    else:
+        addresses = meeting.shard_addresses(shards, curve=own_curve is not None)
+        endpoints = [address.endpoint for address in addresses]
+        curves = [
+            None if own_curve is None else transport.ClientCurve(*own_curve, address.curve_key)
+            for address in addresses
+        ]
     meeting.close()
-    curves = [
-        None if own_curve is None else transport.ClientCurve(*own_curve, address.curve_key)
-        for address in addresses
-    ]
     play(
         config,
         worker=worker,
         credential=credential,
-        endpoints=[address.endpoint for address in addresses],
+        endpoints=endpoints,
         curves=curves,
         launched=num_workers,
         frame_budget=config.total_frames // num_workers,
@@ -196,7 +202,8 @@ def play(
         )
         model = Model.from_env(config, env)
         template = model.init(seed)
-        layout = ShardLayout.even(model.num_params, config.server_shards)
+        # One endpoint per server shard, or a single one: the host's aggregator.
+        layout = ShardLayout.even(model.num_params, len(endpoints))
         connections = [
             ServerConnection(
                 endpoint,

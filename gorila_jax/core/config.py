@@ -138,6 +138,13 @@ class Config:
     """Bundles push the mean of this many learner steps' gradients at once: a K-times
     larger effective batch (the gradient of K batches together) and K times fewer pushes
     for every server shard to absorb. 1 pushes every gradient."""
+    aggregate_per_host: bool = False
+    """One aggregator process per host (`gorila_jax.aggregator`): the host's bundles push to
+    it and pull from it, and it forwards the mean of what they pushed since its last
+    forward to every shard, one push per shard at a time, so each shard receives one push
+    per host instead of one per bundle. The local launcher starts one more process for
+    it; under SLURM the first task on each node after the shards is its aggregator. Needs
+    token wire security and gradient_part all; no --join."""
     max_staleness: int = 64
     """The server rejects gradients computed on params more than this many versions old."""
     outlier_k: float = 6.0
@@ -320,6 +327,19 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
             _fail(name, "needs --gradient-part all (a part per bundle is fixed at launch)", value)
         if config.mode != "gorila" or config.single_process:
             _fail(name, "adds bundles to a Gorila run, not to a sync or single-process one", value)
+    if config.aggregate_per_host:
+        if config.single_process or config.mode != "gorila":
+            _fail("aggregate_per_host", "aggregates the bundles of a Gorila run, not a "
+                  "single-process or sync one", config.aggregate_per_host)  # fmt: skip
+        if config.wire_security != "token":
+            _fail("aggregate_per_host", "needs --wire-security token (its bundles present "
+                  "the run's credentials)", config.aggregate_per_host)  # fmt: skip
+        if config.gradient_part != "all":
+            _fail("aggregate_per_host", "needs --gradient-part all (it sums whole gradients)",
+                  config.aggregate_per_host)  # fmt: skip
+        if config.max_bundles or config.join:
+            _fail("aggregate_per_host", "takes no joining bundles (--max-bundles, --join)",
+                  config.aggregate_per_host)  # fmt: skip
     if config.log_every_seconds <= 0:
         _fail("log_every_seconds", "must be > 0", config.log_every_seconds)
     if config.optimizer not in OPTIMIZERS:

@@ -88,9 +88,9 @@ def stop_on_signals() -> threading.Event:
 
 
 def run_role(config: Config) -> int:
-    """Join the run and be one of its parameter-server shards or one of its bundles, as
-    the placement says (every process a bundle, in sync mode); process 0 logs where every
-    role landed."""
+    """Join the run and be one of its parameter-server shards, one of its aggregators
+    (`--aggregate-per-host`) or one of its bundles, as the placement says (every process
+    a bundle, in sync mode); process 0 logs where every role landed."""
     from gorila_jax.server.process import check_server_files, check_shard_layout
 
     stop = stop_on_signals()
@@ -118,7 +118,11 @@ def run_role(config: Config) -> int:
             f"config.max_bundles: must be at least the {info.count - shards} bundles "
             f"started, got {config.max_bundles}"
         )
-    placement = rendezvous.place_roles(info, shards, keys)
+    try:
+        placement = rendezvous.place_roles(info, shards, keys, aggregate=config.aggregate_per_host)
+    except ValueError as error:
+        logs.setup(f"process {info.index}")
+        return fail(str(error))
     logs.setup(launcher.process_name(placement, info.index))
     if info.index == 0:
         log.info(f"roles: {placement.describe()}")
@@ -130,6 +134,10 @@ def run_role(config: Config) -> int:
         from gorila_jax.server.process import run_server
 
         run_server(config, info, placement, keys, stop)
+    elif placement.aggregator_of(info.index) is not None:
+        from gorila_jax.aggregator.process import run_aggregator
+
+        run_aggregator(config, info, placement, keys, stop)
     else:
         from gorila_jax.bundle.process import run_bundle
 

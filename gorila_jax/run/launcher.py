@@ -56,10 +56,13 @@ log = logging.getLogger(__name__)
 
 def process_name(placement: Placement, index: int) -> str:
     """How a process of the run is named in its output: "server" (or "shard k" of a split
-    server), or "bundle i" (i from 1)."""
+    server), "aggregator a" or "bundle i" (a and i from 1)."""
     shard = placement.shard_of(index)
     if shard is not None:
         return "server" if len(placement.shard_processes) == 1 else f"shard {shard}"
+    aggregator = placement.aggregator_of(index)
+    if aggregator is not None:
+        return f"aggregator {aggregator + 1}"
     return f"bundle {placement.worker_of(index) + 1}"
 
 
@@ -205,10 +208,13 @@ def launch_local(config: Config, argv: list[str]) -> int:
             f"config.max_bundles: must be at least the {config.workers} bundles started "
             f"(--workers), got {config.max_bundles}"
         )
-    count = config.workers + shards
-    placement = place(["127.0.0.1"] * count, shards)  # one host: processes 0..S-1 serve
+    aggregate = config.aggregate_per_host
+    count = config.workers + shards + int(aggregate)
+    # One host: processes 0..S-1 serve, then the aggregator (process S) where there is one.
+    placement = place(["127.0.0.1"] * count, shards, aggregate=aggregate)
     private = Path(tempfile.mkdtemp(prefix="gorila-launcher-"))
     port_files = [private / f"server_port.{shard}" for shard in range(shards)]
+    aggregator_port_file = private / "aggregator_port"
     environ = dict(os.environ)
     environ[rendezvous.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
     environ[rendezvous.ENV_NUM_PROCESSES] = str(count)
@@ -220,6 +226,7 @@ def launch_local(config: Config, argv: list[str]) -> int:
     environ.pop(credentials.ENV_WORKER_CREDENTIAL, None)
     environ[rendezvous.ENV_LAUNCHER_PID] = str(os.getpid())
     environ.pop(rendezvous.ENV_SERVER_PORT, None)
+    environ.pop(rendezvous.ENV_AGGREGATOR_PORT, None)
     environ.pop(rendezvous.ENV_PORT_FILE, None)
     environ["PYTHONUNBUFFERED"] = "1"
     curve = config.wire_security == "curve" and not sync
@@ -228,6 +235,8 @@ def launch_local(config: Config, argv: list[str]) -> int:
     servers = "1 parameter server" if shards == 1 else f"a parameter server in {shards} shards"
     if sync:
         servers = "sync mode, no server"
+    if aggregate:
+        servers += " + 1 aggregator"
     log.info(
         f"local run: {servers} + {config.workers} bundle(s) on 127.0.0.1, run dir {config.run_dir}"
     )
@@ -244,11 +253,14 @@ def launch_local(config: Config, argv: list[str]) -> int:
             rendezvous.ENV_PROCESS_ID: str(index),
             **curve_keys.get(index, {}),
         }
+        is_aggregator = placement.aggregator_of(index) is not None
         if index < shards:
             child_environ[rendezvous.ENV_PORT_FILE] = str(port_files[index])
+        if is_aggregator:
+            child_environ[rendezvous.ENV_PORT_FILE] = str(aggregator_port_file)
         if curve or sync:  # a process's CURVE key is its identity; a sync run has no server
             pass
-        elif index < shards:
+        elif index < shards or is_aggregator:  # an aggregator checks its bundles' credentials
             child_environ[credentials.ENV_RUN_SECRET] = secret
         else:
             worker = placement.worker_of(index)
@@ -262,6 +274,9 @@ def launch_local(config: Config, argv: list[str]) -> int:
             ports = [path.read_text() for path in mine if path.exists()]
             if len(ports) == len(mine):
                 child_environ[rendezvous.ENV_SERVER_PORT] = ",".join(ports)
+            # An aggregator takes back its own port; its bundles get it.
+            if aggregate and index >= shards and aggregator_port_file.exists():
+                child_environ[rendezvous.ENV_AGGREGATOR_PORT] = aggregator_port_file.read_text()
         return Child(process_name(placement, index), command, child_environ)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

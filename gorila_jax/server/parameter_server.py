@@ -78,6 +78,7 @@ from gorila_jax.core.gradient_parts import part_indices
 from gorila_jax.core.optim import config_optimizer
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.io.checkpoint import CheckpointError, run_meta
+from gorila_jax.server.gradient_guard import gradient_refusal, max_norm_squared
 from gorila_jax.server.server_stats import ServerStats, server_dir
 from gorila_jax.server.shard_state import (
     Push,
@@ -117,7 +118,6 @@ SERVER_META_FIELDS = (
     "staleness_histogram",
     "events",
 )
-NORM_TOLERANCE = 1e-3  # relative slack on max_grad_norm for float32 rounding in the clip
 
 
 class ParamsDiverged(RuntimeError):
@@ -252,14 +252,7 @@ class ParameterServer:
         self._host_params: tuple[int, np.ndarray] | None = None
         self.outliers = OutlierFilter(config.outlier_k, config.outlier_warmup)
         self.max_bytes = max_message_bytes(config, self.num_params)
-        # The largest squared norm a pushed gradient may have: the bundle clips the whole
-        # gradient to max_grad_norm, so any part of it is within it (with float32 slack);
-        # unclipped, the square must stay finite in float32 (Adam squares each element).
-        self.max_norm_squared = (
-            (config.max_grad_norm * (1 + NORM_TOLERANCE)) ** 2
-            if config.max_grad_norm
-            else float(np.finfo(np.float32).max)
-        )
+        self.max_norm_squared = max_norm_squared(config)  # see `gradient_guard`
         # Pushes accepted on arrival and not applied yet: (peer, header, Push, staleness);
         # pulls waiting for them to be applied: (peer, header).
         self._batch: list[tuple[Any, dict, Push, int]] = []
@@ -557,16 +550,9 @@ class ParameterServer:
         if staleness > self.config.max_staleness:
             return self._refuse_push(header, "stale", f"{staleness} versions old")
         (grads,) = arrays
-        # One pass: the squared norm is not finite when an element is not (or when it
-        # overflows float32, which only an over-norm gradient can do).
-        with np.errstate(over="ignore", invalid="ignore"):
-            norm_squared = float(np.dot(grads, grads))
-        if not math.isfinite(header["mean_abs_td"]) or (
-            not math.isfinite(norm_squared) and not transport.all_finite(arrays)
-        ):
-            return self._refuse_push(header, "non_finite", "gradient or mean_abs_td not finite")
-        if not norm_squared <= self.max_norm_squared:
-            return self._refuse_push(header, "over_norm", "gradient norm over max_grad_norm")
+        refusal = gradient_refusal(grads, header["mean_abs_td"], self.max_norm_squared)
+        if refusal is not None:
+            return self._refuse_push(header, *refusal)
         if self.outliers.is_outlier(abs(header["mean_abs_td"])):
             return self._refuse_push(header, "outlier", f"mean_abs_td {header['mean_abs_td']:.4g}")
         push = Push(

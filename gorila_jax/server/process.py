@@ -114,15 +114,19 @@ def run_server(
     clients: dict[bytes, int] = {}  # with CURVE: each bundle's public key -> its worker
     meeting = rendezvous.open_rendezvous(info, keys)
     bundles = placement.bundle_processes
+    # The server's workers: the bundles, or with --aggregate-per-host the aggregators.
     # Workers past the bundles started are for bundles that join (`--join`, token only).
-    capacity = max(len(bundles), config.max_bundles)
+    launched = placement.server_workers
+    capacity = max(launched, config.max_bundles)
     if config.wire_security == "curve":
         curve = transport.ServerCurve(*rendezvous.own_curve_keys())
         clients.update(curve_workers(rendezvous.launcher_bundle_keys()))
         authenticator = transport.start_curve_authenticator(context, clients)
         authority = WorkerAuthority(capacity, curve_workers=clients)
     else:
-        authority = WorkerAuthority(capacity, secret=keys.server_secret())
+        authority = WorkerAuthority(
+            capacity, secret=keys.server_secret(), aggregators=bool(placement.aggregator_processes)
+        )
     sock, endpoint = transport.make_server_socket(
         context, f"tcp://{rendezvous.reachable_host(info)}:{port}", max_bytes, curve=curve
     )
@@ -133,7 +137,7 @@ def run_server(
     )
     if curve is not None and not clients:  # the local launcher's keys, where it gave them
         clients.update(curve_workers(meeting.bundle_keys(bundles)))
-    joinable = shard == 0 and capacity > len(bundles)
+    joinable = shard == 0 and capacity > launched
     endpoints = []  # every shard's, for the join file
     if joinable:
         endpoints = [address.endpoint for address in meeting.shard_addresses(shards, curve=False)]
@@ -146,7 +150,7 @@ def run_server(
         authority=authority,
         run_dir=run_dir,
         shard=shard,
-        launched=len(bundles),
+        launched=launched,
     )
     checkpointer = None
     try:
@@ -170,7 +174,8 @@ def run_server(
         held = server.layout.slice(shard)
         log.info(
             f"{config.env_id}: {server.total_params:,} params (this process holds "
-            f"{held.start:,}..{held.stop - 1:,}), {server.num_workers} bundle(s), optimizer "
+            f"{held.start:,}..{held.stop - 1:,}), {server.num_workers} "
+            f"{'aggregator' if placement.aggregator_processes else 'bundle'}(s), optimizer "
             f"{config.optimizer}, dc_asgd {config.dc_asgd}, gradient_part "
             f"{config.gradient_part}, listening on {endpoint}"
         )
@@ -178,10 +183,10 @@ def run_server(
         if joinable:
             join_info = JoinInfo(
                 tuple(endpoints), keys.server_secret(), server.fingerprint, config.env_id,
-                len(bundles), capacity, to_dict(config),
+                launched, capacity, to_dict(config),
             )  # fmt: skip
             write_join_file(run_dir, join_info)
-            room = capacity - len(bundles)
+            room = capacity - launched
             log.info(f"room for {room} more bundle(s): python {sys.argv[0]} --join {run_dir}")
         server.serve(sock, endpoint, stop.is_set, checkpointer=checkpointer)
     finally:

@@ -71,6 +71,13 @@ def worker_credential(secret: str, worker: int) -> str:
     return _mac(secret, f"gorila worker {int(worker)}")
 
 
+def aggregator_credential(secret: str, aggregator: int) -> str:
+    """Aggregator `aggregator`'s credential (64 hex digits): the server's worker of that
+    index in a run with `--aggregate-per-host`. Derived apart from the bundles' own, so no
+    bundle's credential acts for an aggregator."""
+    return _mac(secret, f"gorila aggregator {int(aggregator)}")
+
+
 def join_credential(secret: str) -> str:
     """What a bundle started with `--join` presents to ask for a worker index (64 hex
     digits): it names no worker, so it cannot act for one; the server answers with a free
@@ -110,7 +117,10 @@ class WorkerAuthority:
         *,
         secret: str | None = None,
         curve_workers: Mapping[bytes, int] | None = None,
+        aggregators: bool = False,
     ):
+        """`aggregators`: the workers are a run's aggregators (`aggregator_credential`),
+        not its bundles."""
         if (secret is None) == (curve_workers is None):
             raise ValueError("give the run secret (token security) or the CURVE keys, not both")
         self.num_workers = num_workers
@@ -118,7 +128,10 @@ class WorkerAuthority:
         self._credentials = (
             None
             if secret is None
-            else [worker_credential(secret, w).encode() for w in range(num_workers)]
+            else [
+                (aggregator_credential if aggregators else worker_credential)(secret, w).encode()
+                for w in range(num_workers)
+            ]
         )
         # A join names no worker yet: it proves the run's join credential instead (token
         # security only; with CURVE a bundle's key must be known when its worker starts).

@@ -73,6 +73,8 @@ ENV_PROCESS_ID = "GORILA_PROCESS_ID"
 # A restarted process of the local launcher: the port a server shard bound before (its
 # own), or every shard's, comma-separated (a bundle).
 ENV_SERVER_PORT = "GORILA_SERVER_PORT"
+# A restarted aggregator's own port, or a restarted bundle's aggregator's (--aggregate-per-host).
+ENV_AGGREGATOR_PORT = "GORILA_AGGREGATOR_PORT"
 ENV_RENDEZVOUS_KEY = "GORILA_RENDEZVOUS_KEY"  # the local launcher's, for every process
 ENV_RESTARTED = "GORILA_RESTARTED"
 ENV_PORT_FILE = "GORILA_PORT_FILE"  # where the local server writes the port it bound
@@ -85,6 +87,7 @@ ENV_CURVE_SERVER = "GORILA_CURVE_SERVER"
 ENV_CURVE_CLIENTS = "GORILA_CURVE_CLIENTS"
 KEY_ENDPOINT = "gorila/server_endpoint"  # + "/k": server shard k's address
 KEY_SERVER_CURVE = "gorila/curve/server"  # + "/k": server shard k's CURVE public key
+KEY_AGGREGATOR = "gorila/aggregator"  # + "/a": aggregator a's address
 KEY_BUNDLE_CURVE = "gorila/curve/bundle"  # + the process index: a bundle's public key
 KEY_EXCHANGE = "gorila/exchange"  # + "/<name>/i": what process i gave `exchange(name, ...)`
 KEY_VALUE_TIMEOUT_SECONDS = 120.0
@@ -337,6 +340,12 @@ class Rendezvous(Protocol):
     def publish_bundle_key(self, index: int, public_key: bytes) -> None:
         """Make the CURVE public key of the bundle of process `index` known."""
 
+    def publish_aggregator(self, aggregator: int, endpoint: str) -> None:
+        """Make aggregator `aggregator`'s address known to its bundles."""
+
+    def aggregator_address(self, aggregator: int) -> str:
+        """Aggregator `aggregator`'s address (waiting for it)."""
+
     def bundle_keys(self, indices: Sequence[int]) -> list[bytes]:
         """The CURVE public keys of the bundles of processes `indices` (waiting for them)."""
 
@@ -418,6 +427,13 @@ class StoreRendezvous:
     def bundle_keys(self, indices: Sequence[int]) -> list[bytes]:
         return [self._get(f"{KEY_BUNDLE_CURVE}{index}").encode() for index in indices]
 
+    def publish_aggregator(self, aggregator: int, endpoint: str) -> None:
+        self._set(f"{KEY_AGGREGATOR}/{aggregator}", endpoint)
+        write_port_file(endpoint)
+
+    def aggregator_address(self, aggregator: int) -> str:
+        return self._get(f"{KEY_AGGREGATOR}/{aggregator}")
+
     def exchange(self, name: str, index: int, value: str, count: int) -> list[str]:
         """Publish process `index`'s `value` under `name` and return every one of the
         `count` processes' values, in process order (waiting for them)."""
@@ -464,6 +480,15 @@ class LauncherRendezvous:
     def publish_bundle_key(self, index: int, public_key: bytes) -> None:
         """Nothing to do: the launcher made this key and gave it to the shards."""
 
+    def publish_aggregator(self, aggregator: int, endpoint: str) -> None:
+        write_port_file(endpoint)  # the same port as before
+
+    def aggregator_address(self, aggregator: int) -> str:
+        port = os.environ.get(ENV_AGGREGATOR_PORT)
+        if not port:
+            raise RendezvousError("restarted bundle: its aggregator never said which port it bound")
+        return f"tcp://127.0.0.1:{port}"
+
     def bundle_keys(self, indices: Sequence[int]) -> list[bytes]:
         keys = launcher_bundle_keys()
         if len(keys) != len(indices):
@@ -497,22 +522,27 @@ def write_port_file(endpoint: str) -> None:
         tmp.replace(path)
 
 
-def place_roles(info: ProcessInfo, shards: int, keys: RunKeys) -> Placement:
-    """Every process's role (`placement.place`), from the hosts the processes run on:
-    exchanged through jax.distributed's store at a first start under SLURM; a local run
-    (first start or restart) is on one host. ValueError when no bundle is left."""
+def place_roles(
+    info: ProcessInfo, shards: int, keys: RunKeys, *, aggregate: bool = False
+) -> Placement:
+    """Every process's role (`placement.place`, with an aggregator per host when
+    `aggregate`), from the hosts the processes run on: exchanged through jax.distributed's
+    store at a first start under SLURM; a local run (first start or restart) is on one
+    host. ValueError (one line) when no bundle is left, or a host has no bundle beside
+    its aggregator."""
     if info.launcher == "slurm" and not info.restarted:
         store = StoreRendezvous(keys.rendezvous_key)
         hosts = store.exchange("host", info.index, socket.gethostname(), info.count)
     else:
         hosts = [socket.gethostname()] * info.count
-    return place(hosts, shards)
+    return place(hosts, shards, aggregate=aggregate)
 
 
-def own_port() -> str:
-    """The port a shard binds: the one it bound before it was restarted, or 0 (any free
-    port, chosen by the kernel at bind: no probing race)."""
-    return os.environ.get(ENV_SERVER_PORT, "0")
+def own_port(variable: str = ENV_SERVER_PORT) -> str:
+    """The port a shard (an aggregator: `ENV_AGGREGATOR_PORT`) binds: the one it bound
+    before it was restarted, or 0 (any free port, chosen by the kernel at bind: no
+    probing race)."""
+    return os.environ.get(variable, "0")
 
 
 def launcher_bundle_keys() -> list[bytes]:
