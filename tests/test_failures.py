@@ -632,6 +632,51 @@ def test_a_killed_shard_0_comes_back_and_the_run_params_are_whole(tmp_path, read
     np.testing.assert_array_equal(flat, np.concatenate(slices))
 
 
+def read_aggregator_stats(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "aggregator1.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_a_killed_aggregator_comes_back_and_its_bundles_with_it(tmp_path):
+    """kill -9 of the aggregator (--aggregate-per-host): the launcher restarts it on its
+    port, it says hello to the server again as the same worker, both bundles reconnect
+    to it by themselves and their pushes reach the server again; SIGINT then stops every
+    process. (A bundle with nothing in flight at the kill has nothing to lose: its next
+    request reaches the new aggregator.)"""
+    launcher = start_run(
+        tmp_path, "--aggregate-per-host", "--total-frames", "10000000",
+        "--learning-starts", "300", "--server-timeout-seconds", "15",
+    )  # fmt: skip
+    wait_until(
+        lambda: all(
+            n > 20 for n in read_aggregator_stats(tmp_path).get("received", {0: 0}).values()
+        ),
+        120,
+        "pushes from both bundles",
+        launcher,
+    )
+    os.kill(child_by_index(launcher, 1).pid, signal.SIGKILL)
+    before = read_stats(tmp_path)["updates"]
+    (tmp_path / "aggregator1.json").unlink()
+    wait_until(
+        lambda: (
+            all(n > 20 for n in read_aggregator_stats(tmp_path).get("received", {0: 0}).values())
+            and read_stats(tmp_path)["updates"] > before + 20
+        ),
+        120,
+        "both bundles' pushes through the restarted aggregator",
+        launcher,
+    )
+    stats = read_stats(tmp_path)
+    assert set(stats["workers"]) == {"0"} and stats["events"]["bundle_rejoined"] >= 1, stats
+    processes = all_descendants(launcher)
+    out, err = stop_and_check(launcher, processes)
+    assert "aggregator 1 (pid" in err and "died with status -9" in err, err[-3000:]
+    assert "INFO: reconnected to the server" in out, out[-3000:]
+
+
 def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
     """A checkpoint's format version (io.checkpoint.CHECKPOINT_FORMAT_VERSION) is checked
     before anything is read into the server: one of a later format, or one from before
