@@ -10,9 +10,11 @@ What it does with a bundle's push: the checks a shard makes on arrival (credenti
 staleness against the params it hands out, a finite gradient within the clip), then the
 gradient is added to the sum of those waiting, and the push is acknowledged at once
 (accepted by the aggregator; what the shards say of the forward is counted in its own
-statistics). Whenever its client has room, the mean of the waiting gradients goes to the
-shards as one push: at low load every gradient goes on its own, at high load as many as
-arrived while the last forward was in flight (the mean of clipped gradients stays within
+statistics). The mean of the waiting gradients goes to the shards as one push once as
+many gradients wait as the aggregator has active bundles (those that pushed within
+`ACTIVE_SECONDS`), or the oldest has waited `FORWARD_WAIT_SECONDS`, and its client has
+room: each shard then receives about one push per round of the host's bundles, and more
+gradients a push when the shards answer slowly (the mean of clipped gradients stays within
 the clip). A forward goes with the versions of the oldest params any of its gradients was
 computed on, per shard, so the shards judge its staleness by its stalest part and DC-ASGD
 compensates it from the params the aggregator was sent at those versions. Its frames are
@@ -55,6 +57,8 @@ MAX_REQUEST_FRAMES = 2  # a header and at most one array
 MAX_ERROR_MESSAGE = 200  # characters of detail in an error reply
 TURN_SECONDS = 0.05  # the most time `serve` spends on messages before forwarding
 POLL_SECONDS = 0.002  # how long the loop waits for a bundle's message with a sum waiting
+ACTIVE_SECONDS = 2.0  # a bundle that pushed this recently is waited for before a forward
+FORWARD_WAIT_SECONDS = 0.05  # the longest a gradient waits for the others of its round
 MAX_CLOCK_SKEW_SECONDS = 3600.0  # how far a bundle's clock (its seq numbers) may run ahead
 
 
@@ -65,6 +69,7 @@ class Waiting(NamedTuple):
     mean_abs_td: float  # the sum of their batches' mean |TD error|
     versions: tuple[int, ...]  # per shard, the oldest version any of them was computed on
     count: int
+    since: float  # when the first of them came (the aggregator's timer)
 
 
 class Aggregator:
@@ -82,6 +87,7 @@ class Aggregator:
         run_dir: Path | None = None,
         index: int = 0,
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.monotonic,
     ):
         """The aggregator `index` of the bundles `workers` (worker numbers; their requests
         `authority` authenticates), forwarding through `upstream`, a client of the shards
@@ -93,6 +99,7 @@ class Aggregator:
         self.fingerprint = fingerprint
         self.index = index
         self.clock = clock
+        self.timer = timer
         self.stats_path = None if run_dir is None else Path(run_dir) / f"aggregator{index + 1}.json"
         self.num_params = int(upstream.initial.flat.size)
         self.max_bytes = transport.message_limit(4 * self.num_params)
@@ -108,6 +115,7 @@ class Aggregator:
         self.waiting: Waiting | None = None
         self.last_seq: dict[int, int] = {}
         self.frames: dict[int, int] = {}  # each bundle's latest report
+        self._pushed_at: dict[int, float] = {}  # when each bundle last pushed (timer)
         self.stopped: set[int] = set()
         self.received = collections.Counter()  # pushes accepted here, per worker
         self.refused = collections.Counter()  # refused here, per reason
@@ -214,10 +222,12 @@ class Aggregator:
         worker = header["worker"]
         self.frames[worker] = max(self.frames.get(worker, 0), header["frames"])
         self.received[worker] += 1
+        now = self.timer()
+        self._pushed_at[worker] = now
         waiting = self.waiting
         if waiting is None:
             total = np.array(grads, dtype=np.float32)  # a copy: the frame is zmq's
-            self.waiting = Waiting(total, header["mean_abs_td"], shard_versions, 1)
+            self.waiting = Waiting(total, header["mean_abs_td"], shard_versions, 1, now)
         else:
             np.add(waiting.total, grads, out=waiting.total)
             self.waiting = Waiting(
@@ -225,16 +235,30 @@ class Aggregator:
                 waiting.mean_abs_td + header["mean_abs_td"],
                 tuple(min(a, b) for a, b in zip(waiting.versions, shard_versions, strict=True)),
                 waiting.count + 1,
+                waiting.since,
             )
         return self._reply(header, "ack", accepted=True, reason=None)
 
     # ---- the shards --------------------------------------------------------------------
 
-    def forward(self, *, wait: bool = False) -> bool:
-        """Hand the mean of the waiting gradients to the client when it has room (with
-        `wait`, wait for room); True when something went."""
+    def _active(self, now: float) -> int:
+        """Bundles that pushed within `ACTIVE_SECONDS`."""
+        return sum(now - at <= ACTIVE_SECONDS for at in self._pushed_at.values())
+
+    def forward_due(self) -> bool:
+        """Whether the waiting gradients should go: one from each active bundle is there
+        (as many as there are active bundles), or the oldest has waited long enough."""
         waiting = self.waiting
-        if waiting is None or not (wait or self.upstream.has_room()):
+        if waiting is None:
+            return False
+        now = self.timer()
+        return waiting.count >= self._active(now) or now - waiting.since >= FORWARD_WAIT_SECONDS
+
+    def forward(self, *, wait: bool = False) -> bool:
+        """Hand the mean of the waiting gradients to the client when due and it has room
+        (with `wait`, whatever is waiting, waiting for room); True when something went."""
+        waiting = self.waiting
+        if waiting is None or not (wait or (self.forward_due() and self.upstream.has_room())):
             return False
         self.waiting = None
         total = waiting.total
