@@ -16,6 +16,8 @@ above it in this list (tests/test_layout.py checks it):
 - `bundle`: actors, replay and learner in one loop, the learner that computes a
   gradient for the server, the client (no JAX) that pushes it to the server's shards and
   pulls their params, and the process that runs a bundle.
+- `aggregator`: one per host with `--aggregate-per-host`: the server of the host's
+  bundles and one worker of the shards, forwarding the mean of their gradients.
 - `run`: what a user starts: the entry point that picks a role, the local launcher, the
   single process, the processes of a sync run, evaluation, plots. Nothing imports it.
 """

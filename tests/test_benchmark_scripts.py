@@ -49,6 +49,10 @@ def test_help_and_a_bad_flag(name):
         ("replay.py", ("2000",)),
         ("replay_checkpoint.py", ("--capacity", "800", "--repeats", "2")),
         (
+            "aggregator.py",
+            ("--bundles", "2", "--seconds", "1", "--warmup", "0.5", "--repeats", "1"),
+        ),
+        (
             "across_hosts.py",
             ("--loopback-only", "--pushes", "3", "--warmup", "1", "--repeats", "1"),
         ),

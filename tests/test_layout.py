@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gorila_jax"
-ORDER = ("core", "envs", "io", "wire", "server", "bundle", "run")
+ORDER = ("core", "envs", "io", "wire", "server", "bundle", "aggregator", "run")
 
 
 def _imports(path: Path) -> list[str]:
