@@ -503,7 +503,7 @@ def test_a_cut_bundle_host_leaves_the_rest_going_and_its_bundle_comes_back(clust
     during the cut, only bundle 2 loses the server, and it comes back by itself once the
     link is up (its pushes are accepted again); the run finishes with every role done."""
     first, second = cluster.hosts[:2]
-    with _srun_placed(cluster, tmp_path, [first, first, second], "--total-frames", "40000") as (
+    with _srun_placed(cluster, tmp_path, [first, first, second], "--total-frames", "26000") as (
         process,
         run_dir,
     ):

@@ -284,12 +284,14 @@ def test_srun_three_tasks_trains_cartpole_over_curve(tmp_path):
         _assert_done(output, task, f"bundle {task}")
 
 
-def test_srun_two_shards_three_bundles_trains_cartpole(tmp_path):
-    """srun -n 5 with --server-shards 2: tasks 0 and 1 are the server's shards, each applying
-    pushes to its slice; tasks 2, 3 and 4 are bundles 1 to 3, every one pushing to both."""
+def test_srun_two_shards_an_aggregator_and_three_bundles_train_cartpole(tmp_path):
+    """srun -n 6 with --server-shards 2 --aggregate-per-host: tasks 0 and 1 are the
+    server's shards, each applying pushes to its slice; task 2 is the node's aggregator,
+    the shards' one worker; tasks 3, 4 and 5 are bundles 1 to 3, every one pushing to the
+    aggregator, which forwards to both shards."""
     _require_slurm("srun")
     run_dir = tmp_path / "run"
-    output = _srun_cartpole(run_dir, 5, "--server-shards", "2")
+    output = _srun_cartpole(run_dir, 6, "--server-shards", "2", "--aggregate-per-host")
 
     ps = _read_ps(run_dir, output)
     assert ps["server_shards"] == 2, ps
@@ -299,32 +301,16 @@ def test_srun_two_shards_three_bundles_trains_cartpole(tmp_path):
         assert stats["version"] > 0, (shard, stats)
         assert (run_dir / f"shard{shard}" / "ps.json").is_file()
         assert (run_dir / f"shard{shard}" / "params_slice.msgpack").is_file()
-    assert ps["num_workers"] == 3, ps
-    for worker in ("0", "1", "2"):
-        assert ps["workers"][worker]["accepted"] > 0, (worker, ps["workers"])
+    assert ps["num_workers"] == 1 and ps["workers"]["0"]["accepted"] > 0, ps
+    hub = json.loads((run_dir / "aggregator1.json").read_text())
+    assert all(hub["received"][w] > 0 for w in ("0", "1", "2")), hub
+    assert "aggregator 1 on" in output, _tail(output)
     assert not (run_dir / "params.msgpack").exists()  # the slices are the params
     for shard in (0, 1):
         _assert_done(output, shard, f"shard {shard}")
+    _assert_done(output, 2, "aggregator 1")
     for bundle in (1, 2, 3):
-        _assert_done(output, bundle + 1, f"bundle {bundle}")
-
-
-def test_srun_with_an_aggregator_per_host_trains_cartpole(tmp_path):
-    """srun -n 4 --aggregate-per-host: task 0 serves, task 1 is the node's aggregator,
-    tasks 2 and 3 (bundles 1 and 2) push to it, and the server's one worker is the
-    aggregator, its pushes accepted; every role is done."""
-    _require_slurm("srun")
-    run_dir = tmp_path / "run"
-    output = _srun_cartpole(run_dir, 4, "--aggregate-per-host")
-    ps = _read_ps(run_dir, output)
-    assert ps["num_workers"] == 1 and ps["workers"]["0"]["accepted"] > 0, ps
-    hub = json.loads((run_dir / "aggregator1.json").read_text())
-    assert hub["received"]["0"] > 0 and hub["received"]["1"] > 0, hub
-    assert "roles: server on" in output and "aggregator 1 on" in output, _tail(output)
-    _assert_done(output, 0, "server")
-    _assert_done(output, 1, "aggregator 1")
-    for bundle in (1, 2):
-        _assert_done(output, bundle + 1, f"bundle {bundle}")
+        _assert_done(output, bundle + 2, f"bundle {bundle}")
 
 
 def test_pong_sbatch_example_runs(tmp_path):
