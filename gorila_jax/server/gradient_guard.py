@@ -33,9 +33,12 @@ def gradient_refusal(
     grads: np.ndarray, mean_abs_td: float, limit_squared: float
 ) -> tuple[str, str] | None:
     """Why a gradient (flat float32) and its batch's mean |TD error| are refused, as
-    (reason, message), or None when they pass: "non_finite" or "over_norm"."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        norm_squared = float(np.dot(grads, grads))
+    (reason, message), or None when they pass: "non_finite" or "over_norm".
+
+    An overflow in the norm warns: callers that judge many pushes in a row hold
+    `np.errstate(over="ignore", invalid="ignore")` over all of them (entering it costs
+    twice the dot product of a small slice)."""
+    norm_squared = float(np.dot(grads, grads))
     if not math.isfinite(mean_abs_td) or (
         not math.isfinite(norm_squared) and not transport.all_finite([grads])
     ):

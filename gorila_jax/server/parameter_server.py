@@ -378,8 +378,9 @@ class ParameterServer:
     def handle(self, frames: list) -> list:
         """Validate one request, apply it if it is an accepted push, and return the frames
         of its reply (never raises on input): `submit` then `flush`."""
-        ready = self.submit(frames)
-        ready += self.flush()
+        with np.errstate(over="ignore", invalid="ignore"):  # see `gradient_refusal`
+            ready = self.submit(frames)
+            ready += self.flush()
         return [frames for peer, frames in ready if peer is None][-1]
 
     def submit(
@@ -419,14 +420,15 @@ class ParameterServer:
             self._last_join_seq = seq
             ready += self.flush()
             return self._on_join(header, message.arrays)
-        self._heard[worker] = self.clock()
+        now = self.clock()
+        self._heard[worker] = now
         # Hellos included: a restarted worker numbers on from where it was (see
         # bundle.client), so a request seen once is refused for good.
         if seq <= self.last_seq.get(worker, -1):
             return self.reject("replayed", header, f"seq {seq} already seen", authenticated=True)
         # Bundles number from the wall clock in ns (bundle.client), one a request: a
         # number far above it would lock the worker's real requests out for good.
-        if seq > (self.clock() + MAX_CLOCK_SKEW_SECONDS) * 1e9:
+        if seq > (now + MAX_CLOCK_SKEW_SECONDS) * 1e9:
             return self.reject(
                 "future_seq", header, f"seq {seq} is ahead of the clock", authenticated=True
             )
@@ -827,26 +829,28 @@ def _answer(server: ParameterServer, socket: zmq.Socket, turn_ends: float) -> No
     """Receive and submit waiting messages until none is left or `turn_ends` (monotonic
     time) has passed, at least one when one is waiting; send each reply as soon as it is
     ready, and the acks of the pushes still batched once the batch is applied at the end."""
-    try:
-        while True:
-            try:
-                routing_id, frames = transport.recv(
-                    socket, zmq.NOBLOCK, max_frames=MAX_REQUEST_FRAMES, max_bytes=server.max_bytes
-                )
-            except zmq.Again:
-                return
-            except transport.OversizedMessage as error:
-                reply = server.reject(error.reason, None, error.message, authenticated=False)
-                ready = [(error.routing_id, reply)]
-            else:
-                ready = server.submit(frames, routing_id, _client_key(server, frames))
-            for peer, reply in ready:
+    with np.errstate(over="ignore", invalid="ignore"):  # once a turn: see `gradient_refusal`
+        try:
+            while True:
+                try:
+                    routing_id, frames = transport.recv(
+                        socket, zmq.NOBLOCK, max_frames=MAX_REQUEST_FRAMES,
+                        max_bytes=server.max_bytes,
+                    )  # fmt: skip
+                except zmq.Again:
+                    return
+                except transport.OversizedMessage as error:
+                    reply = server.reject(error.reason, None, error.message, authenticated=False)
+                    ready = [(error.routing_id, reply)]
+                else:
+                    ready = server.submit(frames, routing_id, _client_key(server, frames))
+                for peer, reply in ready:
+                    _send_reply(server, socket, peer, reply)
+                if time.monotonic() >= turn_ends:
+                    return
+        finally:
+            for peer, reply in server.flush():
                 _send_reply(server, socket, peer, reply)
-            if time.monotonic() >= turn_ends:
-                return
-    finally:
-        for peer, reply in server.flush():
-            _send_reply(server, socket, peer, reply)
 
 
 def _client_key(server: ParameterServer, frames: list) -> str | None:
