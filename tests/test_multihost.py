@@ -409,17 +409,19 @@ def _rate(run_dir: Path, shard: int | None, seconds: float) -> float:
 
 
 @contextlib.contextmanager
-def _srun_placed(cluster: Cluster, tmp_path: Path, hosts: list[str], *extra: str):
+def _srun_placed(cluster: Cluster, tmp_path: Path, hosts: list[str], *extra: str, srun_flags=()):
     """`srun -l` of the CartPole script in the background, task i on `hosts[i]`
-    (SLURM_HOSTFILE with --distribution=arbitrary); yields (process, run dir). Whatever is
-    left when the block ends is cancelled and killed."""
+    (SLURM_HOSTFILE with --distribution=arbitrary), with `srun_flags` of srun's own;
+    yields (process, run dir). Whatever is left when the block ends is cancelled and
+    killed."""
     hostfile = tmp_path / "hosts"
     hostfile.write_text("".join(f"{host}\n" for host in hosts))
     run_dir = tmp_path / "run"
     job_name = _job_name("placed")
     command = cluster.command(
         "srun", "-l", f"--job-name={job_name}", "-n", str(len(hosts)),
-        "--distribution=arbitrary", *_cartpole(run_dir, "--stats-every-seconds", "1", *extra),
+        "--distribution=arbitrary", *srun_flags,
+        *_cartpole(run_dir, "--stats-every-seconds", "1", *extra),
     )  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_HOSTFILE": str(hostfile)}
     with open(tmp_path / "srun.out", "w") as output:  # read with _output (no pipe to fill)
@@ -550,6 +552,38 @@ def test_a_cut_server_host_makes_bundles_back_off_and_resume(cluster, tmp_path):
     updates = int(re.match(r"([\d,]+) updates", done["server"][1])[1].replace(",", ""))
     assert updates > at_the_cut, (updates, at_the_cut)
     _assert_finished(output, ["server"], bundles=2)
+
+
+def test_a_host_lost_for_good_ends_the_step_naming_it(cluster, tmp_path):
+    """Shard 1 alone on the second host, whose link goes down and stays down: the bundles
+    give up on it after their retry window (10 s here) with one line naming the shard, its
+    task and its host, and `srun --kill-on-bad-exit=1` (as the sbatch example runs) ends
+    the step with an error instead of leaving the other tasks waiting; the step's exit is
+    not 0 once srun can reach the host again to take its task down."""
+    first, second = cluster.hosts[:2]
+    placed = [first, first, first, second]
+    extra = (
+        "--server-shards", "2", "--total-frames", "10000000", "--server-timeout-seconds",
+        "5", "--server-retry-seconds", "10",
+    )  # fmt: skip
+    with _srun_placed(cluster, tmp_path, placed, *extra, srun_flags=("--kill-on-bad-exit=1",)) as (
+        process,
+        run_dir,
+    ):
+        _wait_until(lambda: _version(run_dir, 0) >= 200, process, 120, "learning")
+        named = f"server shard 1 (task 3 on {second}) did not come back within 10s"
+        with _link_cut(second):
+            _wait_until(lambda: named in _output(process), process, 90, "the bundles' line")
+            time.sleep(2.0)  # srun has begun to take the step down
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the step did not end:\n{_tail(_output(process))}")
+        output = _output(process)
+    assert process.returncode != 0, _tail(output)
+    lines = [line for line in output.splitlines() if named in line]
+    assert any("[bundle" in line or "error: bundle lost the server" in line for line in lines)
+    assert not any("Traceback" in line for line in output.splitlines()), _tail(output)
 
 
 def test_a_bundle_joins_the_running_job_from_the_other_host(cluster, tmp_path):

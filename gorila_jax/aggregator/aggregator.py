@@ -20,11 +20,13 @@ computed on, per shard, so the shards judge its staleness by its stalest part an
 compensates it from the params the aggregator was sent at those versions. Its frames are
 the sum of its bundles' own.
 
-Pulls: a bundle's pull is answered at once from the params the aggregator last fetched
-(and asks its client for newer ones: every shard then answers one pull per host, not per
-bundle). The version a bundle sees is the mean of the shards' versions, as a bundle of a
-sharded server counts it, so its target-network period keeps its meaning; the aggregator
-remembers which shard versions each version it handed out stands for.
+Pulls: every forward asks the shards for the params after it, so the aggregator holds
+params one forward old, and a bundle's pull is answered at once from them (and asks for
+newer ones when no forward is under way): every shard answers about one pull per host per
+round of its bundles, not one per bundle every `sync_every` steps. The version a bundle
+sees is the mean of the shards' versions, as a bundle of a sharded server counts it, so
+its target-network period keeps its meaning; the aggregator remembers which shard
+versions each version it handed out stands for.
 
 It checkpoints nothing: a restarted aggregator fetches the params again, and the gradients
 waiting in its sum when it died are lost (a few learner steps); its bundles' frame counts
@@ -270,6 +272,7 @@ class Aggregator:
                 waiting.mean_abs_td / waiting.count,
                 waiting.versions,
                 sum(self.frames.values()),
+                pull=True,  # the params after it, for the bundles' next pulls
             )
         )
         self.forwards += 1

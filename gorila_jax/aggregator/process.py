@@ -18,6 +18,7 @@ import zmq
 
 from gorila_jax.aggregator.aggregator import Aggregator
 from gorila_jax.bundle.client import ServerConnection, ShardedClient
+from gorila_jax.bundle.process import shard_names
 from gorila_jax.core.config import Config
 from gorila_jax.core.shard_layout import ShardLayout
 from gorila_jax.envs import model_of
@@ -75,6 +76,7 @@ def run_aggregator(
             target_period=config.target_period,
             retry_seconds=config.server_retry_seconds,
             stop_event=stop,
+            names=shard_names(info, placement),
         )
         aggregator = Aggregator(
             config,

@@ -386,8 +386,12 @@ class ShardedClient:
         target_period: int,
         retry_seconds: float,
         stop_event: threading.Event | None = None,
+        names: list[str] | None = None,
     ):
+        """`names`: how the log and the errors name each connection's server (default
+        "the server", or "server shard k"); under SLURM, with its task and host."""
         self.layout = layout
+        self._names = names
         self._pieces = pieces
         self._target_period = target_period
         self._retry_seconds = retry_seconds
@@ -748,6 +752,8 @@ class ShardedClient:
         )
 
     def _name(self, index: int) -> str:
+        if self._names is not None:
+            return self._names[index]
         return "the server" if len(self._shards) == 1 else f"server shard {index}"
 
     def _say_hello_again(self) -> None:

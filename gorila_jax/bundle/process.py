@@ -57,7 +57,9 @@ def run_bundle(
     aggregator = placement.aggregator_for(worker)
     if aggregator is not None:  # --aggregate-per-host: the host's aggregator is its server
         endpoints, curves = [meeting.aggregator_address(aggregator)], [None]
+        names = [where(info, placement, placement.aggregator_processes[aggregator], "the server")]
     else:
+        names = shard_names(info, placement)
         addresses = meeting.shard_addresses(shards, curve=own_curve is not None)
         endpoints = [address.endpoint for address in addresses]
         curves = [
@@ -72,11 +74,29 @@ def run_bundle(
         endpoints=endpoints,
         curves=curves,
         launched=num_workers,
+        server_names=names,
         frame_budget=config.total_frames // num_workers,
         # A restarted bundle plays other episodes than its first start did.
         seed=config.seed + worker + 1 + 1000 * int(info.restarted),
         stop=stop,
     )
+
+
+def where(info: rendezvous.ProcessInfo, placement: Placement, process: int, name: str) -> str:
+    """`name` of a process of the run, with its task and host under SLURM (where a lost
+    one must be found): "server shard 1 (task 3 on node2)"."""
+    if info.launcher != "slurm":
+        return name
+    return f"{name} (task {process} on {placement.hosts[process]})"
+
+
+def shard_names(info: rendezvous.ProcessInfo, placement: Placement) -> list[str]:
+    """How a client of every server shard names each (`where`)."""
+    shards = placement.shard_processes
+    return [
+        where(info, placement, process, "the server" if len(shards) == 1 else f"server shard {k}")
+        for k, process in enumerate(shards)
+    ]
 
 
 def run_joining_bundle(config: Config, program_default: Config, stop: threading.Event) -> None:
@@ -187,6 +207,7 @@ def play(
     frame_budget: int,
     seed: int,
     stop: threading.Event,
+    server_names: list[str] | None = None,
 ) -> None:
     """Be bundle `worker + 1`: environments, replay (restored from its last checkpoint
     when there is one), the remote learner that pushes to every shard at `endpoints`, and
@@ -225,6 +246,7 @@ def play(
             connections,
             num_workers=max(launched, config.max_bundles),
             stop_event=stop,
+            server_names=server_names,
         )
         log.info(
             f"{env.num_envs} envs, learner over {jax.local_device_count()} local device(s), "

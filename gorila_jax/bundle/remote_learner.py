@@ -84,6 +84,7 @@ class RemoteLearner:
         *,
         num_workers: int,
         stop_event: threading.Event | None = None,
+        server_names: list[str] | None = None,
     ):
         self.config = config
         self._stop = stop_event or threading.Event()
@@ -109,6 +110,7 @@ class RemoteLearner:
             target_period=config.target_period,
             retry_seconds=config.server_retry_seconds,
             stop_event=self._stop,
+            names=server_names,
         )
         self.start_frames = self.client.start_frames
         self._grad_step = make_flat_grad_step(

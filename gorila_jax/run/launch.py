@@ -26,6 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
+from gorila_jax.bundle.client import ServerError
 from gorila_jax.core.cli import fail
 from gorila_jax.core.config import Config, ConfigError, parse_cli
 from gorila_jax.io import logs
@@ -71,6 +72,12 @@ def main(default: Config, *, description: str | None = None, args: list[str] | N
         ConfigError, MemoryError, CheckpointError, rendezvous.RendezvousError, JoinError
     ) as error:  # fmt: skip
         return fail(str(error))
+    except ServerError as error:  # the server is lost for good, or refused this process
+        # One line naming what is gone (under SLURM its task and host), and status 1: not
+        # a configuration error, so the local launcher restarts the process as for a
+        # crash, and `srun --kill-on-bad-exit=1` ends the step.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         os.umask(previous_umask)
 
