@@ -169,7 +169,9 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
     control: the right keys get a welcome. Catches a wrong key that hangs the bundle (a
     blocking send on a DEALER with no connection waits forever: this hung CI once),
     reaches the server (a counted hello or unauthenticated sender), or ends in a traceback
-    from zmq instead of the bundle's own error."""
+    from zmq instead of the bundle's own error. (Whether the second request cannot be sent
+    at all or goes unanswered depends on where zmq's reconnection is: a plain client
+    failed either way in about half the runs here, so both are accepted, each bounded.)"""
     context = zmq.Context.instance()
     server_public, server_secret = zmq.curve_keypair()
     client_public, client_secret = zmq.curve_keypair()
@@ -208,12 +210,19 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
         cause = CURVE_MISMATCH_CAUSES[mismatch]
         assert lost.value.lost and str(lost.value).startswith("no reply to hello within 2s: ")
         assert cause in str(lost.value) and "\n" not in str(lost.value)
-        if mismatch != "server key":  # zmq drops a connection the server refused
-            started = time.monotonic()
-            with pytest.raises(ServerError, match="could not send pull to ") as unsent:
-                connection.send_pull(-1)
-            assert unsent.value.lost and cause in str(unsent.value)
-            assert time.monotonic() - started < 1
+        # A later request fails in bounded time too, naming the cause: at once when zmq has
+        # dropped the refused connection (it cannot be queued), or after its timeout when
+        # zmq is reconnecting just then (its own retry, whose handshake fails again).
+        started = time.monotonic()
+        with pytest.raises(ServerError) as unsent:
+            connection.receive_pulled(connection.send_pull(-1))
+        elapsed = time.monotonic() - started
+        assert unsent.value.lost and cause in str(unsent.value), str(unsent.value)
+        if str(unsent.value).startswith("could not send pull to "):
+            assert elapsed < 1, elapsed
+        else:
+            assert str(unsent.value).startswith("no reply to pull within 2s: ")
+            assert elapsed < 5, elapsed
         stats = server.stats()
         assert stats["workers"] == {} and stats["unauthenticated"] == {}, stats
         assert stats["rejections"] == {}, stats
