@@ -50,6 +50,7 @@ from gorila_jax.bundle.client import Push, ServerError, ShardedClient
 from gorila_jax.core.config import Config
 from gorila_jax.io.files import write_atomically
 from gorila_jax.server.gradient_guard import gradient_refusal, max_norm_squared
+from gorila_jax.server.parameter_server import max_message_bytes
 from gorila_jax.wire import transport
 from gorila_jax.wire.credentials import WorkerAuthority
 
@@ -104,7 +105,7 @@ class Aggregator:
         self.timer = timer
         self.stats_path = None if run_dir is None else Path(run_dir) / f"aggregator{index + 1}.json"
         self.num_params = int(upstream.initial.flat.size)
-        self.max_bytes = transport.message_limit(4 * self.num_params)
+        self.max_bytes = max_message_bytes(config, self.num_params)  # as its socket's
         self.max_norm_squared = max_norm_squared(config)
         # The params handed out, their version (the mean of the shards') and, for every
         # version handed out within max_staleness, the shard versions it stands for.
@@ -345,24 +346,23 @@ class Aggregator:
         """Answer waiting messages until none is left or the turn has passed; forward
         between them whenever the client has room."""
         with np.errstate(over="ignore", invalid="ignore"):  # see `gradient_refusal`
-            self._answer_quietly(socket, turn_ends)
-
-    def _answer_quietly(self, socket: zmq.Socket, turn_ends: float) -> None:
-        while True:
-            try:
-                routing_id, frames = transport.recv(
-                    socket, zmq.NOBLOCK, max_frames=MAX_REQUEST_FRAMES, max_bytes=self.max_bytes
-                )
-            except zmq.Again:
-                return
-            except transport.OversizedMessage as error:
-                routing_id, reply = error.routing_id, self.reject(error.reason, None, error.message)
-            else:
-                reply = self.submit(frames)
-            _send_reply(socket, routing_id, reply)
-            self.forward()
-            if time.monotonic() >= turn_ends:
-                return
+            while True:
+                try:
+                    routing_id, frames = transport.recv(
+                        socket, zmq.NOBLOCK, max_frames=MAX_REQUEST_FRAMES,
+                        max_bytes=self.max_bytes,
+                    )  # fmt: skip
+                except zmq.Again:
+                    return
+                except transport.OversizedMessage as error:
+                    routing_id = error.routing_id
+                    reply = self.reject(error.reason, None, error.message)
+                else:
+                    reply = self.submit(frames)
+                _send_reply(socket, routing_id, reply)
+                self.forward()
+                if time.monotonic() >= turn_ends:
+                    return
 
 
 def _send_reply(socket: zmq.Socket, peer: Any, reply: list) -> None:
