@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -559,11 +560,9 @@ def read_shard_stats(run_dir: Path, shard: int) -> dict:
         return {}
 
 
-def kill_a_shard_and_see_it_back(tmp_path, shard: int):
-    """A local run of 2 server shards and 2 bundles; once both shards have checkpointed,
-    kill -9 shard `shard` and wait until the launcher has restarted it from its checkpoint
-    and it applies pushes again, checking meanwhile that the other shard kept applying the
-    bundles' pushes and is still the process it was. Returns the launcher."""
+def start_two_shard_run(tmp_path):
+    """A local run of 2 server shards and 2 bundles, returned once both shards have
+    checkpointed."""
     launcher = start_run(
         tmp_path, "--server-shards", "2", "--total-frames", "10000000",
         "--learning-starts", "300", "--checkpoint-every-seconds", "1",
@@ -574,6 +573,13 @@ def kill_a_shard_and_see_it_back(tmp_path, shard: int):
                     for k in (0, 1)),
         180, "a checkpoint of both shards", launcher,
     )  # fmt: skip
+    return launcher
+
+
+def kill_a_shard_and_see_it_back(tmp_path, launcher, shard: int) -> None:
+    """kill -9 shard `shard` of the run and wait until the launcher has restarted it from
+    its checkpoint and it applies pushes again, checking meanwhile that the other shard
+    kept applying the bundles' pushes and is still the process it was."""
     other = 1 - shard
     victim, survivor = child_by_index(launcher, shard), child_by_index(launcher, other)
     os.kill(victim.pid, signal.SIGKILL)
@@ -592,37 +598,29 @@ def kill_a_shard_and_see_it_back(tmp_path, shard: int):
         120, f"the restarted shard {shard} to apply pushes", launcher,
     )  # fmt: skip
     assert child_by_index(launcher, other).pid == survivor.pid and survivor.is_running()
-    return launcher
 
 
-def test_a_killed_shard_comes_back_while_the_other_goes_on(tmp_path):
-    """kill -9 of server shard 1 of 2: the launcher restarts it from its checkpoint, the
-    bundles keep pushing to shard 0 meanwhile and reconnect to shard 1; SIGINT then stops
-    every process within 30 s."""
-    launcher = kill_a_shard_and_see_it_back(tmp_path, 1)
-    combined = read_stats(tmp_path)
-    assert combined["server_shards"] == 2 and len(combined["shards"]) == 2
+def test_killed_shards_come_back_one_after_the_other_and_the_run_params_are_whole(
+    tmp_path, read_run_params
+):
+    """kill -9 of server shard 1 of 2, then, once it is back, of shard 0 (the first shard,
+    which leaves the first slice): each time the launcher restarts the shard from its
+    checkpoint on its port, the other keeps applying the bundles' pushes meanwhile and the
+    bundles reconnect; SIGINT then stops every process within 30 s, and the run's params
+    (as evaluate.py reads them) are the two shards' final slices, shard 0's first, each
+    with its version. Catches a restarted shard that does not come back, that leaves no
+    slice or a stale one, slices joined swapped, and bundles that stop pushing to one shard
+    while the other is away."""
+    launcher = start_two_shard_run(tmp_path)
+    kill_a_shard_and_see_it_back(tmp_path, launcher, 1)
+    kill_a_shard_and_see_it_back(tmp_path, launcher, 0)
     processes = all_descendants(launcher)
     started = time.monotonic()
     out, err = stop_and_check(launcher, processes)
     assert time.monotonic() - started < 30
-    assert "lost server shard 1" in out and "reconnected to server shard 1" in out
-    assert "shard 1 (pid" in err and "restarting it (1/3)" in err
-
-
-def test_a_killed_shard_0_comes_back_and_the_run_params_are_whole(tmp_path, read_run_params):
-    """kill -9 of server shard 0 of 2 (the first shard, which leaves the first slice): the
-    launcher restarts it from its checkpoint on its port, shard 1 keeps applying pushes
-    meanwhile, the bundles reconnect to it, and at the stop the run's params (as evaluate.py
-    reads them) are the two shards' final slices, shard 0's first, each with its version.
-    Catches a restarted shard 0 that does not come back, that leaves no slice or a stale
-    one, slices joined swapped, and bundles that stop pushing to shard 1 while shard 0 is
-    away."""
-    launcher = kill_a_shard_and_see_it_back(tmp_path, 0)
-    processes = all_descendants(launcher)
-    out, err = stop_and_check(launcher, processes)
-    assert "lost server shard 0" in out and "reconnected to server shard 0" in out
-    assert "shard 0 (pid" in err and "restarting it (1/3)" in err
+    for shard in (0, 1):
+        assert f"lost server shard {shard}" in out and f"reconnected to server shard {shard}" in out
+        assert re.search(rf"shard {shard} \(pid \d+\).*restarting it \(1/3\)", err), err
     combined = read_stats(tmp_path)
     assert combined["server_shards"] == 2 and len(combined["shards"]) == 2
     flat, versions, slices = read_run_params(tmp_path)

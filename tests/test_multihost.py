@@ -68,7 +68,9 @@ WHERE_LINE = re.compile(r"^(\d+): gorila-test: task \1 on (\S+) at (\S+)\s*$")
 DONE_LINE = re.compile(r"^(\d+): \[(server|shard \d+|bundle \d+)\] INFO: done: (.*)$")
 LISTENING = re.compile(r"^(\d+): \[(server|shard \d+)\] INFO: .*listening on tcp://([\d.]+):\d+")
 
-pytestmark = pytest.mark.slow
+# One xdist group for the SLURM and cluster tests: they run one after the other on one
+# worker (their jobs would otherwise queue behind each other's), beside the other tests.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 def _tail(text: str | bytes | None, lines: int = 40) -> str:
@@ -375,8 +377,8 @@ def test_hosts_without_a_shared_secret_stop_in_one_line(cluster):
     assert "frames" not in output, _tail(output)
 
 
-CUT_SECONDS = 15.0  # a shard's host (shorter than the bundles' server timeout, 30 s)
-BUNDLE_CUT_SECONDS = 45.0  # a bundle's host: longer than that timeout
+SHARD_CUT_SECONDS = 12.0  # a shard's host, the first time (shorter than 5 s + the 20 s retry)
+BUNDLE_CUT_SECONDS = 45.0  # a bundle's host: longer than the bundles' 30 s server timeout
 SERVER_CUT_SECONDS = 25.0  # the single server's host, with a 10 s server timeout
 
 
@@ -472,31 +474,61 @@ def _wait_until(condition, process: subprocess.Popen, seconds: float, what: str)
         time.sleep(0.5)
 
 
-def test_a_cut_shard_host_stalls_only_its_own_slice(cluster, tmp_path):
-    """Shard 1 alone on one host (tasks 0-2 on the first host, task 3 on the second),
-    --server-shards 2: cutting the second host's link for 15 s leaves shard 0 applying
-    pushes at least half as fast as before, and no bundle takes shard 0 for lost; once the
-    link is back the run finishes with every role done. Catches pushes that wait for every
-    shard's ack in turn (shard 0 then froze with shard 1) and a reply's deadline checked
-    before the socket was read (a healthy shard declared lost)."""
+def test_a_cut_shard_host_stalls_only_its_own_slice_and_one_lost_for_good_ends_the_step(
+    cluster, tmp_path
+):
+    """Shard 1 alone on the second host (tasks 0-2 on the first, task 3 on the second),
+    --server-shards 2, the bundles' server timeout 5 s and retry window 20 s.
+
+    First the second host's link is cut for 12 s: shard 0 goes on applying pushes at least
+    half as fast as before, no bundle takes shard 0 for lost, and once the link is back the
+    bundles reconnect to shard 1 and it applies pushes again. Catches pushes that wait for
+    every shard's ack in turn (shard 0 then froze with shard 1) and a reply's deadline
+    checked before the socket was read (a healthy shard declared lost).
+
+    Then the link goes down and stays down: the bundles give up on shard 1 after their
+    retry window with one line naming the shard, its task and its host, and
+    `srun --kill-on-bad-exit=1` (as the sbatch example runs) ends the step with an error
+    instead of leaving the other tasks waiting; the step's exit is not 0 once srun can
+    reach the host again to take its task down."""
     first, second = cluster.hosts[:2]
     placed = [first, first, first, second]
-    extra = ("--server-shards", "2", "--total-frames", "50000")
-    with _srun_placed(cluster, tmp_path, placed, *extra) as (process, run_dir):
+    extra = (
+        "--server-shards", "2", "--total-frames", "10000000", "--server-timeout-seconds",
+        "5", "--server-retry-seconds", "20",
+    )  # fmt: skip
+    with _srun_placed(cluster, tmp_path, placed, *extra, srun_flags=("--kill-on-bad-exit=1",)) as (
+        process,
+        run_dir,
+    ):
         _wait_until(lambda: _version(run_dir, 0) >= 500, process, 120, "learning")
         before = _rate(run_dir, 0, 6.0)
         with _link_cut(second):
             time.sleep(3.0)  # shard 1 is stalled after 2 s without an ack
-            during = _rate(run_dir, 0, CUT_SECONDS - 3.0)
-        output = _finish(process)
-    assert process.returncode == 0, _tail(output)
-    print(f"shard 0: {before:.0f} updates/s before the cut, {during:.0f}/s during it")
-    assert during >= 0.5 * before > 0, (before, during, _tail(output))
-    assert "lost server shard 0" not in output, _tail(output)
-    assert "reconnected to server shard 0" not in output, _tail(output)
+            during = _rate(run_dir, 0, SHARD_CUT_SECONDS - 3.0)
+            cut_at = _version(run_dir, 1)
+        _wait_until(lambda: _version(run_dir, 1) > cut_at + 50, process, 60, "shard 1 back")
+        print(f"shard 0: {before:.0f} updates/s before the cut, {during:.0f}/s during it")
+        assert during >= 0.5 * before > 0, (before, during, _tail(_output(process)))
+        named = f"server shard 1 (task 3 on {second}) did not come back within 20s"
+        with _link_cut(second):
+            _wait_until(lambda: named in _output(process), process, 90, "the bundles' line")
+            time.sleep(2.0)  # srun has begun to take the step down
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the step did not end:\n{_tail(_output(process))}")
+        output = _output(process)
+    assert process.returncode != 0, _tail(output)
+    lines = output.splitlines()
+    assert any("reconnected to server shard 1" in line for line in lines), _tail(output)
+    assert not any("lost server shard 0" in line for line in lines), _tail(output)
+    assert not any("reconnected to server shard 0" in line for line in lines), _tail(output)
     where = _placement(output, 4)
     assert where[3][0] == second and {where[t][0] for t in (0, 1, 2)} == {first}, where
-    _assert_finished(output, ["shard 0", "shard 1"], bundles=2, tasks=[0, 3, 1, 2])
+    named_lines = [line for line in lines if named in line]
+    assert any("[bundle" in line or "error: bundle lost the server" in line for line in named_lines)
+    assert not any("Traceback" in line for line in lines), _tail(output)
 
 
 def test_a_cut_bundle_host_leaves_the_rest_going_and_its_bundle_comes_back(cluster, tmp_path):
@@ -552,38 +584,6 @@ def test_a_cut_server_host_makes_bundles_back_off_and_resume(cluster, tmp_path):
     updates = int(re.match(r"([\d,]+) updates", done["server"][1])[1].replace(",", ""))
     assert updates > at_the_cut, (updates, at_the_cut)
     _assert_finished(output, ["server"], bundles=2)
-
-
-def test_a_host_lost_for_good_ends_the_step_naming_it(cluster, tmp_path):
-    """Shard 1 alone on the second host, whose link goes down and stays down: the bundles
-    give up on it after their retry window (10 s here) with one line naming the shard, its
-    task and its host, and `srun --kill-on-bad-exit=1` (as the sbatch example runs) ends
-    the step with an error instead of leaving the other tasks waiting; the step's exit is
-    not 0 once srun can reach the host again to take its task down."""
-    first, second = cluster.hosts[:2]
-    placed = [first, first, first, second]
-    extra = (
-        "--server-shards", "2", "--total-frames", "10000000", "--server-timeout-seconds",
-        "5", "--server-retry-seconds", "10",
-    )  # fmt: skip
-    with _srun_placed(cluster, tmp_path, placed, *extra, srun_flags=("--kill-on-bad-exit=1",)) as (
-        process,
-        run_dir,
-    ):
-        _wait_until(lambda: _version(run_dir, 0) >= 200, process, 120, "learning")
-        named = f"server shard 1 (task 3 on {second}) did not come back within 10s"
-        with _link_cut(second):
-            _wait_until(lambda: named in _output(process), process, 90, "the bundles' line")
-            time.sleep(2.0)  # srun has begun to take the step down
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the step did not end:\n{_tail(_output(process))}")
-        output = _output(process)
-    assert process.returncode != 0, _tail(output)
-    lines = [line for line in output.splitlines() if named in line]
-    assert any("[bundle" in line or "error: bundle lost the server" in line for line in lines)
-    assert not any("Traceback" in line for line in output.splitlines()), _tail(output)
 
 
 def test_a_bundle_joins_the_running_job_from_the_other_host(cluster, tmp_path):
