@@ -68,9 +68,7 @@ WHERE_LINE = re.compile(r"^(\d+): gorila-test: task \1 on (\S+) at (\S+)\s*$")
 DONE_LINE = re.compile(r"^(\d+): \[(server|shard \d+|bundle \d+)\] INFO: done: (.*)$")
 LISTENING = re.compile(r"^(\d+): \[(server|shard \d+)\] INFO: .*listening on tcp://([\d.]+):\d+")
 
-# One xdist group for the SLURM and cluster tests: they run one after the other on one
-# worker (their jobs would otherwise queue behind each other's), beside the other tests.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
 
 
 def _tail(text: str | bytes | None, lines: int = 40) -> str:

@@ -34,9 +34,7 @@ SBATCH_TIMEOUT_SECONDS = 480
 START_HINT = "start it with: bash .ci/slurm.sh install start"
 REQUIRE_SLURM = "GORILA_REQUIRE_SLURM"  # "1": a missing SLURM fails these tests
 
-# One xdist group for the SLURM and cluster tests: they run one after the other on one
-# worker (their jobs would otherwise queue behind each other's), beside the other tests.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
 
 
 @functools.cache
