@@ -399,6 +399,80 @@ def test_a_shard_that_never_comes_back_ends_the_bundle_with_its_name():
     assert "stop" not in lost.calls and lost.calls[-1] == "close"
 
 
+def _late_server(tmp_path, start_after: float | None):
+    """A bound server socket whose server starts answering only after `start_after`
+    seconds (never when None), like a shard still compiling its update programs."""
+    config = dataclasses.replace(cartpole_defaults(), optimizer="sgd", max_grad_norm=0.0)
+    params = MLP(num_actions=2, hidden=(8,)).init(jax.random.key(0), np.zeros((1, 4)))
+    server = ParameterServer(
+        config, params, num_workers=1, authority=WorkerAuthority(1, secret=SECRET),
+        run_dir=tmp_path,
+    )  # fmt: skip
+    sock, endpoint = transport.make_server_socket(
+        zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
+    )
+    stop = threading.Event()
+
+    def serve_late():
+        if start_after is not None and not stop.wait(start_after):
+            server.serve(sock, endpoint, stop.is_set)
+
+    thread = threading.Thread(target=serve_late)
+    thread.start()
+    connection = ServerConnection(
+        endpoint, credential=credential(0), worker=0, fingerprint=server.fingerprint,
+        num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=0.5,
+    )  # fmt: skip
+
+    def shut():
+        connection.close()
+        stop.set()
+        thread.join(timeout=10)
+        sock.close(linger=0)
+
+    return server, connection, shut
+
+
+def test_a_server_slower_to_start_than_the_timeout_is_waited_for_up_to_the_retry_window(
+    tmp_path, caplog
+):
+    """The first hello goes unanswered for longer than the reply timeout (a shard that has
+    bound its socket but is still compiling, on a loaded host): the client says hello
+    again within its retry window instead of ending the bundle."""
+    server, connection, shut = _late_server(tmp_path, start_after=1.6)
+    layout = ShardLayout.even(server.num_params, 1)
+    try:
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger=client_module.__name__):
+            client = client_module.ShardedClient(
+                [connection], layout=layout, pieces=[layout.slice(0)], target_period=100,
+                retry_seconds=20.0,
+            )  # fmt: skip
+        assert 1.5 < time.monotonic() - started < 10
+        assert client.initial.versions == (0,)
+        assert "the server has not answered hello yet" in caplog.text
+        assert server.stats()["workers"]["0"]["hellos"] >= 1
+        client.close(timeout_seconds=10)
+    finally:
+        shut()
+
+
+def test_a_server_that_never_answers_hello_ends_the_bundle_after_the_retry_window(tmp_path):
+    server, connection, shut = _late_server(tmp_path, start_after=None)
+    layout = ShardLayout.even(server.num_params, 1)
+    try:
+        started = time.monotonic()
+        never = r"the server did not answer hello within 2s \(no reply"
+        with pytest.raises(ServerError, match=never):
+            client_module.ShardedClient(
+                [connection], layout=layout, pieces=[layout.slice(0)], target_period=100,
+                retry_seconds=2.0,
+            )  # fmt: skip
+        assert 1.9 < time.monotonic() - started < 4
+    finally:
+        shut()
+
+
 def test_a_reply_can_be_looked_for_without_waiting(served):
     server, connection = served
     seq = connection.send_request("hello")

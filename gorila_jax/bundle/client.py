@@ -133,9 +133,13 @@ class ServerConnection:
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
 
+    def handshake_failure(self) -> str | None:
+        """Why the connection never opened, if zmq said why (a CURVE key mismatch)."""
+        return self._handshakes.failure()
+
     def _unanswered(self, what: str) -> str:
         """`what` went wrong, and why the connection never opened if zmq said why."""
-        failure = self._handshakes.failure()
+        failure = self.handshake_failure()
         return what if failure is None else f"{what}: {failure}"
 
     def reconnect(self) -> None:
@@ -400,7 +404,7 @@ class ShardedClient:
         slices, versions, frames = [], [], []
         try:
             for shard, connection in enumerate(connections):
-                flat, version, info = connection.hello()
+                flat, version, info = self._first_hello(shard, connection)
                 self._check_welcome(shard, info)
                 slices.append(flat)
                 versions.append(version)
@@ -433,6 +437,30 @@ class ShardedClient:
         self._quick = False
         self._thread = threading.Thread(target=self._communicate, name="ps-client", daemon=True)
         self._thread.start()
+
+    def _first_hello(self, shard: int, connection: ServerConnection):
+        """Say hello to a shard until it answers, for up to `retry_seconds`: a shard that
+        is still starting (binding before it compiles its update programs, slow on a
+        loaded host) or restarting is not answering yet rather than lost. A refusal, or a
+        connection whose handshake failed (wrong keys), ends at once."""
+        give_up = time.monotonic() + self._retry_seconds
+        while True:
+            try:
+                return connection.hello()
+            except ServerError as error:
+                refused = not error.lost or connection.handshake_failure() is not None
+                if refused or self._stop.is_set():
+                    raise
+                if time.monotonic() >= give_up:
+                    raise ServerError(
+                        f"{self._name(shard)} did not answer hello within "
+                        f"{self._retry_seconds:.0f}s ({error})",
+                        lost=True,
+                    ) from None
+                log.warning(
+                    f"{self._name(shard)} has not answered hello yet ({error}); saying "
+                    f"hello again for up to {give_up - time.monotonic():.0f}s more"
+                )
 
     def _check_welcome(self, shard: int, info: dict) -> None:
         """The welcome is protocol 3's (every field, of its type), and the server shard at
@@ -754,7 +782,7 @@ class ShardedClient:
     def _name(self, index: int) -> str:
         if self._names is not None:
             return self._names[index]
-        return "the server" if len(self._shards) == 1 else f"server shard {index}"
+        return "the server" if self.layout.num_shards == 1 else f"server shard {index}"
 
     def _say_hello_again(self) -> None:
         """Say hello again to every lost shard whose backoff has passed, without waiting

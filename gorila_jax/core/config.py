@@ -172,7 +172,8 @@ class Config:
     """How long a bundle waits for one reply from the server before it counts it lost."""
     server_retry_seconds: float = 300.0
     """How long a bundle that lost the server keeps reconnecting (with backoff) before it
-    exits with an error."""
+    exits with an error; also how long it says hello again to a server that has not
+    answered its first hello yet (still starting)."""
     wire_security: Literal["token", "curve"] = "token"
     """Distributed runs: "token", each request carries its worker's credential (derived
     from the run secret) and all traffic is in clear;
