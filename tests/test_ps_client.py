@@ -363,7 +363,8 @@ class ShardConnection:
 
 
 def sharded_learner(*connections, **overrides) -> RemoteLearner:
-    config = dataclasses.replace(cartpole_defaults(), server_shards=2, **overrides)
+    overrides = {"server_shards": 2, **overrides}
+    config = dataclasses.replace(cartpole_defaults(), **overrides)
     network = MLP(num_actions=2, hidden=(8,))
     params = network.init(jax.random.key(0), np.zeros((1, 4), np.float32))
     return RemoteLearner(config, network, params, list(connections), num_workers=1)
@@ -934,22 +935,51 @@ def test_a_shard_that_does_not_answer_delays_only_its_own_slice(monkeypatch):
 
 def test_a_slower_shard_that_answers_holds_the_others_back_and_loses_nothing():
     """Shards keep step while they answer: shard 1 acknowledging late (within
-    STALLED_SECONDS) slows the pushes to shard 0 instead of losing its own slices. Catches
-    a backlog that drops a merely slow shard's gradients (most of every push refused as
-    `behind` on a loaded machine: CartPole then no longer learns)."""
+    STALLED_SECONDS) slows the pushes to shard 0 instead of losing its own slices, and the
+    gradients wait in the bundle's queue, not in a second queue per shard. Catches a
+    backlog that drops a merely slow shard's gradients (most of every push refused as
+    `behind` on a loaded machine: CartPole then no longer learns), and gradients taken off
+    the queue before every shard has room to send them (they then wait twice: staler
+    pushes, and Pong no longer learned)."""
     layout = ShardLayout.even(58, 2)
     healthy, slow = ShardConnection(0, layout), CutShard(1, layout)
     learner = sharded_learner(healthy, slow)
     try:
-        for value in range(6):
+        for value in range(4):  # two to send at once, two for the queue: none blocks
             learner.client.push(Push(np.full(58, float(value), np.float32), 0.5, (0, 0), 0))
         time.sleep(0.5)  # well within STALLED_SECONDS (2 s)
-        assert len(healthy.pushed) <= 4  # two in flight and two waiting, not all six
+        assert len(healthy.pushed) == 2  # the window's two, not all four
+        assert learner.client._outbox.qsize() == 2
+        assert not any(shard.backlog for shard in learner.client._shards)
     finally:
         slow.cut.clear()
         learner.close()
-    assert len(healthy.pushed) == len(slow.pushed) == 6
-    assert learner.rejected == {} and learner.accepted == 6
+    assert len(healthy.pushed) == len(slow.pushed) == 4
+    assert learner.rejected == {} and learner.accepted == 4
+
+
+def test_a_pull_goes_out_at_once_not_behind_the_queued_gradients():
+    """A push that asks for a pull while earlier gradients wait for the server's acks:
+    the pull is sent on the thread's next turn, before those gradients (the params come
+    back as fresh as the server's). Catches a pull sent only once its push leaves the
+    queue: every pull then waited for the acks of the gradients ahead of it."""
+    layout = ShardLayout.even(58, 1)
+    slow = CutShard(0, layout)
+    learner = sharded_learner(slow, server_shards=1)
+    try:
+        for value in range(3):  # two in flight (not acknowledged), one queued
+            learner.client.push(Push(np.full(58, float(value), np.float32), 0.5, (0,), 0))
+        learner.client.push(Push(np.full(58, 3.0, np.float32), 0.5, (0,), 0, pull=True))
+        deadline = time.monotonic() + 1.0  # within STALLED_SECONDS: the shard answers
+        while "send_pull" not in slow.calls:
+            assert time.monotonic() < deadline, f"no pull sent: {slow.calls}"
+            time.sleep(0.01)
+        assert slow.calls.count("send_push") == 2  # the queued two are still waiting
+        assert learner.client._outbox.qsize() == 2
+    finally:
+        slow.cut.clear()
+        learner.close()
+    assert learner.accepted == 4 and learner.rejected == {}
 
 
 class CutPulls(ShardConnection):

@@ -5,26 +5,30 @@ server) over one DEALER socket: every request gets one reply, matched by sequenc
 so several can be in flight. `ShardedClient` holds one connection per server shard and a
 communication thread, the only one that touches the sockets once it runs. Its whole API:
 `push` a gradient (with everything the thread needs to send it: the versions it was
-computed on, its mean |TD error|, the frames played, whether to pull afterwards),
+computed on, its mean |TD error|, the frames played, whether to pull now),
 `latest` params pulled since the last look (and a target refresh, if one came), and
 `close`.
 
-Each shard has its own window of `PUSHES_IN_FLIGHT` unacknowledged pushes and its own
-backlog of `PUSH_QUEUE` slices. The shards keep step while they answer (a push is taken
-from the queue when every shard has room for it, so a shard that is merely slower holds
-the others back rather than lose slices), but a shard that has not acknowledged its
-oldest push for `STALLED_SECONDS` is stalled (cut off, or stuck): it no longer holds the
-others back, its oldest waiting slice is dropped for each new one (counted as `behind`),
-never the newest, so it delays only its own slice. A shard that does not answer a request
-within `server_timeout_seconds` is lost: it is said hello to again, with backoff, for up
-to `server_retry_seconds`, while pushes and pulls go on with the others; a shard past that
-ends the bundle. Replies are read before deadlines are looked at, so a reply that has
-arrived is never taken for a loss.
+Each shard has its own window of `PUSHES_IN_FLIGHT` unacknowledged pushes. The shards
+keep step while they answer: a push is taken from the queue only when every shard has
+room in its window for it, so a shard that is merely slower holds the others back rather
+than lose slices, and a gradient waits in one place only (the queue: at most
+`PUSH_QUEUE` + `PUSHES_IN_FLIGHT` per bundle between its computation and the server,
+which bounds how stale its pushes are). A shard that has not acknowledged its oldest push
+for `STALLED_SECONDS` is stalled (cut off, or stuck): it no longer holds the others back;
+its slices wait in a backlog of `PUSH_QUEUE`, whose oldest is dropped for each new one
+(counted as `behind`), never the newest, so it delays only its own slice. A shard that
+does not answer a request within `server_timeout_seconds` is lost: it is said hello to
+again, with backoff, for up to `server_retry_seconds`, while pushes and pulls go on with
+the others; a shard past that ends the bundle. Replies are read before deadlines are
+looked at, so a reply that has arrived is never taken for a loss.
 
-Pulls: every `push` that asks for one, and a target refresh every `target_period` server
-updates (counted as the mean of the shards' versions), ask every reachable shard for its
-newer slice; when all have answered (or been lost, or the ones left are stalled), the
-joined vector is handed over, so a shard cut off does not hold back the others' params.
+Pulls: every `push` that asks for one (the round goes out on the thread's next turn, ahead
+of the gradients still queued, so the params are as fresh as the server's), and a target
+refresh every `target_period` server updates (counted as the mean of the shards'
+versions), ask every reachable shard for its newer slice; when all have answered (or been
+lost, or the ones left are stalled), the joined vector is handed over, so a shard cut off
+does not hold back the others' params.
 """
 
 from __future__ import annotations
@@ -340,7 +344,7 @@ class Push(NamedTuple):
     mean_abs_td: float  # of the batch the gradient comes from, for the outlier filter
     versions: tuple[int, ...]  # per shard, the version of the params it was computed on
     frames: int  # frames this bundle has played, reported to the server
-    pull: bool = False  # ask every shard for newer params once this is sent
+    pull: bool = False  # ask every shard for newer params as soon as this is queued
 
 
 class Pulled(NamedTuple):
@@ -506,9 +510,11 @@ class ShardedClient:
                 return
             try:
                 self._outbox.put(item, timeout=0.1)
-                return
             except queue.Full:
                 continue
+            if item.pull:  # now: a pull behind the queued gradients would come back staler
+                self._pull_wanted = True
+            return
 
     def has_room(self) -> bool:
         """Whether `push` would queue a gradient at once (an aggregator sums what comes
@@ -599,10 +605,13 @@ class ShardedClient:
 
     def _room(self) -> bool:
         """Whether a queued gradient can be taken: every reachable shard that answers has
-        room in its backlog (a stalled shard holds nobody back), and one at least answers."""
+        room in its window of pushes in flight, so the gradient is sent at once (a stalled
+        shard holds nobody back), and one at least answers."""
         now = time.monotonic()
         answering = [s for s in self._shards if not s.lost and not self._stalled(s, now)]
-        return bool(answering) and all(len(s.backlog) < PUSH_QUEUE for s in answering)
+        return bool(answering) and all(
+            len(s.backlog) + len(s.in_flight) < PUSHES_IN_FLIGHT for s in answering
+        )
 
     def _take_pushes(self) -> bool:
         """Move queued gradients into the shards' backlogs while `_room` says so; a
@@ -630,7 +639,6 @@ class ShardedClient:
             self._expected[push_id] = expected
             self._results[push_id] = {}
             self._finish_if_settled(push_id)
-            self._pull_wanted = self._pull_wanted or item.pull
         return moved
 
     def _send_pushes(self) -> bool:
