@@ -41,8 +41,8 @@ def pull_and_wait(connection: ServerConnection, have_version: int) -> tuple:
     return connection.receive_pulled(connection.send_pull(have_version))
 
 
-@pytest.fixture
-def served(tmp_path):
+def _bound_server(tmp_path):
+    """A CartPole server (sgd, no clipping) and its bound socket, not serving yet."""
     config = dataclasses.replace(cartpole_defaults(), optimizer="sgd", max_grad_norm=0.0)
     params = MLP(num_actions=2, hidden=(8,)).init(jax.random.key(0), np.zeros((1, 4)))
     server = ParameterServer(
@@ -52,13 +52,24 @@ def served(tmp_path):
     sock, endpoint = transport.make_server_socket(
         zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
     )
+    return server, sock, endpoint
+
+
+def _connect(server, endpoint: str, timeout_seconds: float) -> ServerConnection:
+    return ServerConnection(
+        endpoint, credential=credential(0), worker=0, fingerprint=server.fingerprint,
+        num_params=server.num_params, max_bytes=server.max_bytes,
+        timeout_seconds=timeout_seconds,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def served(tmp_path):
+    server, sock, endpoint = _bound_server(tmp_path)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(sock, endpoint, stop.is_set))
     thread.start()
-    connection = ServerConnection(
-        endpoint, credential=credential(0), worker=0, fingerprint=server.fingerprint,
-        num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=5.0,
-    )  # fmt: skip
+    connection = _connect(server, endpoint, 5.0)
     yield server, connection
     connection.close()
     stop.set()
@@ -403,15 +414,7 @@ def test_a_shard_that_never_comes_back_ends_the_bundle_with_its_name():
 def _late_server(tmp_path, start_after: float | None):
     """A bound server socket whose server starts answering only after `start_after`
     seconds (never when None), like a shard still compiling its update programs."""
-    config = dataclasses.replace(cartpole_defaults(), optimizer="sgd", max_grad_norm=0.0)
-    params = MLP(num_actions=2, hidden=(8,)).init(jax.random.key(0), np.zeros((1, 4)))
-    server = ParameterServer(
-        config, params, num_workers=1, authority=WorkerAuthority(1, secret=SECRET),
-        run_dir=tmp_path,
-    )  # fmt: skip
-    sock, endpoint = transport.make_server_socket(
-        zmq.Context.instance(), "tcp://127.0.0.1:0", server.max_bytes
-    )
+    server, sock, endpoint = _bound_server(tmp_path)
     stop = threading.Event()
 
     def serve_late():
@@ -420,10 +423,7 @@ def _late_server(tmp_path, start_after: float | None):
 
     thread = threading.Thread(target=serve_late)
     thread.start()
-    connection = ServerConnection(
-        endpoint, credential=credential(0), worker=0, fingerprint=server.fingerprint,
-        num_params=server.num_params, max_bytes=server.max_bytes, timeout_seconds=0.5,
-    )  # fmt: skip
+    connection = _connect(server, endpoint, 0.5)
 
     def shut():
         connection.close()
