@@ -204,6 +204,33 @@ def test_killed_server_comes_back_from_its_checkpoint(tmp_path):
     assert "reconnected to the server at version" in out and "server (pid" in err
 
 
+def test_a_suspended_run_goes_on_without_losing_the_server(tmp_path):
+    """The whole job stopped with SIGSTOP (what `scontrol suspend` does) for twice the
+    server timeout, then continued: the bundles take that time for their own, not for the
+    server's silence, so none loses the server or reconnects, and updates go on."""
+    launcher = start_run(
+        tmp_path, "--total-frames", "10000000", "--learning-starts", "300",
+        "--server-timeout-seconds", "8",
+    )  # fmt: skip
+    wait_until(lambda: read_stats(tmp_path).get("updates", 0) > 100, 120, "updates", launcher)
+    job = [psutil.Process(launcher.pid), *all_descendants(launcher)]
+    for process in job:
+        process.suspend()
+    time.sleep(16)
+    for process in job:
+        process.resume()
+    resumed_at = read_stats(tmp_path)["version"]
+    wait_until(
+        lambda: read_stats(tmp_path).get("version", 0) > resumed_at + 200, 120,
+        "updates after the resume", launcher,
+    )  # fmt: skip
+    out, err = stop_and_check(launcher, job[1:])
+    log = out + err
+    assert "lost the server" not in log and "reconnected" not in log, log[-3000:]
+    assert re.search(r"\[bundle \d\] INFO: did not run for 1\ds \(suspended", log), log[-3000:]
+    assert not read_stats(tmp_path)["rejections"].get("replayed")
+
+
 # ---- in-process checks ----------------------------------------------------------------
 
 

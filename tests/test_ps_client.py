@@ -890,6 +890,47 @@ def test_a_reply_that_arrived_is_not_lost_to_its_deadline(served):
     assert version == 0 and len(flat) == server.num_params
 
 
+def test_the_awake_clock_leaves_out_a_gap_the_process_did_not_run(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: now[0])
+    clock = client_module.AwakeClock(max_gap=5.0)
+    start = clock()
+    for step in (0.1, 4.9, 0.1):  # gaps up to max_gap count in full
+        now[0] += step
+        clock()
+    assert clock() - start == pytest.approx(5.1)
+    now[0] += 1800.0  # a job suspended for half an hour
+    assert clock() - start == pytest.approx(10.1)
+    assert clock.skipped == pytest.approx(1795.0)
+    now[0] += 0.05
+    assert clock() - start == pytest.approx(10.15)
+
+
+def test_time_the_bundle_did_not_run_is_not_taken_for_the_servers_silence(served):
+    """A request pending while its own process was stopped (SIGSTOP, a suspended job) past
+    its deadline is still waited for: only the gap's first `max_gap` seconds count. The
+    server answers nothing here, so the request is lost once the server's own silence
+    passes the timeout; with the plain clock (max_gap 5 s) the same stop is a loss at once."""
+    server, connection = served
+    connection.hello()
+    server.submit = lambda *args: []  # a server that answers nothing
+    connection.timeout_seconds = 1.0
+    connection.clock = client_module.AwakeClock(max_gap=0.2)
+    seq = connection.send_pull(-1)
+    time.sleep(1.5)  # this thread does not run: no reading of the clock
+    assert connection.receive_reply(seq, wait=False) is None
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="no reply") as lost:
+        connection.receive_reply(seq)
+    assert lost.value.lost and 0.5 < time.monotonic() - started < 5
+
+    connection.clock = client_module.AwakeClock()
+    seq = connection.send_pull(-1)
+    time.sleep(1.5)
+    with pytest.raises(ServerError, match="no reply"):
+        connection.receive_reply(seq, wait=False)
+
+
 class CutShard(ShardConnection):
     """A shard whose acks stop coming (a partition), without ever timing out in the
     test's time: `receive_ack` answers "not yet" while `cut` is set."""

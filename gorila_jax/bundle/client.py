@@ -21,7 +21,10 @@ its slices wait in a backlog of `PUSH_QUEUE`, whose oldest is dropped for each n
 does not answer a request within `server_timeout_seconds` is lost: it is said hello to
 again, with backoff, for up to `server_retry_seconds`, while pushes and pulls go on with
 the others; a shard past that ends the bundle. Replies are read before deadlines are
-looked at, so a reply that has arrived is never taken for a loss.
+looked at, so a reply that has arrived is never taken for a loss. Every wait is timed on
+an `AwakeClock`, which leaves out time the process did not run (the job suspended with
+SIGSTOP or `scontrol suspend`): a suspended and resumed job goes on without taking the
+server for lost.
 
 Pulls: every `push` that asks for one (the round goes out on the thread's next turn, ahead
 of the gradients still queued, so the params are as fresh as the server's), and a target
@@ -56,6 +59,7 @@ QUICK_STOP_SECONDS = 2.0  # how long a bundle stopped by a signal waits for the 
 HELLO_AGAIN_SECONDS = 5.0  # how long a hello to a lost server shard may take to be answered
 IDLE_WAIT_SECONDS = 0.05  # the longest the thread sleeps with nothing in flight
 STALLED_SECONDS = 2.0  # a shard this long without acknowledging its oldest push is stalled
+SUSPENDED_SECONDS = 5.0  # a gap this long between two readings of the clock: not running
 # What a welcome says (protocol 3): every field is required.
 WELCOME_FIELDS = (
     "num_params",
@@ -80,6 +84,39 @@ class ServerError(RuntimeError):
         self.detail = detail  # the error reply's message
 
 
+class AwakeClock:
+    """Monotonic seconds, less the time the process did not run.
+
+    The clock is read many times a second while a request waits (every poll is at most
+    0.1 s), so a gap of more than `max_gap` between two readings means the process was
+    stopped (SIGSTOP, a suspended SLURM job) or starved of CPU, not that the server kept
+    silent: such a gap counts as `max_gap`. With `log_gaps`, each one is logged.
+    """
+
+    def __init__(self, max_gap: float = SUSPENDED_SECONDS, *, log_gaps: bool = False):
+        self.max_gap = max_gap
+        self.log_gaps = log_gaps
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._now = self._last
+        self.skipped = 0.0  # seconds left out so far
+
+    def __call__(self) -> float:
+        with self._lock:
+            real = time.monotonic()
+            gap, self._last = real - self._last, real
+            if gap > self.max_gap:
+                self.skipped += gap - self.max_gap
+                if self.log_gaps:
+                    log.info(
+                        f"did not run for {gap:.0f}s (suspended, or starved of CPU): "
+                        "that time is not counted against the server"
+                    )
+                gap = self.max_gap
+            self._now += gap
+            return self._now
+
+
 class ServerConnection:
     """Request/reply with the parameter server for one worker.
 
@@ -88,7 +125,8 @@ class ServerConnection:
     has seen). The socket lets the server assign its routing id; with `curve` keys it is
     encrypted and speaks only to the server holding that key. One thread at a time
     may use a connection; the tables of pending requests and early replies are guarded all
-    the same.
+    the same. Deadlines are on `clock` (an `AwakeClock`; a `ShardedClient` gives its
+    connections its own).
     """
 
     def __init__(
@@ -117,6 +155,7 @@ class ServerConnection:
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[str, float]] = {}
         self._replies: dict[int, transport.Message] = {}
+        self.clock = AwakeClock()
         self._connect()
 
     def _connect(self) -> None:
@@ -184,7 +223,7 @@ class ServerConnection:
                 self._unanswered(f"could not send {kind} to {self.endpoint}"), lost=True
             ) from None
         with self._lock:
-            self._pending[self.seq] = (kind, time.monotonic() + self.timeout_seconds)
+            self._pending[self.seq] = (kind, self.clock() + self.timeout_seconds)
         return self.seq
 
     def receive_reply(self, seq: int, *, interruptible: bool = True, wait: bool = True):
@@ -207,7 +246,7 @@ class ServerConnection:
                     break
                 if interruptible and self.cancel.is_set():
                     raise ServerError(f"{kind} cancelled: the bundle is stopping")
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock()
                 if remaining <= 0:
                     raise ServerError(
                         self._unanswered(f"no reply to {kind} within {self.timeout_seconds:.0f}s"),
@@ -404,7 +443,10 @@ class ShardedClient:
         self._target_period = target_period
         self._retry_seconds = retry_seconds
         self._stop = stop_event or threading.Event()
+        self._clock = AwakeClock(log_gaps=True)
         connections = list(connections)
+        for connection in connections:
+            connection.clock = self._clock
         slices, versions, frames = [], [], []
         try:
             for shard, connection in enumerate(connections):
@@ -447,7 +489,7 @@ class ShardedClient:
         is still starting (binding before it compiles its update programs, slow on a
         loaded host) or restarting is not answering yet rather than lost. A refusal, or a
         connection whose handshake failed (wrong keys), ends at once."""
-        give_up = time.monotonic() + self._retry_seconds
+        give_up = self._clock() + self._retry_seconds
         while True:
             try:
                 return connection.hello()
@@ -455,7 +497,7 @@ class ShardedClient:
                 refused = not error.lost or connection.handshake_failure() is not None
                 if refused or self._stop.is_set():
                     raise
-                if time.monotonic() >= give_up:
+                if self._clock() >= give_up:
                     raise ServerError(
                         f"{self._name(shard)} did not answer hello within "
                         f"{self._retry_seconds:.0f}s ({error})",
@@ -463,7 +505,7 @@ class ShardedClient:
                     ) from None
                 log.warning(
                     f"{self._name(shard)} has not answered hello yet ({error}); saying "
-                    f"hello again for up to {give_up - time.monotonic():.0f}s more"
+                    f"hello again for up to {give_up - self._clock():.0f}s more"
                 )
 
     def _check_welcome(self, shard: int, info: dict) -> None:
@@ -607,7 +649,7 @@ class ShardedClient:
         """Whether a queued gradient can be taken: every reachable shard that answers has
         room in its window of pushes in flight, so the gradient is sent at once (a stalled
         shard holds nobody back), and one at least answers."""
-        now = time.monotonic()
+        now = self._clock()
         answering = [s for s in self._shards if not s.lost and not self._stalled(s, now)]
         return bool(answering) and all(
             len(s.backlog) + len(s.in_flight) < PUSHES_IN_FLIGHT for s in answering
@@ -654,7 +696,7 @@ class ShardedClient:
                     break
                 shard.backlog.popleft()
                 # The frame is sent from `piece` without a copy: keep it until the ack.
-                shard.in_flight.append((push_id, seq, piece, time.monotonic()))
+                shard.in_flight.append((push_id, seq, piece, self._clock()))
                 sent = True
         return sent
 
@@ -690,7 +732,7 @@ class ShardedClient:
         """A round of pulls is over when every shard asked has answered, or those that
         have not are stalled: the slices that came are not held back by a shard cut off
         (its reply, when it comes, goes with the next hand-over)."""
-        now = time.monotonic()
+        now = self._clock()
         return all(s.pull is None or now - s.pull_sent > STALLED_SECONDS for s in self._shards)
 
     def _settle(self, push_id: int, shard: int, result: tuple[bool, str | None]) -> None:
@@ -726,7 +768,7 @@ class ShardedClient:
                 continue
             have = -1 if refresh else shard.held_version
             shard.pull = self._call(index, shard.connection.send_pull, have)
-            shard.pull_sent = time.monotonic()
+            shard.pull_sent = self._clock()
         if all(s.pull is None for s in self._shards):
             self._pulling = False
         return True
@@ -774,7 +816,7 @@ class ShardedClient:
         """Mark a shard lost: its pending acknowledgements and its pull died with the
         connection, its waiting slices are dropped."""
         shard = self._shards[index]
-        now = time.monotonic()
+        now = self._clock()
         shard.lost = _Lost(now + self._retry_seconds, now, 0.5)
         for push_id, *_ in (*shard.in_flight, *shard.backlog):
             self._expected.get(push_id, set()).discard(index)
@@ -801,7 +843,7 @@ class ShardedClient:
             if lost is None:
                 continue
             if lost.hello is None:
-                if time.monotonic() < lost.next_attempt:
+                if self._clock() < lost.next_attempt:
                     continue
                 connection.reconnect()
                 timeout = connection.timeout_seconds
@@ -835,14 +877,14 @@ class ShardedClient:
         the backoff, or end the bundle once that would pass the shard's deadline."""
         shard = self._shards[index]
         lost = shard.lost
-        if not attempt.lost or time.monotonic() + lost.delay > lost.deadline:
+        if not attempt.lost or self._clock() + lost.delay > lost.deadline:
             raise ServerError(
                 f"{self._name(index)} did not come back within "
                 f"{self._retry_seconds:.0f}s ({attempt})"
             ) from None
         shard.lost = lost._replace(
             hello=None,
-            next_attempt=time.monotonic() + lost.delay,
+            next_attempt=self._clock() + lost.delay,
             delay=min(2 * lost.delay, 10.0),
         )
 
