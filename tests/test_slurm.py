@@ -1,5 +1,6 @@
 """End-to-end runs under a real SLURM: `srun -n 3` of the CartPole script, `srun -n 5` of it with
-the server split in 2 shards, and the Pong sbatch example submitted with `sbatch --wait`.
+the server split in 2 shards, and the Pong sbatch example submitted with `sbatch --wait`,
+requeued, and suspended and resumed.
 
 Every process logs `[<process>] LEVEL: message` (gorila_jax.io.logs): `[server]` (or `[shard k]`
 of a server in S shards, tasks 0..S-1) and `[bundle i]` (task S+i-1), so a finished run
@@ -17,6 +18,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -438,3 +440,52 @@ def test_a_requeued_job_stops_on_sigterm_and_resumes_from_its_checkpoints(tmp_pa
     assert f"[server] INFO: resumed from checkpoint {stopped['version']}" in job_log
     assert job_log.count("resumed its replay from") == 2, _tail(job_log)
     assert resumed["frames"] > stopped["frames"] > 0
+
+
+def test_a_suspended_job_goes_on_without_losing_the_server(tmp_path):
+    """The sbatch example under `scontrol suspend` (every task stopped) for twice the
+    server timeout, then `scontrol resume`: the bundles leave the suspended time out of
+    their waits for the server, so none takes it for lost or reconnects, and the server
+    goes on applying their pushes."""
+    _require_slurm("sbatch", "scontrol", "squeue", "scancel")
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "job.out"
+    args = (
+        f"--run-dir {run_dir} --env-id CartPole-v1 --total-frames 10000000 "
+        "--learning-starts 500 --num-envs 2 --replay-capacity 5000 --log-every-seconds 5 "
+        "--server-timeout-seconds 8"
+    )
+    job_name = _job_name("suspend")
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={job_name}", f"--output={log_path}",
+         str(SBATCH_SCRIPT)],
+        cwd=ROOT, env={**os.environ, "GORILA_ARGS": args}, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        _wait_for(
+            lambda: _ps_now(run_dir).get("version", 0) > 200,
+            SBATCH_TIMEOUT_SECONDS, "updates before the suspension", log_path,
+        )  # fmt: skip
+        subprocess.run(["scontrol", "suspend", job_id], check=True, timeout=30)
+        time.sleep(16)
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+            timeout=30,
+        ).stdout.strip()  # fmt: skip
+        subprocess.run(["scontrol", "resume", job_id], check=True, timeout=30)
+        assert state == "SUSPENDED", state
+        suspended_at = _ps_now(run_dir)["version"]
+        _wait_for(
+            lambda: _ps_now(run_dir).get("version", 0) > suspended_at + 300,
+            120, "updates after the resume", log_path,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    job_log = log_path.read_text()
+    assert "lost the server" not in job_log and "reconnected" not in job_log, _tail(job_log)
+    assert re.search(r"\[bundle \d\] INFO: did not run for 1\ds \(suspended", job_log), _tail(
+        job_log
+    )
