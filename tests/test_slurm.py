@@ -377,6 +377,23 @@ def _wait_for(condition, seconds: float, what: str, log_path: Path) -> dict:
     pytest.fail(f"waited {seconds:.0f}s for {what}; job output:\n{_tail(job_log)}")
 
 
+def _submit_cartpole_job(run_dir: Path, log_path: Path, test: str, extra: str) -> str:
+    """Submit the sbatch example with an endless, small CartPole run (`extra` flags added),
+    its output appended to `log_path` across requeues; its job id."""
+    args = (
+        f"--run-dir {run_dir} --env-id CartPole-v1 --total-frames 10000000 "
+        f"--learning-starts 500 --num-envs 2 --replay-capacity 5000 --log-every-seconds 5 {extra}"
+    )
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={_job_name(test)}", f"--output={log_path}",
+         "--open-mode=append", str(SBATCH_SCRIPT)],
+        cwd=ROOT, env={**os.environ, "GORILA_ARGS": args}, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
 def test_a_requeued_job_stops_on_sigterm_and_resumes_from_its_checkpoints(tmp_path):
     """The sbatch example under `scontrol requeue` (what preemption or a node failure does
     with --requeue): SLURM sends SIGTERM to every task, the server writes its final
@@ -387,20 +404,7 @@ def test_a_requeued_job_stops_on_sigterm_and_resumes_from_its_checkpoints(tmp_pa
     _require_slurm("sbatch", "scontrol", "squeue", "scancel")
     run_dir = tmp_path / "run"
     log_path = tmp_path / "job.out"
-    args = (
-        f"--run-dir {run_dir} --env-id CartPole-v1 --total-frames 10000000 "
-        "--learning-starts 500 --num-envs 2 --replay-capacity 5000 "
-        "--checkpoint-every-seconds 2 --log-every-seconds 5"
-    )
-    job_name = _job_name("requeue")
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--job-name={job_name}", f"--output={log_path}",
-         "--open-mode=append", str(SBATCH_SCRIPT)],
-        cwd=ROOT, env={**os.environ, "GORILA_ARGS": args}, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
+    job_id = _submit_cartpole_job(run_dir, log_path, "requeue", "--checkpoint-every-seconds 2")
     try:
         _wait_for(
             lambda: _ps_now(run_dir).get("checkpointed_version", -1) > 200,
@@ -450,20 +454,7 @@ def test_a_suspended_job_goes_on_without_losing_the_server(tmp_path):
     _require_slurm("sbatch", "scontrol", "squeue", "scancel")
     run_dir = tmp_path / "run"
     log_path = tmp_path / "job.out"
-    args = (
-        f"--run-dir {run_dir} --env-id CartPole-v1 --total-frames 10000000 "
-        "--learning-starts 500 --num-envs 2 --replay-capacity 5000 --log-every-seconds 5 "
-        "--server-timeout-seconds 8"
-    )
-    job_name = _job_name("suspend")
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--job-name={job_name}", f"--output={log_path}",
-         str(SBATCH_SCRIPT)],
-        cwd=ROOT, env={**os.environ, "GORILA_ARGS": args}, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
+    job_id = _submit_cartpole_job(run_dir, log_path, "suspend", "--server-timeout-seconds 8")
     try:
         _wait_for(
             lambda: _ps_now(run_dir).get("version", 0) > 200,
