@@ -3,6 +3,7 @@
 import contextlib
 import ipaddress
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -315,3 +316,60 @@ def test_a_bundle_joins_a_running_local_job_and_leaves_it_without_stopping_it(tm
         _out, err = launcher.communicate(timeout=90)
     assert launcher.returncode == 130, err[-2000:]
     assert not (tmp_path / "join.json").exists(), "the join file outlived the job"
+
+
+# ---- what the launcher says of a process that died ---------------------------------------
+
+# The last lines of a sync bundle that jax.distributed ended after the run was suspended
+# for 45 s (captured from such a run; the stack trace is shortened).
+JAX_DISTRIBUTED_ABORT = [
+    "E1203 19:38:48.067345   12866 coordination_service_agent.cc:289] Polled an error from "
+    "coordination service (this can be an error from this or another task).",
+    "F1203 19:38:48.091933   12866 client.h:80] Terminating process because the JAX "
+    "distributed service detected fatal errors. This most likely indicates that another task "
+    "died; see the other task logs for more details. absl::Status: UNAVAILABLE: The following "
+    "tasks are unhealthy (stopped sending heartbeats):",
+    "0",
+    "1",
+    "The tasks have crashed. Check the task logs for an earlier error, or scheduler events "
+    "(e.g. preemption, eviction) to debug further.",
+    "RPC: /xla.coordination.CoordinationService/PollForError "
+    "[type.googleapis.com/tensorflow.CoordinationServiceError='']",
+]
+
+
+def test_the_telling_line_of_a_native_abort_is_its_fatal_status():
+    from gorila_jax.run.launcher import telling_line
+
+    assert telling_line(JAX_DISTRIBUTED_ABORT) == (
+        "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
+    )
+    check_failed = "F0102 03:04:05.678901 42 shape_util.cc:9] Check failed: rank == 2"
+    assert telling_line(["starting", check_failed, "*** Check failure stack trace: ***"]) == (
+        "fatal error: Check failed: rank == 2"
+    )
+    python = ["Traceback (most recent call last):", '  File "x.py"', "ValueError: bad", "bye"]
+    assert telling_line(python) == "ValueError: bad"
+    assert telling_line(["one", "two"]) == "two"
+    assert telling_line([]) == "(no output)"
+
+
+def test_a_native_stack_trace_does_not_hide_why_a_child_died():
+    """A child that prints jax.distributed's fatal lines, then a native stack trace longer
+    than the lines the launcher keeps, and aborts: its last error is still the fatal
+    status, not a frame of the trace (what the launcher said before)."""
+    from gorila_jax.run.launcher import Child
+
+    trace = ["*** Check failure stack trace: ***"] + [
+        f"    @     0x7ff3e89{frame:05x}  xla::CoordinationServiceAgent::SetError()"
+        for frame in range(40)
+    ]
+    script = (
+        f"import os\nfor line in {JAX_DISTRIBUTED_ABORT + trace!r}:\n    print(line)\nos.abort()"
+    )
+    child = Child("bundle 2", [sys.executable, "-c", script], dict(os.environ))
+    assert child.process.wait(timeout=30) == -signal.SIGABRT
+    child.finish_output()
+    assert child.last_error() == (
+        "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
+    )

@@ -290,16 +290,9 @@ def test_cartpole_sync_two_processes_learn(tmp_path, monkeypatch):
         assert (run_dir / bundle / "learner.jsonl").exists()
 
 
-@pytest.mark.slow
-def test_a_lost_process_ends_the_step_and_the_run_resumes_from_its_checkpoint(
-    tmp_path, monkeypatch
-):
-    """A sync run whose bundle 2 is SIGKILLed once checkpoints exist: bundle 1's step ends
-    with the line saying a process is gone (no hang), the launcher names bundle 2 and
-    starts both again, they resume the learner and their replays from the checkpoint,
-    and the run finishes its frames. Catches a survivor that hangs in the collective, a
-    restart that starts afresh, and replays paired with another learner checkpoint."""
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device per process, as by default
+def start_checkpointed_sync_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A local sync CartPole run of 2 bundles (6,000 frames, a checkpoint every 2 s), once
+    it has written a checkpoint past the first: its launcher and the file of its output."""
     run_dir = tmp_path / "run"
     log_path = tmp_path / "run.log"
     checkpoints = run_dir / "checkpoints"
@@ -310,29 +303,89 @@ def test_a_lost_process_ends_the_step_and_the_run_resumes_from_its_checkpoint(
              "--checkpoint-every-seconds", "2", "--run-dir", str(run_dir)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 150
-            while not any(p.name.isdigit() and p.name != "0" for p in listed(checkpoints)):
-                assert launcher.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.5)
-            victim = bundle_pid(launcher.pid, 2)
-            os.kill(victim, signal.SIGKILL)
-            code = launcher.wait(timeout=200)
-        finally:
-            if launcher.poll() is None:
-                launcher.kill()
-                launcher.wait()
-    output = log_path.read_text()
-    assert code == 0, output[-3000:]
-    assert "[bundle 1] ERROR: learner step" in output, output[-3000:]
-    assert "a process of the run is gone" in output
-    assert f"bundle 2 (pid {victim}) died with status -9" in output
+    deadline = time.monotonic() + 150
+    while not any(p.name.isdigit() and p.name != "0" for p in listed(checkpoints)):
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            launcher.kill()
+            pytest.fail(f"no checkpoint in time:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return launcher, log_path
+
+
+def finish(launcher: subprocess.Popen, log_path: Path) -> tuple[int, str]:
+    """The exit status of a run left to finish (killed past 200 s), and its output."""
+    try:
+        code = launcher.wait(timeout=200)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    return code, log_path.read_text()
+
+
+def assert_resumed_and_finished(output: str) -> None:
+    """Both bundles took back their learner and replay, and played their 3,000 frames."""
     assert "restarting every process of the sync run from its last checkpoint (1/3)" in output
     for bundle in (1, 2):
         assert f"[bundle {bundle}] INFO: resumed its learner at" in output, output[-3000:]
         assert f"[bundle {bundle}] INFO: resumed its replay from" in output, output[-3000:]
         assert f"[bundle {bundle}] INFO: done: 3,000 frames" in output, output[-3000:]
+
+
+@pytest.mark.slow
+def test_a_lost_process_ends_the_step_and_the_run_resumes_from_its_checkpoint(
+    tmp_path, monkeypatch
+):
+    """A sync run whose bundle 2 is SIGKILLed once checkpoints exist: bundle 1's step ends
+    with the line saying a process is gone (no hang), the launcher names bundle 2 and
+    starts both again, they resume the learner and their replays from the checkpoint,
+    and the run finishes its frames. Catches a survivor that hangs in the collective, a
+    restart that starts afresh, and replays paired with another learner checkpoint."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device per process, as by default
+    launcher, log_path = start_checkpointed_sync_run(tmp_path)
+    victim = bundle_pid(launcher.pid, 2)
+    os.kill(victim, signal.SIGKILL)
+    code, output = finish(launcher, log_path)
+    assert code == 0, output[-3000:]
+    assert "[bundle 1] ERROR: learner step" in output, output[-3000:]
+    assert "a process of the run is gone" in output
+    assert f"bundle 2 (pid {victim}) died with status -9" in output
+    assert_resumed_and_finished(output)
+
+
+@pytest.mark.slow
+def test_a_sync_run_suspended_past_the_heartbeat_restarts_from_its_checkpoint(
+    tmp_path, monkeypatch
+):
+    """The whole sync run stopped with SIGSTOP (what `scontrol suspend` does) for longer
+    than jax.distributed's heartbeat timeout, then continued: its coordinator takes the
+    processes for gone and aborts them; the launcher says why in one line (the fatal
+    status, not a frame of the native stack trace), starts them again from the last
+    checkpoint, and the run finishes its frames."""
+    import psutil
+
+    from gorila_jax.wire import rendezvous
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    launcher, log_path = start_checkpointed_sync_run(tmp_path)
+    job = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    for process in job:
+        process.suspend()
+    time.sleep(rendezvous.SYNC_HEARTBEAT_SECONDS + 10)
+    for process in job:
+        process.resume()
+    code, output = finish(launcher, log_path)
+    assert code == 0, output[-3000:]
+    lines = [line for line in output.splitlines() if "died with status" in line]
+    assert lines, output[-3000:]
+    assert lines[0].endswith(
+        "died with status -6: fatal error: UNAVAILABLE: The following tasks are unhealthy "
+        "(stopped sending heartbeats) (processes that did not run for more than "
+        f"jax.distributed's {rendezvous.SYNC_HEARTBEAT_SECONDS} s heartbeat timeout: the run "
+        "suspended or stopped, or a process gone); restarting every process of the sync run "
+        "from its last checkpoint (1/3)"
+    ), lines
+    assert_resumed_and_finished(output)
 
 
 def listed(directory: Path) -> list[Path]:

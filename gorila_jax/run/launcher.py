@@ -19,10 +19,12 @@ others stop at once (`EXIT_LOST_PROCESS`) and the launcher starts all of them ag
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -109,6 +111,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# What a native (C++) crash prints besides its message: glog's stack trace.
+NATIVE_STACK_LINE = re.compile(r"^\s*(@\s+0x[0-9a-f]+|\*\*\* Check failure stack trace)")
+# glog's line for a fatal error (XLA, jax.distributed): "F1203 19:38:48.05 12859 file.h:80] ..."
+NATIVE_FATAL_LINE = re.compile(r"^F\d{4} [\d:.]+\s+\d+ [^\]]+\] (?P<message>.+)")
+
+
+def telling_line(lines: collections.abc.Sequence[str]) -> str:
+    """What a process's last output lines say of why it ended: the message of a native
+    fatal error (glog's F line, its status where it gives one: jax.distributed's
+    "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"), else
+    the last line that names an error, else the last line."""
+    for line in reversed(lines):
+        fatal = NATIVE_FATAL_LINE.match(line.strip())
+        if fatal:
+            message = fatal["message"].strip()
+            status = message.partition("absl::Status: ")[2]
+            return f"fatal error: {(status or message).rstrip(':')}"
+    for line in reversed(lines):
+        lowered = line.lower()
+        if "error" in lowered or "exception" in lowered or "killed" in lowered:
+            return line.strip()
+    return lines[-1].strip() if lines else "(no output)"
+
+
 class Child:
     """One started process: its name, its output forwarded with a prefix, its last lines."""
 
@@ -131,7 +157,7 @@ class Child:
     def _forward(self) -> None:
         for line in self.process.stdout:
             line = line.rstrip("\n")
-            if line.strip():
+            if line.strip() and not NATIVE_STACK_LINE.match(line):
                 self.last_lines.append(line)
             tag = f"[{self.name}]"
             # Relayed, not logged: the child's own lines (its progress, its log records).
@@ -139,12 +165,8 @@ class Child:
             sys.stdout.flush()
 
     def last_error(self) -> str:
-        """The most telling recent line: the last one that names an error, else the last."""
-        for line in reversed(self.last_lines):
-            lowered = line.lower()
-            if "error" in lowered or "exception" in lowered or "killed" in lowered:
-                return line.strip()
-        return self.last_lines[-1].strip() if self.last_lines else "(no output)"
+        """The most telling of its last lines (`telling_line`)."""
+        return telling_line(self.last_lines)
 
     def finish_output(self) -> None:
         """Wait for the output reader to drain."""
@@ -300,9 +322,16 @@ def launch_local(config: Config, argv: list[str]) -> int:
                     sync_restarts += 1
                     gone = lost_process(children, child)
                     gone.finish_output()
+                    reason = gone.last_error()
+                    if "stopped sending heartbeats" in reason:
+                        reason += (
+                            " (processes that did not run for more than jax.distributed's "
+                            f"{rendezvous.SYNC_HEARTBEAT_SECONDS} s heartbeat timeout: the run "
+                            "suspended or stopped, or a process gone)"
+                        )
                     log.warning(
                         f"{gone.name} (pid {gone.process.pid}) died with status "
-                        f"{gone.process.poll()}: {gone.last_error()}; restarting every process "
+                        f"{gone.process.poll()}: {reason}; restarting every process "
                         f"of the sync run from its last checkpoint "
                         f"({sync_restarts}/{config.max_restarts})"
                     )
