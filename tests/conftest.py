@@ -6,12 +6,6 @@ test sees 4 local CPU devices, as a user gets with
 multi-device learner steps are checked in this process. `gorila_jax` is imported as
 installed (`pip install -r requirements.txt` installs it editable), never through a path
 set here.
-
-The modules with the most slow tests (whole runs, SLURM jobs, cut links) are collected
-first, so pytest-xdist (a module at a time per worker, `--no-loadscope-reorder`) starts
-them first and the quick modules fill in around them: by its own default order (most
-tests first) the modules of a few long tests came last, and one worker ran them alone
-while the other sat idle.
 """
 
 import contextlib
@@ -22,26 +16,6 @@ import pytest
 
 TEST_DEVICES = 4
 chex.set_n_cpu_devices(TEST_DEVICES)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Order the tests module by module, the modules with the most slow-marked tests first
-    (ties as collected), each module's tests as written."""
-    slow_tests: dict[str, int] = {}
-    first_seen: dict[str, int] = {}
-    for index, item in enumerate(items):
-        module = item.nodeid.split("::", 1)[0]
-        first_seen.setdefault(module, index)
-        slow_tests[module] = slow_tests.get(module, 0) + (
-            item.get_closest_marker("slow") is not None
-        )
-
-    def module_rank(numbered):
-        index, item = numbered
-        module = item.nodeid.split("::", 1)[0]
-        return (-slow_tests[module], first_seen[module], index)
-
-    items[:] = [item for _, item in sorted(enumerate(items), key=module_rank)]
 
 
 @pytest.fixture(autouse=True)
