@@ -44,3 +44,24 @@ def test_the_pong_model_is_the_nature_cnn_of_its_action_count():
     expected = (8 * 8 * 4 * 32 + 32) + (4 * 4 * 32 * 64 + 64) + (3 * 3 * 64 * 64 + 64)
     expected += (3136 * 512 + 512) + (512 * 6 + 6)
     assert model.num_params == expected == 1_687_206
+
+
+def test_the_compiled_init_is_the_networks_own_and_zeros_is_its_template():
+    """`Model.init` compiles the initialisers without LLVM's optimisations: its params are
+    flax's op-by-op `network.init` to the last bit or two (catches a changed key, network
+    or initialiser: those move params by whole units of their scale). `zeros` has init's
+    tree, shapes, dtypes and wire fingerprint, and holds zeros only."""
+    from gorila_jax.wire.transport import tree_fingerprint
+
+    for config in (cartpole_defaults(), Config()):
+        model = model_of(config)
+        compiled = model.init(7)
+        by_op = model.network.init(jax.random.key(7), model.example_obs)
+        chex.assert_trees_all_close(compiled, by_op, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_equal(model.init(7), compiled)  # the same on every call
+        zeros = model.zeros()
+        chex.assert_trees_all_equal_shapes_and_dtypes(zeros, compiled)
+        assert all(
+            isinstance(leaf, np.ndarray) and not leaf.any() for leaf in jax.tree.leaves(zeros)
+        )
+        assert tree_fingerprint(zeros) == tree_fingerprint(compiled)

@@ -321,7 +321,7 @@ def test_pong_sbatch_example_runs(tmp_path):
     run_dir = tmp_path / "run"
     log_path = tmp_path / "job.out"
     tiny = (
-        f"--run-dir {run_dir} --total-frames 4000 --learning-starts 1000 --num-envs 2 "
+        f"--run-dir {run_dir} --total-frames 2400 --learning-starts 1000 --num-envs 2 "
         "--replay-capacity 2000 --log-every-seconds 5"
     )
     job_name = _job_name("sbatch")

@@ -54,7 +54,7 @@ def run_aggregator(
         meeting.publish_aggregator(index, endpoint)
         addresses = meeting.shard_addresses(config.server_shards, curve=False)
         meeting.close()  # before any JAX computation (see `StoreRendezvous.close`)
-        fingerprint = transport.tree_fingerprint(model.init(config.seed))
+        fingerprint = transport.tree_fingerprint(model.shapes())
         layout = ShardLayout.even(model.num_params, config.server_shards)
         connections = [
             ServerConnection(

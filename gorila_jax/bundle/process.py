@@ -111,7 +111,7 @@ def run_joining_bundle(config: Config, program_default: Config, stop: threading.
     run_config = joining_config(config, program_default, invitation, run_dir)
     validate(run_config, local_device_count=jax.local_device_count())
     model = model_of(run_config)
-    if transport.tree_fingerprint(model.init(run_config.seed)) != invitation.fingerprint:
+    if transport.tree_fingerprint(model.shapes()) != invitation.fingerprint:
         raise JoinError(f"the job in {run_dir} trains another network than this program's")
     layout = ShardLayout.even(model.num_params, run_config.server_shards)
     if layout.num_shards != len(invitation.endpoints):
@@ -222,7 +222,7 @@ def play(
             config, replay, bundle=bundle, bundles=launched
         )
         model = Model.from_env(config, env)
-        template = model.init(seed)
+        template = model.zeros()  # the params come from the server
         # One endpoint per server shard, or a single one: the host's aggregator.
         layout = ShardLayout.even(model.num_params, len(endpoints))
         connections = [

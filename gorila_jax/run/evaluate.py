@@ -230,7 +230,7 @@ def evaluate_run(
 
     model = model_of(config, seed=settings.seed, training=False)
     network, num_actions = model.network, model.num_actions
-    template = jax.device_get(model.init(0))
+    template = model.zeros()
     name = describe_network(network, config, num_actions)
     try:
         if params_path is None:
