@@ -63,3 +63,25 @@ def test_the_local_launcher_runs_from_another_directory(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "[server] INFO: done" in result.stdout
     assert (tmp_path / "run" / "params.msgpack").exists()
+
+
+def test_roles_that_never_checkpoint_do_not_import_orbax():
+    """The launcher, a bundle and an aggregator import `gorila_jax.io.checkpoint` (for its
+    error type and run metadata) but never write a checkpoint: orbax, about 3 s of CPU to
+    import, is left to the roles that do (each test run starts hundreds of processes)."""
+    modules = [
+        "gorila_jax.run.launch",
+        "gorila_jax.bundle.process",
+        "gorila_jax.aggregator.process",
+    ]
+    probe = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('orbax' in sys.modules)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert loaded.stdout.strip() == "False", loaded.stdout + loaded.stderr
+    server = subprocess.run(
+        [sys.executable, "-c", "import sys, gorila_jax.io.checkpoint as c; c._options(2); "
+         "print('orbax' in sys.modules)"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert server.stdout.strip() == "True", server.stdout + server.stderr

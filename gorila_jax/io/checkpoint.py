@@ -23,6 +23,11 @@ fingerprint); a mismatch is one line naming the differing fields unless forced. 
 or corrupted checkpoint falls back to the previous one with a warning, and the damaged
 newer ones are moved to RUN_DIR/damaged_checkpoints/ so that the steps they held can be
 written again; when none is readable the error says so in one line.
+
+orbax is imported by the functions that read or write a checkpoint, not with this module:
+its import takes about 3 s of CPU, and the processes that import this module only for
+`CheckpointError` or `run_meta` (the launcher, every bundle and aggregator) never write
+or read one.
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
-import orbax.checkpoint as ocp
 
 from gorila_jax.core.config import Config, fingerprint, resume_differences, to_dict
 from gorila_jax.io.files import sync_directory, sync_tree
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +315,8 @@ class Checkpointer:
         ones are moved to RUN_DIR/damaged_checkpoints/ so that later saves can reuse
         their steps.
         """
+        import orbax.checkpoint as ocp
+
         versions = self.versions()
         if not versions:
             return None
@@ -336,7 +345,8 @@ class Checkpointer:
                 check_same_run(meta, config, where)
             try:
                 state = self._manager.restore(
-                    version, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
+                    version,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
                 )["state"]
             except Exception as error:
                 log.warning(
@@ -376,6 +386,8 @@ def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     checkpoints) orbax is told so: by default it would wait at its barriers for processes
     that never call it.
     """
+    import orbax.checkpoint as ocp
+
     if jax.process_count() == 1:
         return ocp.CheckpointManager(directory, options=_options(keep))
     directory.mkdir(parents=True, exist_ok=True)  # orbax creates none for a subset
@@ -392,6 +404,8 @@ def _options(
     create: bool = True,
     multiprocessing: ocp.options.MultiprocessingOptions | None = None,
 ) -> ocp.CheckpointManagerOptions:
+    import orbax.checkpoint as ocp
+
     return ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=create,
@@ -401,6 +415,8 @@ def _options(
 
 
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
+    import orbax.checkpoint as ocp
+
     return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
