@@ -2,6 +2,8 @@
 are written, what is checkpointed and how a resume continues."""
 
 import dataclasses
+import json
+import logging
 import threading
 
 import jax
@@ -17,11 +19,12 @@ from gorila_jax.envs import make_env
 class FakeLearner:
     """An Updater that records each sample and answers with chosen TD errors."""
 
-    def __init__(self, params, td_error: float = 0.5):
+    def __init__(self, params, td_error: float = 0.5, q_spread: float = 0.25):
         self.params = params
         self.updates = 0
         self.server_version = None
         self.td_error = td_error
+        self.q_spread = q_spread
         self.samples = []
 
     def acting_params(self):
@@ -32,7 +35,10 @@ class FakeLearner:
         self.samples.append((sample.indices.copy(), frames))
         batch = len(sample.indices)
         td = np.full(batch, self.td_error, np.float32)
-        return StepMetrics(np.float32(0.0), np.float32(0.0), np.float32(self.td_error), td)
+        return StepMetrics(
+            np.float32(0.0), np.float32(-2.0), np.float32(self.td_error),
+            np.float32(self.q_spread), td,
+        )  # fmt: skip
 
     def should_stop(self):
         return False
@@ -79,6 +85,35 @@ def test_learning_starts_counts_the_replays_frames_and_priorities_come_from_td_e
     valid = sampled[replay._is_valid_start(sampled)]
     expected = (3.0 + config.priority_eps) ** 0.5
     np.testing.assert_allclose(replay.priorities(valid), expected)
+
+
+def test_a_collapsed_network_is_logged_and_warned_about_once(tmp_path, caplog):
+    """Every learner window's mean Q spread goes to learner.jsonl; a network that gives
+    every state the same values (spread 0) gets one warning line when it collapses, not
+    one a window (again only after a window that was not collapsed), and a healthy one
+    (spread 0.25) none. Catches a check that never fires, one that fires on a healthy
+    spread, and one that repeats itself every window."""
+    runs = {}
+    for name, q_spread in (("dead", 0.0), ("healthy", 0.25)):
+        run_dir = tmp_path / name
+        config, env, replay, network = setting(run_dir)
+        learner = FakeLearner(network.init(jax.random.key(0), env.reset().obs), 0.5, q_spread)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="gorila_jax"):
+                # (700 - 100 + 2) // 2 = 301 learner steps: three windows of 100.
+                run_actor_learner(
+                    config, learner, env, replay, seed=0, run_dir=run_dir, frame_budget=700
+                )
+        finally:
+            env.close()
+        records = [json.loads(line) for line in (run_dir / "learner.jsonl").open()]
+        assert len(records) == 3
+        assert [r["q_spread"] for r in records] == [q_spread] * 3
+        runs[name] = [r.getMessage() for r in caplog.records if "same Q-values" in r.getMessage()]
+    assert runs["healthy"] == []
+    assert len(runs["dead"]) == 1
+    assert "q_spread 0 " in runs["dead"][0] and "--optimizer-eps" in runs["dead"][0]
 
 
 def advance_policy_key(key_data: tuple[int, ...], steps: int) -> tuple[int, ...]:

@@ -141,6 +141,39 @@ def test_loss_and_td_errors_match_reference(double):
     want_loss = np.mean(weights * np.where(abs_td <= 1, 0.5 * td**2, abs_td - 0.5))
     np.testing.assert_allclose(np.asarray(metrics.td_errors), td, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-4)
+    # q_spread: the population standard deviation of each state's value max_a Q.
+    values = [max(row) for row in q_tm1.tolist()]
+    mean_value = sum(values) / len(values)
+    want_spread = (sum((v - mean_value) ** 2 for v in values) / len(values)) ** 0.5
+    np.testing.assert_allclose(float(metrics.q_spread), want_spread, rtol=1e-4)
+
+
+def test_q_spread_is_zero_for_a_collapsed_network_and_not_at_init():
+    """A network whose first layer's units are all dead (ReLU of a negative constant: the
+    kernel zero, the bias negative) gives every state the same Q-values, as the dead Pong
+    run did; `q_spread` is then exactly 0 and the bundle loop's test calls it collapsed,
+    while the same network at init tells random states apart. Catches a spread over the
+    actions instead of the states (not 0 here) and a mean in place of a spread."""
+    from gorila_jax.bundle.loop import collapsed
+
+    rng = np.random.default_rng(7)
+    network = MLP(num_actions=3, hidden=(8,))
+    batch = random_batch(rng, 16, (1, 4), 1, 3)
+    params = network.init(jax.random.key(0), batch.obs_tm1)
+    loss_fn = jax.jit(make_loss_fn(network, double_dqn=False, huber_delta=1.0))
+    weights = np.ones(16, np.float32)
+    _, healthy = loss_fn(params, params, batch, weights)
+    dead = jax.tree.map(lambda x: x, params)  # new dicts, the same arrays
+    dead["params"]["hidden0"] = {"kernel": jnp.zeros((4, 8)), "bias": -jnp.ones(8)}
+    dead["params"]["QHead_0"]["q"]["bias"] = jnp.array([0.5, -1.0, 2.0])
+    q_dead = np.asarray(network.apply(dead, batch.obs_tm1))
+    assert np.ptp(q_dead, axis=1).max() > 0  # the actions still differ: only states do not
+    _, gone = loss_fn(dead, dead, batch, weights)
+    assert float(gone.q_spread) == 0.0
+    assert float(healthy.q_spread) > 1e-3
+    record = {"mean_q": float(gone.mean_q), "q_spread": float(gone.q_spread)}
+    assert collapsed(record)
+    assert not collapsed({"mean_q": float(healthy.mean_q), "q_spread": float(healthy.q_spread)})
 
 
 def test_nature_cnn_shapes_and_dueling():

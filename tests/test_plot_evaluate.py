@@ -185,7 +185,9 @@ def test_real_run_has_tensorboard_events(cartpole_run):
     tags = read_tensorboard_tags(cartpole_run)
     episodes = list(csv.DictReader((cartpole_run / "episodes.csv").open()))
     assert len(tags["episode/return"]) == len(episodes) > 0
-    assert {"learner/loss", "learner/mean_q", "learner/mean_abs_td"} <= set(tags)
+    assert {"learner/loss", "learner/mean_q", "learner/mean_abs_td", "learner/q_spread"} <= set(
+        tags
+    )
 
 
 # ---- plots ----------------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def test_plot_script_writes_pngs_for_both_layouts(tmp_path, cartpole_run):
         plots.RETURNS_BY_EPISODE: plots.RETURN_FIGSIZE,
         plots.RETURNS_BY_FRAME: plots.RETURN_FIGSIZE,
         plots.RETURNS_BY_HOUR: plots.RETURN_FIGSIZE,
-        plots.LEARNER: plots.PANEL_FIGSIZE,
+        plots.LEARNER: plots.WIDE_PANEL_FIGSIZE,
         plots.SERVER: plots.PANEL_FIGSIZE,
     }
     for name, (width, height) in expected.items():
@@ -433,8 +435,11 @@ def test_recorder_keeps_a_bounded_spread_of_the_episode():
 # ---- plots, read back as pixels ---------------------------------------------------------------
 
 
-def write_trend_run(run_dir: Path, returns, loss, mean_q, mean_abs_td, workers=None) -> Path:
-    """A single-process run by hand: one episode and one learner record every 10 s."""
+def write_trend_run(
+    run_dir: Path, returns, loss, mean_q, mean_abs_td, workers=None, q_spread=None
+) -> Path:
+    """A single-process run by hand: one episode and one learner record every 10 s (without
+    `q_spread` when it is None, as runs logged before it was)."""
     run_dir.mkdir(parents=True)
     with (run_dir / "episodes.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -445,6 +450,8 @@ def write_trend_run(run_dir: Path, returns, loss, mean_q, mean_abs_td, workers=N
         for i, values in enumerate(zip(loss, mean_q, mean_abs_td, strict=True)):
             record = dict(zip(("loss", "mean_q", "mean_abs_td"), map(float, values), strict=True))
             record |= {"time": 10.0 * (i + 1), "frames": 100 * (i + 1), "updates": 10 * i}
+            if q_spread is not None:
+                record["q_spread"] = float(q_spread[i])
             handle.write(json.dumps(record) + "\n")
     if workers is not None:
         stats = {
@@ -484,12 +491,20 @@ def test_plots_draw_the_data_not_blank_axes(tmp_path):
     wrong column (loss where mean Q belongs), and curves drawn reversed: a rising series must
     give coloured pixels that climb to the right in its own panel, a falling one the reverse,
     and the figure of other data must differ."""
-    rise = write_trend_run(tmp_path / "rise", UP, loss=DOWN, mean_q=UP, mean_abs_td=DOWN)
-    fall = write_trend_run(tmp_path / "fall", DOWN, loss=UP, mean_q=DOWN, mean_abs_td=UP)
+    rise = write_trend_run(
+        tmp_path / "rise", UP, loss=DOWN, mean_q=UP, mean_abs_td=DOWN, q_spread=UP
+    )
+    fall = write_trend_run(
+        tmp_path / "fall", DOWN, loss=UP, mean_q=DOWN, mean_abs_td=UP, q_spread=DOWN
+    )
     # A run of one episode and one learner record: axes, titles and legend, no curve.
-    empty = write_trend_run(tmp_path / "one", [5.0], loss=[1.0], mean_q=[1.0], mean_abs_td=[1.0])
+    empty = write_trend_run(
+        tmp_path / "one", [5.0], loss=[1.0], mean_q=[1.0], mean_abs_td=[1.0], q_spread=[1.0]
+    )
+    # A run logged before q_spread was: its other panels are drawn, the fourth is empty.
+    older = write_trend_run(tmp_path / "older", UP, loss=DOWN, mean_q=UP, mean_abs_td=DOWN)
     figures = {}
-    for run in (rise, fall, empty):
+    for run in (rise, fall, empty, older):
         plots.make_plots([run], tmp_path / f"plots-{run.name}", window=1)
         figures[run.name] = {
             name: data_pixels(tmp_path / f"plots-{run.name}" / name)
@@ -502,14 +517,20 @@ def test_plots_draw_the_data_not_blank_axes(tmp_path):
         assert slope_sign(figures["rise"][name]) < -0.6, name
         assert slope_sign(figures["fall"][name]) > 0.6, name
         assert not np.array_equal(figures["rise"][name], figures["fall"][name])
-    # The learner figure: loss, mean Q, mean |TD| side by side, each panel with its own trend.
-    for run, signs in (("rise", (1, -1, 1)), ("fall", (-1, 1, -1))):
-        panels = np.array_split(figures[run][plots.LEARNER], 3, axis=1)
-        empty_panels = np.array_split(figures["one"][plots.LEARNER], 3, axis=1)
+    # The learner figure: loss, mean Q, mean |TD|, Q spread side by side, each panel with its
+    # own trend.
+    for run, signs in (("rise", (1, -1, 1, -1)), ("fall", (-1, 1, -1, 1))):
+        panels = np.array_split(figures[run][plots.LEARNER], 4, axis=1)
+        empty_panels = np.array_split(figures["one"][plots.LEARNER], 4, axis=1)
         for index, (panel, sign) in enumerate(zip(panels, signs, strict=True)):
             assert empty_panels[index].sum() < MIN_CURVE_PIXELS
             assert panel.sum() > MIN_CURVE_PIXELS, (run, index)
             assert sign * slope_sign(panel) > 0.6, (run, index, slope_sign(panel))
+    older = np.array_split(figures["older"][plots.LEARNER], 4, axis=1)
+    assert all(panel.sum() > MIN_CURVE_PIXELS for panel in older[:3])
+    assert older[3].sum() < MIN_CURVE_PIXELS
+    columns = plots.read_learner(tmp_path / "older" / "learner.jsonl")
+    assert len(columns["loss"]) == len(UP) and np.isnan(columns["q_spread"]).all()
 
 
 def bar_heights(mask: np.ndarray) -> list[int]:

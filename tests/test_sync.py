@@ -75,7 +75,8 @@ def sync_worker(out: Path) -> None:
             metrics = learner.learn(fixed_sample(step, info.index, obs_shape, config.n_step))
         flat = np.asarray(ravel_pytree(learner.host_state()["params"])[0])
         np.savez(out / f"{name}{info.index}.npz", params=flat, td_errors=metrics.td_errors,
-                 loss=np.asarray(metrics.loss), updates=learner.updates)  # fmt: skip
+                 loss=np.asarray(metrics.loss), q_spread=np.asarray(metrics.q_spread),
+                 updates=learner.updates)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -85,8 +86,8 @@ def test_two_processes_with_batch_b_step_like_one_with_batch_2b(tmp_path):
     gets from the same 16 samples in one batch, to rtol 1e-5, with plain SGD and with
     clipping and Adam, and each reports its own samples' TD errors. Catches a step that
     averages nothing (each process its own gradient: params differ at once), sums instead
-    of averaging (twice the SGD step), weights a process twice, or hands a process
-    another's TD errors."""
+    of averaging (twice the SGD step), weights a process twice, hands a process another's
+    TD errors, or reports a Q spread of each device's rows instead of the global batch's."""
     from jax.flatten_util import ravel_pytree
 
     from gorila_jax.envs import model_of
@@ -134,6 +135,8 @@ def test_two_processes_with_batch_b_step_like_one_with_batch_2b(tmp_path):
             where = f"{name}, process {process}"
             np.testing.assert_allclose(got["params"], expected, rtol=1e-5, atol=1e-7, err_msg=where)
             np.testing.assert_allclose(float(got["loss"]), float(metrics.loss), rtol=1e-5)
+            # The spread of the global batch's values, not a mean of per-device spreads.
+            np.testing.assert_allclose(float(got["q_spread"]), float(metrics.q_spread), rtol=1e-5)
             rows = slice(process * BATCH, (process + 1) * BATCH)
             np.testing.assert_allclose(
                 got["td_errors"], expected_td[rows], rtol=1e-5, atol=1e-6, err_msg=where

@@ -9,6 +9,7 @@ learner steps that are due run, then the observations are received.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,12 @@ from gorila_jax.core.replay import PrioritizedReplay, Replay, Sample
 from gorila_jax.envs import AtariEnv, CartPoleEnv
 from gorila_jax.io.metrics import Progress, RunLogger
 
+log = logging.getLogger(__name__)
+
 LEARNER_LOG_EVERY_STEPS = 100
+COLLAPSED_Q_SPREAD = 1e-6
+"""A learner window whose Q spread over states is at most this (times |mean Q| when that is
+above 1) comes from a network that tells no state apart: it is reported as collapsed."""
 
 
 class Updater(Protocol):
@@ -222,6 +228,7 @@ def run_actor_learner(
 
     updates_due = 0.0
     learner_window: list[Any] = []
+    was_collapsed = False  # warn when the network collapses, not on every collapsed window
     step = env.reset()
     epsilon = config.epsilon_start
     turn = Turn(learn=False, stop=False, checkpoint=False)
@@ -266,8 +273,13 @@ def run_actor_learner(
                             replay.update_priorities(sample.indices, np.asarray(metrics.td_errors))
                         learner_window.append(metrics)
                     if len(learner_window) >= LEARNER_LOG_EVERY_STEPS:
-                        logger.learner(summarize(learner_window, frames, updater.updates))
+                        record = summarize(learner_window, frames, updater.updates)
+                        logger.learner(record)
                         learner_window = []
+                        now_collapsed = collapsed(record)
+                        if now_collapsed and not was_collapsed:
+                            log.warning(collapse_warning(record))
+                        was_collapsed = now_collapsed
             step, finished = env.recv()
             logger.episodes(finished, frames)
             report(frames, agent_steps, epsilon)
@@ -291,12 +303,23 @@ def run_actor_learner(
 
 def summarize(window: list[Any], frames: int, updates: int) -> dict:
     """Mean learner metrics over a window of steps, as plain floats."""
-    values = jax.device_get([(m.loss, m.mean_q, m.mean_abs_td) for m in window])
-    loss, mean_q, mean_abs_td = (float(np.mean(column)) for column in zip(*values, strict=True))
-    return {
-        "frames": frames,
-        "updates": updates,
-        "loss": loss,
-        "mean_q": mean_q,
-        "mean_abs_td": mean_abs_td,
-    }
+    keys = ("loss", "mean_q", "mean_abs_td", "q_spread")
+    values = jax.device_get([tuple(getattr(m, key) for key in keys) for m in window])
+    means = (float(np.mean(column)) for column in zip(*values, strict=True))
+    return {"frames": frames, "updates": updates, **dict(zip(keys, means, strict=True))}
+
+
+def collapsed(record: dict) -> bool:
+    """Whether a learner window's network gave (near enough) every state the same values."""
+    return record["q_spread"] <= COLLAPSED_Q_SPREAD * max(1.0, abs(record["mean_q"]))
+
+
+def collapse_warning(record: dict) -> str:
+    """The one line that says a learner's network has collapsed, and what to do about it
+    (the process's logger names the bundle)."""
+    return (
+        "the network gives every state the same Q-values (q_spread "
+        f"{record['q_spread']:.2g} over the last {LEARNER_LOG_EVERY_STEPS} learner steps, at "
+        f"{record['frames']:,} frames): it has collapsed (dead ReLUs) and is unlikely to learn "
+        "again; restart with a lower --learning-rate or a higher --optimizer-eps"
+    )

@@ -85,8 +85,16 @@ def make_sync_train_step(
     then applies the same optimizer update. `metrics` are the global
     loss metrics and each row's TD error (split like the batch); `raised` says, for each
     flag, whether any process raised it. Params and optimizer state are donated.
+
+    `q_spread` is the spread over the global batch, as one process would compute it: each
+    device writes its rows' values into its own slot of a zero vector that rides in the
+    same mean, so every device gets every row's value (a mean of per-device spreads would
+    be 0 for a healthy network with one row per device).
     """
-    loss_fn = make_loss_fn(network, double_dqn=double_dqn, huber_delta=huber_delta)
+    loss_fn = make_loss_fn(
+        network, double_dqn=double_dqn, huber_delta=huber_delta, state_values=True
+    )
+    devices = mesh.size
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def device_part(params, target_params, batch, weights, flags):
@@ -94,10 +102,14 @@ def make_sync_train_step(
         # the params would get the sum over devices of every array's gradient, one
         # all-reduce each.
         params = jax.tree.map(lambda leaf: jax.lax.pcast(leaf, BATCH_AXIS, to="varying"), params)
-        grads, metrics = grad_fn(params, target_params, batch, weights)
+        grads, (metrics, values) = grad_fn(params, target_params, batch, weights)
         flat, _ = ravel_pytree(grads)
         scalars = jnp.stack([metrics.loss, metrics.mean_q, metrics.mean_abs_td])
-        together = jnp.concatenate([flat, scalars, flags.reshape(-1).astype(flat.dtype)])
+        slots = jnp.zeros((devices, values.shape[0]), flat.dtype)
+        slots = slots.at[jax.lax.axis_index(BATCH_AXIS)].set(values.astype(flat.dtype))
+        together = jnp.concatenate(
+            [flat, scalars, slots.reshape(-1), flags.reshape(-1).astype(flat.dtype)]
+        )
         return jax.lax.pmean(together, BATCH_AXIS), metrics.td_errors
 
     split, whole = P(BATCH_AXIS), P()
@@ -113,13 +125,13 @@ def make_sync_train_step(
         flat, unravel = ravel_pytree(params)
         size = flat.size
         updates, opt_state = optimizer.update(unravel(mean[:size]), opt_state, params)
-        metrics = StepMetrics(mean[size], mean[size + 1], mean[size + 2], td_errors)
-        return optax.apply_updates(params, updates), opt_state, metrics, mean[size + 3 :] > 0
+        values_end = size + 3 + batch.action_tm1.shape[0]  # every row's value, over devices
+        q_spread = jnp.std(mean[size + 3 : values_end]) * devices
+        metrics = StepMetrics(mean[size], mean[size + 1], mean[size + 2], q_spread, td_errors)
+        return optax.apply_updates(params, updates), opt_state, metrics, mean[values_end:] > 0
 
     where = shardings(mesh)
-    metrics_sharding = StepMetrics(
-        where.replicated, where.replicated, where.replicated, where.batch
-    )
+    metrics_sharding = StepMetrics(*(where.replicated,) * 4, where.batch)
     return jax.jit(
         step,
         in_shardings=(where.replicated,) * 3 + (where.batch,) * 3,

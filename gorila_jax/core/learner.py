@@ -39,11 +39,18 @@ BATCH_AXIS = "batch"
 
 
 class StepMetrics(NamedTuple):
-    """What one learner step reports; `td_errors` has one entry per sample."""
+    """What one learner step reports; `td_errors` has one entry per sample.
+
+    `q_spread` is the standard deviation over the batch of each state's value
+    max_a Q(s, a). It is 0 when the network gives every state the same Q-values: a
+    collapsed network (every unit of a layer dead, say) that nothing can train again. A
+    random initial network already tells Pong's states apart (about 0.003 at seed 1).
+    """
 
     loss: jnp.ndarray
     mean_q: jnp.ndarray
     mean_abs_td: jnp.ndarray
+    q_spread: jnp.ndarray
     td_errors: jnp.ndarray
 
 
@@ -69,8 +76,12 @@ def bootstrap_values(q_next_target: jnp.ndarray, q_next_online: jnp.ndarray | No
     return jnp.take_along_axis(q_next_target, best[:, None], axis=-1)[:, 0]
 
 
-def make_loss_fn(network: nn.Module, *, double_dqn: bool, huber_delta: float) -> Callable:
-    """Build loss(params, target_params, batch, weights) -> (loss, StepMetrics)."""
+def make_loss_fn(
+    network: nn.Module, *, double_dqn: bool, huber_delta: float, state_values: bool = False
+) -> Callable:
+    """Build loss(params, target_params, batch, weights) -> (loss, StepMetrics), or with
+    `state_values` -> (loss, (StepMetrics, each row's max_a Q(s, a))): a step that splits
+    the batch over devices by hand needs the rows' values for the global `q_spread`."""
 
     def loss_fn(params, target_params, batch: Transition, weights):
         batch_size = batch.action_tm1.shape[0]
@@ -87,14 +98,16 @@ def make_loss_fn(network: nn.Module, *, double_dqn: bool, huber_delta: float) ->
         )
         q_taken = jnp.take_along_axis(q_tm1, batch.action_tm1[:, None].astype(jnp.int32), axis=-1)
         td_errors = jax.lax.stop_gradient(targets) - q_taken[:, 0]
+        values = jax.lax.stop_gradient(jnp.max(q_tm1, axis=-1))
         loss = jnp.mean(weights * optax.losses.huber_loss(td_errors, delta=huber_delta))
         metrics = StepMetrics(
             loss=loss,
             mean_q=jnp.mean(q_taken),
             mean_abs_td=jnp.mean(jnp.abs(td_errors)),
+            q_spread=jnp.std(values),
             td_errors=td_errors,
         )
-        return loss, metrics
+        return loss, ((metrics, values) if state_values else metrics)
 
     return loss_fn
 
@@ -125,9 +138,7 @@ def make_grad_step(
     loss_fn = make_loss_fn(network, double_dqn=double_dqn, huber_delta=huber_delta)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     where = shardings(mesh)
-    metrics_sharding = StepMetrics(
-        where.replicated, where.replicated, where.replicated, where.batch
-    )
+    metrics_sharding = StepMetrics(*(where.replicated,) * 4, where.batch)
     return jax.jit(
         grad_fn,
         in_shardings=(where.replicated, where.replicated, where.batch, where.batch),
@@ -196,9 +207,7 @@ def make_train_step(
         return optax.apply_updates(params, updates), opt_state, metrics
 
     where = shardings(mesh)
-    metrics_sharding = StepMetrics(
-        where.replicated, where.replicated, where.replicated, where.batch
-    )
+    metrics_sharding = StepMetrics(*(where.replicated,) * 4, where.batch)
     return jax.jit(
         train_step,
         in_shardings=(

@@ -5,7 +5,8 @@ TensorBoard events (tensorboardX) go into the logger's directory itself, so
 `tensorboard --logdir RUN_DIR` shows a single-process run as one run and a distributed one as
 bundle1, bundle2, ...: per episode `episode/return` (unclipped, whole game) and
 `episode/length` (agent steps), per learner window `learner/loss`, `learner/mean_q`,
-`learner/mean_abs_td` (and `learner/updates`), all against environment frames.
+`learner/mean_abs_td`, `learner/q_spread` (and `learner/updates`), all against environment
+frames.
 """
 
 from __future__ import annotations

@@ -37,13 +37,21 @@ from gorila_jax.server.server_stats import read_run_stats
 DPI = 100
 RETURN_FIGSIZE = (10.0, 5.5)
 PANEL_FIGSIZE = (15.0, 4.5)
-SHARDED_PANEL_FIGSIZE = (20.0, 4.5)  # the server figure with its 4th, per-shard, panel
+WIDE_PANEL_FIGSIZE = (20.0, 4.5)  # four panels: the learner's, a sharded server's
+SHARDED_PANEL_FIGSIZE = WIDE_PANEL_FIGSIZE  # the server figure with its 4th, per-shard, panel
 RETURNS_BY_EPISODE = "returns_by_episode.png"
 RETURNS_BY_FRAME = "returns_by_frame.png"
 RETURNS_BY_HOUR = "returns_by_hour.png"
 LEARNER = "learner.png"
 SERVER = "server.png"
-LEARNER_KEYS = (("loss", "loss (Huber)"), ("mean_q", "mean Q"), ("mean_abs_td", "mean |TD error|"))
+LEARNER_KEYS = (
+    ("loss", "loss (Huber)"),
+    ("mean_q", "mean Q"),
+    ("mean_abs_td", "mean |TD error|"),
+    ("q_spread", "Q spread over states (0: collapsed)"),
+)
+OPTIONAL_LEARNER_KEYS = frozenset({"q_spread"})
+"""Keys that learner.jsonl files written before them lack: nan in those records."""
 
 
 class PlotError(ValueError):
@@ -114,15 +122,23 @@ def _episode_clock(episodes: dict[str, np.ndarray], records: dict | None) -> np.
     return np.where(episodes["frames"] >= frames[0], placed, episodes["time"])
 
 
+def _learner_value(record: dict, key: str) -> float:
+    if key in OPTIONAL_LEARNER_KEYS:
+        return float(record.get(key, math.nan))
+    return float(record[key])
+
+
 def read_learner(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a learner.jsonl (time, frames, loss, mean_q, mean_abs_td) as float arrays."""
+    """Columns of a learner.jsonl (time, frames and `LEARNER_KEYS`) as float arrays; a
+    record without an optional key (an older run's) has nan there, one without another key
+    (a half-written line) is skipped."""
     keys = ("time", "frames", *(key for key, _ in LEARNER_KEYS))
     columns: dict[str, list[float]] = {key: [] for key in keys}
     with path.open() as handle:
         for line in handle:
             try:
                 record = json.loads(line)
-                values = {key: float(record[key]) for key in keys}
+                values = {key: _learner_value(record, key) for key in keys}
             except (ValueError, KeyError, TypeError):
                 continue
             for key, value in values.items():
@@ -311,7 +327,9 @@ def _returns_figure(runs: list[Run], *, by: str, window: int, path: Path) -> Pat
 
 
 def _learner_figure(runs: list[Run], *, window: int, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=PANEL_FIGSIZE, dpi=DPI, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(LEARNER_KEYS), figsize=WIDE_PANEL_FIGSIZE, dpi=DPI, layout="constrained"
+    )
     styles = ("-", "--", ":", "-.")
     for run, color in zip(runs, _colors(len(runs)), strict=True):
         for index, (bundle, records) in enumerate(sorted(run.learner.items())):
@@ -319,9 +337,14 @@ def _learner_figure(runs: list[Run], *, window: int, path: Path) -> Path:
                 continue
             name = run.label if len(run.learner) == 1 else f"{run.label} bundle {bundle}"
             for ax, (key, _) in zip(axes, LEARNER_KEYS, strict=True):
+                logged = np.ones(len(records[key]), bool)
+                if key in OPTIONAL_LEARNER_KEYS:  # nan where an older run did not log it
+                    logged = ~np.isnan(records[key])
+                    if not logged.any():
+                        continue
                 ax.plot(
-                    records["total_frames"],
-                    smooth(records[key], window),
+                    records["total_frames"][logged],
+                    smooth(records[key][logged], window),
                     color=color,
                     linestyle=styles[index % len(styles)],
                     linewidth=1.5,

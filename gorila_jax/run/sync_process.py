@@ -161,6 +161,7 @@ class SyncLearner:
             loss=_local(metrics.loss),
             mean_q=_local(metrics.mean_q),
             mean_abs_td=_local(metrics.mean_abs_td),
+            q_spread=_local(metrics.q_spread),
             td_errors=td_errors,
         )
 
