@@ -331,6 +331,7 @@ def _learner_figure(runs: list[Run], *, window: int, path: Path) -> Path:
         1, len(LEARNER_KEYS), figsize=WIDE_PANEL_FIGSIZE, dpi=DPI, layout="constrained"
     )
     styles = ("-", "--", ":", "-.")
+    drawn: set[str] = set()
     for run, color in zip(runs, _colors(len(runs)), strict=True):
         for index, (bundle, records) in enumerate(sorted(run.learner.items())):
             if not len(records["time"]):
@@ -342,6 +343,7 @@ def _learner_figure(runs: list[Run], *, window: int, path: Path) -> Path:
                     logged = ~np.isnan(records[key])
                     if not logged.any():
                         continue
+                drawn.add(key)
                 ax.plot(
                     records["total_frames"][logged],
                     smooth(records[key][logged], window),
@@ -350,7 +352,9 @@ def _learner_figure(runs: list[Run], *, window: int, path: Path) -> Path:
                     linewidth=1.5,
                     label=name,
                 )
-    for ax, (_, title) in zip(axes, LEARNER_KEYS, strict=True):
+    for ax, (key, title) in zip(axes, LEARNER_KEYS, strict=True):
+        if "loss" in drawn and key not in drawn:  # runs logged before this metric existed
+            ax.text(0.5, 0.5, "not logged by these runs", ha="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("environment frames (all bundles)")
         ax.set_ylabel(title)
