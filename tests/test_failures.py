@@ -669,7 +669,7 @@ def test_a_killed_aggregator_comes_back_and_its_bundles_with_it(tmp_path):
     port, it says hello to the server again as the same worker, both bundles reconnect
     to it by themselves and their pushes reach the server again; SIGINT then stops every
     process. (A bundle with nothing in flight at the kill has nothing to lose: its next
-    request reaches the new aggregator.)"""
+    request reaches the new aggregator; one that loses a request reconnects.)"""
     launcher = start_run(
         tmp_path, "--aggregate-per-host", "--total-frames", "10000000",
         "--learning-starts", "300", "--server-timeout-seconds", "15",
@@ -699,7 +699,13 @@ def test_a_killed_aggregator_comes_back_and_its_bundles_with_it(tmp_path):
     processes = all_descendants(launcher)
     out, err = stop_and_check(launcher, processes)
     assert "aggregator 1 (pid" in err and "died with status -9" in err, err[-3000:]
-    assert "INFO: reconnected to the server" in out, out[-3000:]
+    # A bundle whose request was in flight at the kill lost it and said hello again; one with
+    # nothing in flight sent its next request to the new aggregator without losing anything
+    # (both happen, by timing). Either way no loss is left without its reconnection.
+    for bundle in (1, 2):
+        lost = out.count(f"[bundle {bundle}] WARNING: lost the server")
+        back = out.count(f"[bundle {bundle}] INFO: reconnected to the server")
+        assert lost == back, (bundle, lost, back, out[-3000:])
 
 
 def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
