@@ -21,6 +21,7 @@ import numpy as np
 
 from gorila_jax.core.actor import linear_epsilon, make_policy
 from gorila_jax.core.config import Config
+from gorila_jax.core.learner import StepMetrics
 from gorila_jax.core.networks import make_network
 from gorila_jax.core.replay import PrioritizedReplay, Replay, Sample
 from gorila_jax.envs import AtariEnv, CartPoleEnv
@@ -302,8 +303,9 @@ def run_actor_learner(
 
 
 def summarize(window: list[Any], frames: int, updates: int) -> dict:
-    """Mean learner metrics over a window of steps, as plain floats."""
-    keys = ("loss", "mean_q", "mean_abs_td", "q_spread")
+    """Mean learner metrics over a window of steps (every `StepMetrics` scalar), as plain
+    floats."""
+    keys = tuple(name for name in StepMetrics._fields if name != "td_errors")
     values = jax.device_get([tuple(getattr(m, key) for key in keys) for m in window])
     means = (float(np.mean(column)) for column in zip(*values, strict=True))
     return {"frames": frames, "updates": updates, **dict(zip(keys, means, strict=True))}
