@@ -41,6 +41,10 @@ BAD_VALUES = [
     ("max_staleness", 0, "max_staleness"),
     ("max_message_mb", -1, "max_message_mb"),
     ("push_every", 0, "push_every"),
+    ("learning_rate_end", 0.0, "learning_rate_end"),
+    ("learning_rate_end", 1e-3, "learning_rate_end"),  # above the default 1e-4: a rise
+    ("learning_rate_decay_start", -1, "learning_rate_decay_start"),
+    ("learning_rate_decay_updates", -5, "learning_rate_decay_updates"),
 ]
 
 
@@ -303,3 +307,16 @@ def test_both_names_of_a_renamed_field_must_agree():
         from_dict({"shard_factor": "default", "gradient_part": "all"}, cartpole_defaults())
     both = from_dict({"shard_factor": "0.5", "gradient_part": "0.5"}, cartpole_defaults())
     assert both.gradient_part == "0.5"
+
+
+def test_a_run_saved_before_the_learning_rate_could_decay_reads_as_constant():
+    """A checkpoint's config from before the decay fields kept its learning rate constant:
+    compared with today's defaults (a decay) the resume names the change; with the decay
+    off it is the same run. Catches an old run resumed into a decay without a word (the
+    missing field read as today's default)."""
+    saved = to_dict(Config())
+    for name in ("learning_rate_end", "learning_rate_decay_start", "learning_rate_decay_updates"):
+        del saved[name]
+    assert resume_differences(saved, Config()) == ["learning_rate_decay_updates 0 -> 150000"]
+    constant = dataclasses.replace(Config(), learning_rate_decay_updates=0)
+    assert resume_differences(saved, constant) == []

@@ -115,6 +115,39 @@ def test_a_forced_resume_that_changes_the_networks_shape_is_refused_in_one_line(
     assert (tmp_path / "config.yaml").read_text() == config_text
 
 
+def test_a_decayed_learning_rate_resumes_where_it_was_and_cannot_be_switched_off(tmp_path):
+    """A tiny run whose learning rate decays from 1e-3 to 1e-6 over its first 100 updates,
+    then resumed with the same command and more frames: the schedule goes on from the
+    checkpoint's update count, so the params move by at most ~3.2 end rates per Adam update
+    (from a count reset to 0 they would move 1000 times more). Then the decay switched off,
+    even with --force-resume: one error line naming it (the optimizer's state would not
+    load), the run dir left as it was, nothing called damaged."""
+    decay = ("--learning-rate-end", "1e-6", "--learning-rate-decay-start", "0",
+             "--learning-rate-decay-updates", "100")  # fmt: skip
+    first = single_process(tmp_path, "--total-frames", "1000", *decay)
+    assert first.returncode == 0, first.stderr[-2000:]
+    trained = updates_done(first.stderr)
+    assert trained > 100, trained
+    before = flat_saved_params(tmp_path)
+
+    resumed = single_process(tmp_path, "--total-frames", "2000", *decay)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed its learner at {trained:,} updates" in resumed.stderr
+    more = updates_done(resumed.stderr) - trained
+    assert more >= 150, resumed.stderr[-1000:]
+    moved = np.abs(flat_saved_params(tmp_path) - before)
+    assert 0 < moved.max() <= 3.2 * 1e-6 * more, (moved.max(), more)
+
+    config_text = (tmp_path / "config.yaml").read_text()
+    forced = single_process(
+        tmp_path, "--total-frames", "3000", "--learning-rate-decay-updates", "0", "--force-resume"
+    )
+    error = one_error_line(forced)
+    assert "learning-rate decay 'on' -> 'off'" in error and "--run-dir" in error, error
+    assert (tmp_path / "config.yaml").read_text() == config_text
+    assert not (tmp_path / "damaged_checkpoints").exists()
+
+
 def test_a_server_forced_onto_another_networks_checkpoint_says_so_not_damaged(tmp_path):
     """Unit level, the server's path of a forced resume after a network change (the launch
     code restores with the tree fingerprint expected): one CheckpointError that names the

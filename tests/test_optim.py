@@ -306,3 +306,78 @@ def test_make_optimizer_rejects_bad_numbers():
         make_optimizer("adam", 1e-3, eps=1e-6, max_grad_norm=-1.0)
     with pytest.raises(ValueError, match="lambda_"):
         make_optimizer("adam", 1e-3, eps=1e-6, dc_asgd_lambda=-1.0)
+
+
+def reference_learning_rate(count: int, start_lr: float, end_lr: float, start: int, over: int):
+    """By hand: the full rate for `start` updates, then a straight line to `end_lr` over
+    `over` updates, then `end_lr`."""
+    progress = min(max(count - start, 0) / over, 1.0)
+    return start_lr + (end_lr - start_lr) * progress
+
+
+def test_the_learning_rate_decays_linearly_by_update_count():
+    """SGD through the factory with a decay from update 2 over 4 updates: each update is
+    -lr(count) * grad with lr by hand, constant before, a straight line during and the end
+    value after. Catches a decay keyed on anything but the optimizer's own count, one that
+    starts or ends an update off, and end and start swapped."""
+    learning_rate, end = 0.1, 0.025
+    opt = make_optimizer(
+        "sgd", learning_rate, eps=1e-6, learning_rate_end=end, decay_start=2, decay_updates=4
+    )
+    steps = list(random_steps(seed=12, num_steps=9))
+    state = opt.init(to_jax(steps[0][1]))
+    for count, (grads, params, _) in enumerate(steps):
+        updates, state = opt.update(to_jax(grads), state, params=to_jax(params))
+        lr = reference_learning_rate(count, learning_rate, end, 2, 4)
+        expected = {k: -lr * g for k, g in grads.items()}
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-8)
+    assert reference_learning_rate(8, learning_rate, end, 2, 4) == pytest.approx(end)  # reached
+
+
+def test_the_config_optimizer_applies_the_configured_decay():
+    """The one factory the server and the processes use reads the three decay fields: Adam's
+    first update is lr(0) * sign(g) (its first step is the sign of the gradient), and after
+    a decay of 3 updates from update 0 the fifth is still Adam's update at the end rate."""
+    import dataclasses
+
+    from gorila_jax.core.config import cartpole_defaults
+    from gorila_jax.core.optim import config_optimizer
+
+    config = dataclasses.replace(
+        cartpole_defaults(), learning_rate=1e-2, learning_rate_end=1e-3,
+        learning_rate_decay_start=0, learning_rate_decay_updates=3, max_grad_norm=0.0,
+    )  # fmt: skip
+    opt = config_optimizer(config, server=False)
+    same_grads = random_tree(np.random.default_rng(13))
+    params = to_jax(random_tree(np.random.default_rng(14)))
+    state = opt.init(params)
+    seen = []
+    for _ in range(5):
+        updates, state = opt.update(to_jax(same_grads), state, params=params)
+        seen.append(updates)
+    # The same gradient every time: Adam's normalised step is sign(g) (up to eps), so each
+    # update is -lr(count) * sign(g).
+    for count, updates in enumerate(seen):
+        lr = reference_learning_rate(count, 1e-2, 1e-3, 0, 3)
+        expected = {k: -lr * np.sign(g) for k, g in same_grads.items()}
+        chex.assert_trees_all_close(updates, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_no_decay_keeps_the_optimizer_state_it_always_had():
+    """decay_updates 0 gives the base optimizer a plain float, so its state is the one
+    checkpoints were written with before the decay existed; a decay adds exactly one leaf,
+    the update count. Catches a schedule always on (old checkpoints would not load)."""
+    params = to_jax(random_tree(np.random.default_rng(15)))
+    plain = make_optimizer("adam", 1e-3, eps=1e-8).init(params)
+    off = make_optimizer("adam", 1e-3, eps=1e-8, learning_rate_end=1e-4, decay_updates=0)
+    on = make_optimizer("adam", 1e-3, eps=1e-8, learning_rate_end=1e-4, decay_updates=10)
+    assert jax.tree.structure(off.init(params)) == jax.tree.structure(plain)
+    assert len(jax.tree.leaves(on.init(params))) == len(jax.tree.leaves(plain)) + 1
+
+
+def test_a_decay_that_rises_is_refused():
+    with pytest.raises(ValueError, match="learning_rate_end <= learning_rate"):
+        make_optimizer("adam", 1e-3, eps=1e-6, learning_rate_end=1e-2, decay_updates=5)
+    with pytest.raises(ValueError, match="decay_start"):
+        make_optimizer("adam", 1e-3, eps=1e-6, learning_rate_end=1e-4, decay_updates=5,
+                       decay_start=-1)  # fmt: skip

@@ -90,7 +90,19 @@ class Config:
     optimizer: Optimizer = "adam"
     """Optimizer (applied by the parameter server, or locally in single-process mode)."""
     learning_rate: float = 1e-4
-    """Optimizer step size."""
+    """Optimizer step size (at the start: see learning_rate_decay_updates)."""
+    learning_rate_end: float = 2.5e-5
+    """The step size the learning rate falls to, linearly over learning_rate_decay_updates
+    optimizer updates from update learning_rate_decay_start on, and keeps after."""
+    learning_rate_decay_start: int = 250_000
+    """Optimizer updates (server updates when distributed, as target_period counts them)
+    at the full learning_rate before it starts to fall. With the Pong defaults a run
+    makes about one update per 4 frames: 250,000 updates are about 1M frames."""
+    learning_rate_decay_updates: int = 150_000
+    """Optimizer updates over which the learning rate falls from learning_rate to
+    learning_rate_end (150,000: to about 1.6M frames with the Pong defaults); 0 keeps
+    learning_rate throughout. A run resumes only with the decay on or off as it was
+    trained (the optimizer's state holds an update count only with it on)."""
     optimizer_eps: float = 1e-8
     """Epsilon of adam / rmsprop / adagrad."""
     max_grad_norm: float = 10.0
@@ -234,6 +246,7 @@ def cartpole_defaults() -> Config:
         gamma=0.99,
         batch_size=64,
         learning_rate=1e-3,
+        learning_rate_decay_updates=0,
         optimizer_eps=1e-8,
         train_every=4,
         learning_starts=1_000,
@@ -276,7 +289,13 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
             _fail(name, "must be a positive integer", value)
-    for name in ("learning_starts", "noop_max", "max_message_mb"):
+    for name in (
+        "learning_starts",
+        "noop_max",
+        "max_message_mb",
+        "learning_rate_decay_start",
+        "learning_rate_decay_updates",
+    ):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             _fail(name, "must be a non-negative integer", value)
@@ -288,10 +307,14 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         _fail("priority_beta_start", "must be in [0, 1]", config.priority_beta_start)
     if not 0.0 < config.gamma <= 1.0:
         _fail("gamma", "must be in (0, 1]", config.gamma)
-    for name in ("learning_rate", "optimizer_eps", "huber_delta", "priority_eps"):
+    for name in ("learning_rate", "learning_rate_end", "optimizer_eps", "huber_delta",
+                 "priority_eps"):  # fmt: skip
         value = getattr(config, name)
         if not value > 0:
             _fail(name, "must be > 0", value)
+    if config.learning_rate_decay_updates and config.learning_rate_end > config.learning_rate:
+        _fail("learning_rate_end", f"must be <= learning_rate ({config.learning_rate}): the "
+              "learning rate decays", config.learning_rate_end)  # fmt: skip
     if config.single_process and config.push_every != 1:
         _fail("push_every", "applies to the bundles of a distributed run, not --single-process",
               config.push_every)  # fmt: skip
@@ -487,15 +510,41 @@ def with_current_names(values: dict) -> dict:
     return {RENAMED_FIELDS.get(name, name): value for name, value in values.items()}
 
 
+# Fields added since runs were written whose absence from a saved config means another value
+# than today's default: a run saved before the learning rate could decay kept it constant.
+ABSENT_MEANS = {"learning_rate_decay_updates": 0}
+
+
+def completed(saved: dict) -> dict:
+    """A saved config (a `to_dict`, perhaps of an older version) under today's field names,
+    each field it lacks filled with its default, or with what its absence meant
+    (`ABSENT_MEANS`)."""
+    return {**to_dict(Config()), **ABSENT_MEANS, **with_current_names(saved)}
+
+
+def optimizer_state_shape(values: dict) -> dict:
+    """The settings (of a `completed` config) that decide the structure of the optimizer's
+    state, as a mapping: the base optimizer, clipping on or off, DC-ASGD where a server
+    applies it (a single or sync process never compensates), the learning-rate decay on or
+    off. A checkpoint's optimizer state loads only into the same shape."""
+    server = values["mode"] == "gorila" and not values["single_process"]
+    return {
+        "optimizer": values["optimizer"],
+        "gradient clipping": "on" if values["max_grad_norm"] else "off",
+        "dc_asgd": values["dc_asgd"] if server else "off",
+        "learning-rate decay": "on" if values["learning_rate_decay_updates"] else "off",
+    }
+
+
 def resume_differences(saved: dict, config: Config) -> list[str]:
     """The training settings in which `config` differs from `saved` (a `to_dict` of the
     config a checkpoint was made with), as "field saved -> now" strings. A field the saved
-    config lacks (it predates the field) counts as its default."""
-    defaults = to_dict(Config())
-    saved = with_current_names(saved)
+    config lacks (it predates the field) counts as its default, or as what its absence
+    meant (`ABSENT_MEANS`)."""
+    saved = completed(saved)
     differences = []
     for name, value in training_settings(config).items():
-        before = saved.get(name, defaults[name])
+        before = saved[name]
         if before != value:
             differences.append(f"{name} {before!r} -> {value!r}")
     return differences

@@ -44,7 +44,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 
-from gorila_jax.core.config import Config, fingerprint, resume_differences, to_dict
+from gorila_jax.core.config import (
+    Config,
+    completed,
+    fingerprint,
+    optimizer_state_shape,
+    resume_differences,
+    to_dict,
+)
 from gorila_jax.io.files import sync_directory, sync_tree
 
 if TYPE_CHECKING:
@@ -164,6 +171,24 @@ def check_same_network(
         raise CheckpointError(
             f"{where} was made for another network ({_listed(differences)}); a run resumes "
             "only the network it trained, even with --force-resume: use another --run-dir"
+        )
+
+
+def check_same_optimizer_state(meta: Mapping, config: Config, where: str) -> None:
+    """Refuse (one-line CheckpointError), --force-resume or not, a checkpoint whose
+    optimizer state has another structure than `config`'s optimizer keeps (another base
+    optimizer, clipping, DC-ASGD or learning-rate decay switched on or off): orbax could
+    not restore it into this run's state, and the checkpoint would be called damaged."""
+    saved = optimizer_state_shape(completed(meta["config"]))
+    wanted = optimizer_state_shape(to_dict(config))
+    differences = [
+        f"{key} {saved[key]!r} -> {wanted[key]!r}" for key in saved if saved[key] != wanted[key]
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{where} holds the state of another optimizer ({_listed(differences)}); a run "
+            "resumes only with the optimizer state it saved, even with --force-resume: "
+            "change the setting back, or use another --run-dir"
         )
 
 
@@ -339,6 +364,7 @@ class Checkpointer:
                 continue
             check_format(meta, where)
             check_same_network(meta, config, where, expect or {})
+            check_same_optimizer_state(meta, config, where)
             if force:
                 _warn_forced(meta, config, where)
             else:
