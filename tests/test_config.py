@@ -320,3 +320,20 @@ def test_a_run_saved_before_the_learning_rate_could_decay_reads_as_constant():
     assert resume_differences(saved, Config()) == ["learning_rate_decay_updates 0 -> 150000"]
     constant = dataclasses.replace(Config(), learning_rate_decay_updates=0)
     assert resume_differences(saved, constant) == []
+
+
+def test_a_config_yaml_from_before_the_decay_loads_as_it_trained(tmp_path):
+    """evaluate.py reads a run's config.yaml: one written before the decay fields, trained
+    at a rate below today's decay end, loads with the decay off (as it trained) and
+    validates; with today's defaults filled in instead, it would be refused."""
+    from gorila_jax.core.config import load_run_yaml
+
+    saved = to_dict(dataclasses.replace(Config(), learning_rate=1e-5))
+    for name in ("learning_rate_end", "learning_rate_decay_start", "learning_rate_decay_updates"):
+        del saved[name]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    loaded = validate(load_run_yaml(path))
+    assert loaded.learning_rate == 1e-5 and loaded.learning_rate_decay_updates == 0
+    with pytest.raises(ConfigError, match="--learning-rate-decay-updates 0"):
+        validate(load_yaml(path, Config()))

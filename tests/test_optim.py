@@ -331,7 +331,8 @@ def test_the_learning_rate_decays_linearly_by_update_count():
         lr = reference_learning_rate(count, learning_rate, end, 2, 4)
         expected = {k: -lr * g for k, g in grads.items()}
         chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-8)
-    assert reference_learning_rate(8, learning_rate, end, 2, 4) == pytest.approx(end)  # reached
+    # The last update, past the decay, at the end rate itself.
+    chex.assert_trees_all_close(updates, {k: -end * g for k, g in steps[-1][0].items()}, rtol=1e-6)
 
 
 def test_the_config_optimizer_applies_the_configured_decay():
@@ -381,3 +382,38 @@ def test_a_decay_that_rises_is_refused():
     with pytest.raises(ValueError, match="decay_start"):
         make_optimizer("adam", 1e-3, eps=1e-6, learning_rate_end=1e-4, decay_updates=5,
                        decay_start=-1)  # fmt: skip
+
+
+def test_the_optimizer_state_shape_names_exactly_what_changes_the_states_structure():
+    """Over every optimizer, clipping on and off, the three DC-ASGD settings, the decay on
+    and off, for a server, a single process and a sync process: two configs have the same
+    `optimizer_state_shape` exactly when their optimizers' states have the same tree
+    structure. Catches a setting that reshapes the state but is not checked before a
+    resume (the checkpoint would be called damaged), and one checked that does not."""
+    import dataclasses
+    import itertools
+
+    from gorila_jax.core.config import Config, optimizer_state_shape, to_dict
+    from gorila_jax.core.optim import config_optimizer
+
+    params = jax.ShapeDtypeStruct((7,), jnp.float32)
+    roles = {
+        "server": dict(mode="gorila", single_process=False),
+        "single": dict(mode="gorila", single_process=True),
+        "sync": dict(mode="sync", single_process=False),
+    }
+    seen = []
+    for name, clip, dc, decay, role in itertools.product(
+        OPTIMIZER_NAMES, (0.0, 10.0), ("off", "constant", "adaptive"), (0, 10), roles
+    ):
+        config = dataclasses.replace(
+            Config(), optimizer=name, max_grad_norm=clip, dc_asgd=dc,
+            learning_rate_decay_updates=decay, **roles[role],
+        )  # fmt: skip
+        optimizer = config_optimizer(config, server=role == "server")
+        structure = jax.tree.structure(jax.eval_shape(optimizer.init, params))
+        seen.append(
+            (optimizer_state_shape(to_dict(config)), structure, (name, clip, dc, decay, role))
+        )
+    for (shape_a, structure_a, a), (shape_b, structure_b, b) in itertools.combinations(seen, 2):
+        assert (shape_a == shape_b) == (structure_a == structure_b), (a, b)

@@ -152,7 +152,7 @@ class Worker:
 
 
 def expect_ack(reply: transport.Message, accepted: bool, reason=None) -> None:
-    assert reply.header["kind"] == "ack"
+    assert reply.header["kind"] == "ack", reply.header.get("reason")
     assert reply.header["accepted"] is accepted
     assert reply.header["reason"] == reason
 
@@ -786,6 +786,54 @@ def test_gradient_parts_update_only_their_elements_and_reassemble_the_full_step(
     chex.assert_trees_all_close(
         server.params, jnp.asarray(INITIAL_FLAT - 0.1 * full), rtol=1e-6, atol=1e-7
     )
+
+
+def test_the_servers_learning_rate_decays_by_push_whole_or_part_and_resumes(tmp_path):
+    """SGD at 0.1 decaying to 0.01 over 2 updates after the first: every accepted push,
+    whole or a bundle's gradient part, steps the params by -lr(count) * grad with the rates
+    by hand (0.1, 0.1, 0.055, 0.01, 0.01), and a server restored from a checkpoint goes on
+    at the end rate. Catches a schedule counted per bundle or per element, one the part
+    path leaves behind, and a count that a checkpoint does not keep."""
+    rates = [0.1, 0.1, 0.055, 0.01, 0.01]
+    decay = dict(learning_rate_end=0.01, learning_rate_decay_start=1,
+                 learning_rate_decay_updates=2)  # fmt: skip
+    server = make_server(num_workers=2, gradient_part="default", **decay)
+    workers = [Worker(server, w) for w in range(2)]
+    for worker in workers:
+        worker.hello()
+    expected = INITIAL_FLAT.astype(np.float64)
+    for step, rate in enumerate(rates):
+        w = step % 2
+        owned = server.parts[w]
+        grads = random_grad(20 + step, len(owned))
+        expect_ack(workers[w].push(grads, base_version=step), accepted=True)
+        expected[owned] -= rate * grads
+        np.testing.assert_allclose(current(server), expected, rtol=1e-5, atol=1e-6)
+
+    whole = make_server(num_workers=1, **decay)
+    alone = Worker(whole, 0)
+    alone.hello()
+    expected = INITIAL_FLAT.astype(np.float64)
+    for step, rate in enumerate(rates[:3]):
+        grads = random_grad(30 + step)
+        expect_ack(alone.push(grads, base_version=step), accepted=True)
+        expected -= rate * grads
+    np.testing.assert_allclose(current(whole), expected, rtol=1e-5, atol=1e-6)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
+    try:
+        assert whole.save_checkpoint(checkpointer)
+        again = make_server(num_workers=1, **decay)
+        template, _ = again.checkpoint_state()
+        restored = checkpointer.restore_latest(template, config=again.config)
+    finally:
+        checkpointer.close()
+    again.restore(restored.state, restored.meta)
+    worker = Worker(again, 0)
+    worker.seq = alone.seq  # the same bundle, going on after the server's restart
+    worker.hello()
+    grads = random_grad(40)
+    expect_ack(worker.push(grads, base_version=3), accepted=True)
+    np.testing.assert_allclose(current(again), expected - 0.01 * grads, rtol=1e-5, atol=1e-6)
 
 
 def test_adam_over_gradient_parts_keeps_per_element_state():

@@ -313,8 +313,10 @@ def validate(config: Config, *, local_device_count: int | None = None) -> Config
         if not value > 0:
             _fail(name, "must be > 0", value)
     if config.learning_rate_decay_updates and config.learning_rate_end > config.learning_rate:
-        _fail("learning_rate_end", f"must be <= learning_rate ({config.learning_rate}): the "
-              "learning rate decays", config.learning_rate_end)  # fmt: skip
+        rule = (f"must be <= learning_rate ({config.learning_rate}), the rate it decays from: "
+                "lower it with --learning-rate-end, or keep the rate constant with "
+                "--learning-rate-decay-updates 0")  # fmt: skip
+        _fail("learning_rate_end", rule, config.learning_rate_end)
     if config.single_process and config.push_every != 1:
         _fail("push_every", "applies to the bundles of a distributed run, not --single-process",
               config.push_every)  # fmt: skip
@@ -591,6 +593,12 @@ def load_yaml(path: str | Path, base: Config) -> Config:
         first_line = str(error).splitlines()[0]
         raise ConfigError(f"config file: {path} is not valid YAML ({first_line})") from None
     return from_dict(values, base)
+
+
+def load_run_yaml(path: str | Path) -> Config:
+    """The config.yaml a run wrote, as that run trained: a field it lacks (it predates the
+    field) reads as what its absence meant (`ABSENT_MEANS`), else as its default."""
+    return load_yaml(path, dataclasses.replace(Config(), **ABSENT_MEANS))
 
 
 def parse_cli(

@@ -177,7 +177,7 @@ def learning_rate_schedule(
         return learning_rate
     if not (end > 0 and decay_start >= 0 and decay_updates > 0):
         raise ValueError(
-            "learning_rate_schedule: needs end > 0, decay_start >= 0 and decay_updates >= 0, "
+            "learning_rate_schedule: needs end > 0, decay_start >= 0 and decay_updates > 0, "
             f"got end={end!r}, decay_start={decay_start!r}, decay_updates={decay_updates!r}"
         )
     return optax.linear_schedule(

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tyro
 
-from gorila_jax.core.config import Config, ConfigError, load_yaml, validate
+from gorila_jax.core.config import Config, ConfigError, load_run_yaml, validate
 from gorila_jax.core.env_ids import is_atari
 from gorila_jax.envs.recording import GIF_MAX_FRAMES, AtariScreen, Recorder, write_episode_gif
 from gorila_jax.io.files import write_atomically
@@ -55,7 +55,7 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise EvaluationError(f"no config.yaml in {run_dir} (is it a run directory?)")
     try:
-        return validate(load_yaml(path, Config()))
+        return validate(load_run_yaml(path))
     except ConfigError as error:
         raise EvaluationError(f"{path}: {error}") from None
 
