@@ -33,6 +33,11 @@ LEARNER_LOG_EVERY_STEPS = 100
 COLLAPSED_Q_SPREAD = 1e-6
 """A learner window whose Q spread over states is at most this (times |mean Q| when that is
 above 1) comes from a network that tells no state apart: it is reported as collapsed."""
+RECOVERED_Q_SPREAD = 1e-4
+"""A collapsed network counts as recovered (and a later collapse is warned about again) only
+once a window's spread exceeds this, on the same scale: a nearly dead network's spread
+flickers around COLLAPSED_Q_SPREAD (1e-7 to 1e-5 in a seed-1 Pong run) and would otherwise
+warn every few windows. A healthy Nature CNN on Pong starts near 1e-3."""
 
 
 class Updater(Protocol):
@@ -277,10 +282,11 @@ def run_actor_learner(
                         record = summarize(learner_window, frames, updater.updates)
                         logger.learner(record)
                         learner_window = []
-                        now_collapsed = collapsed(record)
-                        if now_collapsed and not was_collapsed:
+                        if not was_collapsed and collapsed(record):
                             log.warning(collapse_warning(record))
-                        was_collapsed = now_collapsed
+                            was_collapsed = True
+                        elif was_collapsed and recovered(record):
+                            was_collapsed = False
             step, finished = env.recv()
             logger.episodes(finished, frames)
             report(frames, agent_steps, epsilon)
@@ -314,6 +320,11 @@ def summarize(window: list[Any], frames: int, updates: int) -> dict:
 def collapsed(record: dict) -> bool:
     """Whether a learner window's network gave (near enough) every state the same values."""
     return record["q_spread"] <= COLLAPSED_Q_SPREAD * max(1.0, abs(record["mean_q"]))
+
+
+def recovered(record: dict) -> bool:
+    """Whether a learner window's network tells states apart again after a collapse."""
+    return record["q_spread"] > RECOVERED_Q_SPREAD * max(1.0, abs(record["mean_q"]))
 
 
 def collapse_warning(record: dict) -> str:
