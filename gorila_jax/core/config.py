@@ -144,12 +144,8 @@ class Config:
     the Gorila paper). Under SLURM tasks 0..S-1 are the shards and the rest bundles; the
     local launcher starts S shards and `workers` bundles. A run resumes only with the same
     number of shards."""
-    sync_every: int = 1
-    """Bundles pull fresh params from the server every this many learner steps (the pull
-    rides with that step's push). 1 keeps gradients at most a few server updates stale:
-    on Pong with 2 bundles, 4 made them 4 to 15 updates stale, and under Adam that
-    staleness killed the network's units within the first 10,000 updates in 2 of 3 fresh
-    seed-1 runs (docs/pong-seed1/attempt-5)."""
+    sync_every: int = 4
+    """Bundles pull fresh params from the server every this many learner steps."""
     push_every: int = 1
     """Bundles push the mean of this many learner steps' gradients at once: a K-times
     larger effective batch (the gradient of K batches together) and K times fewer pushes
