@@ -9,8 +9,9 @@ plain synchronous DQN on fixed data.
 
 Every `report_every` updates it prints, on 160 frames of random play, the Q spread (std over
 the frames of max_a Q) and, per hidden layer, the share of units that are positive on none
-of them (dead ReLUs). Fixed seeds (init, replay sampling, probe frames, delays) make runs
-with different optimizer settings comparable: the same data, the same init.
+of them (dead ReLUs). One `--seed` fixes the init, the replay's sampling and the delays,
+so runs of one seed with different optimizer settings see the same data from the same
+init; the 160 frames are the same for every seed.
 
     python experiments/stale_replay.py RUN_DIR --staleness-min 4 --staleness-max 15
     python experiments/stale_replay.py RUN_DIR --optimizer-eps 1.5e-4
@@ -71,6 +72,9 @@ class StaleReplayArgs:
     """Its epsilon."""
     dc_asgd: Literal["off", "constant", "adaptive"] = "off"
     """Delay compensation, as the server would chain it."""
+    seed: int = 0
+    """The network's init key; replay sampling draws from seed 1000 + seed, the delays
+    from 2000 + seed (the same data and init for every optimizer setting of one seed)."""
 
 
 def probe_frames(env_id: str) -> tuple[jnp.ndarray, int]:
@@ -152,8 +156,9 @@ def experiment(args: StaleReplayArgs) -> int:
 
     frames, num_actions = probe_frames(config.env_id)
     replay = load_replay(config, args.bundle, num_actions)
+    replay.seed_sampling(1000 + args.seed)
     network = NatureCNN(num_actions)
-    params = network.init(jax.random.key(1), frames[:1])
+    params = network.init(jax.random.key(args.seed), frames[:1])
     optimizer = config_optimizer(config, server=True)  # clipping is the bundle's, as here
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else None
     loss_fn = make_loss_fn(network, double_dqn=config.double_dqn, huber_delta=config.huber_delta)
@@ -174,13 +179,13 @@ def experiment(args: StaleReplayArgs) -> int:
     print(
         f"{config.optimizer} lr {config.learning_rate:g} eps {config.optimizer_eps:g} "
         f"dc_asgd {config.dc_asgd}, staleness {args.staleness_min}-{args.staleness_max}, "
-        f"{len(replay):,} transitions of bundle {args.bundle}",
+        f"{len(replay):,} transitions of bundle {args.bundle}, seed {args.seed}",
         flush=True,
     )
     opt_state = optimizer.init(params)
     target = params
     history = collections.deque([params], maxlen=args.staleness_max + 1)
-    delays = np.random.default_rng(3)
+    delays = np.random.default_rng(2000 + args.seed)
     report(0)
     started = time.monotonic()
     for update in range(1, args.updates + 1):

@@ -477,3 +477,24 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="batch of 5"):
         replay.sample(5)
     assert (replay._flags[:5] & TERMINATED).sum() == 0
+
+
+def test_seed_sampling_replays_the_same_draws_and_keeps_the_memory():
+    """Catches a reseed that also clears the memory, or that does not take: two reseeds
+    with one seed sample the same indices; another seed samples others."""
+    replay = Replay(capacity=64, num_envs=2, frame_shape=(3, 3), frame_dtype=np.uint8,
+                    stack_size=2, n_step=1, gamma=0.9, num_actions=3, seed=0)  # fmt: skip
+    for step in range(20):
+        replay.add(
+            np.full((2, 3, 3), step, np.uint8), np.zeros(2, np.int32),
+            np.zeros(2, np.float32), np.zeros(2, bool), np.zeros(2, bool),
+            np.full(2, step == 0),
+        )  # fmt: skip
+    stored = len(replay)
+    replay.seed_sampling(7)
+    first = replay.sample(8).indices.copy()
+    replay.seed_sampling(7)
+    np.testing.assert_array_equal(replay.sample(8).indices, first)
+    replay.seed_sampling(8)
+    assert not np.array_equal(replay.sample(8).indices, first)
+    assert len(replay) == stored > 0

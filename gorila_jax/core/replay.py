@@ -394,6 +394,11 @@ class Replay:
                 raise
             raise ValueError(f"replay state: {type(error).__name__}: {error}") from None
 
+    def seed_sampling(self, seed: int) -> None:
+        """Restart the sampling RNG from `seed`, keeping what is stored: the same memory,
+        restored from one checkpoint, sampled along other draws (an offline study's seeds)."""
+        self._rng = np.random.default_rng(seed)
+
     def reset(self) -> None:
         """Forget every stored observation and restart the sampling RNG from the seed (the
         storage stays allocated): the replay is as if new."""
