@@ -14,7 +14,10 @@ so runs of one seed with different optimizer settings see the same data from the
 init; the 160 frames are the same for every seed.
 
     python experiments/stale_replay.py RUN_DIR --staleness-min 4 --staleness-max 15
-    python experiments/stale_replay.py RUN_DIR --optimizer-eps 1.5e-4
+    python experiments/stale_replay.py RUN_DIR --optimizer-eps 1.5e-4 --seed 3
+
+The optimizer is the run's own unless a flag says otherwise. The run directory is only
+read: the replay checkpoint is restored from a copy.
 
 It isolates one cause of the early deaths of Pong runs in docs/pong-seed1/attempt-5: the
 staleness alone, with no actors, no second bundle and no growing replay.
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -63,13 +68,13 @@ class StaleReplayArgs:
     """Updates to train for."""
     report_every: int = 2000
     """Print the Q spread and dead units every this many updates."""
-    optimizer: Literal["adam", "rmsprop", "sgd", "adagrad"] = "adam"
-    """The server's base optimizer."""
-    learning_rate: float = 1e-4
-    """Its learning rate (the run's decay schedule, if it has one, counts from update 0:
-    it starts at the run's learning_rate_decay_start)."""
-    optimizer_eps: float = 1e-8
-    """Its epsilon."""
+    optimizer: Literal["adam", "rmsprop", "sgd", "adagrad"] | None = None
+    """The server's base optimizer; the run's own when not given."""
+    learning_rate: float | None = None
+    """Its learning rate; the run's own when not given (the run's decay schedule, if it has
+    one, counts from update 0: it starts at the run's learning_rate_decay_start)."""
+    optimizer_eps: float | None = None
+    """Its epsilon; the run's own when not given."""
     dc_asgd: Literal["off", "constant", "adaptive"] = "off"
     """Delay compensation, as the server would chain it."""
     seed: int = 0
@@ -108,21 +113,38 @@ def dead_units_and_spread(network: NatureCNN, params, frames: jnp.ndarray) -> tu
     return dead, float(np.std(np.asarray(values).max(axis=-1)))
 
 
+def newest_replay_checkpoint(config, bundle: int) -> Path:
+    """The bundle's newest replay checkpoint file (a one-line error when there is none)."""
+    from gorila_jax.bundle.replay_checkpoint import ReplayCheckpointer, replay_dir
+
+    directory = replay_dir(Path(config.run_dir), bundle)
+    found = ReplayCheckpointer(directory, keep=1, expect={}).checkpoints()
+    if not found:
+        raise cli.CommandLineError(f"no replay checkpoint for bundle {bundle} in {directory}")
+    return found[-1]
+
+
 def load_replay(config, bundle: int, num_actions: int):
-    """The bundle's newest replay checkpoint, restored into an empty replay."""
-    from gorila_jax.bundle.replay_checkpoint import restore_replay
+    """The bundle's newest replay checkpoint, restored into an empty replay from a copy in a
+    temporary directory: a restore moves aside what it cannot use and deletes leftover
+    temporary files, and this probe never changes the run directory it reads."""
+    from gorila_jax.bundle.replay_checkpoint import replay_dir, restore_replay
     from gorila_jax.core.replay import Replay
 
+    newest = newest_replay_checkpoint(config, bundle)
     replay = Replay(
         capacity=config.replay_capacity, num_envs=config.num_envs, frame_shape=(84, 84),
         frame_dtype=np.uint8, stack_size=stack_size(config.env_id), n_step=config.n_step,
         gamma=config.gamma, num_actions=num_actions, seed=5,
     )  # fmt: skip
-    restore_replay(config, replay, bundle=bundle, bundles=config.workers)
+    with tempfile.TemporaryDirectory() as scratch:
+        copy_dir = replay_dir(Path(scratch), bundle)
+        copy_dir.mkdir(parents=True)
+        shutil.copy2(newest, copy_dir / newest.name)
+        copy_config = dataclasses.replace(config, run_dir=scratch)
+        restore_replay(copy_config, replay, bundle=bundle, bundles=config.workers)
     if len(replay) < config.batch_size:
-        raise cli.CommandLineError(
-            f"no usable replay checkpoint for bundle {bundle} in {config.run_dir}/replay"
-        )
+        raise cli.CommandLineError(f"{newest} could not be read into a replay of this run's layout")
     return replay
 
 
@@ -136,14 +158,17 @@ def experiment(args: StaleReplayArgs) -> int:
         raise cli.CommandLineError(f"no config.yaml in {args.run_dir} (is it a run directory?)")
     try:
         saved = load_run_yaml(args.run_dir / "config.yaml")
+        learning_rate = saved.learning_rate if args.learning_rate is None else args.learning_rate
         config = validate(
             dataclasses.replace(
                 saved,
                 run_dir=str(args.run_dir),
-                optimizer=args.optimizer,
-                learning_rate=args.learning_rate,
-                learning_rate_end=min(args.learning_rate, saved.learning_rate_end),
-                optimizer_eps=args.optimizer_eps,
+                optimizer=args.optimizer or saved.optimizer,
+                learning_rate=learning_rate,
+                learning_rate_end=min(learning_rate, saved.learning_rate_end),
+                optimizer_eps=(
+                    saved.optimizer_eps if args.optimizer_eps is None else args.optimizer_eps
+                ),
                 dc_asgd=args.dc_asgd,
             )
         )
@@ -153,6 +178,14 @@ def experiment(args: StaleReplayArgs) -> int:
         raise cli.CommandLineError(f"{args.run_dir} is a CartPole run; this probe needs Atari")
     if not 1 <= args.bundle <= config.workers:
         raise cli.CommandLineError(f"--bundle must be in 1..{config.workers}")
+    if config.dueling or config.prioritized:
+        raise cli.CommandLineError(
+            f"{args.run_dir} is a dueling or prioritized-replay run; this probe trains the plain "
+            "Nature CNN on uniform samples"
+        )
+    if not config.checkpoint_replay:
+        raise cli.CommandLineError(f"{args.run_dir} saved no replay (checkpoint_replay off)")
+    newest_replay_checkpoint(config, args.bundle)  # refused before any work when missing
 
     frames, num_actions = probe_frames(config.env_id)
     replay = load_replay(config, args.bundle, num_actions)

@@ -36,14 +36,16 @@ def one_error(result: subprocess.CompletedProcess) -> str:
         (Config(), ("--updates", "0"), "--updates"),
         (Config(), ("--bundle", "3"), "--bundle must be in 1..2"),
         (Config(), ("--optimizer-eps", "0"), "optimizer_eps"),
-        (Config(), (), "no usable replay checkpoint for bundle 1"),
+        (Config(), (), "no replay checkpoint for bundle 1"),
+        (dataclasses.replace(Config(), dueling=True), (), "dueling or prioritized"),
         (cartpole_defaults(), (), "CartPole run"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, config, flags, named):
-    """Catches a traceback (or a long training start) for a run dir without a config or
-    replay, an impossible staleness range, a bundle the run never had, a bad optimizer
-    setting and a CartPole run, which the probe's Atari network cannot read."""
+    """Catches a traceback (or work started: envs, a replay allocated) for a run dir without
+    a config or replay, an impossible staleness range, a bundle the run never had, a bad
+    optimizer setting, a dueling run (its network has no fc layer to probe) and a CartPole
+    run, which the probe's Atari network cannot read."""
     if config is not None:
         write_resolved(dataclasses.replace(config, run_dir=str(tmp_path)), tmp_path)
     assert named in one_error(run(str(tmp_path), *flags))

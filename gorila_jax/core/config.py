@@ -106,9 +106,10 @@ class Config:
     optimizer_eps: float = 1.5e-4
     """Epsilon of adam / rmsprop / adagrad. 1.5e-4 (Rainbow's and Dopamine's Adam epsilon,
     not optax's 1e-8): most of the Nature CNN's gradients are below 1e-5 per parameter, and
-    with 1e-8 Adam moves each of those parameters a full learning rate per update; on Pong
-    with gradients 4 to 15 updates stale that killed the network's units within the first
-    10,000 updates in 3 of 3 fresh seed-1 runs (docs/pong-seed1/attempt-5)."""
+    with 1e-8 Adam moves each of those whose gradient keeps its sign by about a full
+    learning rate per update; on Pong, with gradients 4 to 15 updates stale, that killed the
+    network's units within the first 10,000 updates in 4 of 6 fresh seed-1 runs
+    (docs/pong-seed1/attempt-5)."""
     max_grad_norm: float = 10.0
     """Clip gradients to this global norm (0 disables clipping)."""
     huber_delta: float = 1.0
