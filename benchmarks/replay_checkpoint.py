@@ -1,8 +1,8 @@
 """Benchmark of replay checkpoints: size, save and load time of a full Pong replay.
 
-    python benchmarks/replay_checkpoint.py [--capacity 50000] [--repeats 3]
+    python benchmarks/replay_checkpoint.py [--capacity 100000] [--repeats 3]
 
-Fills a replay of the Pong defaults (capacity 50,000, 8 envs) with real Pong frames from
+Fills a replay of the Pong defaults (capacity 100,000, 8 envs) with real Pong frames from
 envpool under a random policy, then times `ReplayCheckpointer.save` (zip of .npy members,
 deflate level 1, fsync, rename) and `restore` (CRC-checked read, validation, copy into the
 replay). Floor: writing the same arrays uncompressed (`np.save` into one file, fsync), the
