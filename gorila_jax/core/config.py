@@ -83,9 +83,9 @@ class Config:
     """Double DQN targets (online net picks the next action, target net evaluates it)."""
     n_step: int = 3
     """Steps of reward summed before bootstrapping (1 = the classic DQN target). 3, with
-    replay_capacity 100,000: at 2 and 50,000 two Pong runs (seeds 0 and 1) evaluated at
-    17.4 to 17.8 from 2M to 3M frames (docs/pong-seed1/attempt-8), and n-step returns are
-    what make a larger replay pay off (Fedus et al. 2020)."""
+    replay_capacity 100,000: at 2 and 50,000 the seed-1 Pong run evaluated at 17.80 and
+    17.60 at 2M and 2.5M frames (docs/pong-seed1/attempt-8), seed 0 at +18 only at 3.17M,
+    and n-step returns are what make a larger replay pay off (Fedus et al. 2020)."""
     gamma: float = 0.99
     """Discount factor per agent step."""
     batch_size: int = 32
