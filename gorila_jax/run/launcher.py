@@ -113,8 +113,14 @@ def free_port() -> int:
 
 # What a native (C++) crash prints besides its message: glog's stack trace.
 NATIVE_STACK_LINE = re.compile(r"^\s*(@\s+0x[0-9a-f]+|\*\*\* Check failure stack trace)")
-# glog's line for a fatal error (XLA, jax.distributed): "F1203 19:38:48.05 12859 file.h:80] ..."
-NATIVE_FATAL_LINE = re.compile(r"^F\d{4} [\d:.]+\s+\d+ [^\]]+\] (?P<message>.+)")
+# glog's line for a fatal error (XLA, jax.distributed): "F1203 19:38:48.05 12859 file.h:80] ...".
+# Searched anywhere in a line: written from a native thread, it can land right after a
+# Python line's text and before its newline ("... eta 2m05sF1203 19:38:48.05 ...").
+NATIVE_FATAL_LINE = re.compile(r"F\d{4} \d\d:\d\d:[\d.]+\s+\d+ [^\]\s]+\] (?P<message>.+)")
+# How many of a child's last lines (native stack frames left out) are kept to tell why it
+# ended: enough that the progress and log lines its other threads print between a fatal
+# status and the abort do not push the status out.
+KEPT_LINES = 200
 
 
 def telling_line(lines: collections.abc.Sequence[str]) -> str:
@@ -123,7 +129,7 @@ def telling_line(lines: collections.abc.Sequence[str]) -> str:
     "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"), else
     the last line that names an error, else the last line."""
     for line in reversed(lines):
-        fatal = NATIVE_FATAL_LINE.match(line.strip())
+        fatal = NATIVE_FATAL_LINE.search(line.strip())
         if fatal:
             message = fatal["message"].strip()
             status = message.partition("absl::Status: ")[2]
@@ -140,7 +146,7 @@ class Child:
 
     def __init__(self, name: str, command: list[str], environ: dict):
         self.name = name
-        self.last_lines: collections.deque[str] = collections.deque(maxlen=30)
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
         self.process = subprocess.Popen(
             command,
             env=environ,
