@@ -341,58 +341,52 @@ JAX_DISTRIBUTED_ABORT = [
 def test_the_telling_line_of_a_native_abort_is_its_fatal_status():
     from gorila_jax.run.launcher import telling_line
 
-    assert telling_line(JAX_DISTRIBUTED_ABORT) == (
-        "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
-    )
+    assert telling_line(JAX_DISTRIBUTED_ABORT) == HEARTBEAT_STATUS
     check_failed = "F0102 03:04:05.678901 42 shape_util.cc:9] Check failed: rank == 2"
     assert telling_line(["starting", check_failed, "*** Check failure stack trace: ***"]) == (
         "fatal error: Check failed: rank == 2"
     )
     progress = "frames 764/3,000 | sps 18 | eta 2m05s"
     glued = [*JAX_DISTRIBUTED_ABORT[:1], progress + JAX_DISTRIBUTED_ABORT[1]]
-    assert telling_line(glued + JAX_DISTRIBUTED_ABORT[2:]) == (
-        "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
-    ), "a fatal line written before a Python line's newline is still found"
+    assert telling_line(glued + JAX_DISTRIBUTED_ABORT[2:]) == HEARTBEAT_STATUS, (
+        "a fatal line written before a Python line's newline is still found"
+    )
     python = ["Traceback (most recent call last):", '  File "x.py"', "ValueError: bad", "bye"]
     assert telling_line(python) == "ValueError: bad"
     assert telling_line(["one", "two"]) == "two"
     assert telling_line([]) == "(no output)"
 
 
+HEARTBEAT_STATUS = (
+    "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
+)
+
+
+def last_error_of_aborting_child(lines: list[str]) -> str:
+    """The launcher's last error for a child that prints `lines` and aborts."""
+    from gorila_jax.run.launcher import Child
+
+    script = f"import os\nfor line in {lines!r}:\n    print(line)\nos.abort()"
+    child = Child("bundle 2", [sys.executable, "-c", script], dict(os.environ))
+    assert child.process.wait(timeout=30) == -signal.SIGABRT
+    child.finish_output()
+    return child.last_error()
+
+
 def test_a_native_stack_trace_does_not_hide_why_a_child_died():
     """A child that prints jax.distributed's fatal lines, then a native stack trace longer
     than the lines the launcher keeps, and aborts: its last error is still the fatal
     status, not a frame of the trace (what the launcher said before)."""
-    from gorila_jax.run.launcher import Child
-
     trace = ["*** Check failure stack trace: ***"] + [
         f"    @     0x7ff3e89{frame:05x}  xla::CoordinationServiceAgent::SetError()"
         for frame in range(40)
     ]
-    script = (
-        f"import os\nfor line in {JAX_DISTRIBUTED_ABORT + trace!r}:\n    print(line)\nos.abort()"
-    )
-    child = Child("bundle 2", [sys.executable, "-c", script], dict(os.environ))
-    assert child.process.wait(timeout=30) == -signal.SIGABRT
-    child.finish_output()
-    assert child.last_error() == (
-        "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
-    )
+    assert last_error_of_aborting_child(JAX_DISTRIBUTED_ABORT + trace) == HEARTBEAT_STATUS
 
 
 def test_lines_printed_between_a_fatal_status_and_the_abort_do_not_hide_it():
     """A child whose other threads go on printing (progress, replay checkpoints) for a
     while after jax.distributed's fatal status, before the abort lands: its last error is
     still the status, not the RPC line that ends it (what CI once saw)."""
-    from gorila_jax.run.launcher import Child
-
     chatter = [f"frames {frame}/3,000 | sps 18 | eta 2m05s" for frame in range(60)]
-    script = (
-        f"import os\nfor line in {JAX_DISTRIBUTED_ABORT + chatter!r}:\n    print(line)\nos.abort()"
-    )
-    child = Child("bundle 1", [sys.executable, "-c", script], dict(os.environ))
-    assert child.process.wait(timeout=30) == -signal.SIGABRT
-    child.finish_output()
-    assert child.last_error() == (
-        "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
-    )
+    assert last_error_of_aborting_child(JAX_DISTRIBUTED_ABORT + chatter) == HEARTBEAT_STATUS
