@@ -338,6 +338,11 @@ JAX_DISTRIBUTED_ABORT = [
 ]
 
 
+HEARTBEAT_STATUS = (
+    "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
+)
+
+
 def test_the_telling_line_of_a_native_abort_is_its_fatal_status():
     from gorila_jax.run.launcher import telling_line
 
@@ -357,11 +362,6 @@ def test_the_telling_line_of_a_native_abort_is_its_fatal_status():
     assert telling_line([]) == "(no output)"
 
 
-HEARTBEAT_STATUS = (
-    "fatal error: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats)"
-)
-
-
 def last_error_of_aborting_child(lines: list[str]) -> str:
     """The launcher's last error for a child that prints `lines` and aborts."""
     from gorila_jax.run.launcher import Child
@@ -377,9 +377,11 @@ def test_a_native_stack_trace_does_not_hide_why_a_child_died():
     """A child that prints jax.distributed's fatal lines, then a native stack trace longer
     than the lines the launcher keeps, and aborts: its last error is still the fatal
     status, not a frame of the trace (what the launcher said before)."""
+    from gorila_jax.run.launcher import KEPT_LINES
+
     trace = ["*** Check failure stack trace: ***"] + [
         f"    @     0x7ff3e89{frame:05x}  xla::CoordinationServiceAgent::SetError()"
-        for frame in range(40)
+        for frame in range(KEPT_LINES + 10)
     ]
     assert last_error_of_aborting_child(JAX_DISTRIBUTED_ABORT + trace) == HEARTBEAT_STATUS
 
