@@ -191,6 +191,19 @@ CURVE_MISMATCH_CAUSES = {
 }
 
 
+def assert_refused_in_bounded_time(error: ServerError, kind: str, cause: str, elapsed: float):
+    """A request over a refused handshake: one line, marked lost, naming `cause`; at once
+    when it could not be queued (zmq had dropped the connection), else after the client's
+    2 s timeout."""
+    message = str(error)
+    assert error.lost and cause in message and "\n" not in message, message
+    if message.startswith(f"could not send {kind} to "):
+        assert elapsed < 1, elapsed
+    else:
+        assert message.startswith(f"no reply to {kind} within 2s: "), message
+        assert 1.5 < elapsed < 10, elapsed
+
+
 @pytest.mark.parametrize("mismatch", ["none", *CURVE_MISMATCH_CAUSES])
 def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_time(mismatch):
     """What a bundle sees when its CURVE keys do not match the server's (or it speaks plain
@@ -202,9 +215,11 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
     control: the right keys get a welcome. Catches a wrong key that hangs the bundle (a
     blocking send on a DEALER with no connection waits forever: this hung CI once),
     reaches the server (a counted hello or unauthenticated sender), or ends in a traceback
-    from zmq instead of the bundle's own error. (Whether the second request cannot be sent
-    at all or goes unanswered depends on where zmq's reconnection is: a plain client
-    failed either way in about half the runs here, so both are accepted, each bounded.)"""
+    from zmq instead of the bundle's own error. (Whether a request cannot be sent at all
+    or goes unanswered depends on where zmq's handshake and reconnection are when it is
+    sent: a plain client's second request failed either way in about half the runs here,
+    and in CI a refused client key was dropped before even the hello was sent, so both
+    are accepted for every request, each bounded.)"""
     context = zmq.Context.instance()
     server_public, server_secret = zmq.curve_keypair()
     client_public, client_secret = zmq.curve_keypair()
@@ -237,25 +252,17 @@ def test_a_bundle_with_curve_keys_that_do_not_match_gets_one_line_in_bounded_tim
             _, version, _ = connection.hello()
             assert version == 0 and server.stats()["workers"]["0"]["hellos"] == 1
             return
+        cause = CURVE_MISMATCH_CAUSES[mismatch]
         with pytest.raises(ServerError) as lost:
             connection.hello()
-        assert 1.5 < time.monotonic() - started < 10
-        cause = CURVE_MISMATCH_CAUSES[mismatch]
-        assert lost.value.lost and str(lost.value).startswith("no reply to hello within 2s: ")
-        assert cause in str(lost.value) and "\n" not in str(lost.value)
+        assert_refused_in_bounded_time(lost.value, "hello", cause, time.monotonic() - started)
         # A later request fails in bounded time too, naming the cause: at once when zmq has
         # dropped the refused connection (it cannot be queued), or after its timeout when
         # zmq is reconnecting just then (its own retry, whose handshake fails again).
         started = time.monotonic()
         with pytest.raises(ServerError) as unsent:
             connection.receive_pulled(connection.send_pull(-1))
-        elapsed = time.monotonic() - started
-        assert unsent.value.lost and cause in str(unsent.value), str(unsent.value)
-        if str(unsent.value).startswith("could not send pull to "):
-            assert elapsed < 1, elapsed
-        else:
-            assert str(unsent.value).startswith("no reply to pull within 2s: ")
-            assert elapsed < 5, elapsed
+        assert_refused_in_bounded_time(unsent.value, "pull", cause, time.monotonic() - started)
         stats = server.stats()
         assert stats["workers"] == {} and stats["unauthenticated"] == {}, stats
         assert stats["rejections"] == {}, stats

@@ -1013,6 +1013,21 @@ def test_curve_admits_only_the_given_client_keys(context):
         authenticator.stop()
 
 
+def test_a_curve_authenticator_starts_again_at_once_after_a_stop(context):
+    """A context's one ZAP address is released in the background after `stop()`: a
+    server restarted in the same process (as the tests do, one case after another) must
+    not fail with "Address already in use". Without the bind retried, most of these
+    starts failed here; each restarted handler must still admit only its own keys."""
+    for round in range(30):
+        key = f"key-{round}".encode()
+        authenticator = transport.start_curve_authenticator(context, {key})
+        try:
+            admits = authenticator.credentials_providers[transport.ZAP_DOMAIN].callback
+            assert admits(transport.ZAP_DOMAIN, key) and not admits(transport.ZAP_DOMAIN, b"x")
+        finally:
+            authenticator.stop()
+
+
 _ACK = {"accepted": True, "reason": None}
 
 

@@ -192,6 +192,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -706,15 +707,30 @@ class _AllowedKeys:
         return key in self.keys
 
 
-def start_curve_authenticator(context: zmq.Context, clients: Collection[bytes]):
+def start_curve_authenticator(
+    context: zmq.Context, clients: Collection[bytes], *, wait_seconds: float = 5.0
+):
     """Start the ZAP handler of `context` (a thread; `stop()` it when done) that admits a
     CURVE client only if its public key (z85) is in `clients`, looked up at every
     handshake (so a set filled in later counts). Start it before the server socket binds:
-    a CURVE handshake without a ZAP handler admits any client key."""
+    a CURVE handshake without a ZAP handler admits any client key.
+
+    A context has one ZAP address, and zmq releases it in the background after the
+    previous handler's `stop()`: a server started again in the same process retries the
+    bind for up to `wait_seconds` instead of failing with "Address already in use"."""
     from zmq.auth.thread import ThreadAuthenticator
 
-    authenticator = ThreadAuthenticator(context)
-    authenticator.start()
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        authenticator = ThreadAuthenticator(context)
+        try:
+            authenticator.start()
+            break
+        except zmq.ZMQError as error:
+            authenticator.stop()  # closes the socket that could not bind
+            if error.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
     authenticator.configure_curve_callback(ZAP_DOMAIN, _AllowedKeys(clients))
     return authenticator
 
