@@ -227,7 +227,8 @@ def test_a_suspended_run_goes_on_without_losing_the_server(tmp_path):
     out, err = stop_and_check(launcher, job[1:])
     log = out + err
     assert "lost the server" not in log and "reconnected" not in log, log[-3000:]
-    assert re.search(r"\[bundle \d\] INFO: did not run for 1\ds \(suspended", log), log[-3000:]
+    gaps = re.findall(r"\[bundle \d\] INFO: did not run for (\d+)s \(suspended", log)
+    assert any(10 <= int(gap) <= 60 for gap in gaps), (gaps, log[-3000:])  # the 16 s stop
     assert not read_stats(tmp_path)["rejections"].get("replayed")
 
 

@@ -479,10 +479,12 @@ def test_a_cut_shard_host_stalls_only_its_own_slice_and_one_lost_for_good_ends_t
     --server-shards 2, the bundles' server timeout 5 s and retry window 20 s.
 
     First the second host's link is cut for 12 s: shard 0 goes on applying pushes at least
-    half as fast as before, no bundle takes shard 0 for lost, and once the link is back the
-    bundles reconnect to shard 1 and it applies pushes again. Catches pushes that wait for
-    every shard's ack in turn (shard 0 then froze with shard 1) and a reply's deadline
-    checked before the socket was read (a healthy shard declared lost).
+    a quarter as fast as before (not half: the tests beside this one can take half its CPU
+    between the two windows; a shard 0 that froze with shard 1 falls to almost 0), no
+    bundle takes shard 0 for lost, and once the link is back the bundles reconnect to
+    shard 1 and it applies pushes again. Catches pushes that wait for every shard's ack in
+    turn (shard 0 then froze with shard 1) and a reply's deadline checked before the
+    socket was read (a healthy shard declared lost).
 
     Then the link goes down and stays down: the bundles give up on shard 1 after their
     retry window with one line naming the shard, its task and its host, and
@@ -507,7 +509,7 @@ def test_a_cut_shard_host_stalls_only_its_own_slice_and_one_lost_for_good_ends_t
             cut_at = _version(run_dir, 1)
         _wait_until(lambda: _version(run_dir, 1) > cut_at + 50, process, 60, "shard 1 back")
         print(f"shard 0: {before:.0f} updates/s before the cut, {during:.0f}/s during it")
-        assert during >= 0.5 * before > 0, (before, during, _tail(_output(process)))
+        assert during >= 0.25 * before > 0, (before, during, _tail(_output(process)))
         named = f"server shard 1 (task 3 on {second}) did not come back within 20s"
         with _link_cut(second):
             _wait_until(lambda: named in _output(process), process, 90, "the bundles' line")

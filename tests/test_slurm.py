@@ -477,6 +477,5 @@ def test_a_suspended_job_goes_on_without_losing_the_server(tmp_path):
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
     job_log = log_path.read_text()
     assert "lost the server" not in job_log and "reconnected" not in job_log, _tail(job_log)
-    assert re.search(r"\[bundle \d\] INFO: did not run for 1\ds \(suspended", job_log), _tail(
-        job_log
-    )
+    gaps = re.findall(r"\[bundle \d\] INFO: did not run for (\d+)s \(suspended", job_log)
+    assert any(10 <= int(gap) <= 60 for gap in gaps), (gaps, _tail(job_log))  # the 16 s stop
