@@ -375,8 +375,18 @@ def test_a_sync_run_suspended_past_the_heartbeat_restarts_from_its_checkpoint(
     for process in job:
         process.suspend()
     time.sleep(rendezvous.SYNC_HEARTBEAT_SECONDS + 10)
-    for process in job:
+    # Bundle 1 (process 0) holds jax's coordination service. Let it run a few seconds
+    # before the others: continued all at once, the others' first heartbeats can reach the
+    # service before its staleness check does (seen in CI), and the run then goes on as if
+    # nothing happened, which is fine for a user but leaves the path under test untried.
+    coordinator = psutil.Process(bundle_pid(launcher.pid, 1))
+    first = [process for process in job if process.pid in (launcher.pid, coordinator.pid)]
+    for process in first:
         process.resume()
+    time.sleep(5)
+    for process in job:
+        if process not in first:
+            process.resume()
     code, output = finish(launcher, log_path)
     assert code == 0, output[-3000:]
     lines = [line for line in output.splitlines() if "died with status" in line]
