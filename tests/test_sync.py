@@ -379,13 +379,13 @@ def test_a_sync_run_suspended_past_the_heartbeat_restarts_from_its_checkpoint(
     # before the others: continued all at once, the others' first heartbeats can reach the
     # service before its staleness check does (seen in CI), and the run then goes on as if
     # nothing happened, which is fine for a user but leaves the path under test untried.
-    coordinator = psutil.Process(bundle_pid(launcher.pid, 1))
-    first = [process for process in job if process.pid in (launcher.pid, coordinator.pid)]
-    for process in first:
-        process.resume()
+    first_pids = {launcher.pid, bundle_pid(launcher.pid, 1)}
+    for process in job:
+        if process.pid in first_pids:
+            process.resume()
     time.sleep(5)
     for process in job:
-        if process not in first:
+        if process.pid not in first_pids:
             process.resume()
     code, output = finish(launcher, log_path)
     assert code == 0, output[-3000:]
